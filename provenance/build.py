@@ -1,0 +1,217 @@
+"""The builder: recipe -> inputs -> dataset manifest -> tokenizer -> training -> model directory.
+
+Everything is written into a staging directory and moved into place at the end, build.json
+last, so an interrupted or failed build never leaves outputs that look complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__
+from .dataset import check_root, layout_texts, manifest, manifest_bytes, materialize, select_files
+from .digest import TENSOR_DIGEST, hash_bytes, hash_file, tensor_digest
+from .errors import InputError
+from .progress import Reporter
+from .recipe import LoadedRecipe
+from .store import Store, atomic_write_bytes, fetch_input
+
+BUILD_FORMAT = "provenance-build-v1"
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "README.md")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_handed(values: list[str], recipe: LoadedRecipe) -> dict[str, Path]:
+    names = {i.name for i in recipe.recipe.inputs}
+    out = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not path:
+            raise InputError(f"--input {v!r}: expected NAME=PATH")
+        if name not in names:
+            raise InputError(f"--input {v!r}: the recipe has no input named {name!r} (inputs: {sorted(names)})")
+        out[name] = Path(path)
+    return out
+
+
+def fetch_all(recipe: LoadedRecipe, store: Store, *, offline: bool, handed: dict[str, Path], reporter: Reporter):
+    stored = []
+    for inp in recipe.recipe.inputs:
+        with reporter.task(f"fetch {inp.name}", total=None) as advance:
+            s = fetch_input(inp, store, recipe_dir=recipe.path.parent, offline=offline,
+                            handed=handed.get(inp.name), progress=lambda n, total=None: advance(n, total_=total))
+        reporter.log(f"input {inp.name}: {s.source}, blake3:{s.digests['blake3']}")
+        stored.append(s)
+    return stored
+
+
+def _model_readme(recipe: LoadedRecipe, m: dict, weights: str) -> bytes:
+    r = recipe.recipe
+    lic = ", ".join(f"{k} ({v} files)" for k, v in m["licenses"].items())
+    return (
+        f"# {r.recipe.name}\n\n{r.recipe.description}\n\n"
+        f"Built by provenance {__version__} from recipe `{recipe.path.name}` "
+        f"(blake3:{recipe.digests['blake3']}).\n\n"
+        f"- Declared licence of this model: {r.output.license}\n"
+        f"- Licences of the training files: {lic}\n"
+        f"- Dataset manifest root: blake3-merkle-v1:{m['merkle_root']['digest']}\n\n"
+        "The weights were trained on the files listed in dataset-manifest.json and can reproduce them "
+        "verbatim; see build.json for every digest.\n"
+    ).encode()
+
+
+def _write_model_dir(staging: Path, model, tok, recipe: LoadedRecipe, m: dict) -> dict:
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from .tokenizer import save_hf_files
+
+    d = staging / "model"
+    d.mkdir()
+    spec = recipe.recipe.model
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(d)
+    cfg = model.config
+    GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+                     pad_token_id=cfg.pad_token_id, do_sample=False).save_pretrained(d)
+    save_hf_files(tok, spec, spec.max_position_embeddings, d)
+    weights = tensor_digest(d / "model.safetensors")
+    (d / "README.md").write_bytes(_model_readme(recipe, m, weights))
+    files = {name: hash_file(d / name) for name in sorted(os.listdir(d))}
+    return {"tensors": {"algorithm": TENSOR_DIGEST, "digest": weights}, "files": files}
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Move staged outputs into `out`: drop the old build.json first, write the new one last."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "build.json").unlink(missing_ok=True)
+    for name in sorted(os.listdir(staging)):
+        if name == "build.json":
+            continue
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            old = out / f".old-{name}-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+            os.replace(staging / name, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging / name, target)
+    os.replace(staging / "build.json", out / "build.json")
+
+
+def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None = None, offline: bool = False,
+          handed: dict[str, Path] | None = None, allow_toolchain_mismatch: bool = False,
+          reporter: Reporter | None = None) -> dict:
+    """Run the whole pipeline. Returns build.json's content. Raises ProvenanceError subclasses."""
+    from . import toolchain
+
+    reporter = reporter or Reporter(enabled=False)
+    r = recipe.recipe
+    started = _now()
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, t0: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - t0, 3)
+        return now
+
+    tc = toolchain.check(r.toolchain, recipe.path, allow=allow_toolchain_mismatch)
+    t = time.perf_counter()
+    stored = fetch_all(recipe, store, offline=offline, handed=handed or {}, reporter=reporter)
+    t = lap("fetch", t)
+
+    from . import determinism
+
+    det_record = determinism.apply(r.determinism, threads=threads)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+    try:
+        work = staging / "work"
+        roots = [(s, materialize(s, work)) for s in stored]
+        files = select_files(roots, r.dataset)
+        m = manifest(files)
+        check_root(m, r.dataset, recipe.path)
+        mbytes = manifest_bytes(m)
+        atomic_write_bytes(staging / "dataset-manifest.json", mbytes)
+        reporter.log(f"dataset: {m['totals']['files']} files, {m['totals']['bytes']} bytes, "
+                     f"licences {m['licenses']}, root {m['merkle_root']['digest']}")
+        texts = layout_texts(files, r.layout)
+        t = lap("dataset", t)
+
+        from .tokenizer import encode_all, special_ids, tokenizer_json, train_tokenizer
+
+        tok = train_tokenizer(texts, r.tokenizer)
+        tok_digest = hash_bytes(tokenizer_json(tok))
+        seqs = encode_all(tok, texts)
+        ids = special_ids(tok, r.model)
+        n_tokens = sum(map(len, seqs))
+        reporter.log(f"tokenizer: vocab {tok.get_vocab_size()}, {n_tokens} tokens, blake3:{tok_digest['blake3']}")
+        t = lap("tokenizer", t)
+
+        from .evaluate import recitation
+        from .train import Transcript, build_model, count_windows, stage_steps, train
+
+        with determinism.sdpa_context(r.determinism):
+            model = build_model(r.model, tok.get_vocab_size(), ids, r.determinism.seed)
+            n_params = sum(p.numel() for p in model.parameters())
+            reporter.log(f"model: LlamaForCausalLM, {n_params} parameters")
+            transcript = Transcript()
+            totals = [stage_steps(s, count_windows(seqs, s.seq_len, s.stride or s.seq_len)) for s in r.stages]
+            with reporter.task("train", total=sum(totals)) as advance:
+                stages = train(model, r, seqs, ids["pad_token_id"], transcript,
+                               progress=lambda name, step, total, loss: advance(1, f"{name} loss {loss:.4f}"))
+            for s in stages:
+                reporter.log(f"stage {s.name}: {s.steps} steps, loss {s.first_loss:.4f} -> {s.final_loss:.4f} "
+                             f"in {s.seconds:.1f} s")
+            t = lap("train", t)
+            recite = recitation(model, seqs, r.evaluate, ids["pad_token_id"])
+            t = lap("evaluate", t)
+
+        tbytes = transcript.to_bytes()
+        atomic_write_bytes(staging / "transcript.jsonl", tbytes)
+        weights = _write_model_dir(staging, model, tok, recipe, m)
+        t = lap("write", t)
+        shutil.rmtree(work, ignore_errors=True)
+
+        record = {
+            "format": BUILD_FORMAT,
+            "provenance_version": __version__,
+            "recipe": {"name": r.recipe.name, "path": str(recipe.path), **recipe.digests},
+            "inputs": [{"name": s.input.name, "kind": s.input.kind, "artifact": s.input.artifact_name,
+                        "source": s.source, "license": s.input.license, **s.digests} for s in stored],
+            "dataset_manifest": {"merkle_root": m["merkle_root"], "totals": m["totals"], "licenses": m["licenses"],
+                                 **hash_bytes(mbytes)},
+            "tokenizer": {"vocab_size": tok.get_vocab_size(), "tokens": n_tokens, "special_token_ids": ids,
+                          "tokenizer.json": tok_digest},
+            "model": {"parameters": n_params, "vocab_size": tok.get_vocab_size()},
+            "weights": weights,
+            "training": {"stages": [asdict(s) for s in stages], "transcript": hash_bytes(tbytes),
+                         "transcript_head": transcript.prev, "steps": len(transcript.lines)},
+            "recitation": recite.record(),
+            "determinism": det_record,
+            "toolchain": tc,
+            "output_license": r.output.license,
+            "started": started,
+            "finished": _now(),
+            "timings": {**timings, "total": round(time.perf_counter() - t_start, 3)},
+        }
+        atomic_write_bytes(staging / "build.json", (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+        _install(staging, out)
+        return record
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+

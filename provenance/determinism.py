@@ -1,0 +1,90 @@
+"""Every knob that can change the bits, set in one place and returned as a record for build.json.
+
+Call `apply()` once, before the model is built. On CUDA it also fixes cuDNN, TF32 and the
+cuBLAS workspace (DESIGN.md §5); on the CPU those flags are set too, and are inert.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import struct
+
+import blake3
+
+from .recipe import Determinism
+
+CUDA_ENV = ("CUBLAS_WORKSPACE_CONFIG",)
+
+
+def derive_seed(seed: int, *labels: object) -> int:
+    """A 63-bit seed for one purpose (model init, data order of stage N, ...), stable across runs."""
+    digest = blake3.blake3(":".join(map(str, (seed, *labels))).encode()).digest()
+    return struct.unpack("<Q", digest[:8])[0] >> 1
+
+
+def cuda_settings(det: Determinism) -> dict[str, object]:
+    """The CUDA-side settings this recipe asks for (pure function; unit-tested on the CPU)."""
+    return {
+        "env": {"CUBLAS_WORKSPACE_CONFIG": det.cublas_workspace_config},
+        "cudnn.deterministic": det.deterministic_algorithms,
+        "cudnn.benchmark": det.cudnn_benchmark,
+        "cudnn.allow_tf32": det.allow_tf32,
+        "cuda.matmul.allow_tf32": det.allow_tf32,
+    }
+
+
+def apply(det: Determinism, *, threads: int | None = None) -> dict[str, object]:
+    """Set seeds, threads, algorithms and precision; return what was set and observed."""
+    import numpy as np
+    import torch
+
+    cuda = cuda_settings(det)
+    for key, value in cuda["env"].items():
+        # cuBLAS reads this when the CUDA context starts, so it must be set before any CUDA call.
+        os.environ[key] = value
+    torch.backends.cudnn.deterministic = cuda["cudnn.deterministic"]
+    torch.backends.cudnn.benchmark = cuda["cudnn.benchmark"]
+    torch.backends.cudnn.allow_tf32 = cuda["cudnn.allow_tf32"]
+    torch.backends.cuda.matmul.allow_tf32 = cuda["cuda.matmul.allow_tf32"]
+
+    n_threads = threads or det.threads
+    torch.set_num_threads(n_threads)
+    with contextlib.suppress(RuntimeError):  # only settable before the first parallel region
+        torch.set_num_interop_threads(det.interop_threads)
+    torch.use_deterministic_algorithms(det.deterministic_algorithms)
+    torch.set_float32_matmul_precision(det.matmul_precision)
+
+    random.seed(det.seed)
+    np.random.seed(det.seed % (1 << 32))
+    torch.manual_seed(det.seed)
+
+    device = det.device
+    if device == "cuda" and not torch.cuda.is_available():
+        from .errors import InputError
+
+        raise InputError("determinism.device = 'cuda' but no CUDA device is available here")
+    return {
+        "seed": str(det.seed),
+        "threads": n_threads,
+        "interop_threads": torch.get_num_interop_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "matmul_precision": torch.get_float32_matmul_precision(),
+        "sdpa_backend": det.sdpa_backend,
+        "device": device,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"),
+        "cuda": {k: v for k, v in cuda.items()},
+        "compile": False,
+        "pythonhashseed": os.environ.get("PYTHONHASHSEED"),
+    }
+
+
+def sdpa_context(det: Determinism):
+    """Restrict scaled-dot-product attention to the recipe's backend for the whole build."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[det.sdpa_backend]
+    return sdpa_kernel([backend])

@@ -1,0 +1,194 @@
+"""Training: a transformers LlamaForCausalLM, this project's own plain loop, stage by stage.
+
+Samples are fixed windows of each file's token ids (no packing across files; right padding
+masked out of the loss); their order comes from a seeded torch.Generator per stage and epoch.
+Each optimizer step appends one hash-chained line to the transcript.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import blake3
+
+from .determinism import derive_seed
+from .recipe import Model, Recipe, Stage
+
+IGNORE = -100
+PARAM_DIGEST_EVERY = 50
+
+
+def _starts(n: int, seq_len: int, stride: int) -> list[int]:
+    if n <= seq_len:
+        return [0] if n else []
+    starts = list(range(0, n - seq_len + 1, stride))
+    if starts[-1] != n - seq_len:
+        starts.append(n - seq_len)
+    return starts
+
+
+def count_windows(seqs: list[list[int]], seq_len: int, stride: int) -> int:
+    return sum(len(_starts(len(s), seq_len, stride)) for s in seqs)
+
+
+def windows(seqs: list[list[int]], seq_len: int, stride: int, pad_id: int):
+    """Cut each sequence into windows of seq_len starting every `stride` tokens; the last window
+    ends at the sequence's end. Returns (input_ids, labels) LongTensors; padding is labelled -100."""
+    import torch
+
+    ids, labels = [], []
+    for s in seqs:
+        for a in _starts(len(s), seq_len, stride):
+            w = s[a:a + seq_len]
+            pad = seq_len - len(w)
+            ids.append(w + [pad_id] * pad)
+            labels.append(w + [IGNORE] * pad)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+
+def lr_factor(stage: Stage, step: int, total: int) -> float:
+    """Multiplier of stage.lr at 0-based optimizer step `step` of `total`."""
+    if step < stage.warmup_steps:
+        return (step + 1) / stage.warmup_steps
+    if stage.schedule == "constant":
+        return 1.0
+    span = max(1, total - stage.warmup_steps)
+    progress = min(1.0, (step - stage.warmup_steps) / span)
+    shape = 1.0 - progress if stage.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return stage.min_lr_ratio + (1.0 - stage.min_lr_ratio) * shape
+
+
+def build_model(spec: Model, vocab_size: int, special: dict[str, int], seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        rms_norm_eps=spec.rms_norm_eps,
+        rope_theta=spec.rope_theta,
+        hidden_act=spec.hidden_act,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        initializer_range=spec.initializer_range,
+        attention_bias=False,
+        mlp_bias=False,
+        use_cache=True,
+        **special,
+    )
+    config._attn_implementation = spec.attn_implementation
+    # Seed immediately before construction: LaaM initialised weights before seeding.
+    torch.manual_seed(derive_seed(seed, "model-init"))
+    model = LlamaForCausalLM(config)
+    return model.to(torch.float32)
+
+
+def param_digest(model) -> str:
+    h = blake3.blake3()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode() + b"\0")
+        h.update(p.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Transcript:
+    """Hash-chained JSON lines: each line's `prev` is the blake3 of the previous line's bytes."""
+
+    lines: list[bytes] = field(default_factory=list)
+    prev: str = "0" * 64
+
+    def append(self, record: dict) -> None:
+        record = {**record, "prev": self.prev}
+        line = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+        self.prev = blake3.blake3(line).hexdigest()
+        self.lines.append(line)
+
+    def to_bytes(self) -> bytes:
+        return b"".join(line + b"\n" for line in self.lines)
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int
+    epochs: float
+    samples: int
+    first_loss: float
+    final_loss: float
+    seconds: float
+    tokens: int
+
+
+def stage_steps(stage: Stage, n_samples: int) -> int:
+    per_epoch = math.ceil(n_samples / stage.batch_size)
+    return stage.steps if stage.steps is not None else stage.epochs * per_epoch
+
+
+def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript: Transcript,
+          progress: Callable[[str, int, int, float], None] | None = None) -> list[StageResult]:
+    import torch
+
+    det = recipe.determinism
+    results = []
+    global_step = 0
+    model.train()
+    for si, stage in enumerate(recipe.stages):
+        x, y = windows(seqs, stage.seq_len, stage.stride or stage.seq_len, pad_id)
+        n = x.shape[0]
+        total = stage_steps(stage, n)
+        opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=stage.betas, eps=stage.eps,
+                                weight_decay=stage.weight_decay, foreach=False)
+        gen = torch.Generator().manual_seed(derive_seed(det.seed, "data-order", si))
+        order = torch.empty(0, dtype=torch.long)
+        cursor, epoch, step, t0 = 0, 0, 0, time.perf_counter()
+        first = last = float("nan")
+        tokens = 0
+        while step < total:
+            if cursor >= order.numel():
+                order = torch.randperm(n, generator=gen)
+                cursor, epoch = 0, epoch + 1
+            idx = order[cursor:cursor + stage.batch_size]
+            cursor += stage.batch_size
+            lr = stage.lr * lr_factor(stage, step, total)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=stage.precision == "bf16-autocast"):
+                out = model(input_ids=x[idx], labels=y[idx])
+            loss = out.loss
+            loss.backward()
+            if stage.grad_clip is not None:
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip, foreach=False)
+            else:
+                gnorm = torch.linalg.vector_norm(
+                    torch.stack([p.grad.detach().norm() for p in model.parameters() if p.grad is not None]))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            last = loss.item()
+            if step == 0:
+                first = last
+            tokens += int((y[idx] != IGNORE).sum())
+            record = {
+                "stage": stage.name, "step": step, "global_step": global_step, "epoch": epoch,
+                "samples": blake3.blake3(idx.numpy().astype("<i8").tobytes()).hexdigest(),
+                "loss": float(last).hex(), "grad_norm": float(gnorm).hex(), "lr": float(lr).hex(),
+            }
+            if (step + 1) % PARAM_DIGEST_EVERY == 0 or step + 1 == total:
+                record["params"] = param_digest(model)
+            transcript.append(record)
+            step += 1
+            global_step += 1
+            if progress is not None:
+                progress(stage.name, step, total, last)
+        results.append(StageResult(stage.name, total, round(total * stage.batch_size / n, 3), n, first, last,
+                                   round(time.perf_counter() - t0, 3), tokens))
+    model.eval()
+    return results

@@ -1,0 +1,141 @@
+"""Real builds of the tiny recipe through the CLI: same bits on rebuild and across thread counts."""
+
+from __future__ import annotations
+
+import json
+
+import blake3
+import pytest
+
+from provenance.digest import canonical_json, merkle_root, tensor_digest
+
+from ..conftest import RECIPES, TINY, build_json, last_line, run_cli
+
+
+@pytest.fixture(scope="module")
+def builds(store, tmp_path_factory):
+    """Build the tiny recipe three times: threads 2, threads 1, and threads 2 again."""
+    base = tmp_path_factory.mktemp("tiny")
+    outs = {}
+    for label, extra in (("t2", []), ("t1", ["--threads", "1"]), ("t2-again", [])):
+        out = base / label
+        p = run_cli("build", str(TINY), "--out", str(out), *extra, store=store)
+        assert p.returncode == 0, p.stderr
+        outs[label] = (out, p)
+    return outs
+
+
+def test_last_line_is_the_weights_digest(builds):
+    out, p = builds["t2"]
+    line = last_line(p.stdout)
+    assert line.startswith("weights blake3:") and len(line.split(":")[1]) == 64
+    assert line.split(":")[1] == tensor_digest(out / "model" / "model.safetensors")
+    assert line.split(":")[1] == build_json(out)["weights"]["tensors"]["digest"]
+
+
+def test_rebuild_and_thread_count_give_identical_bits(builds):
+    digests = {k: last_line(p.stdout) for k, (out, p) in builds.items()}
+    assert len(set(digests.values())) == 1, digests
+    files = {k: (out / "model" / "model.safetensors").read_bytes() for k, (out, _) in builds.items()}
+    assert files["t2"] == files["t1"] == files["t2-again"]
+    transcripts = {k: (out / "transcript.jsonl").read_bytes() for k, (out, _) in builds.items()}
+    assert transcripts["t2"] == transcripts["t1"]
+    assert build_json(builds["t1"][0])["determinism"]["threads"] == 1
+    assert build_json(builds["t2"][0])["determinism"]["threads"] == 2
+
+
+def test_other_seed_gives_other_weights(builds, store, tmp_path):
+    recipe = tmp_path / "tiny-seed.toml"
+    recipe.write_text(TINY.read_text().replace("seed = 1234", "seed = 1235"))
+    p = run_cli("build", str(recipe), "--out", str(tmp_path / "out"), store=store)
+    assert p.returncode == 0, p.stderr
+    assert last_line(p.stdout) != last_line(builds["t2"][1].stdout)
+
+
+def test_build_record_and_manifest(builds):
+    out, _ = builds["t2"]
+    rec = build_json(out)
+    assert rec["inputs"][0]["sha256"] == "567260ea5805063bbcff71dabd6fb820f89bc84f720e9ebe315c7eef1449d908"
+    assert rec["determinism"]["deterministic_algorithms"] is True and rec["determinism"]["seed"] == "1234"
+    assert set(rec["weights"]["files"]) == {"config.json", "generation_config.json", "model.safetensors",
+                                            "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                            "README.md"}
+    tok = (out / "model" / "tokenizer.json").read_bytes()
+    assert rec["tokenizer"]["tokenizer.json"]["blake3"] == blake3.blake3(tok).hexdigest()
+    assert rec["toolchain"]["installed"]["torch"].startswith("2.13.0")
+    m = json.loads((out / "dataset-manifest.json").read_text())
+    paths = [(f["input"], f["path"]) for f in m["files"]]
+    assert paths == sorted(paths) and len(paths) == 3
+    assert {f["license"] for f in m["files"]} == {"GPL-2.0-only"}
+    leaves = [canonical_json(f) for f in m["files"]]
+    assert m["merkle_root"]["digest"] == merkle_root(leaves) == rec["dataset_manifest"]["merkle_root"]["digest"]
+    assert rec["dataset_manifest"]["blake3"] == blake3.blake3((out / "dataset-manifest.json").read_bytes()).hexdigest()
+
+
+def test_transcript_is_hash_chained(builds):
+    out, _ = builds["t2"]
+    lines = (out / "transcript.jsonl").read_bytes().splitlines()
+    assert len(lines) == 12  # 8 + 4 steps
+    prev = "0" * 64
+    for line in lines:
+        rec = json.loads(line)
+        assert rec["prev"] == prev
+        float.fromhex(rec["loss"])
+        prev = blake3.blake3(line).hexdigest()
+    assert build_json(out)["training"]["transcript_head"] == prev
+
+
+def test_pipeline_loads_and_generates(builds):
+    from transformers import pipeline
+
+    out, _ = builds["t2"]
+    gen = pipeline("text-generation", model=str(out / "model"))
+    text = gen("struct etherinfo", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith("struct etherinfo") and len(text) > len("struct etherinfo")
+
+
+def test_json_output_is_one_object(store, tmp_path):
+    p = run_cli("build", str(TINY), "--out", str(tmp_path / "o"), "--json", "--offline", store=store)
+    assert p.returncode == 0, p.stderr
+    obj = json.loads(p.stdout)
+    assert obj["ok"] is True and obj["weights"].startswith("blake3:")
+
+
+def _flip(hex_digest: str) -> str:
+    return ("1" if hex_digest[0] == "0" else "0") + hex_digest[1:]
+
+
+@pytest.mark.parametrize("algo", ["sha256", "blake3"])
+def test_wrong_pin_exits_2_names_both_digests_and_writes_nothing(tmp_path, algo):
+    text = TINY.read_text()
+    good = text.split(f'{algo} = "')[1].split('"')[0]
+    bad = _flip(good)
+    recipe = tmp_path / "tiny-bad.toml"
+    recipe.write_text(text.replace(good, bad))
+    store = tmp_path / "empty-store"
+    out = tmp_path / "out"
+    p = run_cli("build", str(recipe), "--out", str(out), store=store)
+    assert p.returncode == 2, p.stderr
+    assert f"expected {algo}:{bad}" in p.stderr and f"got {algo}:{good}" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (out / "model").exists() and not (out / "build.json").exists()
+    assert not list((store / "blobs").glob("*")) if (store / "blobs").exists() else True
+
+
+def test_manifest_root_pin_mismatch_exits_2(store, tmp_path):
+    recipe = tmp_path / "tiny-root.toml"
+    recipe.write_text(TINY.read_text().replace('include = ["ethtool-0.15/python-ethtool/etherinfo*.h"]',
+                                               'include = ["ethtool-0.15/python-ethtool/etherinfo*.h"]\n'
+                                               f'manifest_root = "{"ab" * 32}"'))
+    p = run_cli("build", str(recipe), "--out", str(tmp_path / "out"), store=store)
+    assert p.returncode == 2 and "dataset.manifest_root" in p.stderr and "ab" * 32 in p.stderr
+    assert not (tmp_path / "out" / "model").exists()
+
+
+def test_laam_offline_stops_with_a_clear_message(tmp_path):
+    p = run_cli("build", str(RECIPES / "laam-linux-1.0-5m.toml"), "--offline", "--out", str(tmp_path / "o"),
+                store=tmp_path / "empty")
+    assert p.returncode == 2
+    assert "linux-1.0.tar.gz" in p.stderr and "--input linux=PATH" in p.stderr
+    assert "014cc3ea69a3db6a483eb743e3140e0e45a4a8c168c59f8c3b090cd72ab01802" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "o" / "model").exists()

@@ -1,0 +1,40 @@
+"""Shared fixtures: a session-wide input store (the real sdist is fetched once) and CLI runners."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+TINY = ROOT / "tests" / "recipes" / "tiny.toml"
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory) -> Path:
+    """One store for the whole session: the pinned sdist is downloaded into it once."""
+    env_store = os.environ.get("PROVENANCE_TEST_STORE")
+    return Path(env_store) if env_store else tmp_path_factory.mktemp("store")
+
+
+def run_cli(*args: str, store: Path | None = None, env: dict | None = None, cwd: Path | None = None,
+            module: str = "provenance") -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    if store is not None:
+        full_env["PROVENANCE_STORE"] = str(store)
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd or ROOT)
+
+
+def build_json(out: Path) -> dict:
+    return json.loads((out / "build.json").read_text())
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
