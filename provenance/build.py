@@ -163,14 +163,14 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         t = lap("tokenizer", t)
 
         from .evaluate import recitation
-        from .train import Transcript, build_model, count_windows, stage_steps, train
+        from .train import Transcript, build_model, stage_steps, train
 
         with determinism.sdpa_context(r.determinism):
             model = build_model(r.model, tok.get_vocab_size(), ids, r.determinism.seed)
             n_params = sum(p.numel() for p in model.parameters())
             reporter.log(f"model: LlamaForCausalLM, {n_params} parameters")
             transcript = Transcript()
-            totals = [stage_steps(s, count_windows(seqs, s.seq_len, s.stride or s.seq_len)) for s in r.stages]
+            totals = [stage_steps(s, seqs) for s in r.stages]
             with reporter.task("train", total=sum(totals)) as advance:
                 stages = train(model, r, seqs, ids["pad_token_id"], transcript,
                                progress=lambda name, step, total, loss: advance(1, f"{name} loss {loss:.4f}"))

@@ -184,6 +184,7 @@ class Stage(Strict):
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     seq_len: PosInt
     stride: PosInt | None = None
+    phases: PosInt = 1
     precision: Literal["float32", "bf16-autocast"] = "float32"
 
     @model_validator(mode="after")
@@ -193,6 +194,8 @@ class Stage(Strict):
             problems.append("set exactly one of 'epochs' or 'steps'")
         if self.stride is not None and self.stride > self.seq_len:
             problems.append(f"stride ({self.stride}) must not exceed seq_len ({self.seq_len})")
+        if self.phases > self.seq_len:
+            problems.append(f"phases ({self.phases}) must not exceed seq_len ({self.seq_len})")
         if problems:
             raise ValueError("; ".join(problems))
         return self

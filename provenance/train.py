@@ -22,28 +22,42 @@ IGNORE = -100
 PARAM_DIGEST_EVERY = 50
 
 
-def _starts(n: int, seq_len: int, stride: int) -> list[int]:
+def _spans(n: int, seq_len: int, stride: int, offset: int = 0) -> list[tuple[int, int]]:
+    """(start, end) of each window over a sequence of n tokens.
+
+    Windows start every `stride` tokens from `offset`; with an offset, a short first window covers
+    [0, offset). The last full window is aligned to the sequence's end, so no token is left out.
+    """
+    if n == 0:
+        return []
     if n <= seq_len:
-        return [0] if n else []
-    starts = list(range(0, n - seq_len + 1, stride))
-    if starts[-1] != n - seq_len:
+        return [(0, n)]
+    offset = offset % seq_len
+    spans = [(0, offset)] if offset else []
+    starts = list(range(offset, n - seq_len + 1, stride))
+    if not starts or starts[-1] != n - seq_len:
         starts.append(n - seq_len)
-    return starts
+    return spans + [(a, a + seq_len) for a in starts]
 
 
-def count_windows(seqs: list[list[int]], seq_len: int, stride: int) -> int:
-    return sum(len(_starts(len(s), seq_len, stride)) for s in seqs)
+def phase_offset(stage: Stage, phase: int) -> int:
+    return (phase % stage.phases) * stage.seq_len // stage.phases
 
 
-def windows(seqs: list[list[int]], seq_len: int, stride: int, pad_id: int):
-    """Cut each sequence into windows of seq_len starting every `stride` tokens; the last window
-    ends at the sequence's end. Returns (input_ids, labels) LongTensors; padding is labelled -100."""
+def count_windows(seqs: list[list[int]], stage: Stage, phase: int = 0) -> int:
+    stride = stage.stride or stage.seq_len
+    return sum(len(_spans(len(s), stage.seq_len, stride, phase_offset(stage, phase))) for s in seqs)
+
+
+def windows(seqs: list[list[int]], seq_len: int, stride: int, pad_id: int, offset: int = 0):
+    """Cut each sequence into windows (see _spans). Returns (input_ids, labels) LongTensors of shape
+    [windows, seq_len]; right padding is labelled -100 so it never counts in the loss."""
     import torch
 
     ids, labels = [], []
     for s in seqs:
-        for a in _starts(len(s), seq_len, stride):
-            w = s[a:a + seq_len]
+        for a, b in _spans(len(s), seq_len, stride, offset):
+            w = s[a:b]
             pad = seq_len - len(w)
             ids.append(w + [pad_id] * pad)
             labels.append(w + [IGNORE] * pad)
@@ -120,17 +134,20 @@ class Transcript:
 class StageResult:
     name: str
     steps: int
-    epochs: float
-    samples: int
+    epochs: int  # epochs begun (the last may be partial)
+    samples: int  # windows drawn
     first_loss: float
     final_loss: float
     seconds: float
     tokens: int
 
 
-def stage_steps(stage: Stage, n_samples: int) -> int:
-    per_epoch = math.ceil(n_samples / stage.batch_size)
-    return stage.steps if stage.steps is not None else stage.epochs * per_epoch
+def stage_steps(stage: Stage, seqs: list[list[int]]) -> int:
+    """Optimizer steps of a stage: `steps`, or the batches of `epochs` epochs (phases cycle by epoch)."""
+    if stage.steps is not None:
+        return stage.steps
+    per_phase = [math.ceil(count_windows(seqs, stage, p) / stage.batch_size) for p in range(stage.phases)]
+    return sum(per_phase[e % stage.phases] for e in range(stage.epochs))
 
 
 def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript: Transcript,
@@ -142,19 +159,22 @@ def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript:
     global_step = 0
     model.train()
     for si, stage in enumerate(recipe.stages):
-        x, y = windows(seqs, stage.seq_len, stage.stride or stage.seq_len, pad_id)
-        n = x.shape[0]
-        total = stage_steps(stage, n)
+        grids = [windows(seqs, stage.seq_len, stage.stride or stage.seq_len, pad_id, phase_offset(stage, p))
+                 for p in range(stage.phases)]
+        total = stage_steps(stage, seqs)
         opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=stage.betas, eps=stage.eps,
                                 weight_decay=stage.weight_decay, foreach=False)
         gen = torch.Generator().manual_seed(derive_seed(det.seed, "data-order", si))
         order = torch.empty(0, dtype=torch.long)
         cursor, epoch, step, t0 = 0, 0, 0, time.perf_counter()
         first = last = float("nan")
-        tokens = 0
+        tokens = samples = 0
+        x = y = None
         while step < total:
             if cursor >= order.numel():
-                order = torch.randperm(n, generator=gen)
+                # Each epoch is one pass over one window grid; grids (phases) take turns.
+                x, y = grids[epoch % stage.phases]
+                order = torch.randperm(x.shape[0], generator=gen)
                 cursor, epoch = 0, epoch + 1
             idx = order[cursor:cursor + stage.batch_size]
             cursor += stage.batch_size
@@ -176,6 +196,7 @@ def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript:
             if step == 0:
                 first = last
             tokens += int((y[idx] != IGNORE).sum())
+            samples += idx.numel()
             record = {
                 "stage": stage.name, "step": step, "global_step": global_step, "epoch": epoch,
                 "samples": blake3.blake3(idx.numpy().astype("<i8").tobytes()).hexdigest(),
@@ -188,7 +209,7 @@ def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript:
             global_step += 1
             if progress is not None:
                 progress(stage.name, step, total, last)
-        results.append(StageResult(stage.name, total, round(total * stage.batch_size / n, 3), n, first, last,
+        results.append(StageResult(stage.name, total, epoch, samples, first, last,
                                    round(time.perf_counter() - t0, 3), tokens))
     model.eval()
     return results
