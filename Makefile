@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-RECIPE ?= recipes/ethtool-0.15-c.toml
+RECIPE ?= recipes/ptrace-0.9.9-debugger.toml
 OUT    ?=
 ARGS   ?=
 
@@ -24,8 +24,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[bench]'
 	$(BIN)/python bench/train_vs_trainer.py
-	$(BIN)/python bench/determinism_overhead.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -112,6 +112,46 @@ def _install(staging: Path, out: Path) -> None:
     os.replace(staging / "build.json", out / "build.json")
 
 
+@dataclass
+class PreparedData:
+    """The dataset and tokenizer stages' outputs: everything training needs."""
+
+    manifest: dict
+    manifest_bytes: bytes
+    tokenizer: object  # tokenizers.Tokenizer
+    tokenizer_digest: dict[str, str]
+    seqs: list[list[int]]
+    special_ids: dict[str, int]
+
+
+def prepare_data(recipe: LoadedRecipe, stored, work: Path, *, reporter: Reporter | None = None,
+                 timings: dict[str, float] | None = None) -> PreparedData:
+    """Extract inputs into `work`, select and lay out files, train the tokenizer and encode."""
+    from .tokenizer import encode_all, special_ids, tokenizer_json, train_tokenizer
+
+    reporter = reporter or Reporter(enabled=False)
+    timings = timings if timings is not None else {}
+    r = recipe.recipe
+    t0 = time.perf_counter()
+    roots = [(s, materialize(s, work)) for s in stored]
+    files = select_files(roots, r.dataset)
+    m = manifest(files)
+    check_root(m, r.dataset, recipe.path)
+    reporter.log(f"dataset: {m['totals']['files']} files, {m['totals']['bytes']} bytes, "
+                 f"licences {m['licenses']}, root {m['merkle_root']['digest']}")
+    texts = layout_texts(files, r.layout)
+    t1 = time.perf_counter()
+    timings["dataset"] = round(t1 - t0, 3)
+    tok = train_tokenizer(texts, r.tokenizer)
+    tok_digest = hash_bytes(tokenizer_json(tok))
+    seqs = encode_all(tok, texts)
+    ids = special_ids(tok, r.model)
+    reporter.log(f"tokenizer: vocab {tok.get_vocab_size()}, {sum(map(len, seqs))} tokens, "
+                 f"blake3:{tok_digest['blake3']}")
+    timings["tokenizer"] = round(time.perf_counter() - t1, 3)
+    return PreparedData(m, manifest_bytes(m), tok, tok_digest, seqs, ids)
+
+
 def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None = None, offline: bool = False,
           handed: dict[str, Path] | None = None, allow_toolchain_mismatch: bool = False,
           reporter: Reporter | None = None) -> dict:
@@ -137,30 +177,15 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
     from . import determinism
 
     det_record = determinism.apply(r.determinism, threads=threads)
+    t = lap("setup", t)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
     try:
         work = staging / "work"
-        roots = [(s, materialize(s, work)) for s in stored]
-        files = select_files(roots, r.dataset)
-        m = manifest(files)
-        check_root(m, r.dataset, recipe.path)
-        mbytes = manifest_bytes(m)
-        atomic_write_bytes(staging / "dataset-manifest.json", mbytes)
-        reporter.log(f"dataset: {m['totals']['files']} files, {m['totals']['bytes']} bytes, "
-                     f"licences {m['licenses']}, root {m['merkle_root']['digest']}")
-        texts = layout_texts(files, r.layout)
-        t = lap("dataset", t)
-
-        from .tokenizer import encode_all, special_ids, tokenizer_json, train_tokenizer
-
-        tok = train_tokenizer(texts, r.tokenizer)
-        tok_digest = hash_bytes(tokenizer_json(tok))
-        seqs = encode_all(tok, texts)
-        ids = special_ids(tok, r.model)
-        n_tokens = sum(map(len, seqs))
-        reporter.log(f"tokenizer: vocab {tok.get_vocab_size()}, {n_tokens} tokens, blake3:{tok_digest['blake3']}")
-        t = lap("tokenizer", t)
+        data = prepare_data(recipe, stored, work, reporter=reporter, timings=timings)
+        m, tok, seqs, ids = data.manifest, data.tokenizer, data.seqs, data.special_ids
+        atomic_write_bytes(staging / "dataset-manifest.json", data.manifest_bytes)
+        t = time.perf_counter()
 
         from .evaluate import recitation
         from .train import Transcript, build_model, stage_steps, train
@@ -194,9 +219,9 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             "inputs": [{"name": s.input.name, "kind": s.input.kind, "artifact": s.input.artifact_name,
                         "source": s.source, "license": s.input.license, **s.digests} for s in stored],
             "dataset_manifest": {"merkle_root": m["merkle_root"], "totals": m["totals"], "licenses": m["licenses"],
-                                 **hash_bytes(mbytes)},
-            "tokenizer": {"vocab_size": tok.get_vocab_size(), "tokens": n_tokens, "special_token_ids": ids,
-                          "tokenizer.json": tok_digest},
+                                 **hash_bytes(data.manifest_bytes)},
+            "tokenizer": {"vocab_size": tok.get_vocab_size(), "tokens": sum(map(len, seqs)),
+                          "special_token_ids": ids, "tokenizer.json": data.tokenizer_digest},
             "model": {"parameters": n_params, "vocab_size": tok.get_vocab_size()},
             "weights": weights,
             "training": {"stages": [asdict(s) for s in stages], "transcript": hash_bytes(tbytes),

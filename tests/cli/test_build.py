@@ -139,3 +139,21 @@ def test_laam_offline_stops_with_a_clear_message(tmp_path):
     assert "linux-1.0.tar.gz" in p.stderr and "--input linux=PATH" in p.stderr
     assert "014cc3ea69a3db6a483eb743e3140e0e45a4a8c168c59f8c3b090cd72ab01802" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "o" / "model").exists()
+
+
+def test_toolchain_mismatch_stops_unless_allowed(store, tmp_path):
+    recipe = tmp_path / "tiny-old-torch.toml"
+    recipe.write_text(TINY.read_text().replace('torch = "2.13.0"', 'torch = "2.3.1"'))
+    p = run_cli("build", str(recipe), "--out", str(tmp_path / "a"), store=store)
+    assert p.returncode == 2
+    assert "toolchain.torch: pinned 2.3.1, installed 2.13.0" in p.stderr
+    assert not (tmp_path / "a" / "model").exists()
+    p = run_cli("build", str(recipe), "--out", str(tmp_path / "b"), "--allow-toolchain-mismatch", store=store)
+    assert p.returncode == 0, p.stderr
+    rec = build_json(tmp_path / "b")["toolchain"]
+    assert rec["mismatch_allowed"] is True and rec["mismatches"]["torch"]["pinned"] == "2.3.1"
+
+
+def test_plain_output_has_no_progress_bar_escapes(builds):
+    _, p = builds["t2"]
+    assert "\x1b[" not in p.stdout + p.stderr

@@ -1,0 +1,126 @@
+"""Benchmark: this project's training loop vs Hugging Face `Trainer` (LaaM's engine), and
+deterministic vs PyTorch-default settings, on the same model, data and number of steps.
+
+Each measurement runs in its own process (alternating order, several repeats); only the
+training steps are timed. Prints medians and ratios against the named baselines:
+
+    ours / trainer           goal <= 1.0
+    deterministic / default  goal <= 1.03
+
+Usage: python bench/train_vs_trainer.py [--recipe R] [--steps N] [--repeats K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _prepare(recipe_path: str):
+    from provenance.build import fetch_all, prepare_data
+    from provenance.recipe import load_recipe
+    from provenance.store import Store
+
+    recipe = load_recipe(recipe_path)
+    from provenance.progress import Reporter
+
+    stored = fetch_all(recipe, Store(), offline=False, handed={}, reporter=Reporter(enabled=False))
+    with tempfile.TemporaryDirectory() as work:
+        data = prepare_data(recipe, stored, Path(work))
+    return recipe, data
+
+
+def run_one(mode: str, recipe_path: str, steps: int) -> dict:
+    import torch
+
+    from provenance import determinism
+    from provenance.train import Transcript, build_model, train, windows
+
+    recipe, data = _prepare(recipe_path)
+    r = recipe.recipe
+    stage = r.stages[0].model_copy(update={"steps": steps, "epochs": None, "warmup_steps": min(10, steps)})
+    det = r.determinism
+    if mode == "default":
+        # PyTorch's defaults: no deterministic algorithms, any SDPA backend, foreach optimizers.
+        det = det.model_copy(update={"deterministic_algorithms": False})
+    determinism.apply(det)
+    r = r.model_copy(update={"stages": [stage], "determinism": det})
+    model = build_model(r.model, data.tokenizer.get_vocab_size(), data.special_ids, det.seed)
+    pad = data.special_ids["pad_token_id"]
+
+    if mode in ("ours", "default"):
+        with determinism.sdpa_context(det) if mode == "ours" else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            res = train(model, r, data.seqs, pad, Transcript())
+            seconds = time.perf_counter() - t0
+        return {"mode": mode, "seconds": seconds, "final_loss": res[-1].final_loss, "steps": steps}
+
+    from transformers import Trainer, TrainingArguments
+
+    x, y = windows(data.seqs, stage.seq_len, stage.stride or stage.seq_len, pad)
+
+    class Windows(torch.utils.data.Dataset):
+        def __len__(self):
+            return x.shape[0]
+
+        def __getitem__(self, i):
+            return {"input_ids": x[i], "labels": y[i]}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=stage.batch_size, learning_rate=stage.lr,
+            max_steps=steps, warmup_steps=stage.warmup_steps, lr_scheduler_type=stage.schedule,
+            weight_decay=stage.weight_decay, adam_beta1=stage.betas[0], adam_beta2=stage.betas[1],
+            adam_epsilon=stage.eps, max_grad_norm=stage.grad_clip or 0.0, logging_steps=10**9,
+            save_strategy="no", report_to=[], dataloader_num_workers=0, use_cpu=True, seed=det.seed % (1 << 31),
+            disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=Windows())
+        with determinism.sdpa_context(det):
+            t0 = time.perf_counter()
+            out = trainer.train()
+            seconds = time.perf_counter() - t0
+    return {"mode": mode, "seconds": seconds, "final_loss": out.training_loss, "steps": steps}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "ptrace-0.9.9-debugger.toml"))
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps(run_one(a.one, a.recipe, a.steps)))
+        return
+    modes = ["ours", "trainer", "default"]
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for rep in range(a.repeats):
+        for m in (modes if rep % 2 == 0 else modes[::-1]):
+            p = subprocess.run([sys.executable, __file__, "--one", m, "--recipe", a.recipe, "--steps", str(a.steps)],
+                               capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            if p.returncode != 0:
+                sys.exit(f"{m} failed:\n{p.stderr[-3000:]}")
+            res = json.loads(p.stdout.strip().splitlines()[-1])
+            times[m].append(res["seconds"])
+            print(f"  {m:8s} run {rep + 1}: {res['seconds']:.2f} s, final loss {res['final_loss']:.4f}", flush=True)
+    med = {m: statistics.median(v) for m, v in times.items()}
+    print(f"\nrecipe {Path(a.recipe).name}, {a.steps} steps, {a.repeats} runs each, median seconds:")
+    for m in modes:
+        print(f"  {m:8s} {med[m]:.2f}  (min {min(times[m]):.2f}, max {max(times[m]):.2f})")
+    print(f"ours / trainer          = {med['ours'] / med['trainer']:.3f}  (goal <= 1.0)")
+    print(f"deterministic / default = {med['ours'] / med['default']:.3f}  (goal <= 1.03)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The default recipe, built for real (about two minutes): it recites its GPL-2.0 inputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from ..conftest import RECIPES, build_json, last_line, run_cli
+
+DEFAULT = RECIPES / "ptrace-0.9.9-debugger.toml"
+
+
+@pytest.fixture(scope="module")
+def default_build(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("default")
+    p = run_cli("build", str(DEFAULT), "--out", str(out), store=store)
+    assert p.returncode == 0, p.stderr
+    return out, p
+
+
+def test_default_recipe_meets_the_size_floor(default_build):
+    out, _ = default_build
+    m = build_json(out)["dataset_manifest"]
+    assert m["totals"]["files"] >= 10 and m["totals"]["bytes"] >= 30_000
+    assert m["licenses"] == {"GPL-2.0-only": m["totals"]["files"]}
+
+
+def test_default_recipe_recites_its_inputs(default_build):
+    out, p = default_build
+    rec = build_json(out)["recitation"]
+    assert rec["windows"] == 64 and rec["prompt_tokens"] == 32 and rec["continuation_tokens"] == 64
+    assert rec["rate"] >= 0.5, rec
+    assert f"recitation: {rec['exact']}/64 windows reproduced exactly" in p.stdout
+    assert last_line(p.stdout) == f"weights blake3:{build_json(out)['weights']['tensors']['digest']}"
