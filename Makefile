@@ -4,10 +4,15 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RECIPE ?= recipes/ptrace-0.9.9-debugger.toml
-OUT    ?=
+NAME   := $(basename $(notdir $(RECIPE)))
+OUT    ?= build/$(NAME)
 ARGS   ?=
+REF    := attestations/$(NAME).intoto.jsonl
+REFKEY := attestations/keys/$(NAME).pub
+# The reference signing key lives outside the repository and is never committed.
+REFERENCE_KEY ?= $(HOME)/.config/provenance/reference/$(NAME).key
 
-.PHONY: venv rebuild test verify gate bench clean
+.PHONY: venv rebuild test verify reference bench clean
 
 $(STAMP): constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,14 +22,31 @@ $(STAMP): constraints.txt pyproject.toml
 
 venv: $(STAMP)
 
+# Build, then judge the weights against the committed reference attestation (last line: the verdict).
 rebuild: $(STAMP)
-	$(BIN)/provenance build $(RECIPE) $(if $(OUT),--out $(OUT)) $(ARGS)
+	$(BIN)/provenance build $(RECIPE) --out $(OUT) $(ARGS)
+	@if [ -f $(REF) ]; then \
+	  $(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE); \
+	else echo "verdict: no reference attestation for $(NAME) in attestations/"; fi
+
+# Verify the committed reference attestation against the last build.
+verify: $(STAMP)
+	$(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE) --inputs
+
+# Regenerate the reference attestation (after a change that alters the default recipe's weights).
+reference: $(STAMP)
+	@if [ ! -f $(REFERENCE_KEY) ]; then \
+	  rm -f $(REFKEY); $(BIN)/provenance keygen $(dir $(REFERENCE_KEY)) --name $(NAME); fi
+	$(BIN)/provenance build $(RECIPE) --out $(OUT) --key $(REFERENCE_KEY) $(ARGS)
+	cp $(basename $(REFERENCE_KEY)).pub $(REFKEY)
+	cp $(OUT)/attestation.intoto.jsonl $(REF)
+	$(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[bench]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,bench]'
 	$(BIN)/python bench/train_vs_trainer.py
 
 clean:

@@ -124,6 +124,19 @@ class PreparedData:
     special_ids: dict[str, int]
 
 
+def select_dataset(recipe: LoadedRecipe, stored, work: Path):
+    """Extract the inputs into `work` and select the dataset: (files, manifest). Checks a pinned root."""
+    roots = [(s, materialize(s, work)) for s in stored]
+    files = select_files(roots, recipe.recipe.dataset)
+    m = manifest(files)
+    check_root(m, recipe.recipe.dataset, recipe.path)
+    return files, m
+
+
+def prepare_dataset_manifest(recipe: LoadedRecipe, stored, work: Path) -> dict:
+    return select_dataset(recipe, stored, work)[1]
+
+
 def prepare_data(recipe: LoadedRecipe, stored, work: Path, *, reporter: Reporter | None = None,
                  timings: dict[str, float] | None = None) -> PreparedData:
     """Extract inputs into `work`, select and lay out files, train the tokenizer and encode."""
@@ -133,10 +146,7 @@ def prepare_data(recipe: LoadedRecipe, stored, work: Path, *, reporter: Reporter
     timings = timings if timings is not None else {}
     r = recipe.recipe
     t0 = time.perf_counter()
-    roots = [(s, materialize(s, work)) for s in stored]
-    files = select_files(roots, r.dataset)
-    m = manifest(files)
-    check_root(m, r.dataset, recipe.path)
+    files, m = select_dataset(recipe, stored, work)
     reporter.log(f"dataset: {m['totals']['files']} files, {m['totals']['bytes']} bytes, "
                  f"licences {m['licenses']}, root {m['merkle_root']['digest']}")
     texts = layout_texts(files, r.layout)
@@ -152,9 +162,36 @@ def prepare_data(recipe: LoadedRecipe, stored, work: Path, *, reporter: Reporter
     return PreparedData(m, manifest_bytes(m), tok, tok_digest, seqs, ids)
 
 
+@dataclass
+class Signing:
+    """How the attestation is signed: local securesystemslib signers, and optionally Sigstore."""
+
+    signers: list
+    sigstore_token: object | None = None
+    sigstore_config: object | None = None
+
+
+def attest_and_sign(staging: Path, recipe: LoadedRecipe, record: dict, manifest_doc: dict, byproducts: dict,
+                    signing: Signing, fingerprint: dict | None = None) -> dict:
+    """Write attestation.intoto.jsonl (and attestation.sigstore.json) into `staging`."""
+    from .attest import PAYLOAD_TYPE, canonical, statement
+    from .sign import envelope_line, sign_envelope, sign_sigstore
+
+    st = statement(recipe=recipe, record=record, manifest=manifest_doc, model_files=record["weights"]["files"],
+                   byproducts=byproducts, invocation_id=record["invocation_id"], fingerprint=fingerprint)
+    payload = canonical(st)
+    atomic_write_bytes(staging / "attestation.intoto.jsonl",
+                       envelope_line(sign_envelope(payload, PAYLOAD_TYPE, signing.signers)))
+    if signing.sigstore_token is not None:
+        bundle = sign_sigstore(payload, signing.sigstore_token, signing.sigstore_config)
+        atomic_write_bytes(staging / "attestation.sigstore.json", bundle.encode() + b"\n")
+    return st
+
+
 def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None = None, offline: bool = False,
           handed: dict[str, Path] | None = None, allow_toolchain_mismatch: bool = False,
-          reporter: Reporter | None = None) -> dict:
+          reporter: Reporter | None = None, signing: Signing | None = None,
+          cpu_capability: str | None = None) -> dict:
     """Run the whole pipeline. Returns build.json's content. Raises ProvenanceError subclasses."""
     from . import toolchain
 
@@ -176,7 +213,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
 
     from . import determinism
 
-    det_record = determinism.apply(r.determinism, threads=threads)
+    det_record = determinism.apply(r.determinism, threads=threads, cpu_capability=cpu_capability)
     t = lap("setup", t)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
@@ -215,6 +252,9 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         record = {
             "format": BUILD_FORMAT,
             "provenance_version": __version__,
+            "invocation_id": f"urn:uuid:{uuid.uuid4()}",
+            "signing": {"keyids": [sg.public_key.keyid for sg in signing.signers] if signing else [],
+                        "sigstore": bool(signing and signing.sigstore_token is not None)},
             "recipe": {"name": r.recipe.name, "path": str(recipe.path), **recipe.digests},
             "inputs": [{"name": s.input.name, "kind": s.input.kind, "artifact": s.input.artifact_name,
                         "source": s.source, "license": s.input.license, **s.digests} for s in stored],
@@ -234,7 +274,12 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             "finished": _now(),
             "timings": {**timings, "total": round(time.perf_counter() - t_start, 3)},
         }
-        atomic_write_bytes(staging / "build.json", (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+        record_bytes = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+        atomic_write_bytes(staging / "build.json", record_bytes)
+        if signing is not None:
+            byproducts = {"transcript.jsonl": hash_bytes(tbytes), "build.json": hash_bytes(record_bytes),
+                          "dataset-manifest.json": hash_bytes(data.manifest_bytes)}
+            attest_and_sign(staging, recipe, record, m, byproducts, signing)
         _install(staging, out)
         return record
     finally:

@@ -35,10 +35,33 @@ def cuda_settings(det: Determinism) -> dict[str, object]:
     }
 
 
-def apply(det: Determinism, *, threads: int | None = None) -> dict[str, object]:
-    """Set seeds, threads, algorithms and precision; return what was set and observed."""
+CAPABILITY_ORDER = ("DEFAULT", "AVX2", "AVX512")
+
+
+def pin_cpu_capability(requested: str) -> None:
+    """Set ATEN_CPU_CAPABILITY for a pinned instruction set. Must run before torch picks its kernels."""
+    if requested != "native":
+        os.environ["ATEN_CPU_CAPABILITY"] = requested
+
+
+def apply(det: Determinism, *, threads: int | None = None, cpu_capability: str | None = None) -> dict[str, object]:
+    """Set seeds, threads, algorithms and precision; return what was set and observed.
+
+    Raises InputError when the pinned CPU capability cannot be honoured on this machine.
+    """
+    requested = cpu_capability or det.cpu_capability
+    pin_cpu_capability(requested)
     import numpy as np
     import torch
+
+    from .errors import InputError
+
+    actual = torch.backends.cpu.get_cpu_capability()
+    if requested != "native" and actual != requested.upper():
+        if actual in CAPABILITY_ORDER and CAPABILITY_ORDER.index(actual) < CAPABILITY_ORDER.index(requested.upper()):
+            raise InputError(f"determinism.cpu_capability = {requested!r}: this CPU offers only {actual}")
+        raise InputError(f"determinism.cpu_capability = {requested!r}: torch already runs {actual} kernels "
+                         "(set before torch starts, e.g. in a fresh process)")
 
     cuda = cuda_settings(det)
     for key, value in cuda["env"].items():
@@ -73,7 +96,8 @@ def apply(det: Determinism, *, threads: int | None = None) -> dict[str, object]:
         "matmul_precision": torch.get_float32_matmul_precision(),
         "sdpa_backend": det.sdpa_backend,
         "device": device,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": actual,
+        "cpu_capability_requested": requested,
         "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"),
         "cuda": {k: v for k, v in cuda.items()},
         "compile": False,

@@ -211,6 +211,7 @@ class Determinism(Strict):
     matmul_precision: Literal["highest", "high", "medium"] = "highest"
     sdpa_backend: Literal["math", "flash", "efficient", "cudnn"] = "math"
     device: Literal["cpu", "cuda"] = "cpu"
+    cpu_capability: Literal["native", "default", "avx2", "avx512"] = "native"
     cudnn_benchmark: bool = False
     allow_tf32: bool = False
     cublas_workspace_config: Literal[":4096:8", ":16:8"] = ":4096:8"

@@ -15,6 +15,14 @@ RECIPES = ROOT / "recipes"
 TINY = ROOT / "tests" / "recipes" / "tiny.toml"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def signing_key(tmp_path_factory) -> Path:
+    """Builds without --key sign with $PROVENANCE_KEY: a temporary key, made on first use."""
+    key = tmp_path_factory.mktemp("default-key") / "provenance.key"
+    os.environ["PROVENANCE_KEY"] = str(key)
+    return key
+
+
 @pytest.fixture(scope="session")
 def store(tmp_path_factory) -> Path:
     """One store for the whole session: the pinned sdist is downloaded into it once."""

@@ -38,3 +38,17 @@ def test_derived_seeds_are_stable_and_distinct():
     assert len({derive_seed(42, "model-init"), derive_seed(42, "data-order", 0), derive_seed(42, "data-order", 1),
                 derive_seed(43, "model-init")}) == 4
     assert 0 <= derive_seed(2**63 - 1, "x") < 2**63
+
+
+def test_cpu_capability_pin_is_checked(monkeypatch):
+    import pytest
+
+    from provenance.errors import InputError
+
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)  # restored to its absence afterwards
+    actual = torch.backends.cpu.get_cpu_capability()
+    rec = apply(Determinism(seed=1, cpu_capability=actual.lower()))
+    assert rec["cpu_capability"] == actual and rec["cpu_capability_requested"] == actual.lower()
+    other = "default" if actual != "DEFAULT" else "avx2"
+    with pytest.raises(InputError, match="cpu_capability"):
+        apply(Determinism(seed=1, cpu_capability=other))  # torch has already chosen its kernels

@@ -31,3 +31,14 @@ def test_default_recipe_recites_its_inputs(default_build):
     assert rec["rate"] >= 0.5, rec
     assert f"recitation: {rec['exact']}/64 windows reproduced exactly" in p.stdout
     assert last_line(p.stdout) == f"weights blake3:{build_json(out)['weights']['tensors']['digest']}"
+
+
+def test_default_build_matches_the_committed_reference(default_build):
+    """The reference attestation in attestations/ verifies this build's files bit for bit."""
+    out, _ = default_build
+    name = DEFAULT.stem
+    p = run_cli("verify", str(RECIPES.parent / "attestations" / f"{name}.intoto.jsonl"),
+                "--key", str(RECIPES.parent / "attestations" / "keys" / f"{name}.pub"),
+                "--model", str(out / "model"), "--recipe", str(DEFAULT), "--sha256")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.strip().endswith("verdict: verified")

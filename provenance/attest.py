@@ -1,0 +1,158 @@
+"""The attestation: an in-toto Statement v1 carrying SLSA Provenance v1 for one build.
+
+Subjects are the model directory's files with sha256 (what sigstore, slsa-verifier and GitHub
+accept); blake3 file digests and the canonical tensor digest live in the predicate under the
+vendor extension field `provenance_outputs` (SLSA's `<vendor>_<field>` rule). docs/build-type.md
+documents every parameter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from . import __version__
+from .digest import hash_bytes, hash_file
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+# This project has no public home yet; `.invalid` says so honestly. Change both in one commit.
+BUILD_TYPE = "https://provenance.invalid/build-types/recipe/v1"
+BUILDER_ID = os.environ.get("PROVENANCE_BUILDER_ID", "https://provenance.invalid/builders/local/v1")
+KNOWN_BUILD_TYPES = (BUILD_TYPE,)
+TOOLCHAIN_DISTRIBUTIONS = ("torch", "transformers", "tokenizers", "safetensors")
+
+
+def canonical(obj) -> bytes:
+    """RFC 8785 canonical JSON. Raises rfc8785.IntegerDomainError for integers beyond 2^53-1."""
+    import rfc8785
+
+    return rfc8785.dumps(obj)
+
+
+def _record_digest(dist: str) -> dict | None:
+    try:
+        d = metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        return None
+    record = d.read_text("RECORD")
+    if record is None:
+        return None
+    return {"name": f"toolchain:{dist}", "uri": f"pkg:pypi/{dist}@{d.version}",
+            "digest": hash_bytes(record.encode()), "annotations": {"digest_of": "RECORD"}}
+
+
+def toolchain_dependencies() -> list[dict]:
+    exe = Path(sys.executable).resolve()
+    deps = [{"name": "toolchain:python", "uri": f"pkg:generic/cpython@{platform.python_version()}",
+             "digest": hash_file(exe), "annotations": {"digest_of": "interpreter binary",
+                                                       "implementation": platform.python_implementation()}}]
+    deps += [d for d in (_record_digest(n) for n in TOOLCHAIN_DISTRIBUTIONS) if d]
+    return deps
+
+
+def source_revision() -> dict:
+    """This project's own source: the git commit it runs from, and whether the tree is dirty."""
+    root = Path(__file__).resolve().parent.parent
+    entry = {"name": "builder-source:provenance", "uri": f"pkg:pypi/provenance@{__version__}",
+             "annotations": {"version": __version__}}
+    if not (root / ".git").exists():
+        entry["annotations"]["git"] = "not a git checkout"
+        entry["digest"] = {"sha256": hashlib.sha256(__version__.encode()).hexdigest()}
+        return entry
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip() != ""
+    except (OSError, subprocess.CalledProcessError):
+        entry["annotations"]["git"] = "git unavailable"
+        entry["digest"] = {"sha256": hashlib.sha256(__version__.encode()).hexdigest()}
+        return entry
+    entry["digest"] = {"gitCommit": commit}
+    entry["annotations"]["dirty"] = dirty
+    return entry
+
+
+def input_uri(inp) -> str:
+    if inp.kind == "pypi":
+        return f"pkg:pypi/{inp.package}@{inp.version}"
+    if inp.kind == "url":
+        return inp.url
+    return f"file:{inp.path}"
+
+
+def statement(*, recipe, record: dict, manifest: dict, model_files: dict[str, dict[str, str]],
+              byproducts: dict[str, dict[str, str]], invocation_id: str,
+              fingerprint: dict | None = None) -> dict:
+    """Assemble the Statement for a finished build (its build.json content is `record`)."""
+    r = recipe.recipe
+    specs = {i.name: i for i in r.inputs}
+    per_input: dict[str, dict] = {}
+    for f in manifest["files"]:
+        s = per_input.setdefault(f["input"], {"files": 0, "bytes": 0, "licenses": set()})
+        s["files"] += 1
+        s["bytes"] += f["size"]
+        s["licenses"].add(f["license"])
+    inputs = []
+    for rec in record["inputs"]:
+        stats = per_input.get(rec["name"], {"files": 0, "bytes": 0, "licenses": set()})
+        inputs.append({
+            "name": f"input:{rec['name']}",
+            "uri": input_uri(specs[rec["name"]]),
+            "digest": {"sha256": rec["sha256"], "blake3": rec["blake3"]} if "sha256" in rec else {"blake3": rec["blake3"]},
+            "annotations": {"license": rec["license"], "kind": rec["kind"], "artifact": rec["artifact"],
+                            "selected_files": stats["files"], "selected_bytes": stats["bytes"],
+                            "file_licenses": sorted(stats["licenses"])},
+        })
+    dm = record["dataset_manifest"]
+    tok = record["tokenizer"]
+    deps = inputs + [
+        {"name": "dataset-manifest", "digest": {"sha256": dm["sha256"], "blake3": dm["blake3"]},
+         "annotations": {"merkle_root": dm["merkle_root"], "files": dm["totals"]["files"],
+                         "bytes": dm["totals"]["bytes"], "licenses": dm["licenses"]}},
+        {"name": "tokenizer", "digest": dict(tok["tokenizer.json"]),
+         "annotations": {"file": "tokenizer.json", "vocab_size": tok["vocab_size"]}},
+        *toolchain_dependencies(),
+        source_revision(),
+    ]
+    outputs = {
+        "tensors": record["weights"]["tensors"],
+        "files": {name: {"blake3": d["blake3"]} for name, d in sorted(model_files.items())},
+        "recitation": record["recitation"],
+        "output_license": r.output.license,
+        "input_licenses": sorted({lic for s in per_input.values() for lic in s["licenses"]}),
+    }
+    if fingerprint is not None:
+        outputs["fingerprint"] = fingerprint
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": name, "digest": {"sha256": d["sha256"]}} for name, d in sorted(model_files.items())],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "buildDefinition": {
+                "buildType": BUILD_TYPE,
+                "externalParameters": {
+                    "recipe": {"path": Path(recipe.path).name, "digest": dict(recipe.digests), "content": recipe.text},
+                },
+                "internalParameters": {
+                    "determinism": record["determinism"],
+                    "toolchain_mismatches": record["toolchain"]["mismatches"],
+                },
+                "resolvedDependencies": deps,
+            },
+            "runDetails": {
+                "builder": {"id": BUILDER_ID, "version": {"provenance": __version__}},
+                "metadata": {"invocationId": invocation_id, "startedOn": record["started"],
+                             "finishedOn": record["finished"]},
+                "byproducts": [{"name": name, "digest": dict(d)} for name, d in sorted(byproducts.items())],
+                "provenance_outputs": outputs,
+            },
+        },
+    }

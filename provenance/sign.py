@@ -1,0 +1,194 @@
+"""Signing: key pairs, DSSE envelopes (securesystemslib), and Sigstore keyless bundles.
+
+Private keys are PKCS#8 PEM files with mode 0600, created at run time and never under this
+repository. Public keys are SubjectPublicKeyInfo PEM; their securesystemslib key id is derived
+from the key itself, so a verifier needs only the .pub file.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import stat
+from pathlib import Path
+
+from .errors import InputError
+
+KEY_TYPES = ("ed25519", "ecdsa")
+DEFAULT_KEY_ENV = "PROVENANCE_KEY"
+
+
+def default_key_path() -> Path:
+    env = os.environ.get(DEFAULT_KEY_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "provenance" / "keys" / "provenance.key"
+
+
+def _repo_root() -> Path | None:
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").exists() and (root / "provenance").is_dir() else None
+
+
+def keygen(directory: Path, *, name: str = "provenance", key_type: str = "ed25519") -> tuple[Path, Path]:
+    """Write NAME.key (0600) and NAME.pub into `directory`. Refuses to overwrite or to write into the repo."""
+    from cryptography.hazmat.primitives import serialization
+    from securesystemslib.signer import CryptoSigner
+
+    directory = Path(directory).expanduser().resolve()
+    repo = _repo_root()
+    if repo is not None and (directory == repo or repo in directory.parents):
+        raise InputError(f"{directory}: refusing to write a private key inside the source tree {repo}; "
+                         "choose a directory outside it (keys are never committed)")
+    if key_type not in KEY_TYPES:
+        raise InputError(f"--type {key_type!r}: expected one of {', '.join(KEY_TYPES)}")
+    priv_path, pub_path = directory / f"{name}.key", directory / f"{name}.pub"
+    for p in (priv_path, pub_path):
+        if p.exists():
+            raise InputError(f"{p}: already exists; refusing to overwrite a key")
+    signer = CryptoSigner.generate_ed25519() if key_type == "ed25519" else CryptoSigner.generate_ecdsa()
+    pub_pem = signer._private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(signer.private_bytes)
+    pub_path.write_bytes(pub_pem)
+    return priv_path, pub_path
+
+
+def load_signer(path: Path):
+    """A securesystemslib CryptoSigner for a PKCS#8 PEM private key. Raises InputError."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from securesystemslib.signer import CryptoSigner
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read private key: {e.strerror}") from None
+    try:
+        key = load_pem_private_key(data, password=None)
+        return CryptoSigner(key)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"{path}: not an unencrypted PKCS#8 PEM ed25519 or ECDSA private key ({e})") from None
+
+
+def key_is_private_enough(path: Path) -> bool:
+    return not (Path(path).stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO))
+
+
+def load_public_key(path: Path):
+    """An SSlibKey for a PEM SubjectPublicKeyInfo public key. Raises InputError."""
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    from securesystemslib.signer import SSlibKey
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read public key: {e.strerror}") from None
+    try:
+        return SSlibKey.from_crypto(load_pem_public_key(data))
+    except (ValueError, TypeError) as e:
+        raise InputError(f"{path}: not a PEM ed25519 or ECDSA public key ({e})") from None
+
+
+def sign_envelope(payload: bytes, payload_type: str, signers) -> dict:
+    """A DSSE envelope over `payload`, signed by each signer, as a JSON-ready dict."""
+    from securesystemslib.dsse import Envelope
+
+    env = Envelope(payload=payload, payload_type=payload_type, signatures={})
+    for s in signers:
+        env.sign(s)
+    return env.to_dict()
+
+
+def envelope_line(envelope: dict) -> bytes:
+    return json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+
+def b64decode_any(text: str) -> bytes:
+    """Standard or URL-safe base64, padded or not (DSSE verifiers must accept both)."""
+    if not isinstance(text, str):
+        raise ValueError("expected a base64 string")
+    s = text.strip()
+    s += "=" * (-len(s) % 4)
+    alt = b"-_" if ("-" in s or "_" in s) else b"+/"
+    return base64.b64decode(s, altchars=alt, validate=True)
+
+
+def parse_envelope(obj: dict):
+    """A securesystemslib Envelope from a DSSE JSON object. Raises ValueError on any malformation."""
+    from securesystemslib.dsse import Envelope
+    from securesystemslib.signer import Signature
+
+    if not isinstance(obj, dict):
+        raise ValueError("envelope is not a JSON object")
+    for field in ("payload", "payloadType", "signatures"):
+        if field not in obj:
+            raise ValueError(f"envelope has no '{field}'")
+    if not isinstance(obj["payloadType"], str) or not isinstance(obj["signatures"], list):
+        raise ValueError("envelope fields have the wrong types")
+    try:
+        payload = b64decode_any(obj["payload"])
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"payload is not base64: {e}") from None
+    sigs = {}
+    for i, s in enumerate(obj["signatures"]):
+        if not isinstance(s, dict) or "sig" not in s:
+            raise ValueError(f"signatures[{i}] has no 'sig'")
+        try:
+            raw = b64decode_any(s["sig"])
+        except (binascii.Error, ValueError) as e:
+            raise ValueError(f"signatures[{i}].sig is not base64: {e}") from None
+        keyid = s.get("keyid", "")
+        sigs[keyid] = Signature(keyid=keyid, sig=raw.hex())
+    return Envelope(payload=payload, payload_type=obj["payloadType"], signatures=sigs)
+
+
+# ---- Sigstore keyless ---------------------------------------------------------------------------
+
+def trust_config(path: Path | None, *, staging: bool = False):
+    from sigstore.models import ClientTrustConfig
+
+    if path is None:
+        return ClientTrustConfig.staging() if staging else ClientTrustConfig.production()
+    try:
+        return ClientTrustConfig.from_json(Path(path).read_text())
+    except OSError as e:
+        raise InputError(f"{path}: cannot read trust config: {e.strerror}") from None
+    except Exception as e:  # sigstore raises several error types for malformed configs
+        raise InputError(f"{path}: not a Sigstore client trust config ({e})") from None
+
+
+def identity_token(explicit: str | None):
+    """The OIDC token: --identity-token, $SIGSTORE_ID_TOKEN, or an ambient CI credential."""
+    from sigstore.oidc import IdentityToken, detect_credential
+
+    raw = explicit or os.environ.get("SIGSTORE_ID_TOKEN")
+    if not raw:
+        try:
+            raw = detect_credential()
+        except Exception as e:  # detection talks to CI metadata services
+            raise InputError(f"no OIDC identity token for Sigstore: {e}") from None
+    if not raw:
+        raise InputError("no OIDC identity token for Sigstore: pass --identity-token or set SIGSTORE_ID_TOKEN "
+                         "(interactive browser sign-in is not supported by provenance)")
+    try:
+        return IdentityToken(raw)
+    except Exception as e:
+        raise InputError(f"the OIDC identity token is not usable: {e}") from None
+
+
+def sign_sigstore(statement_bytes: bytes, token, config) -> str:
+    """Sign the exact statement bytes with Sigstore keyless; returns the bundle's JSON."""
+    from sigstore.dsse import Statement
+    from sigstore.sign import SigningContext
+
+    ctx = SigningContext.from_trust_config(config)
+    # cache=True: sigstore-python 4.5 otherwise certifies one ephemeral key and signs with another.
+    with ctx.signer(token, cache=True) as signer:
+        bundle = signer.sign_dsse(Statement(statement_bytes))
+    return bundle.to_json()
