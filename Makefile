@@ -12,7 +12,7 @@ REFKEY := attestations/keys/$(NAME).pub
 # The reference signing key lives outside the repository and is never committed.
 REFERENCE_KEY ?= $(HOME)/.config/provenance/reference/$(NAME).key
 
-.PHONY: venv rebuild test verify reference bench clean
+.PHONY: venv rebuild test verify reference gate bench clean
 
 $(STAMP): constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ reference: $(STAMP)
 	cp $(basename $(REFERENCE_KEY)).pub $(REFKEY)
 	cp $(OUT)/attestation.intoto.jsonl $(REF)
 	$(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE)
+
+# CI gate: rebuild and judge against the committed reference (bitwise on the same stack, else tolerance).
+gate: $(STAMP)
+	$(BIN)/provenance gate --recipe $(RECIPE) --junit build/gate-junit.xml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

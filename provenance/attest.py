@@ -13,11 +13,9 @@ import os
 import platform
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 from . import __version__
-from .digest import hash_bytes, hash_file
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -37,10 +35,14 @@ def canonical(obj) -> bytes:
 
 
 def _record_digest(dist: str) -> dict | None:
+    from importlib import metadata
+
     try:
         d = metadata.distribution(dist)
     except metadata.PackageNotFoundError:
         return None
+    from .digest import hash_bytes
+
     record = d.read_text("RECORD")
     if record is None:
         return None
@@ -49,6 +51,8 @@ def _record_digest(dist: str) -> dict | None:
 
 
 def toolchain_dependencies() -> list[dict]:
+    from .digest import hash_file
+
     exe = Path(sys.executable).resolve()
     deps = [{"name": "toolchain:python", "uri": f"pkg:generic/cpython@{platform.python_version()}",
              "digest": hash_file(exe), "annotations": {"digest_of": "interpreter binary",
@@ -144,6 +148,7 @@ def statement(*, recipe, record: dict, manifest: dict, model_files: dict[str, di
                 "internalParameters": {
                     "determinism": record["determinism"],
                     "toolchain_mismatches": record["toolchain"]["mismatches"],
+                    "distributed": record.get("distributed", {"world_size": 1, "backend": None}),
                 },
                 "resolvedDependencies": deps,
             },

@@ -188,11 +188,23 @@ def attest_and_sign(staging: Path, recipe: LoadedRecipe, record: dict, manifest_
     return st
 
 
+def current_dist(device: str):
+    """World size and rank from torchrun's environment; gloo on the CPU, NCCL on CUDA."""
+    from .train import Dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    return Dist(rank=int(os.environ["RANK"]), world_size=world, backend="nccl" if device == "cuda" else "gloo")
+
+
 def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None = None, offline: bool = False,
           handed: dict[str, Path] | None = None, allow_toolchain_mismatch: bool = False,
           reporter: Reporter | None = None, signing: Signing | None = None,
           cpu_capability: str | None = None) -> dict:
-    """Run the whole pipeline. Returns build.json's content. Raises ProvenanceError subclasses."""
+    """Run the whole pipeline. Returns build.json's content (None on ranks other than 0).
+
+    Raises ProvenanceError subclasses."""
     from . import toolchain
 
     reporter = reporter or Reporter(enabled=False)
@@ -206,6 +218,9 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         timings[name] = round(now - t0, 3)
         return now
 
+    dist = current_dist(r.determinism.device)
+    if dist.rank != 0:
+        reporter = Reporter(enabled=False)
     tc = toolchain.check(r.toolchain, recipe.path, allow=allow_toolchain_mismatch)
     t = time.perf_counter()
     stored = fetch_all(recipe, store, offline=offline, handed=handed or {}, reporter=reporter)
@@ -213,10 +228,20 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
 
     from . import determinism
 
-    det_record = determinism.apply(r.determinism, threads=threads, cpu_capability=cpu_capability)
+    per_rank_threads = max(1, (threads or r.determinism.threads) // dist.world_size)
+    det_record = determinism.apply(r.determinism, threads=per_rank_threads, cpu_capability=cpu_capability)
+    det_record["world_size"] = dist.world_size
+    det_record["backend"] = dist.backend
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+
+        tdist.init_process_group(backend=dist.backend)
     t = lap("setup", t)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+    if dist.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+    else:
+        staging = Path(tempfile.mkdtemp(prefix=f"provenance-rank{dist.rank}-"))
     try:
         work = staging / "work"
         data = prepare_data(recipe, stored, work, reporter=reporter, timings=timings)
@@ -225,17 +250,32 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         t = time.perf_counter()
 
         from .evaluate import recitation
-        from .train import Transcript, build_model, stage_steps, train
+        from .train import build_model, stage_steps, train
+        from .transcript import Transcript
 
         with determinism.sdpa_context(r.determinism):
             model = build_model(r.model, tok.get_vocab_size(), ids, r.determinism.seed)
+            if r.determinism.device == "cuda":
+                import torch
+
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                model = model.to("cuda")
             n_params = sum(p.numel() for p in model.parameters())
             reporter.log(f"model: LlamaForCausalLM, {n_params} parameters")
             transcript = Transcript()
             totals = [stage_steps(s, seqs) for s in r.stages]
             with reporter.task("train", total=sum(totals)) as advance:
                 stages = train(model, r, seqs, ids["pad_token_id"], transcript,
-                               progress=lambda name, step, total, loss: advance(1, f"{name} loss {loss:.4f}"))
+                               progress=lambda name, step, total, loss: advance(1, f"{name} loss {loss:.4f}"),
+                               dist=dist)
+            if dist.world_size > 1:
+                import torch.distributed as tdist
+
+                tdist.barrier()
+                tdist.destroy_process_group()
+                if dist.rank != 0:
+                    return None  # rank 0 evaluates and writes the outputs
+            model = model.to("cpu")  # evaluation, fingerprint and saving run on the CPU everywhere
             for s in stages:
                 reporter.log(f"stage {s.name}: {s.steps} steps, loss {s.first_loss:.4f} -> {s.final_loss:.4f} "
                              f"in {s.seconds:.1f} s")
@@ -247,6 +287,14 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         atomic_write_bytes(staging / "transcript.jsonl", tbytes)
         weights = _write_model_dir(staging, model, tok, recipe, m)
         t = lap("write", t)
+        from .compare import load_model, make_fingerprint
+
+        # Computed from the written model dir, through the same code path a verifier uses.
+        fingerprint = make_fingerprint(load_model(staging / "model"), staging / "model", seqs, r.reproducibility,
+                                       ids["pad_token_id"])
+        fbytes = (json.dumps(fingerprint, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        atomic_write_bytes(staging / "fingerprint.json", fbytes)
+        t = lap("fingerprint", t)
         shutil.rmtree(work, ignore_errors=True)
 
         record = {
@@ -267,7 +315,11 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             "training": {"stages": [asdict(s) for s in stages], "transcript": hash_bytes(tbytes),
                          "transcript_head": transcript.prev, "steps": len(transcript.lines)},
             "recitation": recite.record(),
+            "fingerprint": {"format": fingerprint["format"], "eval_loss": fingerprint["eval"]["loss"],
+                            **hash_bytes(fbytes)},
             "determinism": det_record,
+            "distributed": {"world_size": dist.world_size, "backend": dist.backend,
+                            "threads_per_rank": per_rank_threads},
             "toolchain": tc,
             "output_license": r.output.license,
             "started": started,
@@ -278,8 +330,9 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         atomic_write_bytes(staging / "build.json", record_bytes)
         if signing is not None:
             byproducts = {"transcript.jsonl": hash_bytes(tbytes), "build.json": hash_bytes(record_bytes),
-                          "dataset-manifest.json": hash_bytes(data.manifest_bytes)}
-            attest_and_sign(staging, recipe, record, m, byproducts, signing)
+                          "dataset-manifest.json": hash_bytes(data.manifest_bytes),
+                          "fingerprint.json": hash_bytes(fbytes)}
+            attest_and_sign(staging, recipe, record, m, byproducts, signing, fingerprint=fingerprint)
         _install(staging, out)
         return record
     finally:

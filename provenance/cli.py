@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -28,11 +29,18 @@ def cmd_build(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     out = Path(args.out) if args.out else Path("build") / recipe.name
-    reporter = Reporter(enabled=not args.json)
+    reporter = Reporter(enabled=not args.json and int(os.environ.get("RANK", "0")) == 0)
     signing = _signing(args, reporter)
+    if args.world_size > 1 and "RANK" not in os.environ:
+        return _launch_ranks(args, recipe, reporter)
+    if args.world_size != int(os.environ.get("WORLD_SIZE", "1")):
+        raise InputError(f"--world-size {args.world_size} but this process runs in a world of "
+                         f"{os.environ.get('WORLD_SIZE', '1')}")
     record = build(recipe, out=out, store=Store(args.store), threads=args.threads, offline=args.offline,
                    handed=parse_handed(args.input, recipe), allow_toolchain_mismatch=args.allow_toolchain_mismatch,
                    reporter=reporter, signing=signing, cpu_capability=args.cpu_capability)
+    if record is None:  # a rank other than 0: rank 0 reports
+        return 0
     weights = record["weights"]["tensors"]["digest"]
     rec = record["recitation"]
     if args.json:
@@ -50,6 +58,32 @@ def cmd_build(args) -> int:
           f"token accuracy {rec['token_accuracy']:.1%})")
     print(f"model.safetensors sha256:{record['weights']['files']['model.safetensors']['sha256']}")
     print(f"weights blake3:{weights}")
+    return 0
+
+
+def _launch_ranks(args, recipe, reporter) -> int:
+    """Fetch the inputs here, then start world_size ranks with torchrun; rank 0 writes the outputs."""
+    import subprocess
+
+    from .build import fetch_all, parse_handed
+    from .store import Store
+
+    for s in recipe.recipe.stages:
+        if s.batch_size < args.world_size:
+            raise InputError(f"{recipe.path}: stage {s.name!r} batch_size {s.batch_size} is smaller than "
+                             f"--world-size {args.world_size}")
+    fetch_all(recipe, Store(args.store), offline=args.offline, handed=parse_handed(args.input, recipe),
+              reporter=reporter)
+    argv = [a for a in args.argv if a != "--debug"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+           f"--nproc-per-node={args.world_size}", "-m", "provenance", *argv, "--offline"]
+    reporter.log(f"launching {args.world_size} ranks: torchrun --standalone --nproc-per-node={args.world_size}")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "TORCHELASTIC_ERROR_FILE": os.environ.get("TORCHELASTIC_ERROR_FILE", os.devnull)}
+    code = subprocess.call(cmd, env=env)
+    if code != 0:
+        print(f"error: a rank of the {args.world_size}-process build failed (exit {code})", file=sys.stderr)
+        return code if code in (1, 2) else 2
     return 0
 
 
@@ -90,7 +124,7 @@ def cmd_verify(args) -> int:
     report = verify(Path(args.attestation), keys=[Path(k) for k in args.key], threshold=args.threshold,
                     model=Path(args.model) if args.model else None, recipe=Path(args.recipe) if args.recipe else None,
                     inputs=args.inputs, store=Path(args.store) if args.store else None,
-                    policy_path=Path(args.policy) if args.policy else None, sha256=args.sha256,
+                    policy_path=Path(args.policy) if args.policy else None, sha256=args.sha256, bitwise=args.bitwise,
                     identity=args.identity, issuer=args.issuer,
                     trust_config=Path(args.trust_config) if args.trust_config else None,
                     trusted_root=Path(args.trusted_root) if args.trusted_root else None,
@@ -108,6 +142,8 @@ def add_verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=int, default=1, help="signatures required from distinct --key keys")
     p.add_argument("--model", help="check this model dir's files against the subjects")
     p.add_argument("--sha256", action="store_true", help="also check the subjects' sha256 (default: blake3 only)")
+    p.add_argument("--bitwise", action="store_true",
+                   help="demand bitwise-equal weights (default: judge differing weights against the signed fingerprint)")
     p.add_argument("--recipe", help="check this recipe file against externalParameters")
     p.add_argument("--inputs", action="store_true", help="re-hash the stored inputs and rebuild the manifest root")
     p.add_argument("--store", help="input store for --inputs (default $PROVENANCE_STORE or ~/.cache/provenance)")
@@ -125,6 +161,48 @@ def verify_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="verify-attestation", description="Verify a provenance attestation.")
     add_verify_args(p)
     return p
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare
+
+    v = compare(Path(args.a), Path(args.b), functional_metrics=not args.tensors_only)
+    if args.json:
+        _emit_json(v.as_dict())
+    else:
+        o = v.metrics.get("overall", {})
+        if o:
+            print(f"tensors: {o['bitwise_tensors']}/{o['tensors']} bitwise; rel L2 {o['rel_l2']:.3g}, "
+                  f"max abs diff {o['max_abs_diff']:.3g}, max rel diff {o['max_rel_diff']:.3g}, cosine {o['cosine']:.9f}")
+            worst = sorted(v.metrics["tensors"], key=lambda r: -r["rel_l2"])[:5]
+            for r in worst:
+                if not r["bitwise"]:
+                    print(f"  {r['name']}: rel L2 {r['rel_l2']:.3g}, max abs {r['max_abs_diff']:.3g}, cosine {r['cosine']:.9f}")
+        f = v.metrics.get("functional", {})
+        if "eval_loss_diff" in f:
+            print(f"functional: eval loss {f['eval_loss_a']:.6f} vs {f['eval_loss_b']:.6f} (diff {f['eval_loss_diff']:.3g}), "
+                  f"greedy agreement {f['greedy_agreement']:.4f}, continuations equal {f['continuations_equal']}")
+        if "recitation_rate_diff" in f:
+            print(f"recitation rate diff {f['recitation_rate_diff']:.4f}")
+        for reason in v.reasons:
+            print(f"  {reason}")
+        print(f"verdict: {v.verdict}")
+    return 0 if v.verdict in ("bitwise", "within-tolerance") else 1
+
+
+def cmd_diverge(args) -> int:
+    from .transcript import diverge
+
+    res = diverge(Path(args.a), Path(args.b))
+    if args.json:
+        _emit_json(res)
+    elif res["identical"]:
+        print(f"identical: {res['steps_compared']} steps")
+    else:
+        extra = f" (loss {res['loss_a']!r} vs {res['loss_b']!r}, diff {res['loss_diff']:.3g})" if "loss_diff" in res else ""
+        print(f"first divergence at step {res['step']} (stage {res['stage']} step {res['stage_step']}): "
+              f"{res['field']} differs: {res['a']} vs {res['b']}{extra}")
+    return 0 if res["identical"] else 1
 
 
 def cmd_fetch(args) -> int:
@@ -177,6 +255,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("recipe")
     b.add_argument("--out", help="output directory (default build/<recipe name>)")
     b.add_argument("--threads", type=int, help="override determinism.threads (does not change the bits)")
+    b.add_argument("--world-size", type=int, default=1,
+                   help="train on N processes with torch.distributed (gloo on the CPU), launched with torchrun")
     b.add_argument("--cpu-capability", choices=["native", "default", "avx2", "avx512"],
                    help="override determinism.cpu_capability (ATen kernel instruction set; recorded)")
     b.add_argument("--allow-toolchain-mismatch", action="store_true",
@@ -208,6 +288,61 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="verify an attestation (same as verify-attestation)")
     add_verify_args(v)
 
+    cp = sub.add_parser("compare", help="judge build B against build A: bitwise, within-tolerance or diverged")
+    cp.add_argument("a", help="reference build dir (or model dir)")
+    cp.add_argument("b", help="candidate build dir (or model dir)")
+    cp.add_argument("--tensors-only", action="store_true", help="skip the functional metrics (no torch)")
+    _common(cp)
+    cp.set_defaults(func=cmd_compare)
+
+    dv = sub.add_parser("diverge", help="the first step where two transcripts differ")
+    dv.add_argument("a")
+    dv.add_argument("b")
+    _common(dv)
+    dv.set_defaults(func=cmd_diverge)
+
+    mx = sub.add_parser("matrix", help="build a recipe under every combination of settings and compare the cells")
+    mx.add_argument("recipe")
+    mx.add_argument("--vary", action="append", default=[], metavar="AXIS=V1,V2",
+                    help="threads=1,2 | cpu=default,avx2,avx512 | world-size=1,2 (repeatable)")
+    mx.add_argument("--out", help="directory for the cells (default build/<recipe>-matrix)")
+    mx.add_argument("--store")
+    mx.add_argument("--offline", action="store_true")
+    _common(mx)
+    mx.set_defaults(func=cmd_matrix)
+
+    rb = sub.add_parser("rebuild", help="rebuild from an attestation's embedded recipe, judge it, sign a VSA")
+    rb.add_argument("attestation")
+    rb.add_argument("--attestation-key", action="append", default=[], metavar="PUBLIC_KEY",
+                    help="public key that verifies the attestation (repeatable)")
+    rb.add_argument("--out", help="output directory (default build/rebuild-<recipe>)")
+    rb.add_argument("--key", action="append", default=[], metavar="PRIVATE_KEY",
+                    help="the rebuilder's signing key for the rebuild and the VSA (default $PROVENANCE_KEY)")
+    rb.add_argument("--bitwise", action="store_true", help="demand bitwise-equal weights")
+    rb.add_argument("--sigstore", action="store_true", help=argparse.SUPPRESS)
+    rb.add_argument("--identity-token", help=argparse.SUPPRESS)
+    rb.add_argument("--trust-config", help=argparse.SUPPRESS)
+    rb.add_argument("--sigstore-staging", action="store_true", help=argparse.SUPPRESS)
+    _store_args(rb)
+    _common(rb)
+    rb.set_defaults(func=cmd_rebuild)
+
+    g = sub.add_parser("gate", help="CI gate: rebuild a recipe and judge it against its committed reference")
+    g.add_argument("--recipe", default="recipes/ptrace-0.9.9-debugger.toml")
+    g.add_argument("--reference", help="reference attestation (default attestations/<recipe>.intoto.jsonl)")
+    g.add_argument("--attestation-key", help="its public key (default attestations/keys/<recipe>.pub)")
+    g.add_argument("--out", help="build directory (default build/gate/<recipe>)")
+    g.add_argument("--junit", help="write a JUnit XML report here")
+    g.add_argument("--bitwise", action="store_true", help="demand bitwise equality whatever the stack")
+    g.add_argument("--key", action="append", default=[], metavar="PRIVATE_KEY")
+    g.add_argument("--sigstore", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--identity-token", help=argparse.SUPPRESS)
+    g.add_argument("--trust-config", help=argparse.SUPPRESS)
+    g.add_argument("--sigstore-staging", action="store_true", help=argparse.SUPPRESS)
+    _store_args(g)
+    _common(g)
+    g.set_defaults(func=cmd_gate)
+
     c = sub.add_parser("check-recipe", help="validate a recipe and print its digest")
     c.add_argument("recipe")
     _common(c)
@@ -220,6 +355,7 @@ def run(argv: list[str] | None, p: argparse.ArgumentParser) -> int:
         args = p.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
         return int(e.code or 0)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except ProvenanceError as e:
@@ -248,3 +384,119 @@ def verify_main(argv: list[str] | None = None) -> int:
 
 def verify_entry() -> None:
     sys.exit(verify_main())
+
+
+def cmd_matrix(args) -> int:
+    from .matrix import parse_vary, plot, run_matrix, table
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    axes = parse_vary(args.vary)
+    out = Path(args.out) if args.out else Path("build") / f"{recipe.name}-matrix"
+    log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    cells = run_matrix(Path(args.recipe), axes, out, store=args.store, offline=args.offline, log=log)
+    png = plot(cells, out / "matrix-loss.png")
+    failed = [c for c in cells if c.status == "failed"]
+    diverged = [c for c in cells if c.verdict == "diverged"]
+    if args.json:
+        _emit_json({"recipe": recipe.name, "cells": [c.as_dict() for c in cells], "plot": str(png) if png else None,
+                    "groups": sorted({c.group for c in cells if c.group}),
+                    "ok": not failed and not diverged})
+    else:
+        print(table(cells))
+        groups = {}
+        for c in cells:
+            if c.group:
+                groups.setdefault(c.group, []).append(c.index)
+        print("bitwise-identical groups: " + "; ".join(f"{g}: cells {v}" for g, v in sorted(groups.items())))
+        if png:
+            print(f"plot: {png}")
+    if failed:
+        return 2
+    return 1 if diverged else 0
+
+
+def _judged_build(args, recipe, out: Path, st: dict, *, bitwise: bool | None):
+    """Build `recipe` into `out` (signed with --key or the default key) and judge it against `st`."""
+    from .build import build, parse_handed
+    from .progress import Reporter
+    from .rebuild import judge_build, stack_matches
+    from .store import Store
+
+    reporter = Reporter(enabled=not args.json)
+    signing = _signing(args, reporter)
+    record = build(recipe, out=out, store=Store(args.store), offline=args.offline,
+                   handed=parse_handed(args.input, recipe), reporter=reporter, signing=signing)
+    match, why = stack_matches(st, record)
+    report = judge_build(st, out / "model", bitwise=match if bitwise is None else bitwise)
+    return record, report, signing, match, why
+
+
+def cmd_rebuild(args) -> int:
+    from .rebuild import embedded_recipe, sign_vsa, verified_statement, vsa_statement
+    from .recipe import load_recipe
+    from .verify import render
+
+    if not args.attestation_key:
+        raise InputError("--attestation-key PUBLIC_KEY is needed to verify the attestation before rebuilding")
+    att = Path(args.attestation)
+    st = verified_statement(att, [Path(k) for k in args.attestation_key])
+    name = Path(st["predicate"]["buildDefinition"]["externalParameters"]["recipe"].get("path", "recipe.toml")).stem
+    out = Path(args.out) if args.out else Path("build") / f"rebuild-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = load_recipe(embedded_recipe(st, out))
+    record, report, signing, match, why = _judged_build(args, recipe, out, st, bitwise=args.bitwise or None)
+    vsa = vsa_statement(st, att, report, record, "bitwise" if (args.bitwise or match) else "tolerance")
+    sign_vsa(vsa, signing.signers, out / "vsa.intoto.jsonl")
+    if args.json:
+        _emit_json({**report.as_dict(), "stack": why, "vsa": str(out / "vsa.intoto.jsonl"),
+                    "verificationResult": vsa["predicate"]["verificationResult"]})
+    else:
+        print(f"stack: {why}")
+        print(render(report))
+        print(f"VSA ({vsa['predicate']['verificationResult']}) signed into {out / 'vsa.intoto.jsonl'}")
+    return 0 if report.ok else 1
+
+
+def cmd_gate(args) -> int:
+    import time
+
+    from .errors import ProvenanceError
+    from .rebuild import junit, verified_statement
+    from .recipe import load_recipe
+    from .verify import Report, check_recipe
+
+    t0 = time.perf_counter()
+    recipe_path = Path(args.recipe)
+    name = recipe_path.stem
+    ref = Path(args.reference) if args.reference else Path("attestations") / f"{name}.intoto.jsonl"
+    key = Path(args.attestation_key) if args.attestation_key else Path("attestations") / "keys" / f"{name}.pub"
+    cases: list[tuple[str, bool, str]] = []
+    try:
+        st = verified_statement(ref, [key])
+        cases.append(("reference attestation verifies", True, f"{ref} with {key}"))
+        recipe = load_recipe(recipe_path)
+        rr = Report()
+        check_recipe(rr, st, recipe_path)
+        cases.append(("recipe matches the reference", rr.ok, rr.checks[0].detail))
+        out = Path(args.out) if args.out else Path("build") / "gate" / name
+        record, report, _, match, why = _judged_build(args, recipe, out, st, bitwise=True if args.bitwise else None)
+        cases.append(("rebuild", True, f"weights blake3:{record['weights']['tensors']['digest']}"))
+        cases.append((f"stack ({'bitwise required' if match else 'tolerance from fingerprint'})", True, why))
+        for c in report.checks:
+            cases.append((f"weights: {c.check}", c.ok, c.detail))
+    except ProvenanceError as e:
+        cases.append(("gate", False, e.diagnostics()))
+        if args.junit:
+            junit(Path(args.junit), "provenance-gate", cases, time.perf_counter() - t0)
+        raise
+    ok = all(c[1] for c in cases)
+    if args.junit:
+        junit(Path(args.junit), "provenance-gate", cases, time.perf_counter() - t0)
+    if args.json:
+        _emit_json({"ok": ok, "verdict": report.verdict, "checks": [{"check": n, "ok": o, "detail": d} for n, o, d in cases]})
+    else:
+        for n, o, d in cases:
+            print(f"{'PASS' if o else 'FAIL'}  {n}: {d}")
+        print(f"gate: {'PASSED' if ok else 'FAILED'} ({report.verdict})")
+    return 0 if ok else 1

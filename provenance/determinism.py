@@ -15,7 +15,7 @@ import blake3
 
 from .recipe import Determinism
 
-CUDA_ENV = ("CUBLAS_WORKSPACE_CONFIG",)
+CUDA_ENV = ("CUBLAS_WORKSPACE_CONFIG", "NCCL_ALGO")
 
 
 def derive_seed(seed: int, *labels: object) -> int:
@@ -27,7 +27,8 @@ def derive_seed(seed: int, *labels: object) -> int:
 def cuda_settings(det: Determinism) -> dict[str, object]:
     """The CUDA-side settings this recipe asks for (pure function; unit-tested on the CPU)."""
     return {
-        "env": {"CUBLAS_WORKSPACE_CONFIG": det.cublas_workspace_config},
+        # NCCL picks Ring or Tree per message size; Ring alone fixes the all-reduce's summation order.
+        "env": {"CUBLAS_WORKSPACE_CONFIG": det.cublas_workspace_config, "NCCL_ALGO": "Ring"},
         "cudnn.deterministic": det.deterministic_algorithms,
         "cudnn.benchmark": det.cudnn_benchmark,
         "cudnn.allow_tf32": det.allow_tf32,

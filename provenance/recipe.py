@@ -237,6 +237,31 @@ class Evaluate(Strict):
     seed: NonNegInt = 0
 
 
+class Reproducibility(Strict):
+    """[reproducibility]: the fingerprint a build signs, and the tolerances another build is judged by.
+
+    Defaults are justified by measurement in docs/reproducibility.md.
+    """
+
+    max_rel_l2: Annotated[float, Field(ge=0)] = 1e-2
+    min_cosine: Annotated[float, Field(ge=-1, le=1)] = 0.9999
+    max_eval_loss_diff: Annotated[float, Field(ge=0)] = 1e-3
+    min_greedy_agreement: Annotated[float, Field(ge=0, le=1)] = 0.99
+    max_recitation_rate_diff: Annotated[float, Field(ge=0, le=1)] = 0.05
+    eval_windows: PosInt = 16
+    eval_tokens: Annotated[int, Field(ge=8)] = 64
+    prompts: PosInt = 8
+    prompt_tokens: PosInt = 16
+    continuation_tokens: PosInt = 32
+    projections: Annotated[int, Field(ge=1, le=64)] = 8
+    seed: NonNegInt = 0
+
+    def tolerances(self) -> dict:
+        return {"max_rel_l2": self.max_rel_l2, "min_cosine": self.min_cosine,
+                "max_eval_loss_diff": self.max_eval_loss_diff, "min_greedy_agreement": self.min_greedy_agreement,
+                "max_recitation_rate_diff": self.max_recitation_rate_diff}
+
+
 class Output(Strict):
     """[output]: what the built model declares about itself."""
 
@@ -254,6 +279,7 @@ class Recipe(Strict):
     determinism: Determinism
     toolchain: Toolchain
     evaluate: Evaluate = Evaluate()
+    reproducibility: Reproducibility = Reproducibility()
     output: Output
 
     @model_validator(mode="after")

@@ -7,16 +7,16 @@ Each optimizer step appends one hash-chained line to the transcript.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import blake3
 
 from .determinism import derive_seed
 from .recipe import Model, Recipe, Stage
+from .transcript import Transcript
 
 IGNORE = -100
 PARAM_DIGEST_EVERY = 50
@@ -109,25 +109,8 @@ def param_digest(model) -> str:
     h = blake3.blake3()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode() + b"\0")
-        h.update(p.detach().contiguous().cpu().numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-@dataclass
-class Transcript:
-    """Hash-chained JSON lines: each line's `prev` is the blake3 of the previous line's bytes."""
-
-    lines: list[bytes] = field(default_factory=list)
-    prev: str = "0" * 64
-
-    def append(self, record: dict) -> None:
-        record = {**record, "prev": self.prev}
-        line = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
-        self.prev = blake3.blake3(line).hexdigest()
-        self.lines.append(line)
-
-    def to_bytes(self) -> bytes:
-        return b"".join(line + b"\n" for line in self.lines)
 
 
 @dataclass
@@ -150,13 +133,48 @@ def stage_steps(stage: Stage, seqs: list[list[int]]) -> int:
     return sum(per_phase[e % stage.phases] for e in range(stage.epochs))
 
 
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a distributed build (world_size 1: not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    backend: str | None = None
+
+
+def shard(idx, dist: Dist):
+    """This rank's part of a global batch: every world_size-th sample from position rank.
+
+    The global batch comes from the seeded permutation alone, so it is the same for any world size.
+    """
+    return idx[dist.rank::dist.world_size]
+
+
+def causal_lm_loss_sum(logits, labels):
+    """Sum of next-token cross-entropies over labelled positions (padding is -100): 0 for none."""
+    import torch
+
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
 def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript: Transcript,
-          progress: Callable[[str, int, int, float], None] | None = None) -> list[StageResult]:
+          progress: Callable[[str, int, int, float], None] | None = None, dist: Dist = Dist()) -> list[StageResult]:
+    """Train `model` through the recipe's stages. With dist.world_size > 1 the model is wrapped in
+    DistributedDataParallel and each rank computes the gradient of its shard of every global batch;
+    the loss is scaled so the all-reduced (averaged) gradient is the global per-token mean."""
     import torch
 
     det = recipe.determinism
     results = []
     global_step = 0
+    device = next(model.parameters()).device
+    net = model
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     model.train()
     for si, stage in enumerate(recipe.stages):
         grids = [windows(seqs, stage.seq_len, stage.stride or stage.seq_len, pad_id, phase_offset(stage, p))
@@ -181,10 +199,12 @@ def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript:
             lr = stage.lr * lr_factor(stage, step, total)
             for group in opt.param_groups:
                 group["lr"] = lr
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=stage.precision == "bf16-autocast"):
-                out = model(input_ids=x[idx], labels=y[idx])
-            loss = out.loss
-            loss.backward()
+            n_global = int((y[idx][:, 1:] != IGNORE).sum())
+            local = shard(idx, dist)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=stage.precision == "bf16-autocast"):
+                logits = net(input_ids=x[local].to(device)).logits
+            loss_sum = causal_lm_loss_sum(logits, y[local].to(device))
+            (loss_sum * (dist.world_size / max(1, n_global))).backward()
             if stage.grad_clip is not None:
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip, foreach=False)
             else:
@@ -192,10 +212,15 @@ def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript:
                     torch.stack([p.grad.detach().norm() for p in model.parameters() if p.grad is not None]))
             opt.step()
             opt.zero_grad(set_to_none=True)
-            last = loss.item()
+            total_loss = loss_sum.detach()
+            if dist.world_size > 1:
+                import torch.distributed as tdist
+
+                tdist.all_reduce(total_loss)
+            last = float(total_loss) / max(1, n_global)
             if step == 0:
                 first = last
-            tokens += int((y[idx] != IGNORE).sum())
+            tokens += n_global
             samples += idx.numel()
             record = {
                 "stage": stage.name, "step": step, "global_step": global_step, "epoch": epoch,

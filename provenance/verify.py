@@ -9,20 +9,37 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import blake3
 
-from .attest import PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE
+from .attest import BUILDER_ID, KNOWN_BUILD_TYPES, PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE
 from .errors import InputError
-from .policy import Policy
+
+if TYPE_CHECKING:
+    from .policy import Policy
+
+
+@dataclass(frozen=True)
+class DefaultPolicy:
+    """The policy without --policy (same defaults as policy.Policy, without importing pydantic)."""
+
+    allowed_builders: tuple[str, ...] = (BUILDER_ID,)
+    allowed_build_types: tuple[str, ...] = KNOWN_BUILD_TYPES
+    required_licenses: tuple[str, ...] = ()
+    forbidden_licenses: tuple[str, ...] = ()
+    allowed_output_licenses: tuple[str, ...] | None = None
+    require_clean_source: bool = False
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".ggml", ".onnx", ".h5", ".msgpack",
                    ".npz", ".pkl", ".pickle", ".tflite", ".mlmodel")
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
-BUFFER = 8 << 20
+WINDOW = 64 << 20  # a multiple of mmap.ALLOCATIONGRANULARITY
 
 
 @dataclass
@@ -39,6 +56,8 @@ class Check:
 class Report:
     checks: list[Check] = field(default_factory=list)
     statement: dict | None = None
+    verdict: str | None = None  # with --model: "bitwise" | "within-tolerance" | "diverged"
+    divergence: dict | None = None
 
     def add(self, check: str, ok: bool, detail: str) -> bool:
         self.checks.append(Check(check, ok, detail))
@@ -49,20 +68,32 @@ class Report:
         return bool(self.checks) and all(c.ok for c in self.checks)
 
     def as_dict(self) -> dict:
-        return {"ok": self.ok, "checks": [c.as_dict() for c in self.checks]}
+        out = {"ok": self.ok, "checks": [c.as_dict() for c in self.checks]}
+        if self.verdict is not None:
+            out["verdict"] = self.verdict
+        if self.divergence:
+            out["divergence"] = self.divergence
+        return out
 
 
 def stream_digests(path: Path, *, sha256: bool) -> dict[str, str]:
-    """blake3 (multi-threaded) and optionally sha256 of a file, read through one reused buffer."""
+    """blake3 (multi-threaded) and optionally sha256 of a file.
+
+    The file is mapped WINDOW bytes at a time and each window unmapped after hashing, so memory
+    stays bounded by the window whatever the file size, with no copy into Python buffers.
+    """
     b3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
     sha = hashlib.sha256() if sha256 else None
-    buf = bytearray(BUFFER)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            b3.update(view[:n])
-            if sha is not None:
-                sha.update(view[:n])
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        offset = 0
+        while offset < size:
+            n = min(WINDOW, size - offset)
+            with mmap.mmap(f.fileno(), n, access=mmap.ACCESS_READ, offset=offset) as window:
+                b3.update(window)
+                if sha is not None:
+                    sha.update(window)
+            offset += n
     out = {"blake3": b3.hexdigest()}
     if sha is not None:
         out["sha256"] = sha.hexdigest()
@@ -229,7 +260,9 @@ def _outputs(st: dict) -> dict:
     return st["predicate"]["runDetails"].get("provenance_outputs", {}) or {}
 
 
-def check_model_dir(report: Report, st: dict, model_dir: Path, *, sha256: bool) -> None:
+def check_model_dir(report: Report, st: dict, model_dir: Path, *, sha256: bool, bitwise: bool = False) -> None:
+    """Every subject must match. Weight files that differ are judged against the signed
+    fingerprint (within tolerance or diverged) unless `bitwise`; other files must match exactly."""
     if not model_dir.is_dir():
         raise InputError(f"--model {model_dir}: not a directory")
     subjects = {s.get("name"): s.get("digest", {}) for s in st["subject"]}
@@ -238,7 +271,7 @@ def check_model_dir(report: Report, st: dict, model_dir: Path, *, sha256: bool) 
     if b3 and set(b3) != names:
         report.add("model-files", False, f"subjects and predicate list different files: {sorted(names ^ set(b3))}")
         return
-    bad, checked = [], 0
+    bad, differing, checked = [], [], 0
     for name in sorted(names):
         path = model_dir / name
         if not path.is_file():
@@ -252,11 +285,33 @@ def check_model_dir(report: Report, st: dict, model_dir: Path, *, sha256: bool) 
         got = stream_digests(path, sha256=use_sha)
         checked += 1
         if b3.get(name) and got["blake3"] != b3[name]:
+            differing.append(name)
             bad.append(f"{name}: blake3 expected {b3[name]}, got {got['blake3']}")
         elif use_sha and got["sha256"] != want_sha:
+            differing.append(name)
             bad.append(f"{name}: sha256 expected {want_sha}, got {got['sha256']}")
     algos = "blake3 and sha256" if sha256 else "blake3"
-    report.add("model-files", not bad, "; ".join(bad) if bad else f"{checked} file(s) match ({algos})")
+    fingerprint = _outputs(st).get("fingerprint")
+    only_weights = bad and len(differing) == len(bad) and all(n.endswith(".safetensors") for n in differing)
+    if not bad:
+        report.verdict = "bitwise"
+        report.add("model-files", True, f"{checked} file(s) match ({algos}): bitwise")
+    elif only_weights and fingerprint and not bitwise:
+        from .compare import judge_against_fingerprint
+
+        v = judge_against_fingerprint(fingerprint, model_dir)
+        report.verdict = v.verdict
+        report.divergence = v.metrics
+        f = v.metrics.get("functional", {})
+        nums = (f"rel_l2~{f.get('rel_l2', float('nan')):.3g} (from {fingerprint['projections']} projections), "
+                f"eval loss diff {f.get('eval_loss_diff', float('nan')):.3g}, greedy agreement "
+                f"{f.get('greedy_agreement', float('nan')):.4f}") if f else "; ".join(v.reasons)
+        ok = v.verdict in ("bitwise", "within-tolerance")
+        report.add("model-files", ok, f"{', '.join(differing)} not bitwise; judged against the signed fingerprint: "
+                   f"{v.verdict}: {nums}" + ("" if ok else f"; {'; '.join(v.reasons)}"))
+    else:
+        report.verdict = "diverged" if bad else report.verdict
+        report.add("model-files", False, "; ".join(bad) + ("; --bitwise demands exact equality" if bitwise and only_weights else ""))
     present = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file())
     extra = [p for p in present if p not in names]
     weights = [p for p in extra if p.lower().endswith(WEIGHT_SUFFIXES)]
@@ -351,13 +406,16 @@ def check_policy(report: Report, st: dict, policy: Policy) -> None:
 
 def verify(attestation: Path, *, keys: list[Path], threshold: int = 1, model: Path | None = None,
            recipe: Path | None = None, inputs: bool = False, store: Path | None = None,
-           policy_path: Path | None = None, sha256: bool = False, identity: str | None = None,
+           policy_path: Path | None = None, sha256: bool = False, bitwise: bool = False, identity: str | None = None,
            issuer: str | None = None, trust_config: Path | None = None, trusted_root: Path | None = None,
            staging: bool = False) -> Report:
     """Run every applicable check. Raises InputError when a check cannot be made (exit 2)."""
-    from .policy import load_policy
+    if policy_path is not None:
+        from .policy import load_policy
 
-    policy = load_policy(policy_path)
+        policy = load_policy(policy_path)
+    else:
+        policy = DefaultPolicy()
     kind, items = read_attestation(attestation)
     report = Report()
     if kind == "dsse":
@@ -379,7 +437,7 @@ def verify(attestation: Path, *, keys: list[Path], threshold: int = 1, model: Pa
     if not _statement_checks(report, st, policy):
         return report
     if model is not None:
-        check_model_dir(report, st, Path(model), sha256=sha256)
+        check_model_dir(report, st, Path(model), sha256=sha256, bitwise=bitwise)
     if recipe is not None:
         check_recipe(report, st, Path(recipe))
     if inputs:
@@ -392,5 +450,6 @@ def verify(attestation: Path, *, keys: list[Path], threshold: int = 1, model: Pa
 def render(report: Report) -> str:
     width = max((len(c.check) for c in report.checks), default=5)
     lines = [f"{'PASS' if c.ok else 'FAIL'}  {c.check:<{width}}  {c.detail}" for c in report.checks]
-    lines.append(f"verdict: {'verified' if report.ok else 'FAILED'}")
+    weights = f" ({report.verdict})" if report.verdict else ""
+    lines.append(f"verdict: {'verified' if report.ok else 'FAILED'}{weights}")
     return "\n".join(lines)

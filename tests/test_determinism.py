@@ -12,7 +12,7 @@ from provenance.recipe import Determinism
 
 def test_cuda_settings_are_strict_by_default():
     s = cuda_settings(Determinism(seed=1))
-    assert s["env"] == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    assert s["env"] == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "NCCL_ALGO": "Ring"}
     assert s["cudnn.deterministic"] is True and s["cudnn.benchmark"] is False
     assert s["cudnn.allow_tf32"] is False and s["cuda.matmul.allow_tf32"] is False
     loose = cuda_settings(Determinism(seed=1, allow_tf32=True, cudnn_benchmark=True, cublas_workspace_config=":16:8"))

@@ -65,7 +65,7 @@ def test_verify_attestation_console_script_and_sha256(signed, keys):
     p = subprocess.run([exe, str(out / "attestation.intoto.jsonl"), "--key", str(keys / "p256.pub"),
                         "--model", str(out / "model"), "--sha256"], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "blake3 and sha256" in p.stdout and p.stdout.strip().endswith("verdict: verified")
+    assert "blake3 and sha256" in p.stdout and p.stdout.strip().endswith("verdict: verified (bitwise)")
 
 
 def test_threshold_of_two_keys(signed, keys):
@@ -104,7 +104,8 @@ def test_independent_check_with_securesystemslib_alone(signed, keys):
     assert gpl["annotations"]["license"] == "GPL-2.0-only" and gpl["annotations"]["selected_files"] == 3
     for k in ("startedOn", "finishedOn"):
         assert rd["metadata"][k].endswith("Z") and len(rd["metadata"][k]) == 20
-    assert {b["name"] for b in rd["byproducts"]} == {"transcript.jsonl", "build.json", "dataset-manifest.json"}
+    assert {b["name"] for b in rd["byproducts"]} == {"transcript.jsonl", "build.json", "dataset-manifest.json",
+                                                         "fingerprint.json"}
     assert bd["internalParameters"]["determinism"]["seed"] == "1234"  # a string: may exceed 2^53
     assert slsa_problems(st) == []
     # The payload is RFC 8785 canonical JSON.
@@ -144,9 +145,10 @@ def _swap_digest(st):
     files[a["name"]], files[b["name"]] = files[b["name"]], files[a["name"]]
 
 
-def _flip_byte(path, offset=-100):
+def _flip_byte(path, offset=-1, mask=0x40):
+    """Flip one bit of the last float32's high byte (sign and exponent): a gross change."""
     data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
+    data[offset] ^= mask
     path.write_bytes(bytes(data))
 
 
@@ -195,6 +197,20 @@ def test_tamper_matrix(signed, keys, tmp_path, case):
     p = run_cli("verify", str(d / "attestation.intoto.jsonl"), "--key", str(keys / (key or "signer.pub")),
                 "--model", str(d / "model"))
     assert p.returncode == 1 and f"FAIL  {expected}" in p.stdout and "verdict: FAILED" in p.stdout
+
+
+def test_bitwise_flag_rejects_a_tiny_weight_change(signed, keys, tmp_path):
+    """A one-ulp change passes as within-tolerance by default and fails with --bitwise."""
+    d = tmp_path / "copy"
+    shutil.copytree(signed["main"], d)
+    _flip_byte(d / "model" / "model.safetensors", offset=-4, mask=0x01)  # lowest mantissa bit
+    args = [str(d / "attestation.intoto.jsonl"), "--key", str(keys / "signer.pub"), "--model", str(d / "model")]
+    code, obj = vjson(*args)
+    assert code == 0 and obj["verdict"] == "within-tolerance", obj
+    detail = next(c["detail"] for c in obj["checks"] if c["check"] == "model-files")
+    assert "model.safetensors not bitwise" in detail and "rel_l2~" in detail
+    code, obj = vjson(*args, "--bitwise")
+    assert code == 1 and failing(obj) == ["model-files"] and obj["verdict"] == "diverged"
 
 
 def test_recipe_mismatch_fails(signed, keys, tmp_path):

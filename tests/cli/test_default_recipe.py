@@ -41,4 +41,4 @@ def test_default_build_matches_the_committed_reference(default_build):
                 "--key", str(RECIPES.parent / "attestations" / "keys" / f"{name}.pub"),
                 "--model", str(out / "model"), "--recipe", str(DEFAULT), "--sha256")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert p.stdout.strip().endswith("verdict: verified")
+    assert p.stdout.strip().endswith("verdict: verified (bitwise)")

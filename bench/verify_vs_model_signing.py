@@ -1,0 +1,153 @@
+"""Benchmark: verify-attestation on a 2 GiB model dir vs OpenSSF `model_signing verify key`
+(model-signing 1.1.1) and Debian's `b3sum`, on the same files, in one run.
+
+Each command is timed as a whole process with /usr/bin/time -v (wall seconds and peak RSS),
+several runs after one warm-up (page cache warm for all three). Prints medians and ratios:
+
+    model_signing / verify-attestation   goal >= 3
+    verify-attestation / b3sum           goal <= 1.5
+    verify-attestation peak RSS          goal < 256 MiB
+
+Set-up it does itself: a separate venv for model-signing (+ pyOpenSSL, which it needs but does
+not declare), `apt-get install b3sum` when missing (needs root), the model dir, keys and
+signatures in a temporary directory.
+
+Usage: python bench/verify_vs_model_signing.py [--gib 2] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+MS_VENV = ROOT / ".venv-bench-model-signing"
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def ensure_tools() -> tuple[str, str]:
+    if not shutil.which("b3sum"):
+        sh(["apt-get", "install", "-y", "-q", "b3sum"])
+    ms = MS_VENV / "bin" / "model_signing"
+    if not ms.exists():
+        sh([sys.executable, "-m", "venv", str(MS_VENV)])
+        sh([str(MS_VENV / "bin" / "pip"), "install", "-q", "model-signing==1.1.1", "pyOpenSSL"])
+    return shutil.which("b3sum"), str(ms)
+
+
+def make_model_dir(d: Path, gib: float) -> None:
+    """A valid safetensors file with one float32 tensor of `gib` GiB of random bytes, plus a config."""
+    d.mkdir(parents=True)
+    n = int(gib * (1 << 30)) // 4
+    header = json.dumps({"weight": {"dtype": "F32", "shape": [n], "data_offsets": [0, n * 4]},
+                         "__metadata__": {"format": "pt"}}).encode()
+    header += b" " * (-len(header) % 8)
+    chunk = os.urandom(64 << 20)
+    with open(d / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        left = n * 4
+        while left:
+            k = min(left, len(chunk))
+            f.write(chunk[:k])
+            left -= k
+    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096}))
+
+
+def attest(d: Path, work: Path) -> tuple[Path, Path]:
+    """Sign a statement over the model dir's files the way `provenance build` does."""
+    from provenance.attest import BUILD_TYPE, BUILDER_ID, PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE, canonical
+    from provenance.digest import hash_file
+    from provenance.sign import envelope_line, keygen, load_signer, sign_envelope
+
+    files = {p.name: hash_file(p) for p in sorted(d.iterdir())}
+    st = {"_type": STATEMENT_TYPE, "predicateType": PREDICATE_TYPE,
+          "subject": [{"name": n, "digest": {"sha256": h["sha256"]}} for n, h in files.items()],
+          "predicate": {"buildDefinition": {"buildType": BUILD_TYPE, "externalParameters": {},
+                                            "resolvedDependencies": []},
+                        "runDetails": {"builder": {"id": BUILDER_ID},
+                                       "provenance_outputs": {"files": {n: {"blake3": h["blake3"]}
+                                                                        for n, h in files.items()}}}}}
+    priv, pub = keygen(work / "keys", name="bench")
+    att = work / "attestation.intoto.jsonl"
+    att.write_bytes(envelope_line(sign_envelope(canonical(st), PAYLOAD_TYPE, [load_signer(priv)])))
+    return att, pub
+
+
+def ms_keys(work: Path) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    priv, pub = work / "ms.key", work / "ms.pub"
+    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    return priv, pub
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one run under /usr/bin/time -v."""
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed ({p.returncode}):\n{p.stdout[-1500:]}\n{p.stderr[-1500:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", p.stderr)
+    h, m, s = wall.groups()
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
+    return int(h or 0) * 3600 + int(m) * 60 + float(s), rss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gib", type=float, default=2.0)
+    ap.add_argument("--repeats", type=int, default=5)
+    a = ap.parse_args()
+    b3sum, ms = ensure_tools()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        work = Path(tmp)
+        model = work / "model"
+        make_model_dir(model, a.gib)
+        att, pub = attest(model, work)
+        ms_priv, ms_pub = ms_keys(work)
+        sig = work / "model.sig"
+        sh([ms, "sign", "key", str(model), "--private_key", str(ms_priv), "--signature", str(sig)])
+        verify_cli = str(ROOT / ".venv" / "bin" / "verify-attestation")
+        cmds = {
+            "verify-attestation": [verify_cli, str(att), "--key", str(pub), "--model", str(model)],
+            "model_signing": [ms, "verify", "key", str(model), "--signature", str(sig), "--public_key", str(ms_pub)],
+            "b3sum": [b3sum, *sorted(str(p) for p in model.iterdir())],
+        }
+        for cmd in cmds.values():  # warm-up: page cache and imports
+            timed(cmd)
+        res = {k: [] for k in cmds}
+        for _ in range(a.repeats):
+            for k, cmd in cmds.items():
+                res[k].append(timed(cmd))
+    size = f"{a.gib:g} GiB"
+    print(f"model dir of {size}, {a.repeats} runs each after a warm-up; median wall s, median peak RSS MiB:")
+    med = {}
+    for k, runs in res.items():
+        walls = [w for w, _ in runs]
+        med[k] = (statistics.median(walls), statistics.median(r for _, r in runs))
+        print(f"  {k:20s} {med[k][0]:7.3f} s  (min {min(walls):.3f}, max {max(walls):.3f})  {med[k][1]:7.1f} MiB")
+    v = med["verify-attestation"][0]
+    print(f"model_signing / verify-attestation = {med['model_signing'][0] / v:.2f}  (goal >= 3)")
+    print(f"verify-attestation / b3sum         = {v / med['b3sum'][0]:.2f}  (goal <= 1.5)")
+    print(f"verify-attestation peak RSS        = {med['verify-attestation'][1]:.0f} MiB  (goal < 256)")
+
+
+if __name__ == "__main__":
+    main()
