@@ -39,10 +39,41 @@ def cuda_settings(det: Determinism) -> dict[str, object]:
 CAPABILITY_ORDER = ("DEFAULT", "AVX2", "AVX512")
 
 
+def supported_cpu_levels() -> list[str]:
+    """ATen kernel levels this CPU can run. Asking torch for one it cannot run kills the process
+    with SIGILL, so every request is checked against this first."""
+    import torch
+
+    levels = ["default"]
+    try:
+        avx2, avx512 = torch.cpu._is_avx2_supported(), torch.cpu._is_avx512_supported()
+    except AttributeError:  # older torch: read the kernel's view of the CPU
+        try:
+            flags = set(open("/proc/cpuinfo").read().split())
+        except OSError:
+            flags = set()
+        avx2 = {"avx2", "fma"} <= flags
+        avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    if avx2:
+        levels.append("avx2")
+    if avx2 and avx512:
+        levels.append("avx512")
+    return levels
+
+
 def pin_cpu_capability(requested: str) -> None:
-    """Set ATEN_CPU_CAPABILITY for a pinned instruction set. Must run before torch picks its kernels."""
-    if requested != "native":
-        os.environ["ATEN_CPU_CAPABILITY"] = requested
+    """Set ATEN_CPU_CAPABILITY for a pinned instruction set. Must run before torch runs a kernel.
+
+    Raises InputError when this CPU lacks the level."""
+    if requested == "native":
+        return
+    levels = supported_cpu_levels()
+    if requested not in levels:
+        from .errors import InputError
+
+        raise InputError(f"determinism.cpu_capability = {requested!r}: this CPU offers only "
+                         f"{', '.join(levels)}")
+    os.environ["ATEN_CPU_CAPABILITY"] = requested
 
 
 def apply(det: Determinism, *, threads: int | None = None, cpu_capability: str | None = None) -> dict[str, object]:
