@@ -82,6 +82,7 @@ def apply(det: Determinism, *, threads: int | None = None, cpu_capability: str |
     Raises InputError when the pinned CPU capability cannot be honoured on this machine.
     """
     requested = cpu_capability or det.cpu_capability
+    env_before = os.environ.get("ATEN_CPU_CAPABILITY")
     pin_cpu_capability(requested)
     import numpy as np
     import torch
@@ -130,7 +131,7 @@ def apply(det: Determinism, *, threads: int | None = None, cpu_capability: str |
         "device": device,
         "cpu_capability": actual,
         "cpu_capability_requested": requested,
-        "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"),
+        "aten_cpu_capability_env": env_before,  # as the caller set it; a pinned level overrides it
         "cuda": {k: v for k, v in cuda.items()},
         "compile": False,
         "pythonhashseed": os.environ.get("PYTHONHASHSEED"),

@@ -53,4 +53,7 @@ class Reporter:
                     self._progress.update(tid, total=total_)
                 self._progress.update(tid, advance=n, info=info)
 
-            yield advance
+            try:
+                yield advance
+            finally:
+                self._progress.remove_task(tid)

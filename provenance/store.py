@@ -97,6 +97,8 @@ class Store:
 
     def add(self, inp: Input, src: Path, *, what: str, move: bool = False, progress=None) -> tuple[Path, dict[str, str]]:
         """Hash `src`, check it against the pins and enter it. Raises DigestMismatch, storing nothing."""
+        if progress is not None:
+            progress(0, total=src.stat().st_size)
         digests = hash_file(src, progress=progress)
         check_pins(inp, digests, what)
         dest = self._blob(digests["blake3"])
@@ -119,6 +121,8 @@ class Store:
 
     def verify(self, inp: Input, path: Path, progress=None) -> dict[str, str] | None:
         """Re-hash a stored blob. Returns its digests, or None after removing a corrupt entry."""
+        if progress is not None:
+            progress(0, total=path.stat().st_size)
         digests = hash_file(path, progress=progress)
         try:
             check_pins(inp, digests, f"stored input {inp.name!r}")
