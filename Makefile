@@ -52,6 +52,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,bench]'
 	$(BIN)/python bench/train_vs_trainer.py
+	$(BIN)/python bench/verify_vs_model_signing.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -247,6 +247,17 @@ def _store_args(p: argparse.ArgumentParser) -> None:
                    help="hand over a file obtained elsewhere; accepted only if it matches the input's pin")
 
 
+def _signing_args(p: argparse.ArgumentParser) -> None:
+    """How a command that builds signs what it built (see _signing)."""
+    p.add_argument("--key", action="append", default=[], metavar="PRIVATE_KEY",
+                   help="sign with this PKCS#8 PEM key (repeatable; default $PROVENANCE_KEY or "
+                        "~/.config/provenance/keys/provenance.key, created on first use)")
+    p.add_argument("--sigstore", action="store_true", help="also sign keyless with Sigstore")
+    p.add_argument("--identity-token", help="Sigstore: OIDC token (default $SIGSTORE_ID_TOKEN or ambient CI)")
+    p.add_argument("--trust-config", help="Sigstore: client trust config for another instance")
+    p.add_argument("--sigstore-staging", action="store_true", help="Sigstore: the public staging instance")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="provenance", description="Rebuild model weights from a pinned recipe.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -261,13 +272,7 @@ def parser() -> argparse.ArgumentParser:
                    help="override determinism.cpu_capability (ATen kernel instruction set; recorded)")
     b.add_argument("--allow-toolchain-mismatch", action="store_true",
                    help="build even if installed versions differ from toolchain pins (recorded)")
-    b.add_argument("--key", action="append", default=[], metavar="PRIVATE_KEY",
-                   help="sign with this PKCS#8 PEM key (repeatable; default $PROVENANCE_KEY or "
-                        "~/.config/provenance/keys/provenance.key, created on first use)")
-    b.add_argument("--sigstore", action="store_true", help="also sign keyless with Sigstore")
-    b.add_argument("--identity-token", help="Sigstore: OIDC token (default $SIGSTORE_ID_TOKEN or ambient CI)")
-    b.add_argument("--trust-config", help="Sigstore: client trust config for another instance")
-    b.add_argument("--sigstore-staging", action="store_true", help="Sigstore: the public staging instance")
+    _signing_args(b)
     _store_args(b)
     _common(b)
     b.set_defaults(func=cmd_build)
@@ -316,13 +321,8 @@ def parser() -> argparse.ArgumentParser:
     rb.add_argument("--attestation-key", action="append", default=[], metavar="PUBLIC_KEY",
                     help="public key that verifies the attestation (repeatable)")
     rb.add_argument("--out", help="output directory (default build/rebuild-<recipe>)")
-    rb.add_argument("--key", action="append", default=[], metavar="PRIVATE_KEY",
-                    help="the rebuilder's signing key for the rebuild and the VSA (default $PROVENANCE_KEY)")
     rb.add_argument("--bitwise", action="store_true", help="demand bitwise-equal weights")
-    rb.add_argument("--sigstore", action="store_true", help=argparse.SUPPRESS)
-    rb.add_argument("--identity-token", help=argparse.SUPPRESS)
-    rb.add_argument("--trust-config", help=argparse.SUPPRESS)
-    rb.add_argument("--sigstore-staging", action="store_true", help=argparse.SUPPRESS)
+    _signing_args(rb)
     _store_args(rb)
     _common(rb)
     rb.set_defaults(func=cmd_rebuild)
@@ -334,11 +334,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="build directory (default build/gate/<recipe>)")
     g.add_argument("--junit", help="write a JUnit XML report here")
     g.add_argument("--bitwise", action="store_true", help="demand bitwise equality whatever the stack")
-    g.add_argument("--key", action="append", default=[], metavar="PRIVATE_KEY")
-    g.add_argument("--sigstore", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--identity-token", help=argparse.SUPPRESS)
-    g.add_argument("--trust-config", help=argparse.SUPPRESS)
-    g.add_argument("--sigstore-staging", action="store_true", help=argparse.SUPPRESS)
+    _signing_args(g)
     _store_args(g)
     _common(g)
     g.set_defaults(func=cmd_gate)
