@@ -133,10 +133,6 @@ def select_dataset(recipe: LoadedRecipe, stored, work: Path):
     return files, m
 
 
-def prepare_dataset_manifest(recipe: LoadedRecipe, stored, work: Path) -> dict:
-    return select_dataset(recipe, stored, work)[1]
-
-
 def prepare_data(recipe: LoadedRecipe, stored, work: Path, *, reporter: Reporter | None = None,
                  timings: dict[str, float] | None = None) -> PreparedData:
     """Extract inputs into `work`, select and lay out files, train the tokenizer and encode."""

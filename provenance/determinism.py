@@ -15,8 +15,6 @@ import blake3
 
 from .recipe import Determinism
 
-CUDA_ENV = ("CUBLAS_WORKSPACE_CONFIG", "NCCL_ALGO")
-
 
 def derive_seed(seed: int, *labels: object) -> int:
     """A 63-bit seed for one purpose (model init, data order of stage N, ...), stable across runs."""

@@ -9,7 +9,6 @@ within tolerance from its signed fingerprint) and signs a VSA recording the verd
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
@@ -130,7 +129,3 @@ def junit(path: Path, suite: str, cases: list[tuple[str, bool, str]], seconds: f
         parts.append("  </testcase>")
     parts.append("</testsuite>\n</testsuites>\n")
     atomic_write_bytes(Path(path), "\n".join(parts).encode())
-
-
-def load_record(out: Path) -> dict:
-    return json.loads((out / "build.json").read_text())

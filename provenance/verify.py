@@ -337,7 +337,7 @@ def check_inputs(report: Report, st: dict, store_root: Path | None) -> None:
     """Re-hash the stored inputs and rebuild the dataset manifest root from the embedded recipe."""
     import tempfile
 
-    from .build import prepare_dataset_manifest
+    from .build import select_dataset
     from .errors import ProvenanceError
     from .recipe import LoadedRecipe, parse_recipe
     from .store import Store, fetch_input
@@ -369,7 +369,7 @@ def check_inputs(report: Report, st: dict, store_root: Path | None) -> None:
                     report.add("inputs", False, f"input {s.input.name!r}: {algo} expected {hexd}, got {s.digests[algo]}")
                     return
         with tempfile.TemporaryDirectory() as work:
-            m = prepare_dataset_manifest(LoadedRecipe(path, text, recipe, {}), stored, Path(work))
+            _, m = select_dataset(LoadedRecipe(path, text, recipe, {}), stored, Path(work))
     except ProvenanceError as e:
         report.add("inputs", False, e.diagnostics())
         return
