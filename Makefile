@@ -22,14 +22,15 @@ $(STAMP): constraints.txt pyproject.toml
 
 venv: $(STAMP)
 
-# Build, then judge the weights against the committed reference attestation (last line: the verdict).
+# Build, then ask whether it reproduces the committed reference attestation (last line: the verdict,
+# "reproduced (bitwise)" on the reference's stack). `make verify` asks the exact question.
 rebuild: $(STAMP)
 	$(BIN)/provenance build $(RECIPE) --out $(OUT) $(ARGS)
 	@if [ -f $(REF) ]; then \
-	  $(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE); \
+	  $(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE) --reproduced; \
 	else echo "verdict: no reference attestation for $(NAME) in attestations/"; fi
 
-# Verify the committed reference attestation against the last build.
+# Verify the committed reference attestation against the last build: exactly these files, byte for byte.
 verify: $(STAMP)
 	$(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE) --inputs
 

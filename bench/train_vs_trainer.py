@@ -28,12 +28,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def _prepare(recipe_path: str):
-    from provenance.build import fetch_all, prepare_data
+    from provenance.build.pipeline import fetch_all, prepare_data
     from provenance.recipe import load_recipe
-    from provenance.store import Store
+    from provenance.inputs.store import Store
 
     recipe = load_recipe(recipe_path)
-    from provenance.progress import Reporter
+    from provenance._internal.progress import Reporter
 
     stored = fetch_all(recipe, Store(), offline=False, handed={}, reporter=Reporter(enabled=False))
     with tempfile.TemporaryDirectory() as work:
@@ -44,8 +44,8 @@ def _prepare(recipe_path: str):
 def run_one(mode: str, recipe_path: str, steps: int) -> dict:
     import torch
 
-    from provenance import determinism
-    from provenance.train import Transcript, build_model, train, windows
+    from provenance.build import determinism
+    from provenance.build.train import Transcript, build_model, train, windows
 
     recipe, data = _prepare(recipe_path)
     r = recipe.recipe

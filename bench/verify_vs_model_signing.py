@@ -68,9 +68,9 @@ def make_model_dir(d: Path, gib: float) -> None:
 
 def attest(d: Path, work: Path) -> tuple[Path, Path]:
     """Sign a statement over the model dir's files the way `provenance build` does."""
-    from provenance.attest import BUILD_TYPE, BUILDER_ID, PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE, canonical
-    from provenance.digest import hash_file
-    from provenance.sign import envelope_line, keygen, load_signer, sign_envelope
+    from provenance.attest.statement import BUILD_TYPE, BUILDER_ID, PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE, canonical
+    from provenance._internal.hashing import hash_file
+    from provenance.attest.sign import envelope_line, keygen, load_signer, sign_envelope
 
     files = {p.name: hash_file(p) for p in sorted(d.iterdir())}
     st = {"_type": STATEMENT_TYPE, "predicateType": PREDICATE_TYPE,

@@ -20,10 +20,10 @@ def _emit_json(obj) -> None:
 
 
 def cmd_build(args) -> int:
-    from .build import build, parse_handed
-    from .progress import Reporter
+    from .build.pipeline import build, parse_handed
+    from ._internal.progress import Reporter
     from .recipe import load_recipe
-    from .store import Store
+    from .inputs.store import Store
 
     recipe = load_recipe(args.recipe)
     if args.threads is not None and args.threads < 1:
@@ -65,8 +65,8 @@ def _launch_ranks(args, recipe, reporter) -> int:
     """Fetch the inputs here, then start world_size ranks with torchrun; rank 0 writes the outputs."""
     import subprocess
 
-    from .build import fetch_all, parse_handed
-    from .store import Store
+    from .build.pipeline import fetch_all, parse_handed
+    from .inputs.store import Store
 
     for s in recipe.recipe.stages:
         if s.batch_size < args.world_size:
@@ -89,8 +89,8 @@ def _launch_ranks(args, recipe, reporter) -> int:
 
 def _signing(args, reporter):
     """Load (or, for the default path, create) the signing key before any long work starts."""
-    from .build import Signing
-    from .sign import default_key_path, identity_token, key_is_private_enough, keygen, load_signer, trust_config
+    from .build.pipeline import Signing
+    from .attest.sign import default_key_path, identity_token, key_is_private_enough, keygen, load_signer, trust_config
 
     keys = [Path(k) for k in args.key] if args.key else [default_key_path()]
     if not args.key and not keys[0].exists():
@@ -108,7 +108,7 @@ def _signing(args, reporter):
 
 
 def cmd_keygen(args) -> int:
-    from .sign import keygen
+    from .attest.sign import keygen
 
     priv, pub = keygen(Path(args.dir), name=args.name, key_type=args.type)
     if args.json:
@@ -121,14 +121,24 @@ def cmd_keygen(args) -> int:
 def cmd_verify(args) -> int:
     from .verify import render, verify
 
+    if args.reproduced and not args.model:
+        raise InputError("--reproduced judges a model dir: pass --model DIR")
     report = verify(Path(args.attestation), keys=[Path(k) for k in args.key], threshold=args.threshold,
                     model=Path(args.model) if args.model else None, recipe=Path(args.recipe) if args.recipe else None,
                     inputs=args.inputs, store=Path(args.store) if args.store else None,
-                    policy_path=Path(args.policy) if args.policy else None, sha256=args.sha256, bitwise=args.bitwise,
+                    policy_path=Path(args.policy) if args.policy else None, sha256=args.sha256,
                     identity=args.identity, issuer=args.issuer,
                     trust_config=Path(args.trust_config) if args.trust_config else None,
                     trusted_root=Path(args.trusted_root) if args.trusted_root else None,
-                    staging=args.sigstore_staging)
+                    staging=args.sigstore_staging, check_model=not args.reproduced)
+    if args.reproduced:
+        report.question = "reproduced"
+        if report.ok:
+            from .repro.reproduced import check_reproduced
+            from .verify.policy import load_policy
+
+            bounds = load_policy(Path(args.policy) if args.policy else None).reproduced
+            check_reproduced(report, report.parsed, Path(args.model), bounds, sha256=args.sha256)
     if args.json:
         _emit_json(report.as_dict())
     else:
@@ -137,17 +147,18 @@ def cmd_verify(args) -> int:
 
 
 def add_verify_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("attestation", help="attestation.intoto.jsonl (DSSE) or a Sigstore bundle (.sigstore.json)")
+    p.add_argument("attestation", help="attestation.intoto.jsonl (one DSSE envelope) or a Sigstore bundle")
     p.add_argument("--key", action="append", default=[], metavar="PUBLIC_KEY", help="PEM public key (repeatable)")
-    p.add_argument("--threshold", type=int, default=1, help="signatures required from distinct --key keys")
-    p.add_argument("--model", help="check this model dir's files against the subjects")
-    p.add_argument("--sha256", action="store_true", help="also check the subjects' sha256 (default: blake3 only)")
-    p.add_argument("--bitwise", action="store_true",
-                   help="demand bitwise-equal weights (default: judge differing weights against the signed fingerprint)")
+    p.add_argument("--threshold", type=int, default=1, help="valid signatures required from distinct --key keys")
+    p.add_argument("--model", help="the model dir: it must hold exactly the signed files, byte for byte")
+    p.add_argument("--sha256", action="store_true", help="also check the subjects' sha256 (blake3 is always checked)")
+    p.add_argument("--reproduced", action="store_true",
+                   help="ask instead whether --model's weights are a rebuild of the attested model: "
+                        "reproduced (bitwise), reproduced (within tolerance) or diverged; never 'verified'")
     p.add_argument("--recipe", help="check this recipe file against externalParameters")
     p.add_argument("--inputs", action="store_true", help="re-hash the stored inputs and rebuild the manifest root")
     p.add_argument("--store", help="input store for --inputs (default $PROVENANCE_STORE or ~/.cache/provenance)")
-    p.add_argument("--policy", help="policy TOML: allowed builders, required or forbidden licences")
+    p.add_argument("--policy", help="policy TOML: allowed builders, licence rules, [reproduced] bounds")
     p.add_argument("--identity", help="Sigstore: expected certificate identity")
     p.add_argument("--issuer", help="Sigstore: expected OIDC issuer")
     p.add_argument("--trust-config", help="Sigstore: client trust config naming another instance")
@@ -164,16 +175,19 @@ def verify_parser() -> argparse.ArgumentParser:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare
+    from .repro.compare import BITWISE, WITHIN, compare
+    from .verify.policy import load_policy
 
-    v = compare(Path(args.a), Path(args.b), functional_metrics=not args.tensors_only)
+    bounds = load_policy(Path(args.policy) if args.policy else None).reproduced
+    v = compare(Path(args.a), Path(args.b), bounds=bounds, functional_metrics=not args.tensors_only)
     if args.json:
         _emit_json(v.as_dict())
     else:
         o = v.metrics.get("overall", {})
         if o:
             print(f"tensors: {o['bitwise_tensors']}/{o['tensors']} bitwise; rel L2 {o['rel_l2']:.3g}, "
-                  f"max abs diff {o['max_abs_diff']:.3g}, max rel diff {o['max_rel_diff']:.3g}, cosine {o['cosine']:.9f}")
+                  f"worst tensor rel L2 {o['max_tensor_rel_l2']:.3g}, max abs diff {o['max_abs_diff']:.3g}, "
+                  f"max rel diff {o['max_rel_diff']:.3g}, cosine {o['cosine']:.9f}")
             worst = sorted(v.metrics["tensors"], key=lambda r: -r["rel_l2"])[:5]
             for r in worst:
                 if not r["bitwise"]:
@@ -187,11 +201,11 @@ def cmd_compare(args) -> int:
         for reason in v.reasons:
             print(f"  {reason}")
         print(f"verdict: {v.verdict}")
-    return 0 if v.verdict in ("bitwise", "within-tolerance") else 1
+    return 0 if v.verdict in (BITWISE, WITHIN) else 1
 
 
 def cmd_diverge(args) -> int:
-    from .transcript import diverge
+    from .repro.diverge import diverge
 
     res = diverge(Path(args.a), Path(args.b))
     if args.json:
@@ -206,10 +220,10 @@ def cmd_diverge(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from .build import fetch_all, parse_handed
-    from .progress import Reporter
+    from .build.pipeline import fetch_all, parse_handed
+    from ._internal.progress import Reporter
     from .recipe import load_recipe
-    from .store import Store
+    from .inputs.store import Store
 
     recipe = load_recipe(args.recipe)
     store = Store(args.store)
@@ -293,10 +307,11 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="verify an attestation (same as verify-attestation)")
     add_verify_args(v)
 
-    cp = sub.add_parser("compare", help="judge build B against build A: bitwise, within-tolerance or diverged")
+    cp = sub.add_parser("compare", help="judge build B against build A: bitwise, within tolerance or diverged")
     cp.add_argument("a", help="reference build dir (or model dir)")
     cp.add_argument("b", help="candidate build dir (or model dir)")
     cp.add_argument("--tensors-only", action="store_true", help="skip the functional metrics (no torch)")
+    cp.add_argument("--policy", help="policy TOML whose [reproduced] section sets the bounds")
     _common(cp)
     cp.set_defaults(func=cmd_compare)
 
@@ -322,6 +337,7 @@ def parser() -> argparse.ArgumentParser:
                     help="public key that verifies the attestation (repeatable)")
     rb.add_argument("--out", help="output directory (default build/rebuild-<recipe>)")
     rb.add_argument("--bitwise", action="store_true", help="demand bitwise-equal weights")
+    rb.add_argument("--policy", help="verifier policy TOML: allowed builders, [reproduced] bounds")
     _signing_args(rb)
     _store_args(rb)
     _common(rb)
@@ -334,6 +350,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="build directory (default build/gate/<recipe>)")
     g.add_argument("--junit", help="write a JUnit XML report here")
     g.add_argument("--bitwise", action="store_true", help="demand bitwise equality whatever the stack")
+    g.add_argument("--policy", help="verifier policy TOML: allowed builders, [reproduced] bounds")
     _signing_args(g)
     _store_args(g)
     _common(g)
@@ -352,18 +369,27 @@ def run(argv: list[str] | None, p: argparse.ArgumentParser) -> int:
     except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
         return int(e.code or 0)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    debug, as_json = getattr(args, "debug", False), getattr(args, "json", False)
     try:
         return args.func(args)
     except ProvenanceError as e:
-        if getattr(args, "debug", False):
+        if debug:
             traceback.print_exc()
-        if getattr(args, "json", False):
+        if as_json:
             _emit_json({"ok": False, "error": e.diagnostics(), "exit_code": e.exit_code})
         print(f"error: {e.diagnostics()}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the one place an unexpected failure becomes exit 2
+        if debug:
+            traceback.print_exc()
+        msg = f"internal error: {type(e).__name__}: {e}; rerun with --debug for a traceback"
+        if as_json:
+            _emit_json({"ok": False, "error": msg, "exit_code": 2})
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,7 +409,7 @@ def verify_entry() -> None:
 
 
 def cmd_matrix(args) -> int:
-    from .matrix import parse_vary, plot, run_matrix, table
+    from .repro.matrix import parse_vary, plot, run_matrix, table
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
@@ -412,37 +438,39 @@ def cmd_matrix(args) -> int:
     return 1 if diverged else 0
 
 
-def _judged_build(args, recipe, out: Path, st: dict, *, bitwise: bool | None):
-    """Build `recipe` into `out` (signed with --key or the default key) and judge it against `st`."""
-    from .build import build, parse_handed
-    from .progress import Reporter
-    from .rebuild import judge_build, stack_matches
-    from .store import Store
+def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool | None):
+    """Build `recipe` into `out` (signed with --key or the default key) and answer the reproduced
+    question against the verified statement: bitwise required on the reference's stack."""
+    from ._internal.progress import Reporter
+    from .build.pipeline import build, parse_handed
+    from .inputs.store import Store
+    from .repro.rebuild import judge_build, stack_matches
+    from .verify.policy import load_policy
 
+    bounds = load_policy(Path(args.policy) if args.policy else None).reproduced
     reporter = Reporter(enabled=not args.json)
     signing = _signing(args, reporter)
     record = build(recipe, out=out, store=Store(args.store), offline=args.offline,
                    handed=parse_handed(args.input, recipe), reporter=reporter, signing=signing)
-    match, why = stack_matches(st, record)
-    report = judge_build(st, out / "model", bitwise=match if bitwise is None else bitwise)
+    match, why = stack_matches(payload, record)
+    report = judge_build(st, out / "model", bitwise=match if bitwise is None else bitwise, bounds=bounds)
     return record, report, signing, match, why
 
 
 def cmd_rebuild(args) -> int:
-    from .rebuild import embedded_recipe, sign_vsa, verified_statement, vsa_statement
     from .recipe import load_recipe
+    from .repro.rebuild import embedded_recipe, recipe_file_name, sign_vsa, verified_statement, vsa_statement
     from .verify import render
 
     if not args.attestation_key:
         raise InputError("--attestation-key PUBLIC_KEY is needed to verify the attestation before rebuilding")
     att = Path(args.attestation)
-    st = verified_statement(att, [Path(k) for k in args.attestation_key])
-    name = Path(st["predicate"]["buildDefinition"]["externalParameters"]["recipe"].get("path", "recipe.toml")).stem
-    out = Path(args.out) if args.out else Path("build") / f"rebuild-{name}"
-    out.mkdir(parents=True, exist_ok=True)
+    payload, st = verified_statement(att, [Path(k) for k in args.attestation_key],
+                                     Path(args.policy) if args.policy else None)
+    out = Path(args.out) if args.out else Path("build") / f"rebuild-{Path(recipe_file_name(st)).stem}"
     recipe = load_recipe(embedded_recipe(st, out))
-    record, report, signing, match, why = _judged_build(args, recipe, out, st, bitwise=args.bitwise or None)
-    vsa = vsa_statement(st, att, report, record, "bitwise" if (args.bitwise or match) else "tolerance")
+    record, report, signing, match, why = _judged_build(args, recipe, out, payload, st, bitwise=args.bitwise or None)
+    vsa = vsa_statement(payload, att, report, record, "bitwise" if (args.bitwise or match) else "tolerance")
     sign_vsa(vsa, signing.signers, out / "vsa.intoto.jsonl")
     if args.json:
         _emit_json({**report.as_dict(), "stack": why, "vsa": str(out / "vsa.intoto.jsonl"),
@@ -457,10 +485,10 @@ def cmd_rebuild(args) -> int:
 def cmd_gate(args) -> int:
     import time
 
-    from .errors import ProvenanceError
-    from .rebuild import junit, verified_statement
     from .recipe import load_recipe
-    from .verify import Report, check_recipe
+    from .repro.rebuild import junit, verified_statement
+    from .verify import Report
+    from .verify.checks import recipe_file_check
 
     t0 = time.perf_counter()
     recipe_path = Path(args.recipe)
@@ -469,16 +497,17 @@ def cmd_gate(args) -> int:
     key = Path(args.attestation_key) if args.attestation_key else Path("attestations") / "keys" / f"{name}.pub"
     cases: list[tuple[str, bool, str]] = []
     try:
-        st = verified_statement(ref, [key])
+        payload, st = verified_statement(ref, [key], Path(args.policy) if args.policy else None)
         cases.append(("reference attestation verifies", True, f"{ref} with {key}"))
         recipe = load_recipe(recipe_path)
         rr = Report()
-        check_recipe(rr, st, recipe_path)
+        recipe_file_check(rr, st, recipe_path)
         cases.append(("recipe matches the reference", rr.ok, rr.checks[0].detail))
         out = Path(args.out) if args.out else Path("build") / "gate" / name
-        record, report, _, match, why = _judged_build(args, recipe, out, st, bitwise=True if args.bitwise else None)
+        record, report, _, match, why = _judged_build(args, recipe, out, payload, st,
+                                                      bitwise=True if args.bitwise else None)
         cases.append(("rebuild", True, f"weights blake3:{record['weights']['tensors']['digest']}"))
-        cases.append((f"stack ({'bitwise required' if match else 'tolerance from fingerprint'})", True, why))
+        cases.append((f"stack ({'bitwise required' if match else 'tolerance from the signed fingerprint'})", True, why))
         for c in report.checks:
             cases.append((f"weights: {c.check}", c.ok, c.detail))
     except ProvenanceError as e:
@@ -490,9 +519,11 @@ def cmd_gate(args) -> int:
     if args.junit:
         junit(Path(args.junit), "provenance-gate", cases, time.perf_counter() - t0)
     if args.json:
-        _emit_json({"ok": ok, "verdict": report.verdict, "checks": [{"check": n, "ok": o, "detail": d} for n, o, d in cases]})
+        _emit_json({"ok": ok, "question": "reproduced", "result": report.result, "verdict": report.verdict,
+                    "checks": [{"check": n, "ok": o, "detail": d} for n, o, d in cases]})
     else:
         for n, o, d in cases:
             print(f"{'PASS' if o else 'FAIL'}  {n}: {d}")
-        print(f"gate: {'PASSED' if ok else 'FAILED'} ({report.verdict})")
+        print("question: is the rebuild a reproduction of the committed reference? (reproduced)")
+        print(f"gate: {'PASSED' if ok else 'FAILED'}: {report.result}")
     return 0 if ok else 1

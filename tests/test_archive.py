@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from provenance.archive import extract
+from provenance.inputs.archive import extract
 from provenance.errors import UnsafeArchive
 
 

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from provenance.determinism import apply, cuda_settings, derive_seed
+from provenance.build.determinism import apply, cuda_settings, derive_seed
 from provenance.recipe import Determinism
 
 

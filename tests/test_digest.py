@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from safetensors.torch import save_file
 
-from provenance.digest import hash_file, merkle_root, tensor_digest
-from provenance.licences import detect_licence
+from provenance._internal.hashing import hash_file, merkle_root, tensor_digest
+from provenance.inputs.licences import detect_licence
 
 
 def test_tensor_digest_is_layout_independent_and_value_sensitive(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from provenance.errors import DigestMismatch, FetchError
 from provenance.recipe import Input
-from provenance.store import Store, fetch_input, tree_digest
+from provenance.inputs.store import Store, fetch_input, tree_digest
 
 
 def pinned_file(tmp_path: Path, data: bytes = b"/* SPDX-License-Identifier: GPL-2.0 */\nint x;\n"):

@@ -7,7 +7,7 @@ import json
 import blake3
 import pytest
 
-from provenance.digest import canonical_json, merkle_root, tensor_digest
+from provenance._internal.hashing import canonical_json, merkle_root, tensor_digest
 
 from ..conftest import RECIPES, TINY, build_json, last_line, run_cli
 

@@ -58,9 +58,9 @@ def test_other_cpu_capability_is_within_tolerance(builds):
     (a, _), (b, _) = builds["native"], builds["other-cpu"]
     assert build_json(b)["determinism"]["cpu_capability"] == OTHER.upper()
     code, res = compare(a, b)
-    assert code == 0 and res["verdict"] == "within-tolerance", res
+    assert code == 0 and res["verdict"] == "within tolerance", res
     assert res["overall"]["bitwise_tensors"] < res["overall"]["tensors"]
-    assert 0 < res["overall"]["rel_l2"] < res["tolerances"]["max_rel_l2"]
+    assert 0 < res["overall"]["rel_l2"] < res["bounds"]["max_rel_l2"]
     code, d = diverge(a, b)
     assert code == 1 and d["identical"] is False and isinstance(d["step"], int) and d["field"] in (
         "loss", "grad_norm", "params")
@@ -72,12 +72,12 @@ def test_fingerprint_judges_other_hardware_without_the_reference_weights(builds,
     lone = tmp_path / "candidate-model"
     shutil.copytree(b / "model", lone)  # only the candidate's files: no reference weights anywhere near
     p = run_cli("verify", str(a / "attestation.intoto.jsonl"), "--key", str(keys / "k.pub"), "--model", str(lone),
-                "--json")
+                "--reproduced", "--json")
     res = json.loads(p.stdout)
-    assert p.returncode == 0 and res["verdict"] == "within-tolerance", res
-    p = run_cli("verify", str(a / "attestation.intoto.jsonl"), "--key", str(keys / "k.pub"), "--model", str(lone),
-                "--bitwise")
-    assert p.returncode == 1 and "FAIL  model-files" in p.stdout
+    assert p.returncode == 0 and res["verdict"] == "within tolerance", res
+    assert res["result"] == "reproduced (within tolerance)"
+    p = run_cli("verify", str(a / "attestation.intoto.jsonl"), "--key", str(keys / "k.pub"), "--model", str(lone))
+    assert p.returncode == 1 and "FAIL  model-files" in p.stdout and p.stdout.strip().endswith("verdict: FAILED")
 
 
 def test_other_learning_rate_diverges(builds, keys):
@@ -85,8 +85,9 @@ def test_other_learning_rate_diverges(builds, keys):
     code, res = compare(a, b)
     assert code == 1 and res["verdict"] == "diverged" and res["reasons"]
     p = run_cli("verify", str(a / "attestation.intoto.jsonl"), "--key", str(keys / "k.pub"), "--model",
-                str(b / "model"), "--json")
+                str(b / "model"), "--reproduced", "--json")
     assert p.returncode == 1 and json.loads(p.stdout)["verdict"] == "diverged"
+    assert json.loads(p.stdout)["result"] == "diverged"
     code, d = diverge(a, b)
     assert code == 1 and d["step"] == 0 and d["field"] == "lr"
 
@@ -106,7 +107,7 @@ def test_two_ranks_are_bitwise_run_to_run(builds):
 def test_world_size_one_vs_two_is_within_tolerance(builds):
     (a, _), (b, _) = builds["native"], builds["w2a"]
     code, res = compare(a, b)
-    assert code == 0 and res["verdict"] in ("within-tolerance", "bitwise"), res
+    assert code == 0 and res["verdict"] in ("within tolerance", "bitwise"), res
     code, d = diverge(a, b)
     assert d["field"] != "samples", "the global batch must not depend on the world size"
 
@@ -150,7 +151,7 @@ def test_matrix_groups_cells_and_skips_missing_levels(store, tmp_path):
         if NATIVE != "avx512":
             assert c["status"] == "skipped" and "offers only" in c["reason"]
         else:
-            assert c["status"] == "built" and c["verdict"] == "within-tolerance"
+            assert c["status"] == "built" and c["verdict"] == "within tolerance"
     assert (tmp_path / "m" / "matrix-loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     p = run_cli("matrix", str(TINY), "--vary", "cores=1,2")
     assert p.returncode == 2 and "unknown axis 'cores'" in p.stderr
@@ -185,7 +186,7 @@ def test_gate_passes_bitwise_and_writes_junit(builds, keys, store, tmp_path):
                 "--attestation-key", str(keys / "k.pub"), "--out", str(tmp_path / "g"), "--junit", str(junit),
                 "--key", str(keys / "k.key"), store=store)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "bitwise required" in p.stdout and p.stdout.strip().endswith("gate: PASSED (bitwise)")
+    assert "bitwise required" in p.stdout and p.stdout.strip().endswith("gate: PASSED: reproduced (bitwise)")
     suite = ET.parse(junit).getroot().find("testsuite")
     assert suite.get("failures") == "0" and int(suite.get("tests")) >= 5
 

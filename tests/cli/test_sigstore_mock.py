@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from provenance.recipe import Input
-from provenance.store import Store, fetch_input
+from provenance.inputs.store import Store, fetch_input
 
 from ..conftest import ROOT, TINY, run_cli
 

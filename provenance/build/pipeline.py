@@ -16,13 +16,14 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__
-from .dataset import check_root, layout_texts, manifest, manifest_bytes, materialize, select_files
-from .digest import TENSOR_DIGEST, hash_bytes, hash_file, tensor_digest
-from .errors import InputError
-from .progress import Reporter
-from .recipe import LoadedRecipe
-from .store import Store, atomic_write_bytes, fetch_input
+from .. import __version__
+from ..inputs.dataset import layout_texts, manifest_bytes, select_dataset
+from .._internal.hashing import TENSOR_DIGEST, hash_bytes, hash_file, tensor_digest
+from ..errors import InputError
+from .._internal.progress import Reporter
+from ..recipe import LoadedRecipe
+from .._internal.atomic import atomic_write_bytes
+from ..inputs.store import Store, fetch_input
 
 BUILD_FORMAT = "provenance-build-v1"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -124,15 +125,6 @@ class PreparedData:
     special_ids: dict[str, int]
 
 
-def select_dataset(recipe: LoadedRecipe, stored, work: Path):
-    """Extract the inputs into `work` and select the dataset: (files, manifest). Checks a pinned root."""
-    roots = [(s, materialize(s, work)) for s in stored]
-    files = select_files(roots, recipe.recipe.dataset)
-    m = manifest(files)
-    check_root(m, recipe.recipe.dataset, recipe.path)
-    return files, m
-
-
 def prepare_data(recipe: LoadedRecipe, stored, work: Path, *, reporter: Reporter | None = None,
                  timings: dict[str, float] | None = None) -> PreparedData:
     """Extract inputs into `work`, select and lay out files, train the tokenizer and encode."""
@@ -142,7 +134,7 @@ def prepare_data(recipe: LoadedRecipe, stored, work: Path, *, reporter: Reporter
     timings = timings if timings is not None else {}
     r = recipe.recipe
     t0 = time.perf_counter()
-    files, m = select_dataset(recipe, stored, work)
+    files, m = select_dataset(r.dataset, stored, work, recipe.path)
     reporter.log(f"dataset: {m['totals']['files']} files, {m['totals']['bytes']} bytes, "
                  f"licences {m['licenses']}, root {m['merkle_root']['digest']}")
     texts = layout_texts(files, r.layout)
@@ -170,8 +162,8 @@ class Signing:
 def attest_and_sign(staging: Path, recipe: LoadedRecipe, record: dict, manifest_doc: dict, byproducts: dict,
                     signing: Signing, fingerprint: dict | None = None) -> dict:
     """Write attestation.intoto.jsonl (and attestation.sigstore.json) into `staging`."""
-    from .attest import PAYLOAD_TYPE, canonical, statement
-    from .sign import envelope_line, sign_envelope, sign_sigstore
+    from ..attest.statement import PAYLOAD_TYPE, canonical, statement
+    from ..attest.sign import envelope_line, sign_envelope, sign_sigstore
 
     st = statement(recipe=recipe, record=record, manifest=manifest_doc, model_files=record["weights"]["files"],
                    byproducts=byproducts, invocation_id=record["invocation_id"], fingerprint=fingerprint)
@@ -283,7 +275,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         atomic_write_bytes(staging / "transcript.jsonl", tbytes)
         weights = _write_model_dir(staging, model, tok, recipe, m)
         t = lap("write", t)
-        from .compare import load_model, make_fingerprint
+        from .fingerprint import load_model, make_fingerprint
 
         # Computed from the written model dir, through the same code path a verifier uses.
         fingerprint = make_fingerprint(load_model(staging / "model"), staging / "model", seqs, r.reproducibility,

@@ -12,7 +12,7 @@ import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from .errors import UnsafeArchive
+from ..errors import UnsafeArchive
 
 
 def _member_path(archive: Path, name: str) -> PurePosixPath:

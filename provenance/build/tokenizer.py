@@ -9,8 +9,8 @@ from pathlib import Path
 
 from tokenizers import ByteLevelBPETokenizer, Tokenizer
 
-from .recipe import Model
-from .recipe import Tokenizer as TokenizerSpec
+from ..recipe import Model
+from ..recipe import Tokenizer as TokenizerSpec
 
 
 def train_tokenizer(texts: list[str], spec: TokenizerSpec) -> Tokenizer:
@@ -42,7 +42,7 @@ def save_hf_files(tok: Tokenizer, model: Model, max_len: int, out: Path) -> None
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for transformers."""
     import json
 
-    from .store import atomic_write_bytes
+    from .._internal.atomic import atomic_write_bytes
 
     atomic_write_bytes(out / "tokenizer.json", tokenizer_json(tok))
     specials = {"bos_token": model.bos_token, "eos_token": model.eos_token, "pad_token": model.pad_token}

@@ -13,7 +13,7 @@ import struct
 
 import blake3
 
-from .recipe import Determinism
+from ..recipe import Determinism
 
 
 def derive_seed(seed: int, *labels: object) -> int:
@@ -67,7 +67,7 @@ def pin_cpu_capability(requested: str) -> None:
         return
     levels = supported_cpu_levels()
     if requested not in levels:
-        from .errors import InputError
+        from ..errors import InputError
 
         raise InputError(f"determinism.cpu_capability = {requested!r}: this CPU offers only "
                          f"{', '.join(levels)}")
@@ -85,7 +85,7 @@ def apply(det: Determinism, *, threads: int | None = None, cpu_capability: str |
     import numpy as np
     import torch
 
-    from .errors import InputError
+    from ..errors import InputError
 
     actual = torch.backends.cpu.get_cpu_capability()
     if requested != "native" and actual != requested.upper():
@@ -116,7 +116,7 @@ def apply(det: Determinism, *, threads: int | None = None, cpu_capability: str |
 
     device = det.device
     if device == "cuda" and not torch.cuda.is_available():
-        from .errors import InputError
+        from ..errors import InputError
 
         raise InputError("determinism.device = 'cuda' but no CUDA device is available here")
     return {

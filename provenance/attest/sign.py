@@ -14,7 +14,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 KEY_TYPES = ("ed25519", "ecdsa")
 DEFAULT_KEY_ENV = "PROVENANCE_KEY"
@@ -29,7 +29,7 @@ def default_key_path() -> Path:
 
 
 def _repo_root() -> Path | None:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").exists() and (root / "provenance").is_dir() else None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .recipe import Evaluate
+from ..recipe import Evaluate
 
 
 @dataclass(frozen=True)

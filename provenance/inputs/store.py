@@ -18,9 +18,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .digest import CHUNK, hash_file
-from .errors import DigestMismatch, FetchError, InputError
-from .recipe import Input
+from .._internal.atomic import atomic_write_bytes
+from .._internal.hashing import CHUNK, hash_file
+from ..errors import DigestMismatch, FetchError, InputError
+from ..recipe import Input
 
 
 def default_root() -> Path:
@@ -29,28 +30,6 @@ def default_root() -> Path:
         return Path(env).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME")
     return (Path(cache) if cache else Path.home() / ".cache") / "provenance"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write via a temporary file in the same directory and rename, so readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -137,7 +116,7 @@ class Store:
 
 def tree_digest(root: Path) -> dict[str, str]:
     """Digest of a directory input: blake3 Merkle root over (path, size, blake3) of its regular files."""
-    from .digest import canonical_json, merkle_root
+    from .._internal.hashing import canonical_json, merkle_root
 
     leaves = []
     for p in sorted(root.rglob("*"), key=lambda q: q.relative_to(root).as_posix()):

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 AXES = {"threads": "--threads", "cpu": "--cpu-capability", "world-size": "--world-size"}
 CPU_LEVELS = ("native", "default", "avx2", "avx512")
@@ -64,7 +64,7 @@ class Cell:
 
 def run_matrix(recipe: Path, axes, out: Path, *, store: str | None, offline: bool, log=print) -> list[Cell]:
     from .compare import compare
-    from .transcript import diverge, loss_curve
+    from .diverge import diverge, loss_curve
 
     cells = []
     for i, combo in enumerate(itertools.product(*[vals for _, vals in axes])):

@@ -1,9 +1,10 @@
 """Rebuilding from an attestation, judging the result, and the SLSA Verification Summary.
 
 `rebuild` takes the recipe embedded in a verified attestation, builds it with inputs fetched or
-taken from the store by their pins, judges the new weights against the attestation (bitwise, or
-within tolerance from its signed fingerprint) and signs a VSA recording the verdict.
-`gate` does the same from a recipe file against a committed reference, for CI.
+taken from the store by their pins, answers the reproduced question against the attestation
+(bitwise on the reference's stack; otherwise bitwise or within tolerance of its signed
+fingerprint) and signs a VSA recording the verdict. `gate` does the same from a recipe file
+against a committed reference, for CI.
 """
 
 from __future__ import annotations
@@ -14,43 +15,61 @@ from datetime import datetime, timezone
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from .attest import PAYLOAD_TYPE, STATEMENT_TYPE, canonical
-from .errors import CheckFailed, InputError
+import re
+
+from ..attest.statement import PAYLOAD_TYPE, STATEMENT_TYPE, canonical
+from ..errors import CheckFailed
 
 VSA_TYPE = "https://slsa.dev/verification_summary/v1"
 VERIFIER_ID = "https://provenance.invalid/verifiers/rebuild/v1"
 
 
-def verified_statement(attestation: Path, keys: list[Path]) -> dict:
-    """The statement of an attestation whose signature and statement checks pass. Raises CheckFailed."""
-    from .verify import render, verify
+def verified_statement(attestation: Path, keys: list[Path], policy: Path | None = None):
+    """(payload dict, attest.model.Statement) of an attestation that verifies. Raises CheckFailed."""
+    from ..verify import render, verify
 
-    report = verify(attestation, keys=keys)
+    report = verify(attestation, keys=keys, policy_path=policy)
     if not report.ok:
         raise CheckFailed(f"{attestation}: the attestation does not verify:\n{render(report)}")
-    return report.statement
+    return report.statement, report.parsed
 
 
-def embedded_recipe(st: dict, dest: Path) -> Path:
-    rec = st["predicate"]["buildDefinition"]["externalParameters"].get("recipe", {})
-    text = rec.get("content")
-    if not isinstance(text, str):
-        raise InputError("the attestation embeds no recipe content (externalParameters.recipe.content)")
-    data = text.encode()
-    if rec.get("digest", {}).get("sha256") not in (None, hashlib.sha256(data).hexdigest()):
-        raise CheckFailed("the embedded recipe does not match its recorded sha256")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    path = dest / Path(rec.get("path", "recipe.toml")).name if dest.is_dir() else dest
-    path.write_bytes(data)
+def recipe_file_name(st) -> str:
+    """The embedded recipe's file name if it is a plain `NAME.toml`, else `recipe.toml` (never a path)."""
+    name = st.predicate.buildDefinition.externalParameters.recipe.path
+    return name if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.toml", name) else "recipe.toml"
+
+
+def embedded_recipe(st, dest: Path) -> Path:
+    """Write the verified statement's embedded recipe (its digest already checked) into `dest`."""
+    rec = st.predicate.buildDefinition.externalParameters.recipe
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / recipe_file_name(st)
+    from .._internal.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, rec.content.encode())
     return path
 
 
-def judge_build(st: dict, model_dir: Path, *, bitwise: bool):
-    """Judge a model dir against a statement: (Report with verdict, ok)."""
-    from .verify import Report, check_model_dir
+def judge_build(st, model_dir: Path, *, bitwise: bool, bounds=None):
+    """Answer the reproduced question for a rebuilt model dir: a Report with its verdict.
 
-    report = Report(statement=st)
-    check_model_dir(report, st, model_dir, sha256=False, bitwise=bitwise)
+    With `bitwise`, only an exact match counts (the same stack must give the same bits)."""
+    from ..verify.model_dir import inspect, report_exact
+    from ..verify.policy import Bounds
+    from ..verify.report import Report
+    from .reproduced import check_reproduced
+
+    report = Report()
+    if bitwise:
+        report.question = "reproduced"
+        res = inspect(st, model_dir, sha256=False)
+        report_exact(report, res, sha256=False)
+        report.verdict = "bitwise" if report.ok else "diverged"
+        report.add("reproduced", report.ok, "bitwise required (same stack as the reference): "
+                   + ("every file is bitwise equal" if report.ok else "the files differ"))
+    else:
+        check_reproduced(report, st, model_dir, bounds or Bounds())
     return report
 
 
@@ -85,21 +104,21 @@ def vsa_statement(st: dict, attestation: Path, report, rebuild_record: dict | No
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
 
 def sign_vsa(vsa: dict, signers, path: Path) -> None:
-    from .sign import envelope_line, sign_envelope
-    from .store import atomic_write_bytes
+    from ..attest.sign import envelope_line, sign_envelope
+    from .._internal.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, envelope_line(sign_envelope(canonical(vsa), PAYLOAD_TYPE, signers)))
 
 
 def stack_matches(st: dict, record: dict) -> tuple[bool, str]:
     """Whether a rebuild ran on the reference's stack: same CPU capability and toolchain versions."""
-    ref_det = st["predicate"]["buildDefinition"]["internalParameters"].get("determinism", {})
+    ref_det = st["predicate"]["buildDefinition"].get("internalParameters", {}).get("determinism", {})
     diffs = []
     if ref_det.get("cpu_capability") != record["determinism"].get("cpu_capability"):
         diffs.append(f"cpu capability {record['determinism'].get('cpu_capability')} vs reference "
@@ -115,7 +134,7 @@ def stack_matches(st: dict, record: dict) -> tuple[bool, str]:
 
 
 def junit(path: Path, suite: str, cases: list[tuple[str, bool, str]], seconds: float) -> None:
-    from .store import atomic_write_bytes
+    from .._internal.atomic import atomic_write_bytes
 
     failures = sum(1 for _, ok, _ in cases if not ok)
     parts = [f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuites>\n<testsuite name={quoteattr(suite)} '

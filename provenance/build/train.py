@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import blake3
 
 from .determinism import derive_seed
-from .recipe import Model, Recipe, Stage
+from ..recipe import Model, Recipe, Stage
 from .transcript import Transcript
 
 IGNORE = -100

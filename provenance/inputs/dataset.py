@@ -13,10 +13,10 @@ from pathlib import Path
 from wcmatch import glob as wglob
 
 from .archive import extract
-from .digest import MERKLE, blake3_bytes, canonical_json, merkle_root
-from .errors import DigestMismatch, InputError
+from .._internal.hashing import MERKLE, blake3_bytes, canonical_json, merkle_root
+from ..errors import DigestMismatch, InputError
 from .licences import detect_licence
-from .recipe import Dataset, Layout
+from ..recipe import Dataset, Layout
 from .store import StoredInput
 
 MANIFEST_FORMAT = "provenance-dataset-manifest-v1"
@@ -109,3 +109,14 @@ def check_root(m: dict, spec: Dataset, recipe_path: Path) -> None:
 
 def layout_texts(files: list[DataFile], layout: Layout) -> list[str]:
     return [layout.template.format(path=f.path, content=f.text) for f in files]
+
+
+def select_dataset(spec: Dataset, stored: list[StoredInput], work: Path, recipe_path: Path):
+    """Extract the inputs into `work` and select the dataset: (files, manifest). Checks a pinned root.
+
+    Used by the builder and by `verify-attestation --inputs` alike."""
+    roots = [(s, materialize(s, work)) for s in stored]
+    files = select_files(roots, spec)
+    m = manifest(files)
+    check_root(m, spec, recipe_path)
+    return files, m

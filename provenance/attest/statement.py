@@ -15,16 +15,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 
-STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
-PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
-PAYLOAD_TYPE = "application/vnd.in-toto+json"
-# This project has no public home yet; `.invalid` says so honestly. Change both in one commit.
-BUILD_TYPE = "https://provenance.invalid/build-types/recipe/v1"
-BUILDER_ID = os.environ.get("PROVENANCE_BUILDER_ID", "https://provenance.invalid/builders/local/v1")
-KNOWN_BUILD_TYPES = (BUILD_TYPE,)
+from .model import BUILD_TYPE, LOCAL_BUILDER_ID, PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE  # noqa: F401
 TOOLCHAIN_DISTRIBUTIONS = ("torch", "transformers", "tokenizers", "safetensors")
+
+
+def builder_id() -> str:
+    """Who this build says built it: $PROVENANCE_BUILDER_ID (e.g. a CI workflow's URI), else the local builder.
+
+    This is the writer's identity only; which builders a verifier trusts is the verifier's policy."""
+    return os.environ.get("PROVENANCE_BUILDER_ID") or LOCAL_BUILDER_ID
 
 
 def canonical(obj) -> bytes:
@@ -41,7 +42,7 @@ def _record_digest(dist: str) -> dict | None:
         d = metadata.distribution(dist)
     except metadata.PackageNotFoundError:
         return None
-    from .digest import hash_bytes
+    from .._internal.hashing import hash_bytes
 
     record = d.read_text("RECORD")
     if record is None:
@@ -51,7 +52,7 @@ def _record_digest(dist: str) -> dict | None:
 
 
 def toolchain_dependencies() -> list[dict]:
-    from .digest import hash_file
+    from .._internal.hashing import hash_file
 
     exe = Path(sys.executable).resolve()
     deps = [{"name": "toolchain:python", "uri": f"pkg:generic/cpython@{platform.python_version()}",
@@ -63,7 +64,7 @@ def toolchain_dependencies() -> list[dict]:
 
 def source_revision() -> dict:
     """This project's own source: the git commit it runs from, and whether the tree is dirty."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     entry = {"name": "builder-source:provenance", "uri": f"pkg:pypi/provenance@{__version__}",
              "annotations": {"version": __version__}}
     if not (root / ".git").exists():
@@ -135,7 +136,7 @@ def statement(*, recipe, record: dict, manifest: dict, model_files: dict[str, di
     }
     if fingerprint is not None:
         outputs["fingerprint"] = fingerprint
-    return {
+    st = {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": name, "digest": {"sha256": d["sha256"]}} for name, d in sorted(model_files.items())],
         "predicateType": PREDICATE_TYPE,
@@ -153,7 +154,7 @@ def statement(*, recipe, record: dict, manifest: dict, model_files: dict[str, di
                 "resolvedDependencies": deps,
             },
             "runDetails": {
-                "builder": {"id": BUILDER_ID, "version": {"provenance": __version__}},
+                "builder": {"id": builder_id(), "version": {"provenance": __version__}},
                 "metadata": {"invocationId": invocation_id, "startedOn": record["started"],
                              "finishedOn": record["finished"]},
                 "byproducts": [{"name": name, "digest": dict(d)} for name, d in sorted(byproducts.items())],
@@ -161,3 +162,9 @@ def statement(*, recipe, record: dict, manifest: dict, model_files: dict[str, di
             },
         },
     }
+    from .model import parse_statement
+
+    _, problems = parse_statement(st)
+    if problems:  # the reader would refuse it: a bug in this writer, never the user's fault
+        raise RuntimeError("the statement this build would sign does not validate: " + "; ".join(problems))
+    return st

@@ -5,8 +5,8 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 
-from .errors import ToolchainMismatch
-from .recipe import Toolchain
+from ..errors import ToolchainMismatch
+from ..recipe import Toolchain
 
 LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors")
 

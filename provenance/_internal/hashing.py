@@ -1,0 +1,111 @@
+"""Content digests: the one file hasher, the canonical tensor digest and the Merkle root.
+
+blake3 addresses everything this project stores; sha256 is added where outside verifiers
+expect it. Each digest's name records what it covers; docs/formats.md specifies every
+construction byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import blake3
+
+TENSOR_DIGEST = "blake3-tensors-v1"
+MERKLE = "blake3-merkle-v1"
+WINDOW = 64 << 20  # bytes mapped at a time; a multiple of mmap.ALLOCATIONGRANULARITY
+CHUNK = 1 << 20
+
+
+def hash_fd(fd: int, *, sha256: bool = True, progress: Callable[[int], None] | None = None) -> dict[str, str]:
+    """blake3 (multi-threaded) and optionally sha256 of an open file, from offset 0 to its size.
+
+    The file is mapped WINDOW bytes at a time and each window unmapped after hashing: memory
+    stays bounded whatever the size, and no byte is copied into a Python buffer.
+    """
+    b3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    sha = hashlib.sha256() if sha256 else None
+    size = os.fstat(fd).st_size
+    offset = 0
+    while offset < size:
+        n = min(WINDOW, size - offset)
+        with mmap.mmap(fd, n, access=mmap.ACCESS_READ, offset=offset) as window:
+            b3.update(window)
+            if sha is not None:
+                sha.update(window)
+        offset += n
+        if progress is not None:
+            progress(n)
+    out = {"blake3": b3.hexdigest()}
+    if sha is not None:
+        out["sha256"] = sha.hexdigest()
+    return out
+
+
+def hash_file(path: Path, *, sha256: bool = True, progress: Callable[[int], None] | None = None) -> dict[str, str]:
+    """{"blake3": hex, "sha256": hex} of a file's bytes (sha256 only if asked)."""
+    with open(path, "rb") as f:
+        return hash_fd(f.fileno(), sha256=sha256, progress=progress)
+
+
+def blake3_bytes(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def hash_bytes(data: bytes) -> dict[str, str]:
+    """{"blake3": hex, "sha256": hex} of in-memory bytes."""
+    return {"blake3": blake3_bytes(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def canonical_json(obj) -> bytes:
+    """Sorted keys, no whitespace, UTF-8 (not ASCII-escaped): the bytes this project hashes for JSON values."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def merkle_root(leaves: Iterable[bytes]) -> str:
+    """Binary Merkle tree over blake3(0x00 || leaf); inner nodes blake3(0x01 || left || right).
+
+    An odd node is promoted unchanged. The empty tree hashes to blake3(b"").
+    """
+    level = [blake3.blake3(b"\x00" + leaf).digest() for leaf in leaves]
+    if not level:
+        return blake3.blake3(b"").hexdigest()
+    while len(level) > 1:
+        nxt = [blake3.blake3(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0].hex()
+
+
+def tensor_record(name: str, dtype: str, shape: list[int], nbytes: int) -> bytes:
+    """The bytes that precede one tensor's data in blake3-tensors-v1 (docs/formats.md)."""
+    meta = canonical_json({"dtype": dtype, "name": name, "shape": list(shape)})
+    return struct.pack("<Q", len(meta)) + meta + struct.pack("<Q", nbytes)
+
+
+def tensors_digest(tensors: Iterable[tuple[str, str, list[int], bytes | memoryview]]) -> str:
+    """blake3-tensors-v1 over (name, safetensors dtype, shape, little-endian bytes), taken in name order."""
+    h = blake3.blake3()
+    for name, dtype, shape, data in sorted(tensors, key=lambda t: t[0]):
+        h.update(tensor_record(name, dtype, shape, len(data)))
+        h.update(data)
+    return h.hexdigest()
+
+
+def tensor_digest(path: Path) -> str:
+    """blake3-tensors-v1 of a safetensors file: the weights, independent of layout and metadata.
+
+    The file is checked structurally first (see _internal.safetensors); raises ValueError if it
+    is not a well-formed safetensors file.
+    """
+    from .safetensors import open_checked
+
+    with open_checked(path) as st:
+        return tensors_digest((name, t.dtype, t.shape, st.data(name)) for name, t in st.tensors.items())

@@ -1,0 +1,74 @@
+"""Strict JSON for everything signed or security-relevant (envelopes, statements, headers).
+
+RFC 8259 leaves duplicate names and non-finite numbers to the parser; RFC 8785 (which signed
+statements are canonicalized with) and I-JSON forbid them, and integers beyond 2^53-1 do not
+survive a round trip through most JSON libraries. This reader refuses all of them, and very
+deep nesting, with a ValueError naming the problem, instead of letting "which duplicate wins"
+depend on the parser.
+"""
+
+from __future__ import annotations
+
+import json
+
+MAX_SAFE_INT = (1 << 53) - 1
+MAX_DEPTH = 64
+
+
+def _pairs(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > 16:
+        raise ValueError(f"integer {text[:20]}{'…' if len(text) > 20 else ''} is outside the interoperable range ±(2^53-1)")
+    v = int(text)
+    if abs(v) > MAX_SAFE_INT:
+        raise ValueError(f"integer {text} is outside the interoperable range ±(2^53-1)")
+    return v
+
+
+def _constant(name: str):
+    raise ValueError(f"{name} is not JSON (non-finite numbers are refused)")
+
+
+def _float(text: str) -> float:
+    v = float(text)
+    if v in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} overflows a double")
+    return v
+
+
+def _depth(obj, limit: int) -> None:
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if d > limit:
+            raise ValueError(f"nested deeper than {limit} levels")
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o)
+
+
+def loads(data: str | bytes, *, max_depth: int = MAX_DEPTH):
+    """Parse strict JSON. Raises ValueError (never RecursionError) with a one-line reason."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"not UTF-8 at byte {e.start}") from None
+    try:
+        obj = json.loads(data, object_pairs_hook=_pairs, parse_int=_int, parse_constant=_constant,
+                         parse_float=_float)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise ValueError(f"nested deeper than {max_depth} levels") from None
+    _depth(obj, max_depth)
+    return obj

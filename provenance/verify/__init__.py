@@ -1,0 +1,71 @@
+"""The verifier: does an attestation vouch for exactly these files?
+
+Stands apart from the builder: it imports nothing from `provenance.build` or `provenance.repro`,
+and neither torch nor transformers (a test holds it to that). It answers one question, **verified**:
+the signature holds, the statement is well formed and from an allowed builder, its embedded
+recipe matches its digest, and, with --model, the directory holds exactly the signed files, byte
+for byte. Whether other weights are a *rebuild* of the attested model is a different question,
+answered by `provenance.repro` (`verify-attestation --reproduced`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+from .report import Check, Report, render  # noqa: F401
+
+
+def load_keys(paths: list[Path], threshold: int) -> list:
+    """Distinct public keys; the threshold must be reachable. Raises InputError (exit 2)."""
+    from ..attest.sign import load_public_key
+    from .envelope import distinct_keys
+
+    if not paths:
+        raise InputError("a DSSE attestation is verified with public keys: pass --key PUBLIC_KEY")
+    keys = distinct_keys([load_public_key(p) for p in paths])
+    if threshold < 1:
+        raise InputError(f"--threshold must be at least 1, got {threshold}")
+    if threshold > len(keys):
+        raise InputError(f"--threshold {threshold} needs {threshold} distinct keys; {len(paths)} --key option(s) "
+                         f"name {len(keys)} distinct key(s)")
+    return keys
+
+
+def verify(attestation: Path, *, keys: list[Path], threshold: int = 1, model: Path | None = None,
+           recipe: Path | None = None, inputs: bool = False, store: Path | None = None,
+           policy_path: Path | None = None, sha256: bool = False, identity: str | None = None,
+           issuer: str | None = None, trust_config: Path | None = None, trusted_root: Path | None = None,
+           staging: bool = False, check_model: bool = True) -> Report:
+    """Run every applicable check. Raises InputError when a check cannot be made (exit 2).
+
+    With `check_model=False` the model dir is left to the caller (the reproduced question)."""
+    from .checks import inputs_check, policy_check, recipe_file_check, statement_checks
+    from .envelope import read_attestation, verify_bundle, verify_dsse
+    from .policy import load_policy
+
+    pf = load_policy(policy_path)
+    kind, items = read_attestation(attestation)
+    report = Report()
+    if kind == "dsse":
+        payload = verify_dsse(report, items, load_keys(keys, threshold), threshold)
+    else:
+        payload = verify_bundle(report, items[0], identity=identity, issuer=issuer, trust_config_path=trust_config,
+                                trusted_root_path=trusted_root, staging=staging)
+    if not report.ok:
+        return report
+    st = statement_checks(report, payload, pf.policy)
+    if st is None:
+        return report
+    report.statement = payload
+    report.parsed = st
+    if model is not None and check_model:
+        from .model_dir import inspect, report_exact
+
+        report_exact(report, inspect(st, Path(model), sha256=sha256), sha256=sha256)
+    if recipe is not None:
+        recipe_file_check(report, st, Path(recipe))
+    derived = inputs_check(report, st, store) if inputs else None
+    if policy_path is not None:
+        policy_check(report, st, pf.policy, derived)
+    return report

@@ -1,0 +1,238 @@
+"""Reading an attestation file and checking its signatures: DSSE envelopes and Sigstore bundles.
+
+An attestation file (`.intoto.jsonl`) holds exactly one DSSE envelope; a second line is refused,
+because a verifier that checks one line and reports on the file would vouch for lines it never
+checked. Every signature is tried against every given key (the DSSE `keyid` is an unauthenticated
+hint); a key counts once towards the threshold however many signatures it made.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._internal import jsonstrict
+from ..attest.model import PAYLOAD_TYPE
+from ..errors import InputError
+from .report import Report
+
+MAX_ATTESTATION_BYTES = 64 << 20
+ENVELOPE_FIELDS = {"payload", "payloadType", "signatures"}
+SIGNATURE_FIELDS = {"keyid", "sig"}
+
+
+def read_regular_file(path: Path, what: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. Raises InputError for anything else
+    (a FIFO, a device such as /dev/zero, a directory, an oversized file) without blocking on it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read {what}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{path}: {what} is not a regular file")
+        if st.st_size > limit:
+            raise InputError(f"{path}: {what} is {st.st_size} bytes, over the {limit}-byte limit")
+        chunks, left = [], limit + 1
+        while left > 0:
+            b = os.read(fd, min(left, 1 << 20))
+            if not b:
+                break
+            chunks.append(b)
+            left -= len(b)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise InputError(f"{path}: {what} grew past the {limit}-byte limit while being read")
+        return data
+    finally:
+        os.close(fd)
+
+
+def read_attestation(path: Path) -> tuple[str, list[str]]:
+    """("dsse", [non-empty lines]) or ("sigstore", [bundle text]). Raises InputError if unreadable."""
+    data = read_regular_file(Path(path), "attestation", MAX_ATTESTATION_BYTES)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: attestation is not UTF-8 text") from None
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            whole = jsonstrict.loads(stripped)
+        except ValueError:
+            whole = None
+        if (isinstance(whole, dict) and "payload" not in whole
+                and str(whole.get("mediaType", "")).startswith("application/vnd.dev.sigstore.bundle")):
+            return "sigstore", [stripped]
+    return "dsse", [line for line in text.splitlines() if line.strip()]
+
+
+def b64decode_any(text: object) -> bytes:
+    """Standard or URL-safe base64, padded or not (DSSE verifiers must accept both). Raises ValueError."""
+    if not isinstance(text, str):
+        raise ValueError("expected a base64 string")
+    s = text.strip()
+    if "-" in s or "_" in s:
+        if "+" in s or "/" in s:
+            raise ValueError("mixes the standard and URL-safe base64 alphabets")
+        s = s.replace("-", "+").replace("_", "/")
+    s += "=" * (-len(s) % 4)
+    try:
+        return base64.b64decode(s, validate=True)
+    except binascii.Error as e:
+        raise ValueError(f"not base64: {e}") from None
+
+
+@dataclass(frozen=True)
+class Envelope:
+    payload: bytes
+    payload_type: str
+    signatures: tuple[tuple[str | None, bytes], ...]  # (keyid hint, raw signature)
+
+    def pae(self) -> bytes:
+        """DSSE's pre-authentication encoding: "DSSEv1" SP LEN(type) SP type SP LEN(body) SP body."""
+        t = self.payload_type.encode()
+        return b"DSSEv1 %d %b %d %b" % (len(t), t, len(self.payload), self.payload)
+
+
+def parse_envelope(obj: object) -> Envelope:
+    """A DSSE envelope from its JSON object, exactly: no unknown fields. Raises ValueError."""
+    if not isinstance(obj, dict):
+        raise ValueError("the envelope is not a JSON object")
+    missing = ENVELOPE_FIELDS - set(obj)
+    if missing:
+        raise ValueError(f"the envelope has no {', '.join(sorted(missing))}")
+    extra = set(obj) - ENVELOPE_FIELDS
+    if extra:
+        raise ValueError(f"unsigned field(s) {sorted(extra)} beside the envelope (DSSE defines only payload, "
+                         "payloadType, signatures)")
+    if not isinstance(obj["payloadType"], str):
+        raise ValueError("payloadType is not a string")
+    payload = b64decode_any(obj["payload"])
+    sigs = obj["signatures"]
+    if not isinstance(sigs, list) or not sigs:
+        raise ValueError("signatures must be a non-empty array")
+    out = []
+    for i, s in enumerate(sigs):
+        if not isinstance(s, dict) or "sig" not in s:
+            raise ValueError(f"signatures[{i}] is not an object with 'sig'")
+        if set(s) - SIGNATURE_FIELDS:
+            raise ValueError(f"signatures[{i}] has unknown field(s) {sorted(set(s) - SIGNATURE_FIELDS)}")
+        keyid = s.get("keyid")
+        if keyid is not None and not isinstance(keyid, str):
+            raise ValueError(f"signatures[{i}].keyid is not a string")
+        try:
+            raw = b64decode_any(s["sig"])
+        except ValueError as e:
+            raise ValueError(f"signatures[{i}].sig: {e}") from None
+        out.append((keyid or None, raw))
+    return Envelope(payload, obj["payloadType"], tuple(out))
+
+
+def distinct_keys(keys: list) -> list:
+    """The given public keys with repeats removed (a key counts once towards a threshold)."""
+    seen, out = set(), []
+    for k in keys:
+        if k.keyid not in seen:
+            seen.add(k.keyid)
+            out.append(k)
+    return out
+
+
+def verified_keys(env: Envelope, keys: list) -> list:
+    """The distinct keys that made at least one valid signature over the envelope's PAE."""
+    from securesystemslib.exceptions import UnverifiedSignatureError, VerificationError
+    from securesystemslib.signer import Signature
+
+    pae = env.pae()
+    ok = []
+    for key in keys:
+        for _, raw in env.signatures:
+            try:
+                key.verify_signature(Signature(keyid=key.keyid, sig=raw.hex()), pae)
+            except (UnverifiedSignatureError, VerificationError):
+                continue
+            ok.append(key)
+            break
+    return ok
+
+
+def verify_dsse(report: Report, lines: list[str], keys: list, threshold: int) -> object | None:
+    """Check the one envelope and its signatures; return the parsed payload, or None after a failed check."""
+    if not lines:
+        report.add("envelope", False, "the attestation file holds no envelope")
+        return None
+    if len(lines) > 1:
+        report.add("envelope", False, f"the attestation file holds {len(lines)} lines; an attestation file holds "
+                   "exactly one DSSE envelope (docs/build-type.md), so the others would go unchecked")
+        return None
+    try:
+        env = parse_envelope(jsonstrict.loads(lines[0]))
+    except ValueError as e:
+        report.add("envelope", False, f"not a DSSE envelope: {e}")
+        return None
+    report.add("envelope", True, f"one DSSE envelope with {len(env.signatures)} signature(s)")
+    if not report.add("payload-type", env.payload_type == PAYLOAD_TYPE,
+                      f"payloadType {env.payload_type!r}"
+                      + ("" if env.payload_type == PAYLOAD_TYPE else f", expected exactly {PAYLOAD_TYPE!r}")):
+        return None
+    good = verified_keys(env, keys)
+    names = ", ".join(f"{k.keytype} {k.keyid[:16]}" for k in good) or "none"
+    if not report.add("signature", len(good) >= threshold,
+                      f"{len(good)} of {len(keys)} distinct key(s) made a valid signature (threshold {threshold}): "
+                      f"{names}; {len(env.signatures)} signature(s) in the envelope"):
+        return None
+    try:
+        return jsonstrict.loads(env.payload)
+    except ValueError as e:
+        report.add("statement", False, f"the signed payload is not strict JSON: {e}")
+        return None
+
+
+def verify_bundle(report: Report, text: str, *, identity: str | None, issuer: str | None,
+                  trust_config_path: Path | None, trusted_root_path: Path | None, staging: bool) -> object | None:
+    """Check a Sigstore bundle against an identity; return the parsed payload, or None after a failed check."""
+    from sigstore.errors import VerificationError
+    from sigstore.models import Bundle
+    from sigstore.verify import Verifier
+    from sigstore.verify.policy import Identity
+
+    if not identity or not issuer:
+        raise InputError("a Sigstore bundle is verified against an identity: pass --identity and --issuer")
+    try:
+        bundle = Bundle.from_json(text)
+    except Exception as e:  # sigstore raises several types for malformed bundles
+        report.add("envelope", False, f"not a Sigstore bundle: {e}")
+        return None
+    report.add("envelope", True, "Sigstore bundle with a DSSE envelope")
+    if trust_config_path is not None:
+        from ..attest.sign import trust_config
+
+        verifier = Verifier(trusted_root=trust_config(trust_config_path).trusted_root)
+    elif trusted_root_path is not None:
+        from sigstore.models import TrustedRoot
+
+        try:
+            verifier = Verifier(trusted_root=TrustedRoot.from_file(str(trusted_root_path)))
+        except Exception as e:
+            raise InputError(f"{trusted_root_path}: not a Sigstore trusted root ({e})") from None
+    else:
+        verifier = Verifier.staging(offline=True) if staging else Verifier.production(offline=True)
+    try:
+        payload_type, payload = verifier.verify_dsse(bundle, Identity(identity=identity, issuer=issuer))
+    except VerificationError as e:
+        report.add("signature", False, f"Sigstore verification failed for identity {identity!r} / issuer {issuer!r}: {e}")
+        return None
+    if not report.add("payload-type", payload_type == PAYLOAD_TYPE, f"payloadType {payload_type!r}"):
+        return None
+    report.add("signature", True, f"Sigstore certificate for {identity!r} from {issuer!r}, in the transparency log")
+    try:
+        return jsonstrict.loads(payload)
+    except ValueError as e:
+        report.add("statement", False, f"the signed payload is not strict JSON: {e}")
+        return None

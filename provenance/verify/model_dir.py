@@ -1,0 +1,154 @@
+"""The model directory as a closed set: every file in it is a signed subject, byte for byte.
+
+Every entry under the directory is looked at, recursively and hidden ones included, without
+following symlinks: a regular file must be a subject whose signed blake3 (and sha256 with
+--sha256) it matches; any other file, any symlink and any special file fails by name, because
+loaders read more than weights (`transformers` loads a `chat_template.jinja`, and with
+`trust_remote_code` runs a `modeling_*.py`). Every `.safetensors` file must also be well formed
+(see _internal/safetensors.py), checked on the same open file that is hashed.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .._internal.hashing import hash_fd
+from .._internal.safetensors import SafetensorsError, check_fd
+from ..attest.model import Statement
+from ..errors import InputError
+
+# What an unlisted file is, for the message (every unlisted file fails, whatever it is).
+KINDS = (
+    ((".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".ggml", ".onnx", ".h5", ".keras", ".msgpack",
+      ".npz", ".npy", ".pkl", ".pickle", ".tflite", ".mlmodel", ".pt2", ".pb"), "weights"),
+    ((".py",), "code that transformers runs with trust_remote_code"),
+    ((".jinja", ".j2"), "a chat template that transformers loads"),
+    ((".json",), "configuration that loaders read"),
+)
+
+
+def describe(name: str) -> str:
+    lower = name.lower()
+    for suffixes, what in KINDS:
+        if lower.endswith(suffixes):
+            return what
+    return "a file"
+
+
+@dataclass
+class FileResult:
+    name: str
+    digests: dict[str, str]
+    matches: bool
+    detail: str = ""
+
+
+@dataclass
+class ModelDirResult:
+    """What the closed-set inspection found; `exact` when nothing differs from the signed set."""
+
+    files: dict[str, FileResult] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    unlisted: list[str] = field(default_factory=list)  # "name: what it is"
+    structure: list[str] = field(default_factory=list)  # "name: problem"
+
+    @property
+    def differing(self) -> list[str]:
+        return [n for n, f in sorted(self.files.items()) if not f.matches]
+
+    @property
+    def exact(self) -> bool:
+        return not (self.missing or self.unlisted or self.structure or self.differing)
+
+
+def scan(model_dir: Path) -> tuple[dict[str, Path], list[str]]:
+    """(regular files by relative POSIX name, entries that may not be in a model dir)."""
+    files: dict[str, Path] = {}
+    refused: list[str] = []
+    stack = [(Path(model_dir), "")]
+    while stack:
+        d, prefix = stack.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            raise InputError(f"--model {model_dir}: cannot list {d}: {e.strerror}") from None
+        for e in entries:
+            rel = prefix + e.name
+            st = e.stat(follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                try:
+                    target = os.readlink(e.path)
+                except OSError:
+                    target = "?"
+                refused.append(f"{rel}: a symlink (-> {target}); a model dir holds only regular files")
+            elif stat.S_ISDIR(st.st_mode):
+                stack.append((Path(e.path), rel + "/"))
+            elif stat.S_ISREG(st.st_mode):
+                files[rel] = Path(e.path)
+            else:
+                kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                        else "a device")
+                refused.append(f"{rel}: {kind}; a model dir holds only regular files")
+    return files, refused
+
+
+def inspect(st: Statement, model_dir: Path, *, sha256: bool) -> ModelDirResult:
+    """Hash and check every file of `model_dir` against the statement. Raises InputError if
+    the directory cannot be read at all."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise InputError(f"--model {model_dir}: not a directory")
+    present, refused = scan(model_dir)
+    subjects = {s.name: s.digest for s in st.subject}
+    b3 = {name: d.blake3 for name, d in st.predicate.runDetails.provenance_outputs.files.items()}
+    res = ModelDirResult()
+    res.unlisted = refused + [f"{n}: {describe(n)}, not among the signed subjects"
+                              for n in sorted(set(present) - set(subjects))]
+    res.missing = sorted(set(subjects) - set(present))
+    for name in sorted(set(subjects) & set(present)):
+        try:
+            fd = os.open(present[name], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:
+            res.files[name] = FileResult(name, {}, False, f"cannot open: {e.strerror}")
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                res.unlisted.append(f"{name}: changed into a non-regular file while being checked")
+                continue
+            if name.lower().endswith(".safetensors"):
+                try:
+                    check_fd(fd)
+                except SafetensorsError as e:
+                    res.structure.append(f"{name}: {e}")
+            got = hash_fd(fd, sha256=sha256)
+        finally:
+            os.close(fd)
+        want_sha = subjects[name].get("sha256")
+        problems = []
+        if got["blake3"] != b3[name]:
+            problems.append(f"blake3 expected {b3[name]}, got {got['blake3']}")
+        if sha256 and got["sha256"] != want_sha:
+            problems.append(f"sha256 expected {want_sha}, got {got['sha256']}")
+        res.files[name] = FileResult(name, got, not problems, "; ".join(problems))
+    return res
+
+
+def report_exact(report, res: ModelDirResult, *, sha256: bool, judged_elsewhere: frozenset[str] = frozenset()) -> None:
+    """The `verified` question: every file exact, nothing else in the directory.
+
+    `judged_elsewhere` names files whose difference another check judges (the reproduced question)."""
+    algos = "blake3 and sha256" if sha256 else "blake3"
+    bad = [f"{n}: missing" for n in res.missing] + [f"{n}: {res.files[n].detail}" for n in res.differing
+                                                   if n not in judged_elsewhere]
+    same = sum(1 for f in res.files.values() if f.matches)
+    other = len(res.files) - same
+    report.add("model-files", not bad, "; ".join(bad) or f"{same} file(s) match the signed digests ({algos})"
+               + (f"; {other} weight file(s) differ and are judged below" if other else ""))
+    report.add("unlisted-files", not res.unlisted,
+               "; ".join(res.unlisted) or "the directory holds the signed files and nothing else")
+    n_st = sum(1 for n in res.files if n.lower().endswith(".safetensors"))
+    report.add("safetensors", not res.structure,
+               "; ".join(res.structure) or f"{n_st} safetensors file(s) well formed: tensors tile the data exactly")

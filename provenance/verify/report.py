@@ -1,0 +1,65 @@
+"""The verifier's report: named checks, each passed or failed with a one-line detail."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Check:
+    check: str
+    ok: bool
+    detail: str
+
+    def as_dict(self) -> dict:
+        return {"check": self.check, "ok": self.ok, "detail": self.detail}
+
+
+@dataclass
+class Report:
+    """Checks in the order they ran. `question` is "verified" (exact) or "reproduced" (tolerance)."""
+
+    checks: list[Check] = field(default_factory=list)
+    statement: dict | None = None  # the signed payload, as parsed JSON
+    parsed: object | None = None  # the same, as attest.model.Statement
+    question: str = "verified"
+    verdict: str | None = None  # the reproduced question's answer: "bitwise" | "within tolerance" | "diverged"
+    divergence: dict | None = None
+
+    def add(self, check: str, ok: bool, detail: str) -> bool:
+        self.checks.append(Check(check, ok, detail))
+        return ok
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    @property
+    def result(self) -> str:
+        """The one line that answers the question asked (docs/threat-model.md)."""
+        if self.question == "reproduced":
+            if self.ok and self.verdict in ("bitwise", "within tolerance"):
+                return f"reproduced ({self.verdict})"
+            if self.verdict == "diverged":
+                return "diverged"
+            return "FAILED"
+        return "verified" if self.ok else "FAILED"
+
+    def as_dict(self) -> dict:
+        out = {"ok": self.ok, "question": self.question, "result": self.result,
+               "checks": [c.as_dict() for c in self.checks]}
+        if self.verdict is not None:
+            out["verdict"] = self.verdict
+        if self.divergence:
+            out["divergence"] = self.divergence
+        return out
+
+
+def render(report: Report) -> str:
+    width = max((len(c.check) for c in report.checks), default=5)
+    lines = [f"{'PASS' if c.ok else 'FAIL'}  {c.check:<{width}}  {c.detail}" for c in report.checks]
+    asked = ("question: is this a rebuild of the attested model? (--reproduced)" if report.question == "reproduced"
+             else "question: are these exactly the attested files?")
+    lines.append(asked)
+    lines.append(f"verdict: {report.result}")
+    return "\n".join(lines)
