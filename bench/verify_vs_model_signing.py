@@ -4,9 +4,12 @@
 Each command is timed as a whole process with /usr/bin/time -v (wall seconds and peak RSS),
 several runs after one warm-up (page cache warm for all three). Prints medians and ratios:
 
-    model_signing / verify-attestation   goal >= 3
-    verify-attestation / b3sum           goal <= 1.5
+    model_signing / verify-attestation   goal >= 4
+    verify-attestation / b3sum           goal <= 1.2
     verify-attestation peak RSS          goal < 256 MiB
+
+verify-attestation runs the exact (closed-set) checks: every file hashed, every safetensors file
+checked structurally, nothing unlisted.
 
 Set-up it does itself: a separate venv for model-signing (+ pyOpenSSL, which it needs but does
 not declare), `apt-get install b3sum` when missing (needs root), the model dir, keys and
@@ -68,18 +71,24 @@ def make_model_dir(d: Path, gib: float) -> None:
 
 def attest(d: Path, work: Path) -> tuple[Path, Path]:
     """Sign a statement over the model dir's files the way `provenance build` does."""
-    from provenance.attest.statement import BUILD_TYPE, BUILDER_ID, PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE, canonical
-    from provenance._internal.hashing import hash_file
+    from provenance._internal.hashing import hash_bytes, hash_file
+    from provenance.attest.model import (BUILD_TYPE, LOCAL_BUILDER_ID, PAYLOAD_TYPE, PREDICATE_TYPE,
+                                         STATEMENT_TYPE, parse_statement)
     from provenance.attest.sign import envelope_line, keygen, load_signer, sign_envelope
+    from provenance.attest.statement import canonical
 
     files = {p.name: hash_file(p) for p in sorted(d.iterdir())}
+    recipe = "[recipe]\nname = 'bench'\n"
     st = {"_type": STATEMENT_TYPE, "predicateType": PREDICATE_TYPE,
           "subject": [{"name": n, "digest": {"sha256": h["sha256"]}} for n, h in files.items()],
-          "predicate": {"buildDefinition": {"buildType": BUILD_TYPE, "externalParameters": {},
-                                            "resolvedDependencies": []},
-                        "runDetails": {"builder": {"id": BUILDER_ID},
+          "predicate": {"buildDefinition": {"buildType": BUILD_TYPE, "resolvedDependencies": [],
+                                            "externalParameters": {"recipe": {
+                                                "path": "bench.toml", "content": recipe,
+                                                "digest": hash_bytes(recipe.encode())}}},
+                        "runDetails": {"builder": {"id": LOCAL_BUILDER_ID},
                                        "provenance_outputs": {"files": {n: {"blake3": h["blake3"]}
                                                                         for n, h in files.items()}}}}}
+    assert parse_statement(st)[1] == []
     priv, pub = keygen(work / "keys", name="bench")
     att = work / "attestation.intoto.jsonl"
     att.write_bytes(envelope_line(sign_envelope(canonical(st), PAYLOAD_TYPE, [load_signer(priv)])))
@@ -144,8 +153,8 @@ def main() -> None:
         med[k] = (statistics.median(walls), statistics.median(r for _, r in runs))
         print(f"  {k:20s} {med[k][0]:7.3f} s  (min {min(walls):.3f}, max {max(walls):.3f})  {med[k][1]:7.1f} MiB")
     v = med["verify-attestation"][0]
-    print(f"model_signing / verify-attestation = {med['model_signing'][0] / v:.2f}  (goal >= 3)")
-    print(f"verify-attestation / b3sum         = {v / med['b3sum'][0]:.2f}  (goal <= 1.5)")
+    print(f"model_signing / verify-attestation = {med['model_signing'][0] / v:.2f}  (goal >= 4)")
+    print(f"verify-attestation / b3sum         = {v / med['b3sum'][0]:.2f}  (goal <= 1.2)")
     print(f"verify-attestation peak RSS        = {med['verify-attestation'][1]:.0f} MiB  (goal < 256)")
 
 

@@ -1,6 +1,8 @@
-"""The command line: parse, dispatch, report. Library errors are printed once, without a traceback.
+"""The command line: parse, dispatch, report. The one place that maps errors to exit codes.
 
-Exit codes (DESIGN.md §3): 0 success, 1 checked and failed, 2 could not check.
+Exit codes (README.md, "Commands"): 0 success, 1 checked and failed, 2 could not check. A library
+error is printed once, without a traceback; an unexpected exception is exit 2 with "internal
+error", and a traceback only with --debug.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Errors that reach the user, each carrying its exit code.
 
 The CLI catches `ProvenanceError` once around every command and prints
-`diagnostics()` without a traceback (DESIGN.md §3: 2 = could not check, 1 = checked and failed).
+`diagnostics()` without a traceback (README.md: 2 = could not check, 1 = checked and failed).
 """
 
 from __future__ import annotations

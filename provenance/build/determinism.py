@@ -1,7 +1,7 @@
 """Every knob that can change the bits, set in one place and returned as a record for build.json.
 
 Call `apply()` once, before the model is built. On CUDA it also fixes cuDNN, TF32 and the
-cuBLAS workspace (DESIGN.md §5); on the CPU those flags are set too, and are inert.
+cuBLAS workspace (docs/reproducibility.md); on the CPU those flags are set too, and are inert.
 """
 
 from __future__ import annotations

@@ -182,10 +182,14 @@ def test_rebuild_writes_a_signed_vsa(builds, keys, store, tmp_path):
 def test_gate_passes_bitwise_and_writes_junit(builds, keys, store, tmp_path):
     out, _ = builds["native"]
     junit = tmp_path / "junit.xml"
+    # The job's builder identity (docs/ci.md) must not change whom the gate trusts for the reference.
+    ci_id = "https://github.com/example/repo/.github/workflows/reproducibility.yml"
     p = run_cli("gate", "--recipe", str(TINY), "--reference", str(out / "attestation.intoto.jsonl"),
                 "--attestation-key", str(keys / "k.pub"), "--out", str(tmp_path / "g"), "--junit", str(junit),
-                "--key", str(keys / "k.key"), store=store)
+                "--key", str(keys / "k.key"), store=store, env={"PROVENANCE_BUILDER_ID": ci_id})
     assert p.returncode == 0, p.stdout + p.stderr
+    rebuilt = json.loads(base64.b64decode(json.loads((tmp_path / "g" / "attestation.intoto.jsonl").read_text())["payload"]))
+    assert rebuilt["predicate"]["runDetails"]["builder"]["id"] == ci_id
     assert "bitwise required" in p.stdout and p.stdout.strip().endswith("gate: PASSED: reproduced (bitwise)")
     suite = ET.parse(junit).getroot().find("testsuite")
     assert suite.get("failures") == "0" and int(suite.get("tests")) >= 5
