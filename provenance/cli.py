@@ -121,10 +121,15 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .verify import render, verify
-
     if args.reproduced and not args.model:
         raise InputError("--reproduced judges a model dir: pass --model DIR")
+    prefetch = None
+    if args.model and Path(args.model).is_dir():
+        from .verify.model_dir import Prefetch  # hashing starts now, while the rest is imported and checked
+
+        prefetch = Prefetch(Path(args.model), sha256=args.sha256)
+    from .verify import render, verify
+
     report = verify(Path(args.attestation), keys=[Path(k) for k in args.key], threshold=args.threshold,
                     model=Path(args.model) if args.model else None, recipe=Path(args.recipe) if args.recipe else None,
                     inputs=args.inputs, store=Path(args.store) if args.store else None,
@@ -132,7 +137,7 @@ def cmd_verify(args) -> int:
                     identity=args.identity, issuer=args.issuer,
                     trust_config=Path(args.trust_config) if args.trust_config else None,
                     trusted_root=Path(args.trusted_root) if args.trusted_root else None,
-                    staging=args.sigstore_staging, check_model=not args.reproduced)
+                    staging=args.sigstore_staging, check_model=not args.reproduced, prefetch=prefetch)
     if args.reproduced:
         report.question = "reproduced"
         if report.ok:
@@ -140,7 +145,7 @@ def cmd_verify(args) -> int:
             from .verify.policy import load_policy
 
             bounds = load_policy(Path(args.policy) if args.policy else None).reproduced
-            check_reproduced(report, report.parsed, Path(args.model), bounds, sha256=args.sha256)
+            check_reproduced(report, report.parsed, Path(args.model), bounds, sha256=args.sha256, prefetch=prefetch)
     if args.json:
         _emit_json(report.as_dict())
     else:

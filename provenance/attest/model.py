@@ -1,10 +1,13 @@
 """The one model of what this project signs: an in-toto Statement v1 carrying SLSA Provenance v1.
 
-The writer (attest/statement.py) validates every statement it signs against these models, and
-the verifier (verify/) parses every statement it reads with them, so what is written is exactly
-what is accepted. in-toto says consumers must ignore unknown fields, so the Statement and the
-predicate's open objects ignore them; SLSA says verifiers should reject unknown
-`externalParameters`, so that object, and this project's own extension objects, forbid them.
+The writer (attest/statement.py) validates every statement it signs against this model, and
+the verifier (verify/) parses every statement it reads with it, so what is written is exactly
+what is accepted. Plain frozen dataclasses and one parser that collects every problem with its
+dotted path: the verifier's exact path imports no validation framework, which keeps its start-up
+cost small next to hashing (docs/benchmarks.md). in-toto says consumers must ignore unknown
+fields, so the Statement and the predicate's open objects ignore them; SLSA says verifiers should
+reject unknown `externalParameters`, so that object, and this project's own extension objects,
+refuse them.
 Subject names are paths inside the model directory and are validated before anyone uses them.
 """
 
@@ -13,9 +16,7 @@ from __future__ import annotations
 import posixpath
 import re
 import unicodedata
-from typing import Annotated
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from dataclasses import dataclass, field
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -24,8 +25,9 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 BUILD_TYPE = "https://provenance.invalid/build-types/recipe/v1"
 LOCAL_BUILDER_ID = "https://provenance.invalid/builders/local/v1"
 RFC3339 = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$"
-Hex = Annotated[str, Field(pattern=r"^[0-9a-f]+$")]
-Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+HEX = re.compile(r"[0-9a-f]+")
+HEX64 = re.compile(r"[0-9a-f]{64}")
+RFC3339_RE = re.compile(RFC3339)
 # The digest algorithms this project can check; a digest set naming none of them checks nothing.
 CHECKABLE = ("sha256", "blake3")
 
@@ -53,167 +55,245 @@ def subject_name_problem(name: object) -> str | None:
     return None
 
 
-class Open(BaseModel):
-    """An object whose unknown fields are ignored (in-toto: consumers must ignore them)."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
-
-
-class Closed(BaseModel):
-    """An object this project defines completely: unknown fields are refused."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+class _Problems(list):
+    def add(self, loc: str, msg: str) -> None:
+        self.append(f"{loc}: {msg}")
 
 
-class ResourceDescriptor(Open):
+def _is_obj(v: object, loc: str, p: _Problems) -> bool:
+    if not isinstance(v, dict):
+        p.add(loc, "must be an object" if v is not None else "required field is missing")
+        return False
+    return True
+
+
+def _closed(d: dict, allowed: set[str], loc: str, p: _Problems) -> None:
+    for k in sorted(set(d) - allowed):
+        p.add(f"{loc}.{k}", "unknown field (refused: docs/build-type.md lists every field)")
+
+
+def _str(d: dict, key: str, loc: str, p: _Problems, *, required: bool = True) -> str | None:
+    v = d.get(key)
+    if v is None:
+        if required:
+            p.add(f"{loc}.{key}", "required field is missing")
+        return None
+    if not isinstance(v, str):
+        p.add(f"{loc}.{key}", "must be a string")
+        return None
+    return v
+
+
+def _digest(v: object, loc: str, p: _Problems) -> dict[str, str] | None:
+    if not isinstance(v, dict):
+        p.add(loc, "must be an object mapping algorithm names to lowercase hex")
+        return None
+    for k, h in v.items():
+        if not isinstance(h, str) or not HEX.fullmatch(h):
+            p.add(f"{loc}.{k}", "must be lowercase hex")
+            return None
+    return dict(v)
+
+
+@dataclass(frozen=True)
+class ResourceDescriptor:
     name: str | None = None
     uri: str | None = None
-    digest: dict[str, Hex] | None = None
+    digest: dict[str, str] | None = None
     content: str | None = None
-    downloadLocation: str | None = None
-    mediaType: str | None = None
     annotations: dict | None = None
 
-    @model_validator(mode="after")
-    def _one_of(self) -> ResourceDescriptor:
-        if self.uri is None and self.digest is None and self.content is None:
-            raise ValueError("a ResourceDescriptor needs one of uri, digest, content")
-        return self
+    @classmethod
+    def parse(cls, v: object, loc: str, p: _Problems) -> ResourceDescriptor | None:
+        if not _is_obj(v, loc, p):
+            return None
+        n = len(p)
+        name, uri, content = (_str(v, k, loc, p, required=False) for k in ("name", "uri", "content"))
+        digest = _digest(v["digest"], f"{loc}.digest", p) if "digest" in v else None
+        ann = v.get("annotations")
+        if ann is not None and not isinstance(ann, dict):
+            p.add(f"{loc}.annotations", "must be an object")
+        if uri is None and digest is None and content is None:
+            p.add(loc, "a ResourceDescriptor needs one of uri, digest, content")
+        return cls(name, uri, digest, content, ann) if len(p) == n else None
 
 
-class Subject(ResourceDescriptor):
+@dataclass(frozen=True)
+class Subject:
     """A model file: its path inside the model directory, and its sha256."""
 
     name: str
-    digest: dict[str, Hex]
+    digest: dict[str, str]
 
-    @field_validator("name")
     @classmethod
-    def _name(cls, v: str) -> str:
-        problem = subject_name_problem(v)
+    def parse(cls, v: object, loc: str, p: _Problems) -> Subject | None:
+        if not _is_obj(v, loc, p):
+            return None
+        name = _str(v, "name", loc, p)
+        problem = subject_name_problem(name) if name is not None else None
         if problem:
-            raise ValueError(f"subject name {v!r} {problem}")
-        return v
-
-    @field_validator("digest")
-    @classmethod
-    def _sha256(cls, v: dict[str, str]) -> dict[str, str]:
-        if not re.fullmatch(r"[0-9a-f]{64}", v.get("sha256", "")):
-            raise ValueError("a subject's digest must hold a 64-hex-digit sha256")
-        return v
+            p.add(f"{loc}.name", f"subject name {name!r} {problem}")
+            return None
+        digest = _digest(v.get("digest"), f"{loc}.digest", p)
+        if digest is not None and not HEX64.fullmatch(digest.get("sha256", "")):
+            p.add(f"{loc}.digest", "a subject's digest must hold a 64-hex-digit sha256")
+            return None
+        return cls(name, digest) if name is not None and digest is not None else None
 
 
-class RecipeParameter(Closed):
+@dataclass(frozen=True)
+class RecipeParameter:
     path: str
-    digest: dict[str, Hex]
+    digest: dict[str, str]
     content: str
 
-    @field_validator("digest")
     @classmethod
-    def _checkable(cls, v: dict[str, str]) -> dict[str, str]:
-        if not any(a in v for a in CHECKABLE):
-            raise ValueError(f"the recipe digest names no algorithm this verifier checks ({', '.join(CHECKABLE)}): "
-                             f"{sorted(v)}")
-        for a in CHECKABLE:
-            if a in v and not re.fullmatch(r"[0-9a-f]{64}", v[a]):
-                raise ValueError(f"recipe digest {a} must be 64 hex digits")
-        return v
+    def parse(cls, v: object, loc: str, p: _Problems) -> RecipeParameter | None:
+        if not _is_obj(v, loc, p):
+            return None
+        n = len(p)
+        _closed(v, {"path", "digest", "content"}, loc, p)
+        path, content = _str(v, "path", loc, p), _str(v, "content", loc, p)
+        digest = _digest(v.get("digest"), f"{loc}.digest", p)
+        if digest is not None:
+            if not any(a in digest for a in CHECKABLE):
+                p.add(f"{loc}.digest", f"names no algorithm this verifier checks ({', '.join(CHECKABLE)}): "
+                      f"{sorted(digest)}")
+            for a in CHECKABLE:
+                if a in digest and not HEX64.fullmatch(digest[a]):
+                    p.add(f"{loc}.digest.{a}", "must be 64 hex digits")
+        return cls(path, digest, content) if len(p) == n else None
 
 
-class ExternalParameters(Closed):
-    """SLSA: verifiers should reject external parameters they do not know; the recipe is the only one."""
-
-    recipe: RecipeParameter
-
-
-class BuildDefinition(Open):
+@dataclass(frozen=True)
+class BuildDefinition:
     buildType: str
-    externalParameters: ExternalParameters
-    internalParameters: dict = {}
-    resolvedDependencies: list[ResourceDescriptor] = []
+    recipe: RecipeParameter  # externalParameters.recipe: SLSA asks verifiers to reject unknown external parameters
+    internalParameters: dict
+    resolvedDependencies: tuple[ResourceDescriptor, ...]
 
 
-class Builder(Open):
-    id: str
-    version: dict[str, str] = {}
-    builderDependencies: list[ResourceDescriptor] = []
-
-
-class BuildMetadata(Open):
-    invocationId: str | None = None
-    startedOn: Annotated[str, Field(pattern=RFC3339)] | None = None
-    finishedOn: Annotated[str, Field(pattern=RFC3339)] | None = None
-
-
-class FileDigest(Closed):
-    blake3: Hex64
-
-
-class Outputs(Open):
+@dataclass(frozen=True)
+class Outputs:
     """runDetails.provenance_outputs: this project's vendor extension (SLSA's `<vendor>_<field>`)."""
 
-    files: dict[str, FileDigest]
-    tensors: dict = {}
-    recitation: dict | None = None
+    files: dict[str, str]  # subject name -> blake3
+    tensors: dict = field(default_factory=dict)
     output_license: str | None = None
-    input_licenses: list[str] = []
     fingerprint: dict | None = None
 
 
-class RunDetails(Open):
-    builder: Builder
-    metadata: BuildMetadata = BuildMetadata()
-    byproducts: list[ResourceDescriptor] = []
+@dataclass(frozen=True)
+class RunDetails:
+    builder_id: str
     provenance_outputs: Outputs
 
 
-class Provenance(Open):
+@dataclass(frozen=True)
+class Statement:
+    subject: tuple[Subject, ...]
+    predicateType: str
     buildDefinition: BuildDefinition
     runDetails: RunDetails
 
+    @property
+    def recipe(self) -> RecipeParameter:
+        return self.buildDefinition.recipe
 
-class Statement(Open):
-    type_: str = Field(alias="_type")
-    subject: Annotated[list[Subject], Field(min_length=1)]
-    predicateType: str
-    predicate: Provenance
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Statement:
-        names = [s.name for s in self.subject]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"subject names must be unique, repeated: {dup}")
-        files = set(self.predicate.runDetails.provenance_outputs.files)
-        if files != set(names):
-            raise ValueError(f"subjects and runDetails.provenance_outputs.files list different files: "
-                             f"{sorted(files ^ set(names))}")
-        return self
+    @property
+    def files(self) -> dict[str, str]:
+        return self.runDetails.provenance_outputs.files
 
 
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(statement)"
+def _build_definition(v: object, loc: str, p: _Problems) -> BuildDefinition | None:
+    if not _is_obj(v, loc, p):
+        return None
+    n = len(p)
+    bt = _str(v, "buildType", loc, p)
+    ext = v.get("externalParameters")
+    recipe = None
+    if _is_obj(ext, f"{loc}.externalParameters", p):
+        _closed(ext, {"recipe"}, f"{loc}.externalParameters", p)
+        recipe = RecipeParameter.parse(ext.get("recipe"), f"{loc}.externalParameters.recipe", p)
+    internal = v.get("internalParameters", {})
+    if not isinstance(internal, dict):
+        p.add(f"{loc}.internalParameters", "must be an object")
+    deps = v.get("resolvedDependencies", [])
+    parsed = []
+    if not isinstance(deps, list):
+        p.add(f"{loc}.resolvedDependencies", "must be an array")
+    else:
+        parsed = [ResourceDescriptor.parse(d, f"{loc}.resolvedDependencies[{i}]", p) for i, d in enumerate(deps)]
+    return BuildDefinition(bt, recipe, internal, tuple(parsed)) if len(p) == n else None
 
 
-def statement_problems(err: ValidationError) -> list[str]:
-    """One line per problem, with its dotted path."""
-    out = []
-    for e in err.errors(include_url=False):
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field (refused: docs/build-type.md lists every field)"
-        elif e["type"] == "missing":
-            msg = "required field is missing"
-        out.append(f"{_loc(e['loc'])}: {msg}")
-    return out
+def _run_details(v: object, loc: str, p: _Problems) -> RunDetails | None:
+    if not _is_obj(v, loc, p):
+        return None
+    n = len(p)
+    builder = v.get("builder")
+    bid = _str(builder, "id", f"{loc}.builder", p) if _is_obj(builder, f"{loc}.builder", p) else None
+    meta = v.get("metadata", {})
+    if _is_obj(meta, f"{loc}.metadata", p):
+        for k in ("startedOn", "finishedOn"):
+            t = _str(meta, k, f"{loc}.metadata", p, required=False)
+            if t is not None and not RFC3339_RE.fullmatch(t):
+                p.add(f"{loc}.metadata.{k}", "must be an RFC 3339 timestamp")
+    byproducts = v.get("byproducts", [])
+    if not isinstance(byproducts, list):
+        p.add(f"{loc}.byproducts", "must be an array")
+    else:
+        for i, b in enumerate(byproducts):
+            ResourceDescriptor.parse(b, f"{loc}.byproducts[{i}]", p)
+    out, outputs = v.get("provenance_outputs"), None
+    oloc = f"{loc}.provenance_outputs"
+    if _is_obj(out, oloc, p):
+        files = out.get("files")
+        names: dict[str, str] = {}
+        if _is_obj(files, f"{oloc}.files", p):
+            for name, d in files.items():
+                if not isinstance(d, dict) or set(d) != {"blake3"} or not isinstance(d["blake3"], str) \
+                        or not HEX64.fullmatch(d["blake3"]):
+                    p.add(f"{oloc}.files.{name}", "must be exactly {\"blake3\": <64 hex digits>}")
+                else:
+                    names[name] = d["blake3"]
+        lic = out.get("output_license")
+        if lic is not None and not isinstance(lic, str):
+            p.add(f"{oloc}.output_license", "must be a string")
+        tensors, fp = out.get("tensors", {}), out.get("fingerprint")
+        outputs = Outputs(names, tensors if isinstance(tensors, dict) else {}, lic,
+                          fp if isinstance(fp, dict) else None)
+    return RunDetails(bid, outputs) if len(p) == n else None
 
 
 def parse_statement(obj: object) -> tuple[Statement | None, list[str]]:
-    """(Statement, []) or (None, problems)."""
-    try:
-        return Statement.model_validate(obj), []
-    except ValidationError as e:
-        return None, statement_problems(e)
+    """(Statement, []) or (None, every problem with its dotted path)."""
+    p = _Problems()
+    if not _is_obj(obj, "(statement)", p):
+        return None, p
+    if obj.get("_type") != STATEMENT_TYPE:
+        p.add("_type", f"must be {STATEMENT_TYPE!r}")
+    pt = _str(obj, "predicateType", "(statement)", p)
+    subjects = obj.get("subject")
+    parsed: list[Subject | None] = []
+    if not isinstance(subjects, list) or not subjects:
+        p.add("subject", "must be a non-empty array")
+    else:
+        parsed = [Subject.parse(s, f"subject[{i}]", p) for i, s in enumerate(subjects)]
+        names = [s.name for s in parsed if s is not None]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            p.add("subject", f"subject names must be unique, repeated: {dup}")
+    pred = obj.get("predicate")
+    bd = rd = None
+    if _is_obj(pred, "predicate", p):
+        bd = _build_definition(pred.get("buildDefinition"), "predicate.buildDefinition", p)
+        rd = _run_details(pred.get("runDetails"), "predicate.runDetails", p)
+    if rd is not None and parsed and all(parsed):
+        names = {s.name for s in parsed}
+        if set(rd.provenance_outputs.files) != names:
+            p.add("predicate.runDetails.provenance_outputs.files",
+                  f"subjects and files list different names: {sorted(set(rd.provenance_outputs.files) ^ names)}")
+    if p:
+        return None, list(p)
+    return Statement(tuple(parsed), pt, bd, rd), []

@@ -105,12 +105,23 @@ def build_model(spec: Model, vocab_size: int, special: dict[str, int], seed: int
     return model.to(torch.float32)
 
 
+SAFETENSORS_DTYPES = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                      "int32": "I32", "uint8": "U8", "bool": "BOOL"}
+
+
 def param_digest(model) -> str:
-    h = blake3.blake3()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode() + b"\0")
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    """blake3-tensors-v1 of the model's state dict: the same digest `build.json` gives the saved
+    weights, so a transcript's last `params` equals the weights digest (docs/formats.md)."""
+    import torch
+
+    from .._internal.hashing import tensors_digest
+
+    def raw(t):
+        t = t.detach().cpu().contiguous()
+        return t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+    return tensors_digest((name, SAFETENSORS_DTYPES[str(p.dtype).removeprefix("torch.")], list(p.shape), raw(p))
+                          for name, p in model.state_dict().items())
 
 
 @dataclass

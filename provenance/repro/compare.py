@@ -128,7 +128,7 @@ class Verdict:
 
 def judge(metrics: dict, bounds: Bounds, per_tensor: dict[str, float] | None = None) -> list[str]:
     """Reasons the metrics fall outside the bounds (empty when within)."""
-    b = bounds.model_dump()
+    b = bounds.as_dict()
     reasons = []
     checks = [("rel_l2", "max_rel_l2", lambda v, t: v <= t), ("cosine", "min_cosine", lambda v, t: v >= t),
               ("eval_loss_diff", "max_eval_loss_diff", lambda v, t: v <= t),
@@ -175,7 +175,7 @@ def compare(dir_a: Path, dir_b: Path, *, bounds: Bounds | None = None, functiona
     tm = tensor_metrics(ta, tb)
     fp = _beside(dir_a, "fingerprint.json")
     bounds, notes = (bounds or Bounds()).tightened_by((fp or {}).get("tolerances"))
-    metrics: dict = {"tensors": tm["tensors"], "overall": tm["overall"], "bounds": bounds.model_dump(),
+    metrics: dict = {"tensors": tm["tensors"], "overall": tm["overall"], "bounds": bounds.as_dict(),
                      "bounds_notes": notes}
     if tm["problems"]:
         return Verdict(DIVERGED, tm["problems"], metrics)
@@ -208,7 +208,7 @@ def judge_against_fingerprint(fp: object, mdir: Path, bounds: Bounds) -> Verdict
     if not isinstance(fp, dict) or fp.get("format") != FINGERPRINT_FORMAT:
         return Verdict(DIVERGED, ["the attestation carries no fingerprint this verifier reads"], {})
     bounds, notes = bounds.tightened_by(fp.get("tolerances"))
-    metrics: dict = {"bounds": bounds.model_dump(), "bounds_notes": notes}
+    metrics: dict = {"bounds": bounds.as_dict(), "bounds_notes": notes}
     weights = mdir / "model.safetensors"
     if weights_digest(weights) == fp.get("tensor_digest"):
         return Verdict(BITWISE, [], metrics)

@@ -36,13 +36,13 @@ def verified_statement(attestation: Path, keys: list[Path], policy: Path | None 
 
 def recipe_file_name(st) -> str:
     """The embedded recipe's file name if it is a plain `NAME.toml`, else `recipe.toml` (never a path)."""
-    name = st.predicate.buildDefinition.externalParameters.recipe.path
+    name = st.recipe.path
     return name if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.toml", name) else "recipe.toml"
 
 
 def embedded_recipe(st, dest: Path) -> Path:
     """Write the verified statement's embedded recipe (its digest already checked) into `dest`."""
-    rec = st.predicate.buildDefinition.externalParameters.recipe
+    rec = st.recipe
     dest.mkdir(parents=True, exist_ok=True)
     path = dest / recipe_file_name(st)
     from .._internal.atomic import atomic_write_bytes

@@ -18,10 +18,11 @@ from .compare import BITWISE, DIVERGED, WITHIN, judge_against_fingerprint
 WEIGHTS = "model.safetensors"
 
 
-def check_reproduced(report: Report, st, model_dir: Path, bounds: Bounds, *, sha256: bool = False) -> None:
+def check_reproduced(report: Report, st, model_dir: Path, bounds: Bounds, *, sha256: bool = False,
+                     prefetch=None) -> None:
     """Add the model-dir checks and the `reproduced` check to `report` (st: attest.model.Statement)."""
     report.question = "reproduced"
-    res = inspect(st, Path(model_dir), sha256=sha256)
+    res = inspect(st, Path(model_dir), sha256=sha256, prefetch=prefetch)
     judged = frozenset({WEIGHTS}) if WEIGHTS in res.differing else frozenset()
     report_exact(report, res, sha256=sha256, judged_elsewhere=judged)
     if not report.ok:
@@ -31,7 +32,7 @@ def check_reproduced(report: Report, st, model_dir: Path, bounds: Bounds, *, sha
         report.verdict = BITWISE
         report.add("reproduced", True, "every file is bitwise equal to the attested one")
         return
-    fp = st.predicate.runDetails.provenance_outputs.fingerprint
+    fp = st.runDetails.provenance_outputs.fingerprint
     v = judge_against_fingerprint(fp, Path(model_dir), bounds)
     report.verdict = v.verdict
     report.divergence = v.metrics
@@ -41,6 +42,10 @@ def check_reproduced(report: Report, st, model_dir: Path, bounds: Bounds, *, sha
             f"(from {fp.get('projections')} projections), eval loss diff {f['eval_loss_diff']:.3g}, "
             f"greedy agreement {f['greedy_agreement']:.4f}") if f else ""
     ok = v.verdict in (BITWISE, WITHIN)
+    if v.verdict == BITWISE:
+        report.add("reproduced", True, f"{WEIGHTS} differs from the attested file, but its tensors are bitwise equal "
+                   "(blake3-tensors-v1): only the header or metadata differs")
+        return
     detail = f"{WEIGHTS} is not bitwise equal; judged against the signed fingerprint: {v.verdict}"
     detail += (f": {nums}" if nums else "") + ("" if ok else f"; {'; '.join(v.reasons)}")
     notes = v.metrics.get("bounds_notes") or []

@@ -18,7 +18,7 @@ from .report import Check, Report, render  # noqa: F401
 
 def load_keys(paths: list[Path], threshold: int) -> list:
     """Distinct public keys; the threshold must be reachable. Raises InputError (exit 2)."""
-    from ..attest.sign import load_public_key
+    from .keys import load_public_key
     from .envelope import distinct_keys
 
     if not paths:
@@ -36,10 +36,11 @@ def verify(attestation: Path, *, keys: list[Path], threshold: int = 1, model: Pa
            recipe: Path | None = None, inputs: bool = False, store: Path | None = None,
            policy_path: Path | None = None, sha256: bool = False, identity: str | None = None,
            issuer: str | None = None, trust_config: Path | None = None, trusted_root: Path | None = None,
-           staging: bool = False, check_model: bool = True) -> Report:
+           staging: bool = False, check_model: bool = True, prefetch=None) -> Report:
     """Run every applicable check. Raises InputError when a check cannot be made (exit 2).
 
-    With `check_model=False` the model dir is left to the caller (the reproduced question)."""
+    With `check_model=False` the model dir is left to the caller (the reproduced question).
+    `prefetch` (model_dir.Prefetch) lets hashing start before the signature is checked."""
     from .checks import inputs_check, policy_check, recipe_file_check, statement_checks
     from .envelope import read_attestation, verify_bundle, verify_dsse
     from .policy import load_policy
@@ -62,7 +63,7 @@ def verify(attestation: Path, *, keys: list[Path], threshold: int = 1, model: Pa
     if model is not None and check_model:
         from .model_dir import inspect, report_exact
 
-        report_exact(report, inspect(st, Path(model), sha256=sha256), sha256=sha256)
+        report_exact(report, inspect(st, Path(model), sha256=sha256, prefetch=prefetch), sha256=sha256)
     if recipe is not None:
         recipe_file_check(report, st, Path(recipe))
     derived = inputs_check(report, st, store) if inputs else None

@@ -35,11 +35,11 @@ def statement_checks(report: Report, obj: object, policy: Policy) -> Statement |
                       "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
                       if problems else "in-toto Statement v1 and SLSA Provenance v1 field rules hold"):
         return None
-    bt = st.predicate.buildDefinition.buildType
+    bt = st.buildDefinition.buildType
     ok = report.add("build-type", bt in policy.allowed_build_types,
                     bt + ("" if bt in policy.allowed_build_types else f" is not an allowed build type "
                           f"(allowed: {policy.allowed_build_types})"))
-    bid = st.predicate.runDetails.builder.id
+    bid = st.runDetails.builder_id
     ok &= report.add("builder-id", bid in policy.allowed_builders,
                      bid + ("" if bid in policy.allowed_builders else f" is not an allowed builder "
                             f"(allowed: {policy.allowed_builders}; a policy file's allowed_builders names others)"))
@@ -57,7 +57,7 @@ def _mismatches(want: dict[str, str], got: dict[str, str]) -> list[str]:
 
 def embedded_recipe_check(report: Report, st: Statement) -> bool:
     """The embedded recipe text must hash to every recorded digest this verifier knows."""
-    rec = st.predicate.buildDefinition.externalParameters.recipe
+    rec = st.recipe
     bad = _mismatches(rec.digest, recipe_digests(rec.content.encode()))
     return report.add("recipe-embedded", not bad,
                       "the embedded recipe does not match its recorded digest: " + "; ".join(bad) if bad
@@ -69,7 +69,7 @@ def recipe_file_check(report: Report, st: Statement, recipe_path: Path) -> None:
     from .envelope import read_regular_file
 
     data = read_regular_file(Path(recipe_path), "recipe", MAX_RECIPE_BYTES)
-    bad = _mismatches(st.predicate.buildDefinition.externalParameters.recipe.digest, recipe_digests(data))
+    bad = _mismatches(st.recipe.digest, recipe_digests(data))
     report.add("recipe", not bad, "; ".join(bad) or f"{recipe_path} matches externalParameters.recipe")
 
 
@@ -81,11 +81,12 @@ def inputs_check(report: Report, st: Statement, store_root: Path | None) -> dict
     from ..inputs.store import Store, fetch_input
     from ..recipe import parse_recipe
 
-    bd = st.predicate.buildDefinition
-    rec = bd.externalParameters.recipe
+    bd = st.buildDefinition
+    rec = st.recipe
     path = Path(Path(rec.path).name or "embedded-recipe.toml")
-    want_root = next((d.annotations.get("merkle_root", {}).get("digest") for d in bd.resolvedDependencies
-                      if d.name == "dataset-manifest" and isinstance(d.annotations, dict)), None)
+    manifest_dep = next((d for d in bd.resolvedDependencies if d.name == "dataset-manifest"), None)
+    root_ann = (manifest_dep.annotations or {}).get("merkle_root") if manifest_dep else None
+    want_root = root_ann.get("digest") if isinstance(root_ann, dict) else None
     attested = {d.name.removeprefix("input:"): d.digest or {} for d in bd.resolvedDependencies
                 if (d.name or "").startswith("input:")}
     store = Store(store_root)
@@ -142,7 +143,7 @@ def policy_check(report: Report, st: Statement, policy: Policy, derived: dict[st
         expressions, source = set(derived), "re-derived from the inputs"
     else:
         expressions, source = set(), "from the statement's annotations"
-        for d in st.predicate.buildDefinition.resolvedDependencies:
+        for d in st.buildDefinition.resolvedDependencies:
             if (d.name or "").startswith("input:") and isinstance(d.annotations, dict):
                 expressions.add(str(d.annotations.get("license", "NOASSERTION")))
                 expressions.update(str(x) for x in d.annotations.get("file_licenses", []) or [])
@@ -162,14 +163,14 @@ def policy_check(report: Report, st: Statement, policy: Policy, derived: dict[st
     for r in policy.required_licenses:
         if not (_keys(lic, r) or {r.lower()}) <= present:
             problems.append(f"required licence {r} is absent from the input licences")
-    out_lic = st.predicate.runDetails.provenance_outputs.output_license
+    out_lic = st.runDetails.provenance_outputs.output_license
     if policy.allowed_output_licenses is not None:
         allowed = set().union(*[(_keys(lic, a) or {a.lower()}) for a in policy.allowed_output_licenses])
         ok_keys = _keys(lic, out_lic) if isinstance(out_lic, str) else None
         if ok_keys is None or not ok_keys <= allowed:
             problems.append(f"output licence {out_lic!r} is not within {policy.allowed_output_licenses}")
     if policy.require_clean_source:
-        src = next((d for d in st.predicate.buildDefinition.resolvedDependencies
+        src = next((d for d in st.buildDefinition.resolvedDependencies
                     if d.name == "builder-source:provenance"), None)
         if src is None or not isinstance(src.annotations, dict) or src.annotations.get("dirty", True) is not False:
             problems.append("the builder's source tree was dirty or unknown")

@@ -146,20 +146,8 @@ def distinct_keys(keys: list) -> list:
 
 def verified_keys(env: Envelope, keys: list) -> list:
     """The distinct keys that made at least one valid signature over the envelope's PAE."""
-    from securesystemslib.exceptions import UnverifiedSignatureError, VerificationError
-    from securesystemslib.signer import Signature
-
     pae = env.pae()
-    ok = []
-    for key in keys:
-        for _, raw in env.signatures:
-            try:
-                key.verify_signature(Signature(keyid=key.keyid, sig=raw.hex()), pae)
-            except (UnverifiedSignatureError, VerificationError):
-                continue
-            ok.append(key)
-            break
-    return ok
+    return [key for key in keys if any(key.verifies(raw, pae) for _, raw in env.signatures)]
 
 
 def verify_dsse(report: Report, lines: list[str], keys: list, threshold: int) -> object | None:

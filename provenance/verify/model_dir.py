@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,7 +96,54 @@ def scan(model_dir: Path) -> tuple[dict[str, Path], list[str]]:
     return files, refused
 
 
-def inspect(st: Statement, model_dir: Path, *, sha256: bool) -> ModelDirResult:
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class Prefetch:
+    """Hash a model dir's regular files in a background thread, started before the signature is
+    checked, so that start-up and hashing overlap (blake3 releases the GIL). Nothing is trusted
+    from it blindly: `inspect` reuses a digest only for a file it has itself opened (without
+    following symlinks) whose device, inode, size, mtime and ctime equal those of the file that
+    was hashed, checked before and after hashing; anything else is hashed again."""
+
+    def __init__(self, model_dir: Path, *, sha256: bool) -> None:
+        self.sha256 = sha256
+        self._done: dict[str, tuple[tuple[int, ...], dict[str, str]]] = {}
+        self._thread = threading.Thread(target=self._run, args=(Path(model_dir),), daemon=True)
+        self._thread.start()
+
+    def _run(self, model_dir: Path) -> None:
+        try:
+            files, _ = scan(model_dir)
+        except Exception:  # noqa: BLE001 - a speculative prefetch; inspect() reports real errors
+            return
+        for rel, path in files.items():
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                before = os.fstat(fd)
+                if not stat.S_ISREG(before.st_mode):
+                    continue
+                digests = hash_fd(fd, sha256=self.sha256)
+                if _identity(os.fstat(fd)) == _identity(before):
+                    self._done[rel] = (_identity(before), digests)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+
+    def get(self, rel: str, identity: tuple[int, ...], sha256: bool) -> dict[str, str] | None:
+        self._thread.join()
+        got = self._done.get(rel)
+        if got is None or got[0] != identity or (sha256 and not self.sha256):
+            return None
+        return got[1]
+
+
+def inspect(st: Statement, model_dir: Path, *, sha256: bool, prefetch: Prefetch | None = None) -> ModelDirResult:
     """Hash and check every file of `model_dir` against the statement. Raises InputError if
     the directory cannot be read at all."""
     model_dir = Path(model_dir)
@@ -103,7 +151,7 @@ def inspect(st: Statement, model_dir: Path, *, sha256: bool) -> ModelDirResult:
         raise InputError(f"--model {model_dir}: not a directory")
     present, refused = scan(model_dir)
     subjects = {s.name: s.digest for s in st.subject}
-    b3 = {name: d.blake3 for name, d in st.predicate.runDetails.provenance_outputs.files.items()}
+    b3 = st.files
     res = ModelDirResult()
     res.unlisted = refused + [f"{n}: {describe(n)}, not among the signed subjects"
                               for n in sorted(set(present) - set(subjects))]
@@ -115,7 +163,8 @@ def inspect(st: Statement, model_dir: Path, *, sha256: bool) -> ModelDirResult:
             res.files[name] = FileResult(name, {}, False, f"cannot open: {e.strerror}")
             continue
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
                 res.unlisted.append(f"{name}: changed into a non-regular file while being checked")
                 continue
             if name.lower().endswith(".safetensors"):
@@ -123,7 +172,9 @@ def inspect(st: Statement, model_dir: Path, *, sha256: bool) -> ModelDirResult:
                     check_fd(fd)
                 except SafetensorsError as e:
                     res.structure.append(f"{name}: {e}")
-            got = hash_fd(fd, sha256=sha256)
+            got = prefetch.get(name, _identity(info), sha256) if prefetch else None
+            if got is None:
+                got = hash_fd(fd, sha256=sha256)
         finally:
             os.close(fd)
         want_sha = subjects[name].get("sha256")

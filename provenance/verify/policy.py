@@ -2,47 +2,45 @@
 bounds of the `reproduced` question. Every field is optional; the defaults are this verifier's.
 
 The bounds belong to the verifier: a policy file may tighten or loosen them; an attestation's own
-(recipe) tolerances can only tighten them (see repro/judge.py).
+(recipe) tolerances can only tighten them. The defaults are plain dataclasses, so the verifier's
+exact path imports no validation framework; a policy file is validated with pydantic.
 """
 
 from __future__ import annotations
 
 import math
-import tomllib
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Annotated
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..attest.model import BUILD_TYPE, LOCAL_BUILDER_ID
 from ..errors import InputError
 
 MAX_POLICY_BYTES = 1 << 20
-Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
-NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
-class Bounds(BaseModel):
+@dataclass(frozen=True)
+class Bounds:
     """[reproduced]: how far a rebuild may be from the attested weights and still count as reproduced.
 
     Defaults are measured in docs/reproducibility.md: cross-hardware rebuilds of the default recipe
     stay below about half of each bound; builds from another seed or learning rate exceed them."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_rel_l2: float = 0.6
+    max_tensor_rel_l2: float = 1.0
+    min_cosine: float = 0.8
+    max_eval_loss_diff: float = 5e-3
+    min_greedy_agreement: float = 0.98
+    max_recitation_rate_diff: float = 0.1
 
-    max_rel_l2: NonNeg = 0.6
-    max_tensor_rel_l2: NonNeg = 1.0
-    min_cosine: Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False)] = 0.8
-    max_eval_loss_diff: NonNeg = 5e-3
-    min_greedy_agreement: Fraction = 0.98
-    max_recitation_rate_diff: Fraction = 0.1
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
 
     def tightened_by(self, attested: object) -> tuple[Bounds, list[str]]:
         """These bounds, tightened (never loosened) by an attestation's tolerances. Returns notes."""
         if not isinstance(attested, dict):
             return self, []
-        values, notes = self.model_dump(), []
-        for key, mine in self.model_dump().items():
+        values, notes = self.as_dict(), []
+        for key, mine in self.as_dict().items():
             theirs = attested.get(key)
             if theirs is None:
                 continue
@@ -55,32 +53,71 @@ class Bounds(BaseModel):
             elif theirs != mine:
                 notes.append(f"attested {key} {theirs:g} is looser than the verifier's {mine:g}; not applied")
             values[key] = tighter
-        return Bounds(**values), notes
+        return replace(self, **values), notes
 
 
-class Policy(BaseModel):
+@dataclass(frozen=True)
+class Policy:
     """[policy] in a policy file."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    allowed_builders: list[str] = [LOCAL_BUILDER_ID]
-    allowed_build_types: list[str] = [BUILD_TYPE]
-    required_licenses: list[str] = []
-    forbidden_licenses: list[str] = []
-    allowed_output_licenses: list[str] | None = None
+    allowed_builders: tuple[str, ...] = (LOCAL_BUILDER_ID,)
+    allowed_build_types: tuple[str, ...] = (BUILD_TYPE,)
+    required_licenses: tuple[str, ...] = ()
+    forbidden_licenses: tuple[str, ...] = ()
+    allowed_output_licenses: tuple[str, ...] | None = None
     require_clean_source: bool = False
 
 
-class PolicyFile(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    policy: Policy = Policy()
-    reproduced: Bounds = Bounds()
+@dataclass(frozen=True)
+class PolicyFile:
+    policy: Policy = field(default_factory=Policy)
+    reproduced: Bounds = field(default_factory=Bounds)
+
+
+def _schema():
+    """The pydantic models that validate a policy file (imported only when one is given)."""
+    from typing import Annotated
+
+    from pydantic import BaseModel, ConfigDict, Field
+
+    nonneg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+    d, b = Policy(), Bounds()
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+    class PolicyModel(Strict):
+        allowed_builders: list[str] = list(d.allowed_builders)
+        allowed_build_types: list[str] = list(d.allowed_build_types)
+        required_licenses: list[str] = []
+        forbidden_licenses: list[str] = []
+        allowed_output_licenses: list[str] | None = None
+        require_clean_source: bool = False
+
+    class BoundsModel(Strict):
+        max_rel_l2: nonneg = b.max_rel_l2
+        max_tensor_rel_l2: nonneg = b.max_tensor_rel_l2
+        min_cosine: Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False)] = b.min_cosine
+        max_eval_loss_diff: nonneg = b.max_eval_loss_diff
+        min_greedy_agreement: fraction = b.min_greedy_agreement
+        max_recitation_rate_diff: fraction = b.max_recitation_rate_diff
+
+    class FileModel(Strict):
+        policy: PolicyModel = PolicyModel()
+        reproduced: BoundsModel = BoundsModel()
+
+    return FileModel
 
 
 def load_policy(path: Path | None) -> PolicyFile:
     """Read and validate a policy file. Raises InputError naming the file and every bad field."""
     if path is None:
         return PolicyFile()
+    import tomllib
+
+    from pydantic import ValidationError
+
     from ..recipe import format_errors
     from .envelope import read_regular_file
 
@@ -94,7 +131,14 @@ def load_policy(path: Path | None) -> PolicyFile:
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{path}: not valid TOML: {e}") from None
     try:
-        return PolicyFile.model_validate(obj)
+        m = _schema().model_validate(obj)
     except ValidationError as e:
         raise InputError(format_errors(Path(path), e).replace("in the recipe", "in the policy")
                          .replace("see docs/recipe.md", "see README.md, 'A policy file'")) from None
+    p = m.policy
+    return PolicyFile(
+        Policy(tuple(p.allowed_builders), tuple(p.allowed_build_types), tuple(p.required_licenses),
+               tuple(p.forbidden_licenses),
+               None if p.allowed_output_licenses is None else tuple(p.allowed_output_licenses),
+               p.require_clean_source),
+        Bounds(**m.reproduced.model_dump()))

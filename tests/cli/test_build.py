@@ -33,6 +33,13 @@ def test_last_line_is_the_weights_digest(builds):
     assert line.split(":")[1] == build_json(out)["weights"]["tensors"]["digest"]
 
 
+def test_one_parameter_digest_everywhere(builds):
+    """The transcript's last parameter digest is the saved weights' blake3-tensors-v1 digest."""
+    out, _ = builds["t2"]
+    last = json.loads((out / "transcript.jsonl").read_text().splitlines()[-1])
+    assert last["params"] == tensor_digest(out / "model" / "model.safetensors")
+
+
 def test_rebuild_and_thread_count_give_identical_bits(builds):
     digests = {k: last_line(p.stdout) for k, (out, p) in builds.items()}
     assert len(set(digests.values())) == 1, digests

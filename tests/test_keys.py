@@ -1,0 +1,39 @@
+"""The verifier reads keys with `cryptography` alone; its key ids must equal securesystemslib's,
+which the builder records in build.json and which DSSE signatures carry as hints."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from securesystemslib.signer import CryptoSigner, SSlibKey
+
+from provenance.errors import InputError
+from provenance.verify.keys import load_public_key
+
+
+@pytest.mark.parametrize("make", [ed25519.Ed25519PrivateKey.generate, lambda: ec.generate_private_key(ec.SECP256R1()),
+                                  lambda: ec.generate_private_key(ec.SECP384R1()),
+                                  lambda: ec.generate_private_key(ec.SECP521R1())],
+                         ids=["ed25519", "p256", "p384", "p521"])
+def test_keyid_and_signatures_agree_with_securesystemslib(make, tmp_path):
+    priv = make()
+    pem = priv.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "k.pub").write_bytes(pem)
+    ours = load_public_key(tmp_path / "k.pub")
+    theirs = SSlibKey.from_crypto(priv.public_key())
+    assert ours.keyid == theirs.keyid and ours.scheme == theirs.scheme
+    sig = CryptoSigner(priv).sign(b"payload")
+    assert ours.verifies(bytes.fromhex(sig.signature), b"payload")
+    assert not ours.verifies(bytes.fromhex(sig.signature), b"payloaD")
+
+
+def test_unsupported_and_malformed_keys_are_refused(tmp_path):
+    rsa_pem = rsa.generate_private_key(65537, 2048).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "rsa.pub").write_bytes(rsa_pem)
+    with pytest.raises(InputError, match="unsupported key type"):
+        load_public_key(tmp_path / "rsa.pub")
+    (tmp_path / "junk.pub").write_text("not a key")
+    with pytest.raises(InputError, match="not a PEM"):
+        load_public_key(tmp_path / "junk.pub")
