@@ -11,7 +11,9 @@ import base64
 import binascii
 import json
 import os
+import re
 import stat
+import tempfile
 from pathlib import Path
 
 from ..errors import InputError
@@ -43,6 +45,9 @@ def keygen(directory: Path, *, name: str = "provenance", key_type: str = "ed2551
     if repo is not None and (directory == repo or repo in directory.parents):
         raise InputError(f"{directory}: refusing to write a private key inside the source tree {repo}; "
                          "choose a directory outside it (keys are never committed)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name or ""):
+        raise InputError(f"--name {name!r}: expected a plain key name (letters, digits, '.', '_', '-'; "
+                         "no '/' or '..', not starting with '.' or '-')")
     if key_type not in KEY_TYPES:
         raise InputError(f"--type {key_type!r}: expected one of {', '.join(KEY_TYPES)}")
     priv_path, pub_path = directory / f"{name}.key", directory / f"{name}.pub"
@@ -52,11 +57,29 @@ def keygen(directory: Path, *, name: str = "provenance", key_type: str = "ed2551
     signer = CryptoSigner.generate_ed25519() if key_type == "ed25519" else CryptoSigner.generate_ecdsa()
     pub_pem = signer._private_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(signer.private_bytes)
-    pub_path.write_bytes(pub_pem)
+    from .._internal.atomic import atomic_write_bytes
+
+    # Public key first, private key last and all at once (written under a temporary name, then
+    # linked into place, which fails rather than overwrites): a failure never leaves a private key
+    # without its public key, nor half a key that blocks a retry.
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write_bytes(pub_path, pub_pem)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.key.")
+            try:
+                with os.fdopen(fd, "wb") as f:  # mkstemp creates the file with mode 0600
+                    f.write(signer.private_bytes)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(tmp, priv_path)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        except BaseException:
+            pub_path.unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise InputError(f"{directory}: cannot write the key pair: {e.strerror}") from None
     return priv_path, pub_path
 
 

@@ -14,13 +14,24 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .._internal.hashing import hash_file
+from .._internal.hashing import hash_bytes
 from ..errors import InputError
 
+# Every pattern matches the whole value (pydantic's patterns run on Rust's regex, where `$` is the
+# end of the text; Python's own checks use fullmatch, since its `$` accepts a trailing newline),
+# and every number is bounded: a value that validates here must also survive the build, the JSON of build.json and the
+# RFC 8785 canonicalizer of the attestation (integers there stay below 2^53).
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)]
-PosInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
+# A single path component that is safe to create: no separator, no "..", no leading dot or dash.
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
+PACKAGE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,98}[A-Za-z0-9])?")  # PEP 508 names
+VERSION = re.compile(r"[0-9][0-9A-Za-z.+!-]{0,63}")
+SAFE_INT = (1 << 53) - 1
+PosInt = Annotated[int, Field(gt=0, le=SAFE_INT)]
+NonNegInt = Annotated[int, Field(ge=0, le=SAFE_INT)]
+Size = Annotated[int, Field(gt=0, le=1 << 20)]  # dimensions, lengths, batch sizes
+MAX_RECIPE_BYTES = 1 << 20
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.xz", ".tar.bz2", ".zip")
 
 
@@ -62,10 +73,23 @@ class Input(Strict):
         for field in ("package", "version", "url", "path"):
             if field not in wanted and getattr(self, field) is not None:
                 problems.append(f"'{field}' does not apply to kind = {self.kind!r}")
-        if self.kind == "url" and self.url and not re.match(r"^https?://", self.url):
-            problems.append(f"url must start with http:// or https://, got {self.url!r}")
-        if self.kind == "pypi" and self.version and not re.match(r"^[0-9][0-9A-Za-z.+!-]*$", self.version):
+        if self.kind == "url" and self.url and (not re.match(r"https?://[^\s/]", self.url)
+                                                 or any(c.isspace() or ord(c) < 0x20 for c in self.url)):
+            problems.append(f"url must be an http:// or https:// URL without spaces or control characters, "
+                            f"got {self.url!r}")
+        if self.kind == "pypi" and self.package and not PACKAGE.fullmatch(self.package):
+            problems.append(f"package must be a PyPI project name (letters, digits, '.', '_', '-'; starting and "
+                            f"ending with a letter or digit), got {self.package!r}")
+        if self.kind == "pypi" and self.version and not VERSION.fullmatch(self.version):
             problems.append(f"version must be an exact release such as '1.2.3', got {self.version!r}")
+        if self.path is not None and ("\x00" in self.path or not self.path.strip()):
+            problems.append(f"path must be a non-empty path without NUL, got {self.path!r}")
+        if self.filename is not None and not FILE_NAME.fullmatch(self.filename):
+            problems.append(f"filename must be a plain file name (letters, digits, '.', '_', '+', '-'; no '/' "
+                            f"or '..', not starting with '.' or '-'), got {self.filename!r}")
+        elif not problems and (not FILE_NAME.fullmatch(self.artifact_name) or ".." in self.artifact_name):
+            problems.append(f"the artifact's file name {self.artifact_name!r} (from its {self.kind}) is not a plain "
+                            "file name; set 'filename' to one")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -138,17 +162,17 @@ class Model(Strict):
     """[model]: the transformers LlamaConfig (vocab size comes from the trained tokenizer)."""
 
     architecture: Literal["llama"] = "llama"
-    hidden_size: PosInt
-    intermediate_size: PosInt
-    num_hidden_layers: PosInt
-    num_attention_heads: PosInt
-    num_key_value_heads: PosInt
-    max_position_embeddings: PosInt
-    rms_norm_eps: Annotated[float, Field(gt=0)] = 1e-6
-    rope_theta: Annotated[float, Field(gt=0)] = 10000.0
+    hidden_size: Size
+    intermediate_size: Size
+    num_hidden_layers: Size
+    num_attention_heads: Size
+    num_key_value_heads: Size
+    max_position_embeddings: Size
+    rms_norm_eps: Annotated[float, Field(allow_inf_nan=False, gt=0)] = 1e-6
+    rope_theta: Annotated[float, Field(allow_inf_nan=False, gt=0)] = 10000.0
     hidden_act: Literal["silu"] = "silu"
     tie_word_embeddings: bool = False
-    initializer_range: Annotated[float, Field(gt=0)] = 0.02
+    initializer_range: Annotated[float, Field(allow_inf_nan=False, gt=0)] = 0.02
     attn_implementation: Literal["eager", "sdpa"] = "sdpa"
     bos_token: str
     eos_token: str
@@ -170,21 +194,21 @@ class Stage(Strict):
     """[[stages]]: one training stage; the optimizer starts afresh in each."""
 
     name: Name
-    lr: Annotated[float, Field(gt=0)]
-    batch_size: PosInt
+    lr: Annotated[float, Field(allow_inf_nan=False, gt=0)]
+    batch_size: Size
     epochs: PosInt | None = None
     steps: PosInt | None = None
     warmup_steps: NonNegInt = 0
     schedule: Literal["constant", "linear", "cosine"] = "linear"
-    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+    min_lr_ratio: Annotated[float, Field(allow_inf_nan=False, ge=0, le=1)] = 0.0
     optimizer: Literal["adamw"] = "adamw"
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
-    eps: Annotated[float, Field(gt=0)] = 1e-8
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
-    seq_len: PosInt
-    stride: PosInt | None = None
-    phases: PosInt = 1
+    betas: tuple[Annotated[float, Field(allow_inf_nan=False, ge=0, lt=1)], Annotated[float, Field(allow_inf_nan=False, ge=0, lt=1)]] = (0.9, 0.999)
+    eps: Annotated[float, Field(allow_inf_nan=False, gt=0)] = 1e-8
+    weight_decay: Annotated[float, Field(allow_inf_nan=False, ge=0)] = 0.0
+    grad_clip: Annotated[float, Field(allow_inf_nan=False, gt=0)] | None = 1.0
+    seq_len: Size
+    stride: Size | None = None
+    phases: Size = 1
     precision: Literal["float32", "bf16-autocast"] = "float32"
 
     @model_validator(mode="after")
@@ -196,6 +220,8 @@ class Stage(Strict):
             problems.append(f"stride ({self.stride}) must not exceed seq_len ({self.seq_len})")
         if self.phases > self.seq_len:
             problems.append(f"phases ({self.phases}) must not exceed seq_len ({self.seq_len})")
+        if self.steps is not None and self.warmup_steps > self.steps:
+            problems.append(f"warmup_steps ({self.warmup_steps}) exceeds the stage's steps ({self.steps})")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -205,8 +231,8 @@ class Determinism(Strict):
     """[determinism]: every knob that can change the bits; applied in determinism.py."""
 
     seed: Annotated[int, Field(ge=0, lt=1 << 63)]
-    threads: PosInt = 2
-    interop_threads: PosInt = 1
+    threads: Annotated[int, Field(gt=0, le=4096)] = 2
+    interop_threads: Annotated[int, Field(gt=0, le=4096)] = 1
     deterministic_algorithms: bool = True
     matmul_precision: Literal["highest", "high", "medium"] = "highest"
     sdpa_backend: Literal["math", "flash", "efficient", "cudnn"] = "math"
@@ -231,9 +257,9 @@ class Toolchain(Strict):
 class Evaluate(Strict):
     """[evaluate]: the recitation probe (greedy continuation of windows inside training files)."""
 
-    prompt_tokens: PosInt = 32
-    continuation_tokens: PosInt = 64
-    windows: PosInt = 64
+    prompt_tokens: Size = 32
+    continuation_tokens: Size = 64
+    windows: Size = 64
     seed: NonNegInt = 0
 
 
@@ -243,16 +269,16 @@ class Reproducibility(Strict):
     Defaults are justified by measurement in docs/reproducibility.md.
     """
 
-    max_rel_l2: Annotated[float, Field(ge=0)] = 0.6
-    min_cosine: Annotated[float, Field(ge=-1, le=1)] = 0.8
-    max_eval_loss_diff: Annotated[float, Field(ge=0)] = 5e-3
-    min_greedy_agreement: Annotated[float, Field(ge=0, le=1)] = 0.98
-    max_recitation_rate_diff: Annotated[float, Field(ge=0, le=1)] = 0.1
-    eval_windows: PosInt = 16
-    eval_tokens: Annotated[int, Field(ge=8)] = 64
-    prompts: PosInt = 8
-    prompt_tokens: PosInt = 16
-    continuation_tokens: PosInt = 32
+    max_rel_l2: Annotated[float, Field(allow_inf_nan=False, ge=0)] = 0.6
+    min_cosine: Annotated[float, Field(allow_inf_nan=False, ge=-1, le=1)] = 0.8
+    max_eval_loss_diff: Annotated[float, Field(allow_inf_nan=False, ge=0)] = 5e-3
+    min_greedy_agreement: Annotated[float, Field(allow_inf_nan=False, ge=0, le=1)] = 0.98
+    max_recitation_rate_diff: Annotated[float, Field(allow_inf_nan=False, ge=0, le=1)] = 0.1
+    eval_windows: Size = 16
+    eval_tokens: Annotated[int, Field(ge=8, le=1 << 20)] = 64
+    prompts: Size = 8
+    prompt_tokens: Size = 16
+    continuation_tokens: Size = 32
     projections: Annotated[int, Field(ge=1, le=64)] = 16
     seed: NonNegInt = 0
 
@@ -348,14 +374,13 @@ def parse_recipe(path: Path, text: str) -> Recipe:
 
 def load_recipe(path: str | Path) -> LoadedRecipe:
     """Read and validate a recipe file. Raises InputError listing every problem."""
+    from .._internal.reading import read_regular_file
+
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read recipe: {e.strerror}") from None
+    raw = read_regular_file(path, "recipe", MAX_RECIPE_BYTES)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(f"{path}: recipe is not UTF-8 text") from None
     recipe = parse_recipe(path, text)
-    return LoadedRecipe(path, text, recipe, hash_file(path))
+    return LoadedRecipe(path, text, recipe, hash_bytes(raw))

@@ -66,7 +66,7 @@ def embedded_recipe_check(report: Report, st: Statement) -> bool:
 
 
 def recipe_file_check(report: Report, st: Statement, recipe_path: Path) -> None:
-    from .envelope import read_regular_file
+    from .._internal.reading import read_regular_file
 
     data = read_regular_file(Path(recipe_path), "recipe", MAX_RECIPE_BYTES)
     bad = _mismatches(st.recipe.digest, recipe_digests(data))

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from .._internal import jsonstrict
+from .._internal.reading import read_regular_file
 from ..attest.model import PAYLOAD_TYPE
 from ..errors import InputError
 from .report import Report
@@ -23,34 +22,6 @@ from .report import Report
 MAX_ATTESTATION_BYTES = 64 << 20
 ENVELOPE_FIELDS = {"payload", "payloadType", "signatures"}
 SIGNATURE_FIELDS = {"keyid", "sig"}
-
-
-def read_regular_file(path: Path, what: str, limit: int) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes. Raises InputError for anything else
-    (a FIFO, a device such as /dev/zero, a directory, an oversized file) without blocking on it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read {what}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"{path}: {what} is not a regular file")
-        if st.st_size > limit:
-            raise InputError(f"{path}: {what} is {st.st_size} bytes, over the {limit}-byte limit")
-        chunks, left = [], limit + 1
-        while left > 0:
-            b = os.read(fd, min(left, 1 << 20))
-            if not b:
-                break
-            chunks.append(b)
-            left -= len(b)
-        data = b"".join(chunks)
-        if len(data) > limit:
-            raise InputError(f"{path}: {what} grew past the {limit}-byte limit while being read")
-        return data
-    finally:
-        os.close(fd)
 
 
 def read_attestation(path: Path) -> tuple[str, list[str]]:

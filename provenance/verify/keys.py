@@ -55,7 +55,7 @@ def load_public_key(path: Path) -> PublicKey:
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
 
-    from .envelope import read_regular_file
+    from .._internal.reading import read_regular_file
 
     data = read_regular_file(Path(path), "public key", MAX_KEY_BYTES)
     try:

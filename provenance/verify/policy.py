@@ -119,7 +119,7 @@ def load_policy(path: Path | None) -> PolicyFile:
     from pydantic import ValidationError
 
     from ..recipe import format_errors
-    from .envelope import read_regular_file
+    from .._internal.reading import read_regular_file
 
     data = read_regular_file(Path(path), "policy", MAX_POLICY_BYTES)
     try:
