@@ -27,15 +27,23 @@ def cmd_build(args) -> int:
     from .recipe import load_recipe
     from .inputs.store import Store
 
+    from .build.pipeline import check_out_dir
+
     recipe = load_recipe(args.recipe)
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--threads must be at least 1, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= 4096:
+        raise InputError(f"--threads must be between 1 and 4096, got {args.threads}")
+    if not 1 <= args.world_size <= 1024:
+        raise InputError(f"--world-size must be between 1 and 1024, got {args.world_size}")
+    rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     out = Path(args.out) if args.out else Path("build") / recipe.name
-    reporter = Reporter(enabled=not args.json and int(os.environ.get("RANK", "0")) == 0)
+    # Preflight, before any key is made, input fetched or step trained.
+    check_out_dir(out)
+    Store(args.store).check_writable()
+    reporter = Reporter(enabled=not args.json and rank == 0)
     signing = _signing(args, reporter)
     if args.world_size > 1 and "RANK" not in os.environ:
         return _launch_ranks(args, recipe, reporter)
-    if args.world_size != int(os.environ.get("WORLD_SIZE", "1")):
+    if args.world_size != world:
         raise InputError(f"--world-size {args.world_size} but this process runs in a world of "
                          f"{os.environ.get('WORLD_SIZE', '1')}")
     record = build(recipe, out=out, store=Store(args.store), threads=args.threads, offline=args.offline,
@@ -61,6 +69,15 @@ def cmd_build(args) -> int:
     print(f"model.safetensors sha256:{record['weights']['files']['model.safetensors']['sha256']}")
     print(f"weights blake3:{weights}")
     return 0
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) > 1 << 20:
+        raise InputError(f"${name} = {raw!r}: expected a non-negative integer (set by torchrun)")
+    return int(raw)
 
 
 def _launch_ranks(args, recipe, reporter) -> int:
@@ -245,6 +262,22 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_store_fsck(args) -> int:
+    from .inputs.store import Store
+
+    store = Store(args.store)
+    problems = store.fsck(repair=args.repair)
+    if args.json:
+        _emit_json({"ok": not problems, "store": str(store.root), "problems": problems, "repaired": args.repair})
+    else:
+        for line in problems:
+            print(line)
+        print(f"store {store.root}: " + (f"{len(problems)} bad entr{'y' if len(problems) == 1 else 'ies'}"
+                                         + (" removed" if args.repair else " (rerun with --repair to remove)")
+                                         if problems else "every entry matches its name"))
+    return 1 if problems and not args.repair else 0
+
+
 def cmd_check(args) -> int:
     from .recipe import load_recipe
 
@@ -363,6 +396,14 @@ def parser() -> argparse.ArgumentParser:
     _common(g)
     g.set_defaults(func=cmd_gate)
 
+    st = sub.add_parser("store", help="the input store")
+    st_sub = st.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    fk = st_sub.add_parser("fsck", help="re-hash every store entry and report (or --repair) bad ones")
+    fk.add_argument("--store", help="input store directory (default $PROVENANCE_STORE or ~/.cache/provenance)")
+    fk.add_argument("--repair", action="store_true", help="remove the bad entries")
+    _common(fk)
+    fk.set_defaults(func=cmd_store_fsck)
+
     c = sub.add_parser("check-recipe", help="validate a recipe and print its digest")
     c.add_argument("recipe")
     _common(c)
@@ -370,7 +411,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every `finally` (temporary files, staging) runs."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def run(argv: list[str] | None, p: argparse.ArgumentParser) -> int:
+    import signal
+
+    if threading_is_main():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args = p.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
@@ -389,6 +442,9 @@ def run(argv: list[str] | None, p: argparse.ArgumentParser) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM); temporary files removed", file=sys.stderr)
+        return 143
     except Exception as e:  # noqa: BLE001 - the one place an unexpected failure becomes exit 2
         if debug:
             traceback.print_exc()
@@ -397,6 +453,12 @@ def run(argv: list[str] | None, p: argparse.ArgumentParser) -> int:
             _emit_json({"ok": False, "error": msg, "exit_code": 2})
         print(f"error: {msg}", file=sys.stderr)
         return 2
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def main(argv: list[str] | None = None) -> int:

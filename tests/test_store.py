@@ -101,3 +101,126 @@ def test_directory_input_pinned_by_tree_digest(tmp_path):
     (d / "a.c").write_text("int a = 1;\n")
     with pytest.raises(DigestMismatch):
         fetch_input(Input(name="t", kind="path", path="tree", blake3=digest), Store(tmp_path / "s"), recipe_dir=tmp_path)
+
+
+def test_one_wrong_pin_keeps_the_good_blob_and_says_mismatch(tmp_path):
+    """The blob stored under its blake3 stays; a recipe whose sha256 pin is wrong gets a mismatch,
+    not "not in the store"."""
+    f, b3, sha = pinned_file(tmp_path)
+    store = Store(tmp_path / "store")
+    fetch_input(Input(name="src", kind="path", path=str(f), blake3=b3), store, recipe_dir=tmp_path)
+    wrong = ("0" if sha[0] != "0" else "1") + sha[1:]
+    offline = Input(name="src", kind="url", url="https://unreachable.invalid/src.c", blake3=b3, sha256=wrong)
+    with pytest.raises(DigestMismatch) as e:
+        fetch_input(offline, store, recipe_dir=tmp_path, offline=True)
+    assert wrong in str(e.value) and sha in str(e.value)
+    assert (store.root / "blobs" / b3).is_file()
+
+
+def test_directory_input_is_snapshotted(tmp_path):
+    """What is trained on is what was hashed: later edits to the source dir do not reach the build."""
+    from provenance.inputs.dataset import materialize
+
+    src = tmp_path / "tree"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.c").write_text("int a;\n")
+    (src / "sub" / "b.h").write_text("int b;\n")
+    b3 = tree_digest(src)["blake3"]
+    store = Store(tmp_path / "store")
+    got = fetch_input(Input(name="t", kind="path", path=str(src), blake3=b3), store, recipe_dir=tmp_path)
+    (src / "a.c").write_text("int evil;\n")
+    root = materialize(got, tmp_path / "work")
+    assert (root / "a.c").read_text() == "int a;\n" and got.path.parent == store.root / "trees"
+    assert tree_digest(root)["blake3"] == b3
+
+
+def test_fsck_finds_and_repairs_bad_entries(tmp_path):
+    from .conftest import run_cli
+
+    f, b3, sha = pinned_file(tmp_path)
+    store = Store(tmp_path / "store")
+    fetch_input(Input(name="src", kind="path", path=str(f), blake3=b3), store, recipe_dir=tmp_path)
+    p = run_cli("store", "fsck", "--store", str(store.root))
+    assert p.returncode == 0 and "every entry matches" in p.stdout
+    blob = store.root / "blobs" / b3
+    os.chmod(blob, 0o644)
+    blob.write_bytes(b"tampered")
+    (store.root / "tmp" / "fetch-x.123").mkdir(parents=True)
+    p = run_cli("store", "fsck", "--store", str(store.root))
+    assert p.returncode == 1 and "does not match its blake3 name" in p.stdout and "left over" in p.stdout
+    assert blob.exists()
+    p = run_cli("store", "fsck", "--store", str(store.root), "--repair")
+    assert p.returncode == 0 and not blob.exists()
+    p = run_cli("store", "fsck", "--store", str(store.root))
+    assert p.returncode == 0, p.stdout
+
+
+def test_two_concurrent_fetches_share_one_store(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    f, b3, sha = pinned_file(tmp_path, data=os.urandom(8 << 20))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text((ROOT / "tests" / "recipes" / "tiny.toml").read_text().split("[[inputs]]")[0]
+                      + f'[[inputs]]\nname = "src"\nkind = "path"\npath = "{f}"\nblake3 = "{b3}"\n'
+                      + "[dataset]" + (ROOT / "tests" / "recipes" / "tiny.toml").read_text().split("[dataset]")[1])
+    env = {**os.environ, "PROVENANCE_STORE": str(tmp_path / "store")}
+    procs = [subprocess.Popen([sys.executable, "-m", "provenance", "fetch", str(recipe)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [x.name for x in blobs(Store(tmp_path / "store"))] == [b3]
+    assert Store(tmp_path / "store").fsck() == []
+
+
+def test_sigterm_during_fetch_leaves_nothing_in_the_store(tmp_path):
+    """A download interrupted by SIGTERM exits 143 and removes its temporary files (a local server
+    on 127.0.0.1 sends the body slowly)."""
+    import http.server
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from .conftest import ROOT
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(1 << 20))
+            self.end_headers()
+            try:
+                for _ in range(200):
+                    self.wfile.write(b"x" * 1024)
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tiny = (ROOT / "tests" / "recipes" / "tiny.toml").read_text()
+        recipe = tmp_path / "r.toml"
+        recipe.write_text(tiny.split("[[inputs]]")[0]
+                          + f'[[inputs]]\nname = "src"\nkind = "url"\nurl = "http://127.0.0.1:{server.server_port}/x.c"\n'
+                          + f'blake3 = "{"0" * 64}"\n[dataset]' + tiny.split("[dataset]")[1])
+        store = tmp_path / "store"
+        p = subprocess.Popen([sys.executable, "-m", "provenance", "fetch", str(recipe)],
+                             env={**os.environ, "PROVENANCE_STORE": str(store)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not list((store / "tmp").glob("fetch-*/download")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 143, err
+        assert "Traceback" not in err and list((store / "tmp").iterdir()) == []
+    finally:
+        server.shutdown()

@@ -28,6 +28,26 @@ from ..inputs.store import Store, fetch_input
 BUILD_FORMAT = "provenance-build-v1"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json", "README.md")
+# Everything a build (and `rebuild`) writes at the top of its output dir; nothing else may be there.
+OUTPUT_NAMES = frozenset({"model", "dataset-manifest.json", "transcript.jsonl", "build.json", "fingerprint.json",
+                          "attestation.intoto.jsonl", "attestation.sigstore.json", "vsa.intoto.jsonl"})
+
+
+def check_out_dir(out: Path) -> None:
+    """Preflight: `out` is a directory this tool may write (new, empty, or holding only an earlier
+    build's outputs, which the new build replaces). Raises InputError before any work."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: {probe} is not writable")
+    if out.is_dir():
+        foreign = sorted(n for n in os.listdir(out) if n not in OUTPUT_NAMES and not n.startswith(".staging-")
+                         and not (n.endswith(".toml") and (out / n).is_file()))
+        if foreign:
+            raise InputError(f"--out {out}: holds files this tool did not write ({', '.join(foreign[:5])}"
+                             f"{', …' if len(foreign) > 5 else ''}); choose a new or empty directory")
 
 
 def _now() -> str:
@@ -90,16 +110,29 @@ def _write_model_dir(staging: Path, model, tok, recipe: LoadedRecipe, m: dict) -
                      pad_token_id=cfg.pad_token_id, do_sample=False).save_pretrained(d)
     save_hf_files(tok, spec, spec.max_position_embeddings, d)
     weights = tensor_digest(d / "model.safetensors")
-    (d / "README.md").write_bytes(_model_readme(recipe, m, weights))
+    atomic_write_bytes(d / "README.md", _model_readme(recipe, m, weights))
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in os.listdir(d):  # safetensors writes 0600; a model dir is for sharing
+        os.chmod(d / name, 0o644 & ~mask)
     files = {name: hash_file(d / name) for name in sorted(os.listdir(d))}
     return {"tensors": {"algorithm": TENSOR_DIGEST, "digest": weights}, "files": files}
 
 
 def _install(staging: Path, out: Path) -> None:
-    """Move staged outputs into `out`: drop the old build.json first, write the new one last."""
+    """Move staged outputs into `out`: drop the old build.json first, write the new one last, and
+    remove every output of an earlier build that this one does not replace (a stale Sigstore
+    bundle or VSA must not sit beside new weights)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "build.json").unlink(missing_ok=True)
-    for name in sorted(os.listdir(staging)):
+    staged = set(os.listdir(staging))
+    for name in sorted(OUTPUT_NAMES - staged):
+        stale = out / name
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink(missing_ok=True)
+    for name in sorted(staged):
         if name == "build.json":
             continue
         target = out / name
@@ -197,6 +230,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
 
     reporter = reporter or Reporter(enabled=False)
     r = recipe.recipe
+    check_out_dir(out)
     started = _now()
     t_start = time.perf_counter()
     timings: dict[str, float] = {}

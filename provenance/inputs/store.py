@@ -1,8 +1,9 @@
 """The content-addressed input store, and fetching inputs into it by their pins.
 
 Layout under the root: blobs/<blake3> (the bytes), sha256/<sha256> (holds the blake3 name),
-tmp/ (downloads in progress). A blob enters only after its digest matched the pin, and is
-re-hashed on every use; a corrupt entry is removed, never served.
+trees/<blake3> (snapshots of directory inputs), tmp/ (work in progress). A blob enters only after
+the copy's digest matched the pin, and is re-hashed on every use; a corrupt entry is removed,
+never served. `provenance store fsck` re-hashes everything.
 """
 
 from __future__ import annotations
@@ -57,6 +58,17 @@ class Store:
     def _blob(self, b3: str) -> Path:
         return self.root / "blobs" / b3
 
+    def check_writable(self) -> None:
+        """Preflight: the store can be created and written. Raises InputError naming it."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.tmpdir(), prefix="probe.")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise InputError(f"the input store {self.root} is not writable ({e.strerror}); "
+                             "set --store or $PROVENANCE_STORE to a writable directory") from None
+
     def tmpdir(self) -> Path:
         d = self.root / "tmp"
         d.mkdir(parents=True, exist_ok=True)
@@ -75,43 +87,107 @@ class Store:
         return p if p and p.is_file() else None
 
     def add(self, inp: Input, src: Path, *, what: str, move: bool = False, progress=None) -> tuple[Path, dict[str, str]]:
-        """Hash `src`, check it against the pins and enter it. Raises DigestMismatch, storing nothing."""
-        if progress is not None:
-            progress(0, total=src.stat().st_size)
-        digests = hash_file(src, progress=progress)
-        check_pins(inp, digests, what)
-        dest = self._blob(digests["blake3"])
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if not dest.exists():
-            fd, tmp = tempfile.mkstemp(dir=self.tmpdir(), prefix="add.")
-            os.close(fd)
-            try:
-                if move:
-                    os.replace(src, tmp)
-                else:
-                    shutil.copyfile(src, tmp)
-                os.chmod(tmp, 0o444)
-                os.replace(tmp, dest)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+        """Copy (or move) `src` into the store's tmp, hash *the copy*, check it against the pins and
+        rename it into place: the bytes stored are the bytes hashed. Raises DigestMismatch, storing
+        nothing."""
+        tmpdir = self.tmpdir()
+        fd, tmp = tempfile.mkstemp(dir=tmpdir, prefix="add.")
+        os.close(fd)
+        try:
+            if move:
+                os.replace(src, tmp)
+            else:
+                shutil.copyfile(src, tmp)
+            if progress is not None:
+                progress(0, total=os.path.getsize(tmp))
+            digests = hash_file(Path(tmp), progress=progress)
+            check_pins(inp, digests, what)
+            dest = self._blob(digests["blake3"])
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, dest)  # same content under the same name: a concurrent writer's copy is equal
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         atomic_write_bytes(self.root / "sha256" / digests["sha256"], digests["blake3"].encode() + b"\n")
         return dest, digests
 
     def verify(self, inp: Input, path: Path, progress=None) -> dict[str, str] | None:
-        """Re-hash a stored blob. Returns its digests, or None after removing a corrupt entry."""
+        """Re-hash a stored blob. Returns its digests; None after removing a blob that no longer
+        matches its own name (corrupt). A good blob that does not match the recipe's *other* pin is
+        kept (it is correct under its own key) and the mismatch raised: DigestMismatch."""
         if progress is not None:
             progress(0, total=path.stat().st_size)
         digests = hash_file(path, progress=progress)
-        try:
-            check_pins(inp, digests, f"stored input {inp.name!r}")
-        except DigestMismatch:
-            path.unlink(missing_ok=True)
-            return None
         if digests["blake3"] != path.name:
             path.unlink(missing_ok=True)
             return None
+        check_pins(inp, digests, f"stored input {inp.name!r} ({path})")
         return digests
+
+    def snapshot_dir(self, inp: Input, src: Path) -> tuple[Path, dict[str, str]]:
+        """Copy a directory input's regular files into the store, digest *the copy*, check the pin
+        and keep it under trees/<blake3>: what is trained on is what was hashed."""
+        tmp = Path(tempfile.mkdtemp(dir=self.tmpdir(), prefix=f"tree-{inp.name}."))
+        try:
+            for p in sorted(src.rglob("*")):
+                if p.is_file() and not p.is_symlink():
+                    dest = tmp / p.relative_to(src)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(p, dest)
+            digests = tree_digest(tmp)
+            check_pins(inp, digests, f"directory input {inp.name!r} ({src})")
+            final = self.root / "trees" / digests["blake3"]
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                try:
+                    os.replace(tmp, final)
+                except OSError:  # a concurrent run put the same tree there first
+                    shutil.rmtree(tmp, ignore_errors=True)
+            return final, digests
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def fsck(self, *, repair: bool = False) -> list[str]:
+        """Re-hash every entry. Returns one line per problem; with `repair`, removes bad entries."""
+        problems: list[str] = []
+
+        def bad(path: Path, why: str) -> None:
+            problems.append(f"{path}: {why}" + (" (removed)" if repair else ""))
+            if repair:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
+        blobs = self.root / "blobs"
+        for p in sorted(blobs.iterdir()) if blobs.is_dir() else []:
+            if not p.is_file() or p.is_symlink():
+                bad(p, "not a regular file")
+            elif hash_file(p, sha256=False)["blake3"] != p.name:
+                bad(p, "content does not match its blake3 name")
+        index = self.root / "sha256"
+        for p in sorted(index.iterdir()) if index.is_dir() else []:
+            try:
+                b3 = p.read_text().strip()
+            except (OSError, UnicodeDecodeError):
+                b3 = ""
+            blob = blobs / b3
+            if not re.fullmatch(r"[0-9a-f]{64}", b3) or not blob.is_file():
+                bad(p, "index entry points at no blob")
+            elif hash_file(blob)["sha256"] != p.name:
+                bad(p, "index entry's blob has another sha256")
+        trees = self.root / "trees"
+        for p in sorted(trees.iterdir()) if trees.is_dir() else []:
+            if not p.is_dir() or tree_digest(p)["blake3"] != p.name:
+                bad(p, "directory snapshot does not match its blake3 name")
+        tmp = self.root / "tmp"
+        for p in sorted(tmp.iterdir()) if tmp.is_dir() else []:
+            bad(p, "left over from an interrupted run")
+        return problems
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -177,11 +253,10 @@ def fetch_input(inp: Input, store: Store, *, recipe_dir: Path, offline: bool = F
         src = Path(inp.path)
         src = src if src.is_absolute() else (recipe_dir / src)
         if src.is_dir():
-            digests = tree_digest(src)
             if inp.sha256 and not inp.blake3:
                 raise InputError(f"input {inp.name!r}: a directory input is pinned by blake3 (its tree digest), not sha256")
-            check_pins(inp, digests, f"directory input {inp.name!r} ({src})")
-            return StoredInput(inp, src, digests, "path", is_dir=True)
+            snap, digests = store.snapshot_dir(inp, src)
+            return StoredInput(inp, snap, digests, "path", is_dir=True)
         handed = handed or src
         if not handed.exists():
             raise FetchError(f"input {inp.name!r}: local file {src} does not exist")

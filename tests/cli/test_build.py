@@ -164,3 +164,40 @@ def test_toolchain_mismatch_stops_unless_allowed(store, tmp_path):
 def test_plain_output_has_no_progress_bar_escapes(builds):
     _, p = builds["t2"]
     assert "\x1b[" not in p.stdout + p.stderr
+
+
+def test_output_dir_holds_exactly_one_build(store, tmp_path):
+    """An earlier build's Sigstore bundle and VSA do not survive beside new weights; a directory
+    holding files this tool did not write is refused before any work; model files are 0644."""
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "attestation.sigstore.json").write_text("{}")
+    (out / "vsa.intoto.jsonl").write_text("{}")
+    (out / "build.json").write_text("{}")
+    p = run_cli("build", str(TINY), "--out", str(out), store=store)
+    assert p.returncode == 0, p.stderr
+    assert not (out / "attestation.sigstore.json").exists() and not (out / "vsa.intoto.jsonl").exists()
+    assert oct(os.stat(out / "model" / "model.safetensors").st_mode & 0o777) == "0o644"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("mine")
+    p = run_cli("build", str(TINY), "--out", str(foreign), store=store)
+    assert p.returncode == 2 and "did not write (thesis.tex)" in p.stderr, p.stderr
+    assert sorted(x.name for x in foreign.iterdir()) == ["thesis.tex"]
+
+
+def test_out_or_store_that_cannot_be_written_is_refused_first(store, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    p = run_cli("build", str(TINY), "--out", str(afile), store=store)
+    assert p.returncode == 2 and "is not a directory" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli("build", str(TINY), "--out", str(tmp_path / "o"), "--store", str(afile / "store"))
+    assert p.returncode == 2 and "is not writable" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_malformed_world_size_is_exit_2(store, tmp_path):
+    p = run_cli("build", str(TINY), "--out", str(tmp_path / "o"), store=store, env={"WORLD_SIZE": "two"})
+    assert p.returncode == 2 and "$WORLD_SIZE" in p.stderr and "Traceback" not in p.stderr
