@@ -282,11 +282,87 @@ def cmd_check(args) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
+    if not args.plan:
+        if args.json:
+            _emit_json({"ok": True, "recipe": recipe.name, **recipe.digests})
+        else:
+            print(f"{args.recipe}: valid recipe {recipe.name!r} (blake3:{recipe.digests['blake3']})")
+        return 0
+    plan = _plan(args, recipe)
     if args.json:
-        _emit_json({"ok": True, "recipe": recipe.name, **recipe.digests})
-    else:
-        print(f"{args.recipe}: valid recipe {recipe.name!r} (blake3:{recipe.digests['blake3']})")
-    return 0
+        _emit_json({"ok": True, "recipe": recipe.name, **recipe.digests, "plan": plan})
+        return 0
+    gib = 1 << 30
+    print(f"{args.recipe}: valid recipe {recipe.name!r} (blake3:{recipe.digests['blake3']})")
+    print(f"parameters: {plan['parameters']:,} (vocabulary at most {recipe.recipe.tokenizer.vocab_size})")
+    for st in plan["stages"]:
+        steps = f"{st['steps']:,} steps" if st["steps"] is not None else f"steps unknown ({st['steps_note']})"
+        dur = f", about {st['hours']:.2f} h" if st.get("hours") is not None else ""
+        print(f"stage {st['name']}: {steps}, batch {st['batch_size']} in micro-batches of {st['micro_batch']}"
+              f"{dur}; memory estimate {st['memory_bytes'] / gib:.2f} GiB")
+        for k, v in st["memory_parts"].items():
+            print(f"    {k:22s} {v / gib:7.2f} GiB")
+    avail = plan["available_bytes"]
+    print(f"peak estimate {plan['peak_bytes'] / gib:.2f} GiB; available {avail / gib:.2f} GiB" if avail else
+          f"peak estimate {plan['peak_bytes'] / gib:.2f} GiB; available memory unknown")
+    if plan.get("probe"):
+        pr = plan["probe"]
+        print(f"timed probe ({pr['stage']}, {len(pr['micro_step_seconds'])} micro-steps on random ids): "
+              f"{pr['seconds_per_micro_step']:.3f} s per micro-step, peak RSS {pr['peak_rss'] / gib:.2f} GiB "
+              f"(estimate for that stage {pr['estimate_bytes'] / gib:.2f} GiB)")
+    print(plan["verdict"])
+    return 0 if plan["fits"] else 2
+
+
+def _plan(args, recipe) -> dict:
+    """Memory estimate per stage, steps (when the inputs are in the store), and a timed probe."""
+    from .recipe.plan import available_memory, memory_problem, parameter_count, peak_memory, stage_memory
+
+    r = recipe.recipe
+    steps: dict[str, int] = {}
+    note = ""
+    try:
+        from ._internal.progress import Reporter
+        from .build.pipeline import fetch_all, prepare_data
+        from .build.train import stage_steps
+        from .inputs.store import Store
+
+        import tempfile
+
+        stored = fetch_all(recipe, Store(args.store), offline=True, handed={}, reporter=Reporter(enabled=False))
+        with tempfile.TemporaryDirectory() as work:
+            data = prepare_data(recipe, stored, Path(work))
+        steps = {s.name: stage_steps(s, data.seqs) for s in r.stages}
+    except ProvenanceError as e:
+        note = "the inputs are not in the store; `provenance fetch` them first" if "not in the store" in \
+            e.diagnostics() else e.diagnostics().splitlines()[0]
+    problem = memory_problem(r)
+    peak = peak_memory(r)
+    probe = None
+    if args.probe and problem is None:
+        from .build.probe import run_probe
+
+        try:
+            probe = run_probe(str(recipe.path), peak.stage)
+            probe["stage"], probe["estimate_bytes"] = peak.stage, peak.total
+        except RuntimeError as e:
+            raise InputError(str(e)) from None
+    stages = []
+    for s in r.stages:
+        est = stage_memory(r, s)
+        n = steps.get(s.name) if s.steps is None else s.steps
+        chunks = -(-s.batch_size // (s.micro_batch_size or s.batch_size))
+        hours = None
+        if probe and n is not None:
+            scale = (s.micro_batch_size or s.batch_size) * s.seq_len / (est.micro_batch * s.seq_len)
+            per = probe["seconds_per_micro_step"] * (est.total / peak.total if s.name != peak.stage else 1) * scale
+            hours = n * chunks * per / 3600
+        stages.append({"name": s.name, "steps": n, "steps_note": note, "batch_size": s.batch_size,
+                       "micro_batch": s.micro_batch_size or s.batch_size, "memory_bytes": est.total,
+                       "memory_parts": est.parts, "hours": hours})
+    return {"parameters": parameter_count(r), "stages": stages, "peak_bytes": peak.total,
+            "available_bytes": available_memory(), "probe": probe, "fits": problem is None,
+            "verdict": problem or "fits: the first step's estimate is within 90% of the available memory"}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -406,6 +482,10 @@ def parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check-recipe", help="validate a recipe and print its digest")
     c.add_argument("recipe")
+    c.add_argument("--plan", action="store_true",
+                   help="print the memory estimate, steps per stage and an expected duration (timed probe)")
+    c.add_argument("--no-probe", dest="probe", action="store_false", help="with --plan: skip the timed probe")
+    c.add_argument("--store", help="input store, to count steps of epoch-based stages")
     _common(c)
     c.set_defaults(func=cmd_check)
     return p

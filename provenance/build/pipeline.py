@@ -102,7 +102,9 @@ def _write_model_dir(staging: Path, model, tok, recipe: LoadedRecipe, m: dict) -
     d = staging / "model"
     d.mkdir()
     spec = recipe.recipe.model
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    from .train import saved_state
+
+    state = {k: v.contiguous() for k, v in saved_state(model).items()}
     save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
     model.config.save_pretrained(d)
     cfg = model.config
@@ -183,6 +185,39 @@ def prepare_data(recipe: LoadedRecipe, stored, work: Path, *, reporter: Reporter
     return PreparedData(m, manifest_bytes(m), tok, tok_digest, seqs, ids)
 
 
+def check_data(recipe: LoadedRecipe, seqs: list[list[int]], world_size: int = 1) -> list[int]:
+    """Preflight after tokenization, before the first step: everything that would otherwise fail
+    after training. Returns the steps of each stage. Raises InputError naming the field."""
+    from .train import stage_steps
+
+    r, where = recipe.recipe, recipe.path
+    problems, steps = [], []
+    for i, st in enumerate(r.stages):
+        n = stage_steps(st, seqs)
+        steps.append(n)
+        if n == 0:
+            problems.append(f"stages[{i}] ({st.name!r}): no training windows in the data")
+        if st.warmup_steps > n:
+            problems.append(f"stages[{i}].warmup_steps: {st.warmup_steps} exceeds the stage's {n} steps")
+        if st.batch_size < world_size:
+            problems.append(f"stages[{i}].batch_size: {st.batch_size} is smaller than the world size {world_size}")
+    longest = max((len(s) for s in seqs), default=0)
+    rep = r.reproducibility
+    if longest < rep.eval_tokens:
+        problems.append(f"reproducibility.eval_tokens: {rep.eval_tokens} tokens, but the longest training file has "
+                        f"{longest}; the fingerprint needs at least one window that long")
+    if rep.prompt_tokens > rep.eval_tokens:
+        problems.append(f"reproducibility.prompt_tokens: {rep.prompt_tokens} exceeds eval_tokens {rep.eval_tokens}")
+    ev = r.evaluate
+    if longest < ev.prompt_tokens + ev.continuation_tokens:
+        problems.append(f"evaluate: prompt_tokens + continuation_tokens = {ev.prompt_tokens + ev.continuation_tokens} "
+                        f"tokens, but the longest training file has {longest}")
+    if problems:
+        raise InputError(f"{where}: the recipe cannot be built on this data (checked before training):\n  "
+                         + "\n  ".join(problems))
+    return steps
+
+
 @dataclass
 class Signing:
     """How the attestation is signed: local securesystemslib signers, and optionally Sigstore."""
@@ -244,6 +279,11 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
     if dist.rank != 0:
         reporter = Reporter(enabled=False)
     tc = toolchain.check(r.toolchain, recipe.path, allow=allow_toolchain_mismatch)
+    from ..recipe.plan import memory_problem
+
+    problem = memory_problem(r, world_size=dist.world_size) if dist.rank == 0 else None
+    if problem:
+        raise InputError(f"{recipe.path}: {problem}")
     t = time.perf_counter()
     stored = fetch_all(recipe, store, offline=offline, handed=handed or {}, reporter=reporter)
     t = lap("fetch", t)
@@ -268,6 +308,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         work = staging / "work"
         data = prepare_data(recipe, stored, work, reporter=reporter, timings=timings)
         m, tok, seqs, ids = data.manifest, data.tokenizer, data.seqs, data.special_ids
+        check_data(recipe, seqs, dist.world_size)
         atomic_write_bytes(staging / "dataset-manifest.json", data.manifest_bytes)
         t = time.perf_counter()
 

@@ -7,6 +7,7 @@ Each optimizer step appends one hash-chained line to the transcript.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -109,19 +110,32 @@ SAFETENSORS_DTYPES = {"float32": "F32", "float64": "F64", "float16": "F16", "bfl
                       "int32": "I32", "uint8": "U8", "bool": "BOOL"}
 
 
+def saved_state(model) -> dict:
+    """The tensors a model dir holds: the state dict with tied weights once (the first name wins,
+    `model.embed_tokens.weight` before `lm_head.weight`, as transformers saves them)."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach()
+    return out
+
+
 def param_digest(model) -> str:
-    """blake3-tensors-v1 of the model's state dict: the same digest `build.json` gives the saved
-    weights, so a transcript's last `params` equals the weights digest (docs/formats.md)."""
+    """blake3-tensors-v1 of the tensors the model dir will hold: the same digest `build.json` gives
+    the saved weights, so a transcript's last `params` equals the weights digest (docs/formats.md)."""
     import torch
 
     from .._internal.hashing import tensors_digest
 
     def raw(t):
-        t = t.detach().cpu().contiguous()
+        t = t.cpu().contiguous()
         return t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
     return tensors_digest((name, SAFETENSORS_DTYPES[str(p.dtype).removeprefix("torch.")], list(p.shape), raw(p))
-                          for name, p in model.state_dict().items())
+                          for name, p in saved_state(model).items())
 
 
 @dataclass
@@ -212,10 +226,23 @@ def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript:
                 group["lr"] = lr
             n_global = int((y[idx][:, 1:] != IGNORE).sum())
             local = shard(idx, dist)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=stage.precision == "bf16-autocast"):
-                logits = net(input_ids=x[local].to(device)).logits
-            loss_sum = causal_lm_loss_sum(logits, y[local].to(device))
-            (loss_sum * (dist.world_size / max(1, n_global))).backward()
+            scale = dist.world_size / max(1, n_global)
+            # Gradient accumulation: this rank's samples in micro-batches, always in the same order,
+            # each micro-batch's per-token-sum loss scaled by the global token count, so the
+            # accumulated gradient is the global per-token mean (summed in a fixed order).
+            mb = stage.micro_batch_size or local.numel()
+            chunks = [local[i:i + mb] for i in range(0, local.numel(), mb)] or [local]
+            loss_sum = None
+            for ci, chunk in enumerate(chunks):
+                sync = dist.world_size == 1 or ci == len(chunks) - 1
+                with contextlib.nullcontext() if sync else net.no_sync():
+                    with torch.autocast(device.type, dtype=torch.bfloat16,
+                                        enabled=stage.precision == "bf16-autocast"):
+                        logits = net(input_ids=x[chunk].to(device)).logits
+                    part = causal_lm_loss_sum(logits, y[chunk].to(device))
+                    (part * scale).backward()
+                del logits
+                loss_sum = part.detach() if loss_sum is None else loss_sum + part.detach()
             if stage.grad_clip is not None:
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip, foreach=False)
             else:

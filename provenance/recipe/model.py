@@ -196,6 +196,7 @@ class Stage(Strict):
     name: Name
     lr: Annotated[float, Field(allow_inf_nan=False, gt=0)]
     batch_size: Size
+    micro_batch_size: Size | None = None  # gradient accumulation: batch_size samples in micro-batches of this size
     epochs: PosInt | None = None
     steps: PosInt | None = None
     warmup_steps: NonNegInt = 0
@@ -220,6 +221,8 @@ class Stage(Strict):
             problems.append(f"stride ({self.stride}) must not exceed seq_len ({self.seq_len})")
         if self.phases > self.seq_len:
             problems.append(f"phases ({self.phases}) must not exceed seq_len ({self.seq_len})")
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            problems.append(f"micro_batch_size ({self.micro_batch_size}) exceeds batch_size ({self.batch_size})")
         if self.steps is not None and self.warmup_steps > self.steps:
             problems.append(f"warmup_steps ({self.warmup_steps}) exceeds the stage's steps ({self.steps})")
         if problems:

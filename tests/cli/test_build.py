@@ -201,3 +201,58 @@ def test_out_or_store_that_cannot_be_written_is_refused_first(store, tmp_path):
 def test_malformed_world_size_is_exit_2(store, tmp_path):
     p = run_cli("build", str(TINY), "--out", str(tmp_path / "o"), store=store, env={"WORLD_SIZE": "two"})
     assert p.returncode == 2 and "$WORLD_SIZE" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_tied_embeddings_build_and_verify(store, tmp_path):
+    """tie_word_embeddings = true used to fail at save time, after all the training."""
+    recipe = tmp_path / "tied.toml"
+    recipe.write_text(TINY.read_text().replace("[model]\n", "[model]\ntie_word_embeddings = true\n", 1))
+    out = tmp_path / "out"
+    p = run_cli("build", str(recipe), "--out", str(out), store=store)
+    assert p.returncode == 0, p.stderr
+    from provenance._internal.safetensors import read_tensors
+
+    names = set(read_tensors(out / "model" / "model.safetensors"))
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    last = json.loads((out / "transcript.jsonl").read_text().splitlines()[-1])
+    assert last["params"] == tensor_digest(out / "model" / "model.safetensors")
+    import transformers
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(out / "model"))
+    assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+
+
+def test_data_too_short_for_the_fingerprint_is_refused_before_training(store, tmp_path):
+    recipe = tmp_path / "short.toml"
+    recipe.write_text(TINY.read_text().replace("[reproducibility]", "[reproducibility]\neval_tokens = 100000", 1)
+                      if "[reproducibility]" in TINY.read_text()
+                      else TINY.read_text() + "\n[reproducibility]\neval_tokens = 100000\n")
+    p = run_cli("build", str(recipe), "--out", str(tmp_path / "o"), store=store)
+    assert p.returncode == 2 and "reproducibility.eval_tokens" in p.stderr and "checked before training" in p.stderr
+    assert "train:" not in p.stderr and not (tmp_path / "o" / "model").exists()
+
+
+def test_recipe_that_does_not_fit_in_memory_is_refused_before_fetching(tmp_path):
+    recipe = tmp_path / "big.toml"
+    text = TINY.read_text().replace("batch_size = ", "batch_size = 65536 #", 1)
+    text = text.replace("seq_len = ", "seq_len = 4096 #", 1).replace("max_position_embeddings = ",
+                                                                     "max_position_embeddings = 4096 #", 1)
+    recipe.write_text(text)
+    p = run_cli("build", str(recipe), "--out", str(tmp_path / "o"), store=tmp_path / "empty-store")
+    assert p.returncode == 2 and "not enough memory" in p.stderr and "micro_batch_size" in p.stderr, p.stderr
+    assert not (tmp_path / "empty-store" / "blobs").exists()
+
+
+def test_gradient_accumulation_is_bitwise_run_to_run_and_across_threads(builds, store, tmp_path):
+    """micro_batch_size 2 of batch_size 4: the same bits for threads 1 and 2 and on rebuild; the
+    micro-batches are summed in a fixed order, which is not the order of one batch (docs/recipe.md)."""
+    recipe = tmp_path / "acc.toml"
+    recipe.write_text(TINY.read_text().replace("batch_size = 4\n", "batch_size = 4\nmicro_batch_size = 2\n", 1))
+    digests = []
+    for i, threads in enumerate(("1", "2", "2")):
+        p = run_cli("build", str(recipe), "--out", str(tmp_path / f"o{i}"), "--threads", threads, store=store)
+        assert p.returncode == 0, p.stderr
+        digests.append(last_line(p.stdout))
+    assert len(set(digests)) == 1, digests
+    t = [(tmp_path / f"o{i}" / "transcript.jsonl").read_bytes() for i in range(3)]
+    assert t[0] == t[1] == t[2]
