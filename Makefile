@@ -51,9 +51,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,bench]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,bench]' --config-settings editable_mode=compat
 	$(BIN)/python bench/train_vs_trainer.py
 	$(BIN)/python bench/verify_vs_model_signing.py
+	$(BIN)/python bench/fuzz.py
+	$(BIN)/python bench/laam_first_steps.py
 
 clean:
 	rm -rf build .pytest_cache
