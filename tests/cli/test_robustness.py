@@ -1,0 +1,104 @@
+"""Exit codes are a contract: bad files under compare and diverge, unexpected exceptions, the plan
+of the LaaM recipe, and recipes that try to write outside their directories through build."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from ..conftest import RECIPES, TINY, run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_build(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("robust") / "b"
+    p = run_cli("build", str(TINY), "--out", str(out), store=store)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+def test_build_refuses_a_filename_that_escapes(store, tmp_path):
+    recipe = tmp_path / "sub" / "r.toml"
+    recipe.parent.mkdir()
+    recipe.write_text(TINY.read_text().replace('license = "GPL-2.0-only"',
+                                               'license = "GPL-2.0-only"\nfilename = "../../ESCAPED.txt"', 1))
+    p = run_cli("build", str(recipe), "--out", str(tmp_path / "o"), store=store)
+    assert p.returncode == 2 and "inputs[0]" in p.stderr and "filename" in p.stderr
+    assert not list(tmp_path.rglob("ESCAPED.txt")) and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated-weights", "weights-not-safetensors", "fingerprint-not-json",
+                                    "fingerprint-a-list"])
+def test_compare_on_damaged_builds_is_exit_2(tiny_build, tmp_path, damage):
+    b = tmp_path / "b"
+    shutil.copytree(tiny_build, b)
+    if damage == "truncated-weights":
+        w = b / "model" / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:100])
+    elif damage == "weights-not-safetensors":
+        (b / "model" / "model.safetensors").write_bytes(b"\xff" * 64)
+    elif damage == "fingerprint-not-json":
+        (b / "fingerprint.json").write_text("{not json")
+    else:
+        (b / "fingerprint.json").write_text("[1, 2]")
+    first, second = (b, tiny_build) if damage.startswith("fingerprint") else (tiny_build, b)
+    p = run_cli("compare", str(first), str(second), "--json")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr and json.loads(p.stdout)["ok"] is False
+
+
+@pytest.mark.parametrize("content", ["[1, 2, 3]\n", "null\n", '"a string"\n', "{}\n{}\n"])
+def test_diverge_on_lines_that_are_not_transcript_objects(tiny_build, tmp_path, content):
+    t = tmp_path / "t.jsonl"
+    t.write_text(content)
+    p = run_cli("diverge", str(tiny_build / "transcript.jsonl"), str(t))
+    assert p.returncode == 2 and "Traceback" not in p.stderr and str(t) in p.stderr, p.stderr
+
+
+def test_two_empty_transcripts_are_not_identical(tmp_path):
+    (tmp_path / "a").write_text("")
+    (tmp_path / "b").write_text("")
+    p = run_cli("diverge", str(tmp_path / "a"), str(tmp_path / "b"))
+    assert p.returncode == 2 and "empty transcript" in p.stderr
+
+
+def test_unexpected_exception_is_exit_2_internal_error(monkeypatch, capsys, tmp_path):
+    from provenance import cli
+
+    def boom(args):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(cli, "cmd_check", boom)
+    code = cli.main(["check-recipe", str(TINY)])
+    err = capsys.readouterr().err
+    assert code == 2 and "internal error: RuntimeError: simulated bug; rerun with --debug" in err
+    assert "Traceback" not in err
+    code = cli.main(["check-recipe", str(TINY), "--json"])
+    out = capsys.readouterr().out
+    assert code == 2 and json.loads(out) == {"ok": False, "error": json.loads(out)["error"], "exit_code": 2}
+
+
+def test_keygen_failure_leaves_no_orphan(monkeypatch, tmp_path):
+    import os
+
+    from provenance.attest import sign
+    from provenance.errors import InputError
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "link", fail)
+    with pytest.raises(InputError, match="cannot write the key pair"):
+        sign.keygen(tmp_path / "keys", name="k")
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == []
+
+
+def test_laam_recipe_plan_fits_with_its_micro_batches():
+    p = run_cli("check-recipe", "--plan", "--no-probe", str(RECIPES / "laam-linux-1.0-5m.toml"), "--json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    plan = json.loads(p.stdout)["plan"]
+    s1 = plan["stages"][0]
+    assert s1["batch_size"] == 64 and s1["micro_batch"] == 8 and s1["memory_bytes"] < 8 << 30
+    assert plan["fits"] and plan["parameters"] == 4_662_336
