@@ -119,6 +119,11 @@ def _signing(args, reporter):
         if k.exists() and not key_is_private_enough(k):
             reporter.log(f"warning: private key {k} is readable by group or others")
     signing = Signing(signers=[load_signer(k) for k in keys])
+    for k, signer in zip(keys, signing.signers):
+        try:  # preflight: a key that loads but cannot sign fails now, not after training
+            signer.sign(b"provenance preflight")
+        except Exception as e:  # noqa: BLE001 - any signer failure is the key's
+            raise InputError(f"{k}: the key loads but cannot sign ({e})") from None
     if args.sigstore:
         signing.sigstore_config = trust_config(Path(args.trust_config) if args.trust_config else None,
                                                staging=args.sigstore_staging)

@@ -148,6 +148,19 @@ def _install(staging: Path, out: Path) -> None:
     os.replace(staging / "build.json", out / "build.json")
 
 
+def check_disk(r, out: Path, store_root: Path) -> None:
+    """Preflight: room for the outputs (weights twice: staged and installed) and some for inputs."""
+    from ..recipe.plan import parameter_count
+
+    need = (256 << 20) + 8 * parameter_count(r)
+    for where in (out, store_root):
+        probe = next((p for p in [Path(where), *Path(where).parents] if p.exists()), Path("."))
+        free = shutil.disk_usage(probe).free
+        if free < need:
+            raise InputError(f"{where}: {free >> 20} MiB free on its file system; this build needs at least "
+                             f"{need >> 20} MiB")
+
+
 @dataclass
 class PreparedData:
     """The dataset and tokenizer stages' outputs: everything training needs."""
@@ -284,6 +297,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
     problem = memory_problem(r, world_size=dist.world_size) if dist.rank == 0 else None
     if problem:
         raise InputError(f"{recipe.path}: {problem}")
+    check_disk(r, out, store.root)
     t = time.perf_counter()
     stored = fetch_all(recipe, store, offline=offline, handed=handed or {}, reporter=reporter)
     t = lap("fetch", t)
