@@ -72,7 +72,8 @@ def fetch_all(recipe: LoadedRecipe, store: Store, *, offline: bool, handed: dict
     for inp in recipe.recipe.inputs:
         with reporter.task(f"fetch {inp.name}", total=None) as advance:
             s = fetch_input(inp, store, recipe_dir=recipe.path.parent, offline=offline,
-                            handed=handed.get(inp.name), progress=lambda n, total=None: advance(n, total_=total))
+                            handed=handed.get(inp.name), progress=lambda n, total=None: advance(n, total_=total),
+                            limits=recipe.recipe.limits)
         reporter.log(f"input {inp.name}: {s.source}, blake3:{s.digests['blake3']}")
         stored.append(s)
     return stored
@@ -182,7 +183,7 @@ def prepare_data(recipe: LoadedRecipe, stored, work: Path, *, reporter: Reporter
     timings = timings if timings is not None else {}
     r = recipe.recipe
     t0 = time.perf_counter()
-    files, m = select_dataset(r.dataset, stored, work, recipe.path)
+    files, m = select_dataset(r.dataset, stored, work, recipe.path, r.limits)
     reporter.log(f"dataset: {m['totals']['files']} files, {m['totals']['bytes']} bytes, "
                  f"licences {m['licenses']}, root {m['merkle_root']['digest']}")
     texts = layout_texts(files, r.layout)

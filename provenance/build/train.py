@@ -148,6 +148,7 @@ class StageResult:
     final_loss: float
     seconds: float
     tokens: int
+    micro_batch_size: int | None = None  # gradient accumulation (None: the whole batch at once)
 
 
 def stage_steps(stage: Stage, seqs: list[list[int]]) -> int:
@@ -273,6 +274,6 @@ def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript:
             if progress is not None:
                 progress(stage.name, step, total, last)
         results.append(StageResult(stage.name, total, epoch, samples, first, last,
-                                   round(time.perf_counter() - t0, 3), tokens))
+                                   round(time.perf_counter() - t0, 3), tokens, stage.micro_batch_size))
     model.eval()
     return results

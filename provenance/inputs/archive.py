@@ -6,7 +6,6 @@ a link that points outside the root, or a device/FIFO is refused before anything
 
 from __future__ import annotations
 
-import shutil
 import stat
 import tarfile
 import zipfile
@@ -70,34 +69,80 @@ def _plan_zip(archive: Path, zf: zipfile.ZipFile) -> list[tuple[PurePosixPath, z
     return plan
 
 
-def extract(archive: Path, dest: Path, name: str | None = None) -> None:
-    """Extract `archive` into the empty directory `dest`. Raises UnsafeArchive before writing."""
+class _Budget:
+    """Bytes and files an extraction may still write; refuses past the recipe's [limits]."""
+
+    def __init__(self, label: str, limits) -> None:
+        self.label = label
+        self.bytes_left = limits.max_extracted_bytes if limits else 8 << 30
+        self.files_left = limits.max_extracted_files if limits else 500_000
+
+    def file(self) -> None:
+        self.files_left -= 1
+        if self.files_left < 0:
+            raise UnsafeArchive(f"{self.label}: more members than limits.max_extracted_files allows; refusing "
+                                "to extract (raise the limit in the recipe's [limits] if the archive is genuine)")
+
+    def declared(self, declared: int) -> None:
+        if declared > self.bytes_left:
+            raise UnsafeArchive(f"{self.label}: members declare more than limits.max_extracted_bytes; refusing to "
+                                "extract (a decompression bomb, or raise the limit in the recipe's [limits])")
+
+    def copy(self, src, dst) -> None:
+        """Copy counting the bytes actually written (a member's declared size may lie)."""
+        while chunk := src.read(1 << 20):
+            self.bytes_left -= len(chunk)
+            if self.bytes_left < 0:
+                raise UnsafeArchive(f"{self.label}: extracted data exceeds limits.max_extracted_bytes; stopped")
+            dst.write(chunk)
+
+
+def extract(archive: Path, dest: Path, name: str | None = None, limits=None) -> None:
+    """Extract `archive` into the empty directory `dest`. Raises UnsafeArchive before writing for an
+    unsafe member, and stops at the recipe's [limits] (bytes and files)."""
     label = name or archive.name
     lower = label.lower()
+    budget = _Budget(label, limits)
     dest.mkdir(parents=True, exist_ok=True)
     try:
         if lower.endswith(".zip"):
-            with zipfile.ZipFile(archive) as zf:
-                plan = _plan_zip(Path(label), zf)
-                for rel, info in plan:
-                    out = dest / rel
-                    if info.is_dir():
-                        out.mkdir(parents=True, exist_ok=True)
-                        continue
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as src, open(out, "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)
+            zf_cm = zipfile.ZipFile(archive)
         else:
-            with tarfile.open(archive, "r:*") as tar:
-                plan = _plan_tar(Path(label), tar)
-                for rel, m in plan:
-                    out = dest / rel
-                    if m.isdir():
-                        out.mkdir(parents=True, exist_ok=True)
-                        continue
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    src = tar.extractfile(m)
-                    with src, open(out, "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)
+            zf_cm = tarfile.open(archive, "r:*")
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
         raise UnsafeArchive(f"{label}: cannot read archive: {e}") from None
+    with zf_cm as arc:
+        try:
+            plan = _plan_zip(Path(label), arc) if isinstance(arc, zipfile.ZipFile) else _plan_tar(Path(label), arc)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+            raise UnsafeArchive(f"{label}: cannot read archive: {e}") from None
+        total = 0
+        for _, m in plan:
+            total += m.file_size if isinstance(m, zipfile.ZipInfo) else m.size
+        budget.declared(total)
+        for rel, m in plan:
+            out = dest / rel
+            is_dir = m.is_dir() if isinstance(m, zipfile.ZipInfo) else m.isdir()
+            try:
+                if is_dir:
+                    out.mkdir(parents=True, exist_ok=True)
+                    continue
+                budget.file()
+                out.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UnsafeArchive(f"{label}: cannot write {rel}: {e.strerror}") from None
+            try:
+                src = arc.open(m) if isinstance(arc, zipfile.ZipFile) else arc.extractfile(m)
+            except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, RuntimeError) as e:
+                raise UnsafeArchive(f"{label}: cannot read member {rel}: {e}") from None
+            try:
+                dst = open(out, "wb")
+            except OSError as e:
+                raise UnsafeArchive(f"{label}: cannot write {rel}: {e.strerror}") from None
+            with src, dst:
+                try:
+                    budget.copy(src, dst)
+                except (tarfile.TarError, zipfile.BadZipFile, EOFError, RuntimeError) as e:
+                    raise UnsafeArchive(f"{label}: cannot read member {rel}: {e}") from None
+                except OSError as e:
+                    raise UnsafeArchive(f"{label}: cannot extract {rel}: {e.strerror or e}") from None

@@ -37,13 +37,13 @@ class DataFile:
                 "license": self.license, "license_source": self.license_source}
 
 
-def materialize(stored: StoredInput, work: Path) -> Path:
+def materialize(stored: StoredInput, work: Path, limits=None) -> Path:
     """Return a directory holding the input's files: extracted archive, the directory, or the file."""
     if stored.is_dir:
         return stored.path
     root = work / stored.input.name
     if stored.input.is_archive:
-        extract(stored.path, root, name=stored.input.artifact_name)
+        extract(stored.path, root, name=stored.input.artifact_name, limits=limits)
     else:
         root.mkdir(parents=True, exist_ok=True)
         (root / stored.input.artifact_name).write_bytes(stored.path.read_bytes())
@@ -111,11 +111,11 @@ def layout_texts(files: list[DataFile], layout: Layout) -> list[str]:
     return [layout.template.format(path=f.path, content=f.text) for f in files]
 
 
-def select_dataset(spec: Dataset, stored: list[StoredInput], work: Path, recipe_path: Path):
+def select_dataset(spec: Dataset, stored: list[StoredInput], work: Path, recipe_path: Path, limits=None):
     """Extract the inputs into `work` and select the dataset: (files, manifest). Checks a pinned root.
 
     Used by the builder and by `verify-attestation --inputs` alike."""
-    roots = [(s, materialize(s, work)) for s in stored]
+    roots = [(s, materialize(s, work, limits)) for s in stored]
     files = select_files(roots, spec)
     m = manifest(files)
     check_root(m, spec, recipe_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -125,16 +126,41 @@ class Store:
         check_pins(inp, digests, f"stored input {inp.name!r} ({path})")
         return digests
 
-    def snapshot_dir(self, inp: Input, src: Path) -> tuple[Path, dict[str, str]]:
+    def snapshot_dir(self, inp: Input, src: Path, limits=None) -> tuple[Path, dict[str, str]]:
         """Copy a directory input's regular files into the store, digest *the copy*, check the pin
-        and keep it under trees/<blake3>: what is trained on is what was hashed."""
+        and keep it under trees/<blake3>: what is trained on is what was hashed. The recipe's
+        [limits] cap the files and bytes copied (a path of `/` or under /proc stops there)."""
+        files_left = limits.max_extracted_files if limits else 500_000
+        bytes_left = limits.max_extracted_bytes if limits else 8 << 30
         tmp = Path(tempfile.mkdtemp(dir=self.tmpdir(), prefix=f"tree-{inp.name}."))
         try:
-            for p in sorted(src.rglob("*")):
-                if p.is_file() and not p.is_symlink():
+            for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+                dirnames.sort()
+                for fn in sorted(filenames):
+                    p = Path(dirpath) / fn
+                    try:
+                        st = p.lstat()
+                    except OSError:
+                        continue
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    files_left -= 1
+                    if files_left < 0:
+                        raise InputError(f"directory input {inp.name!r} ({src}): more files than "
+                                         "limits.max_extracted_files")
                     dest = tmp / p.relative_to(src)
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(p, dest)
+                    try:
+                        with open(p, "rb") as fin, open(dest, "wb") as fout:
+                            while chunk := fin.read(CHUNK):
+                                bytes_left -= len(chunk)
+                                if bytes_left < 0:
+                                    raise InputError(f"directory input {inp.name!r} ({src}): more data than "
+                                                     "limits.max_extracted_bytes")
+                                fout.write(chunk)
+                    except OSError as e:
+                        raise InputError(f"directory input {inp.name!r}: cannot read {p}: {e.strerror or e}") \
+                            from None
             digests = tree_digest(tmp)
             check_pins(inp, digests, f"directory input {inp.name!r} ({src})")
             final = self.root / "trees" / digests["blake3"]
@@ -202,12 +228,29 @@ def tree_digest(root: Path) -> dict[str, str]:
     return {"blake3": merkle_root(leaves)}
 
 
-def _download_url(url: str, dest: Path, progress=None) -> None:
+def _download_url(url: str, dest: Path, progress=None, limits=None) -> None:
+    """Download with the recipe's [limits]: at most max_download_bytes, no read that stalls longer
+    than download_stall_seconds, done within download_deadline_seconds. Raises FetchError."""
+    import time
+
+    max_bytes = limits.max_download_bytes if limits else 4 << 30
+    stall = limits.download_stall_seconds if limits else 60.0
+    deadline = time.monotonic() + (limits.download_deadline_seconds if limits else 3600.0)
+    got = 0
     try:
-        with urllib.request.urlopen(url, timeout=60) as resp, open(dest, "wb") as out:
+        with urllib.request.urlopen(url, timeout=stall) as resp, open(dest, "wb") as out:
+            if resp.length is not None and resp.length > max_bytes:
+                raise FetchError(f"cannot fetch {url}: it announces {resp.length} bytes, over "
+                                 f"limits.max_download_bytes ({max_bytes})")
             if progress is not None and resp.length:
                 progress(0, total=resp.length)
-            while chunk := resp.read(CHUNK):
+            while chunk := resp.read1(CHUNK) if hasattr(resp, "read1") else resp.read(CHUNK):
+                got += len(chunk)
+                if got > max_bytes:
+                    raise FetchError(f"cannot fetch {url}: more than limits.max_download_bytes ({max_bytes}) "
+                                     "arrived; stopped")
+                if time.monotonic() > deadline:
+                    raise FetchError(f"cannot fetch {url}: not done within limits.download_deadline_seconds; stopped")
                 out.write(chunk)
                 if progress is not None:
                     progress(len(chunk))
@@ -215,10 +258,12 @@ def _download_url(url: str, dest: Path, progress=None) -> None:
         raise FetchError(f"cannot fetch {url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, TimeoutError, OSError) as e:
         reason = getattr(e, "reason", e)
+        if isinstance(e, TimeoutError) or "timed out" in str(reason):
+            reason = f"no data for limits.download_stall_seconds ({stall:g} s)"
         raise FetchError(f"cannot fetch {url}: {reason} (is the host reachable from here?)") from None
 
 
-def _download_pypi(inp: Input, tmp: Path) -> Path:
+def _download_pypi(inp: Input, tmp: Path, limits=None) -> Path:
     req = f"{inp.package}=={inp.version}"
     cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
            "--disable-pip-version-check", "--no-input", "-d", str(tmp)]
@@ -229,7 +274,12 @@ def _download_pypi(inp: Input, tmp: Path) -> Path:
         cmd += ["--require-hashes", "-r", str(reqfile)]
     else:
         cmd.append(req)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    deadline = limits.download_deadline_seconds if limits else 3600.0
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=deadline)
+    except subprocess.TimeoutExpired:
+        raise FetchError(f"input {inp.name!r}: pip download {req} not done within "
+                         f"limits.download_deadline_seconds ({deadline:g} s)") from None
     if proc.returncode != 0:
         out = proc.stdout + proc.stderr
         got = re.search(r"Got\s+([0-9a-f]{64})", out)
@@ -244,7 +294,7 @@ def _download_pypi(inp: Input, tmp: Path) -> Path:
 
 
 def fetch_input(inp: Input, store: Store, *, recipe_dir: Path, offline: bool = False,
-                handed: Path | None = None, progress=None) -> StoredInput:
+                handed: Path | None = None, progress=None, limits=None) -> StoredInput:
     """Return the input's bytes checked against its pins, fetching them if needed.
 
     Raises DigestMismatch (nothing is stored), FetchError (unreachable, or offline and absent).
@@ -255,7 +305,7 @@ def fetch_input(inp: Input, store: Store, *, recipe_dir: Path, offline: bool = F
         if src.is_dir():
             if inp.sha256 and not inp.blake3:
                 raise InputError(f"input {inp.name!r}: a directory input is pinned by blake3 (its tree digest), not sha256")
-            snap, digests = store.snapshot_dir(inp, src)
+            snap, digests = store.snapshot_dir(inp, src, limits)
             return StoredInput(inp, snap, digests, "path", is_dir=True)
         handed = handed or src
         if not handed.exists():
@@ -282,11 +332,11 @@ def fetch_input(inp: Input, store: Store, *, recipe_dir: Path, offline: bool = F
     tmp = Path(tempfile.mkdtemp(dir=store.tmpdir(), prefix=f"fetch-{inp.name}."))
     try:
         if inp.kind == "pypi":
-            got = _download_pypi(inp, tmp)
+            got = _download_pypi(inp, tmp, limits)
             where = f"{inp.package}=={inp.version} from PyPI"
         else:
             got = tmp / "download"
-            _download_url(inp.url, got, progress=progress)
+            _download_url(inp.url, got, progress=progress, limits=limits)
             where = inp.url
         path, digests = store.add(inp, got, what=f"input {inp.name!r} ({where})", move=True)
         return StoredInput(inp, path, digests, inp.kind)

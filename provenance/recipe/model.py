@@ -291,6 +291,17 @@ class Reproducibility(Strict):
                 "max_recitation_rate_diff": self.max_recitation_rate_diff}
 
 
+class Limits(Strict):
+    """[limits]: caps on what inputs may cost, so a hostile archive, server or path cannot exhaust the
+    machine. Each is refused with exit 2 naming the limit."""
+
+    max_download_bytes: Annotated[int, Field(gt=0, le=1 << 44)] = 4 << 30
+    download_stall_seconds: Annotated[float, Field(allow_inf_nan=False, gt=0, le=86400)] = 60.0
+    download_deadline_seconds: Annotated[float, Field(allow_inf_nan=False, gt=0, le=7 * 86400)] = 3600.0
+    max_extracted_bytes: Annotated[int, Field(gt=0, le=1 << 44)] = 8 << 30
+    max_extracted_files: Annotated[int, Field(gt=0, le=1 << 24)] = 500_000
+
+
 class Output(Strict):
     """[output]: what the built model declares about itself."""
 
@@ -309,6 +320,7 @@ class Recipe(Strict):
     toolchain: Toolchain
     evaluate: Evaluate = Evaluate()
     reproducibility: Reproducibility = Reproducibility()
+    limits: Limits = Limits()
     output: Output
 
     @model_validator(mode="after")

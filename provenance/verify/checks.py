@@ -94,7 +94,7 @@ def inputs_check(report: Report, st: Statement, store_root: Path | None) -> dict
         recipe = parse_recipe(path, rec.content)
         stored = []
         for inp in recipe.inputs:
-            s = fetch_input(inp, store, recipe_dir=Path("."), offline=True)
+            s = fetch_input(inp, store, recipe_dir=Path("."), offline=True, limits=recipe.limits)
             want = attested.get(inp.name)
             if want is None:
                 report.add("inputs", False, f"input {inp.name!r} of the embedded recipe is not among the attested "
@@ -107,7 +107,7 @@ def inputs_check(report: Report, st: Statement, store_root: Path | None) -> dict
                 return None
             stored.append(s)
         with tempfile.TemporaryDirectory() as work:
-            _, m = select_dataset(recipe.dataset, stored, Path(work), path)
+            _, m = select_dataset(recipe.dataset, stored, Path(work), path, recipe.limits)
     except ProvenanceError as e:
         msg = e.diagnostics().replace("--offline forbids fetching it", "verify-attestation never fetches")
         msg = msg.split("\n  Obtain the file elsewhere")[0]
