@@ -98,9 +98,21 @@ def attestation_target(text: str, tmp: Path, pub: Path) -> tuple[int, str]:
     return run(verify_main, [str(p), "--key", str(pub), "--json"])
 
 
+def _chain(records: list[dict]) -> str:
+    """Well-chained transcript lines holding arbitrary values, so diverge compares them."""
+    from provenance.build.transcript import Transcript
+
+    t = Transcript()
+    for r in records:
+        t.append(r)
+    return t.to_bytes().decode()
+
+
 def transcript_inputs(line: str):
+    fields = st.sampled_from(["samples", "lr", "loss", "grad_norm", "params", "step", "global_step", "stage"])
+    chained = st.lists(st.dictionaries(fields, VALUE, max_size=5), min_size=1, max_size=4).map(_chain)
     return st.one_of(st.binary(max_size=300).map(lambda b: b.decode("latin-1")), mutate(line + "\n" + line + "\n"),
-                     st.lists(VALUE, max_size=3).map(lambda vs: "\n".join(json.dumps(v) for v in vs)))
+                     st.lists(VALUE, max_size=3).map(lambda vs: "\n".join(json.dumps(v) for v in vs)), chained)
 
 
 def diverge_target(text: str, tmp: Path, good: Path) -> tuple[int, str]:
