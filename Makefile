@@ -27,7 +27,7 @@ venv: $(STAMP)
 rebuild: $(STAMP)
 	$(BIN)/provenance build $(RECIPE) --out $(OUT) $(ARGS)
 	@if [ -f $(REF) ]; then \
-	  $(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE) --reproduced; \
+	  $(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE) --reproduced --inputs; \
 	else echo "verdict: no reference attestation for $(NAME) in attestations/"; fi
 
 # Verify the committed reference attestation against the last build: exactly these files, byte for byte.

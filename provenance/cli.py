@@ -145,6 +145,8 @@ def cmd_keygen(args) -> int:
 def cmd_verify(args) -> int:
     if args.reproduced and not args.model:
         raise InputError("--reproduced judges a model dir: pass --model DIR")
+    if args.reference_model and not args.reproduced:
+        raise InputError("--reference-model answers the reproduced question: add --reproduced")
     prefetch = None
     if args.model and Path(args.model).is_dir():
         from .verify.model_dir import Prefetch  # hashing starts now, while the rest is imported and checked
@@ -167,7 +169,9 @@ def cmd_verify(args) -> int:
             from .verify.policy import load_policy
 
             bounds = load_policy(Path(args.policy) if args.policy else None).reproduced
-            check_reproduced(report, report.parsed, Path(args.model), bounds, sha256=args.sha256, prefetch=prefetch)
+            check_reproduced(report, report.parsed, Path(args.model), bounds, sha256=args.sha256, prefetch=prefetch,
+                             reference=Path(args.reference_model) if args.reference_model else None,
+                             store=Path(args.store) if args.store else None, inputs=args.inputs)
     if args.json:
         _emit_json(report.as_dict())
     else:
@@ -184,8 +188,13 @@ def add_verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reproduced", action="store_true",
                    help="ask instead whether --model's weights are a rebuild of the attested model: "
                         "reproduced (bitwise), reproduced (within tolerance) or diverged; never 'verified'")
+    p.add_argument("--reference-model", metavar="DIR",
+                   help="with --reproduced: the attested model dir itself (verified exactly first), so distances "
+                        "are measured, not estimated from the fingerprint")
     p.add_argument("--recipe", help="check this recipe file against externalParameters")
-    p.add_argument("--inputs", action="store_true", help="re-hash the stored inputs and rebuild the manifest root")
+    p.add_argument("--inputs", action="store_true",
+                   help="re-hash the stored inputs and rebuild the manifest root; with --reproduced, also measure "
+                        "recitation on windows of the whole training set drawn with a seed chosen now")
     p.add_argument("--store", help="input store for --inputs (default $PROVENANCE_STORE or ~/.cache/provenance)")
     p.add_argument("--policy", help="policy TOML: allowed builders, licence rules, [reproduced] bounds")
     p.add_argument("--identity", help="Sigstore: expected certificate identity")
@@ -607,7 +616,8 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
     record = build(recipe, out=out, store=Store(args.store), offline=args.offline,
                    handed=parse_handed(args.input, recipe), reporter=reporter, signing=signing)
     match, why = stack_matches(payload, record)
-    report = judge_build(st, out / "model", bitwise=match if bitwise is None else bitwise, bounds=bounds)
+    report = judge_build(st, out / "model", bitwise=match if bitwise is None else bitwise, bounds=bounds,
+                         store=Path(args.store) if args.store else None)
     return record, report, signing, match, why
 
 

@@ -181,6 +181,7 @@ class Outputs:
     tensors: dict = field(default_factory=dict)
     output_license: str | None = None
     fingerprint: dict | None = None
+    recitation: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -260,9 +261,9 @@ def _run_details(v: object, loc: str, p: _Problems) -> RunDetails | None:
         lic = out.get("output_license")
         if lic is not None and not isinstance(lic, str):
             p.add(f"{oloc}.output_license", "must be a string")
-        tensors, fp = out.get("tensors", {}), out.get("fingerprint")
+        tensors, fp, rec = out.get("tensors", {}), out.get("fingerprint"), out.get("recitation")
         outputs = Outputs(names, tensors if isinstance(tensors, dict) else {}, lic,
-                          fp if isinstance(fp, dict) else None)
+                          fp if isinstance(fp, dict) else None, rec if isinstance(rec, dict) else None)
     return RunDetails(bid, outputs) if len(p) == n else None
 
 

@@ -309,7 +309,8 @@ def fetch_input(inp: Input, store: Store, *, recipe_dir: Path, offline: bool = F
             return StoredInput(inp, snap, digests, "path", is_dir=True)
         handed = handed or src
         if not handed.exists():
-            raise FetchError(f"input {inp.name!r}: local file {src} does not exist")
+            what = "is a symlink whose target does not exist or loops" if src.is_symlink() else "does not exist"
+            raise FetchError(f"input {inp.name!r}: local file {src} {what}")
 
     if handed is not None:
         if not handed.is_file():

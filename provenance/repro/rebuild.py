@@ -51,7 +51,7 @@ def embedded_recipe(st, dest: Path) -> Path:
     return path
 
 
-def judge_build(st, model_dir: Path, *, bitwise: bool, bounds=None):
+def judge_build(st, model_dir: Path, *, bitwise: bool, bounds=None, store: Path | None = None):
     """Answer the reproduced question for a rebuilt model dir: a Report with its verdict.
 
     With `bitwise`, only an exact match counts (the same stack must give the same bits)."""
@@ -69,7 +69,8 @@ def judge_build(st, model_dir: Path, *, bitwise: bool, bounds=None):
         report.add("reproduced", report.ok, "bitwise required (same stack as the reference): "
                    + ("every file is bitwise equal" if report.ok else "the files differ"))
     else:
-        check_reproduced(report, st, model_dir, bounds or Bounds())
+        # The rebuild's inputs are in the store: recitation on windows drawn now is always available.
+        check_reproduced(report, st, model_dir, bounds or Bounds(), inputs=True, store=store)
     return report
 
 

@@ -1,9 +1,17 @@
 """`verify-attestation --reproduced`: are these weights a rebuild of the attested model?
 
 Everything but the weights must still be exact (the same closed set of files, config and tokenizer
-byte for byte, well-formed safetensors); `model.safetensors` may differ, and is then judged
-against the signed fingerprint with the verifier's bounds. The answer is `reproduced (bitwise)`,
-`reproduced (within tolerance)` or `diverged`; never `verified`.
+byte for byte, well-formed safetensors); `model.safetensors` may differ, and is then judged with the
+verifier's bounds. The answer is `reproduced (bitwise)`, `reproduced (within tolerance)` or
+`diverged`; never `verified`.
+
+Three sources of evidence, from weakest to strongest (docs/threat-model.md):
+- the signed fingerprint alone: estimates from public projections and public eval windows, which
+  someone who reads the attestation can steer;
+- `--inputs`: the verifier re-derives the training texts from the re-hashed inputs and measures the
+  candidate's recitation on windows drawn with a seed of its own, kept secret until the answer;
+- `--reference-model DIR`: the attested weights themselves (verified exactly first), so every
+  distance is measured, not estimated.
 """
 
 from __future__ import annotations
@@ -16,11 +24,14 @@ from ..verify.report import Report
 from .compare import BITWISE, DIVERGED, WITHIN, judge_against_fingerprint
 
 WEIGHTS = "model.safetensors"
+NOT_ESTABLISHED = "not established"
 
 
 def check_reproduced(report: Report, st, model_dir: Path, bounds: Bounds, *, sha256: bool = False,
-                     prefetch=None) -> None:
-    """Add the model-dir checks and the `reproduced` check to `report` (st: attest.model.Statement)."""
+                     prefetch=None, reference: Path | None = None, store: Path | None = None,
+                     inputs: bool = False) -> None:
+    """Add the model-dir checks and the `reproduced` check to `report` (st: attest.model.Statement);
+    with `reference` and `inputs`, also the `reference-weights` and `recitation` checks."""
     report.question = "reproduced"
     res = inspect(st, Path(model_dir), sha256=sha256, prefetch=prefetch)
     judged = frozenset({WEIGHTS}) if WEIGHTS in res.differing else frozenset()
@@ -32,23 +43,104 @@ def check_reproduced(report: Report, st, model_dir: Path, bounds: Bounds, *, sha
         report.verdict = BITWISE
         report.add("reproduced", True, "every file is bitwise equal to the attested one")
         return
+    if reference is not None:
+        _against_reference(report, st, Path(model_dir), Path(reference), bounds)
+    if inputs:
+        secret_recitation(report, st, Path(model_dir), store, bounds)
     fp = st.runDetails.provenance_outputs.fingerprint
     v = judge_against_fingerprint(fp, Path(model_dir), bounds)
-    report.verdict = v.verdict
-    report.divergence = v.metrics
+    report.divergence = {**v.metrics, **(report.divergence or {})}
     f = v.metrics.get("functional", {})
     fpm = v.metrics.get("fingerprint", {})
     nums = (f"rel_l2~{f['rel_l2']:.3g}, worst tensor~{fpm.get('max_tensor_rel_l2_est', float('nan')):.3g} "
             f"(from {fp.get('projections')} projections), eval loss diff {f['eval_loss_diff']:.3g}, "
             f"greedy agreement {f['greedy_agreement']:.4f}") if f else ""
-    ok = v.verdict in (BITWISE, WITHIN)
     if v.verdict == BITWISE:
         report.add("reproduced", True, f"{WEIGHTS} differs from the attested file, but its tensors are bitwise equal "
                    "(blake3-tensors-v1): only the header or metadata differs")
         return
+    ok = v.verdict == WITHIN
+    notes = list(v.metrics.get("bounds_notes") or [])
     detail = f"{WEIGHTS} is not bitwise equal; judged against the signed fingerprint: {v.verdict}"
     detail += (f": {nums}" if nums else "") + ("" if ok else f"; {'; '.join(v.reasons)}")
-    notes = v.metrics.get("bounds_notes") or []
     if notes:
         detail += f" ({'; '.join(notes)})"
+    if ok and reference is None and not inputs:
+        # The projections' signs and the eval windows are public: weights can be moved far from the
+        # attested ones while every estimate stays equal. Only evidence the signer could not foresee counts.
+        report.add("reproduced", False, detail + "; but the fingerprint alone can be steered by anyone who reads "
+                   "the attestation, so this is not established: add --inputs (recitation on windows drawn now) "
+                   "or --reference-model DIR (measured distances), docs/threat-model.md")
+        report.verdict = NOT_ESTABLISHED
+        return
     report.add("reproduced", ok, detail)
+    report.verdict = v.verdict if report.ok else DIVERGED
+
+
+def _against_reference(report: Report, st, model_dir: Path, reference: Path, bounds: Bounds) -> None:
+    """Exact distances to the attested weights, after checking that they are the attested weights."""
+    from .compare import judge, load_tensors, tensor_metrics
+
+    ref = inspect(st, reference, sha256=False)
+    if not ref.exact:
+        bad = ref.missing + ref.unlisted + ref.structure + [f"{n}: {ref.files[n].detail}" for n in ref.differing]
+        report.add("reference-weights", False, f"--reference-model {reference} is not exactly the attested model: "
+                   + "; ".join(bad[:3]))
+        return
+    tm = tensor_metrics(load_tensors(reference / WEIGHTS), load_tensors(model_dir / WEIGHTS))
+    o = tm["overall"]
+    reasons = tm["problems"] + judge({"rel_l2": o["rel_l2"], "cosine": o["cosine"]}, bounds,
+                                     {r["name"]: r["rel_l2"] for r in tm["tensors"]})
+    report.divergence = {**(report.divergence or {}), "reference": o}
+    report.add("reference-weights", not reasons,
+               f"measured against the attested weights (verified exactly): rel L2 {o['rel_l2']:.3g}, worst tensor "
+               f"{o['max_tensor_rel_l2']:.3g}, cosine {o['cosine']:.6f}" + (f"; {'; '.join(reasons)}" if reasons else ""))
+
+
+def secret_recitation(report: Report, st, model_dir: Path, store: Path | None, bounds: Bounds,
+                      windows: int = 256) -> None:
+    """Recitation of the candidate on windows of the whole training set, drawn with a seed chosen
+    now (so no one could tune the weights to them), against the attested recitation rate."""
+    import secrets
+    import tempfile
+
+    from tokenizers import Tokenizer
+
+    from ..build.evaluate import recitation
+    from ..build.fingerprint import load_model
+    from ..build.tokenizer import encode_all
+    from ..errors import ProvenanceError
+    from ..inputs.dataset import layout_texts, select_dataset
+    from ..inputs.store import Store, fetch_input
+    from ..recipe import Evaluate, parse_recipe
+
+    attested = st.runDetails.provenance_outputs.recitation or {}
+    try:
+        rec = st.recipe
+        recipe = parse_recipe(Path(Path(rec.path).name or "recipe.toml"), rec.content)
+        s = Store(store)
+        stored = [fetch_input(i, s, recipe_dir=Path("."), offline=True, limits=recipe.limits) for i in recipe.inputs]
+        with tempfile.TemporaryDirectory() as work:
+            files, _ = select_dataset(recipe.dataset, stored, Path(work), Path(rec.path), recipe.limits)
+            texts = layout_texts(files, recipe.layout)
+    except ProvenanceError as e:
+        report.add("recitation", False, f"cannot re-derive the training texts: {e.diagnostics().splitlines()[0]}")
+        return
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))  # exact: checked against its subject
+    seqs = encode_all(tok, texts)
+    pad = tok.token_to_id(recipe.model.pad_token)
+    seed = secrets.randbits(53)
+    ev = recipe.evaluate
+    spec = Evaluate(prompt_tokens=ev.prompt_tokens, continuation_tokens=ev.continuation_tokens, windows=windows,
+                    seed=seed)
+    got = recitation(load_model(model_dir), seqs, spec, pad)
+    want = attested.get("rate") if isinstance(attested, dict) else None
+    if not isinstance(want, int | float):
+        report.add("recitation", False, "the attestation records no recitation rate to compare with")
+        return
+    diff = abs(got.rate - float(want))
+    ok = diff <= bounds.max_recitation_rate_diff
+    report.add("recitation", ok,
+               f"{got.exact}/{got.windows} windows of the whole training set recited exactly (seed {seed}, drawn "
+               f"now), rate {got.rate:.3f} vs attested {float(want):.3f}: diff {diff:.3f}"
+               + ("" if ok else f" outside max_recitation_rate_diff {bounds.max_recitation_rate_diff:g}"))

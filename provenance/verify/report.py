@@ -23,7 +23,8 @@ class Report:
     statement: dict | None = None  # the signed payload, as parsed JSON
     parsed: object | None = None  # the same, as attest.model.Statement
     question: str = "verified"
-    verdict: str | None = None  # the reproduced question's answer: "bitwise" | "within tolerance" | "diverged"
+    # the reproduced question's answer: "bitwise" | "within tolerance" | "diverged" | "not established"
+    verdict: str | None = None
     divergence: dict | None = None
 
     def add(self, check: str, ok: bool, detail: str) -> bool:
@@ -40,8 +41,8 @@ class Report:
         if self.question == "reproduced":
             if self.ok and self.verdict in ("bitwise", "within tolerance"):
                 return f"reproduced ({self.verdict})"
-            if self.verdict == "diverged":
-                return "diverged"
+            if self.verdict in ("diverged", "not established"):
+                return self.verdict
             return "FAILED"
         return "verified" if self.ok else "FAILED"
 

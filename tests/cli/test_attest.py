@@ -199,21 +199,25 @@ def test_tamper_matrix(signed, keys, tmp_path, case):
     assert p.returncode == 1 and f"FAIL  {expected}" in p.stdout and "verdict: FAILED" in p.stdout
 
 
-def test_one_ulp_is_not_verified_but_is_reproduced_within_tolerance(signed, keys, tmp_path):
-    """Exact by default: a one-ulp change fails `verified`; `--reproduced` calls it within tolerance."""
+def test_one_ulp_is_not_verified_but_is_reproduced_within_tolerance(signed, keys, store, tmp_path):
+    """Exact by default: a one-ulp change fails `verified`; `--reproduced --inputs` calls it within
+    tolerance; the fingerprint alone does not establish it."""
     d = tmp_path / "copy"
     shutil.copytree(signed["main"], d)
     _flip_byte(d / "model" / "model.safetensors", offset=-4, mask=0x01)  # lowest mantissa bit
     args = [str(d / "attestation.intoto.jsonl"), "--key", str(keys / "signer.pub"), "--model", str(d / "model")]
     code, obj = vjson(*args)
     assert code == 1 and failing(obj) == ["model-files"] and obj["result"] == "FAILED", obj
-    code, obj = vjson(*args, "--reproduced")
+    code, obj = vjson(*args, "--reproduced", "--inputs", "--store", str(store))
     assert code == 0 and obj["verdict"] == "within tolerance" and obj["result"] == "reproduced (within tolerance)", obj
     detail = next(c["detail"] for c in obj["checks"] if c["check"] == "reproduced")
     assert "model.safetensors is not bitwise equal" in detail and "rel_l2~" in detail
-    p = run_cli("verify", *args, "--reproduced")
+    assert "drawn now" in next(c["detail"] for c in obj["checks"] if c["check"] == "recitation")
+    p = run_cli("verify", *args, "--reproduced", "--inputs", "--store", str(store))
     assert p.returncode == 0 and p.stdout.strip().endswith("verdict: reproduced (within tolerance)")
     assert "verified" not in p.stdout.splitlines()[-1]
+    code, obj = vjson(*args, "--reproduced")
+    assert code == 1 and obj["result"] == "not established" and "can be steered" in json.dumps(obj), obj
 
 
 def test_recipe_mismatch_fails(signed, keys, tmp_path):

@@ -80,3 +80,104 @@ def test_verifier_stands_alone_without_torch(default_build):
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "LOADED []" in p.stdout and "verdict: verified" in p.stdout
+
+
+# ---- the fingerprint can be steered; the evidence a signer cannot foresee cannot ----------------------
+
+def _attack(model_dir, out, kind: str):
+    """Write an attacked copy of a model dir. `permute`: the embedding rows of every token that never
+    occurs in the fingerprint's public eval windows, permuted (the public functional metrics cannot
+    change); `steered`: the same, then corrected inside the span of the public ±1 projections so that
+    every fingerprint estimate matches; `nullspace`: a change 40 times the weights' norm, orthogonal to
+    every public projection."""
+    import base64
+    import json
+    import shutil
+    import struct
+
+    import numpy as np
+
+    from provenance.build.fingerprint import _signs
+
+    att = RECIPES.parent / "attestations" / f"{DEFAULT.stem}.intoto.jsonl"
+    fp = json.loads(base64.b64decode(json.loads(att.read_text())["payload"]))["predicate"]["runDetails"][
+        "provenance_outputs"]["fingerprint"]
+    shutil.copytree(model_dir, out)
+    raw = (out / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header, data = json.loads(raw[8:8 + n]), bytearray(raw[8 + n:])
+
+    def get(name):
+        a, b = header[name]["data_offsets"]
+        return np.frombuffer(bytes(data[a:b]), dtype="<f4").astype(np.float64).ravel()
+
+    def put(name, x):
+        a, b = header[name]["data_offsets"]
+        data[a:b] = x.astype("<f4").tobytes()
+
+    names = [k for k in header if k != "__metadata__"]
+    if kind in ("permute", "steered"):
+        name = "model.embed_tokens.weight"
+        rows, cols = header[name]["shape"]
+        used = {t for w in fp["eval"]["ids"] + fp["eval"]["prompts"] for t in w}
+        free = np.array(sorted(set(range(rows)) - used))
+        e0 = get(name).reshape(rows, cols)
+        e = e0.copy()
+        e[free] = e0[np.random.default_rng(0).permutation(free)]
+        x = e.ravel()
+        if kind == "steered":
+            s = _signs(fp["seed"], name, fp["projections"], x.size)
+            x = x + s.T @ np.linalg.lstsq(s @ s.T, s @ (e0.ravel() - x), rcond=None)[0]
+        put(name, x)
+    else:
+        for name in names:
+            x = get(name)
+            s = _signs(fp["seed"], name, fp["projections"], x.size)
+            r = np.random.default_rng(1).standard_normal(x.size)
+            d = r - s.T @ np.linalg.lstsq(s @ s.T, s @ r, rcond=None)[0]
+            put(name, x + d * 40 * np.linalg.norm(x) / np.linalg.norm(d))
+    (out / "model.safetensors").write_bytes(raw[:8 + n] + bytes(data))
+    return out
+
+
+def _reproduced(model, *extra, store=None):
+    import json
+
+    args = ["verify", str(RECIPES.parent / "attestations" / f"{DEFAULT.stem}.intoto.jsonl"),
+            "--key", str(RECIPES.parent / "attestations" / "keys" / f"{DEFAULT.stem}.pub"),
+            "--model", str(model), "--reproduced", "--json", *extra]
+    if store is not None:
+        args += ["--store", str(store)]
+    p = run_cli(*args)
+    obj = json.loads(p.stdout)
+    return p.returncode, obj, {c["check"]: c for c in obj["checks"]}
+
+
+def test_steered_weights_pass_the_fingerprint_but_not_the_evidence_the_signer_cannot_foresee(default_build, store,
+                                                                                            tmp_path):
+    out, _ = default_build
+    steered = _attack(out / "model", tmp_path / "steered", "steered")
+    code, obj, checks = _reproduced(steered)
+    assert code == 1 and obj["result"] == "not established", obj  # every public estimate matches
+    assert "within tolerance" in checks["reproduced"]["detail"] and "can be steered" in checks["reproduced"]["detail"]
+    code, obj, checks = _reproduced(steered, "--inputs", store=store)
+    assert code == 1 and obj["result"] == "diverged" and not checks["recitation"]["ok"], obj
+    code, obj, checks = _reproduced(steered, "--reference-model", str(out / "model"))
+    assert code == 1 and not checks["reference-weights"]["ok"], obj
+    assert "model.embed_tokens.weight" in checks["reference-weights"]["detail"]
+
+
+def test_permuted_embeddings_and_null_space_changes_are_diverged(default_build, store, tmp_path):
+    out, _ = default_build
+    for kind in ("permute", "nullspace"):
+        bad = _attack(out / "model", tmp_path / kind, kind)
+        code, obj, checks = _reproduced(bad, "--inputs", store=store)
+        assert code == 1 and obj["result"] == "diverged" and not checks["recitation"]["ok"], (kind, obj)
+        code, obj, checks = _reproduced(bad, "--reference-model", str(out / "model"))
+        assert code == 1 and not checks["reference-weights"]["ok"], (kind, obj)
+
+
+def test_a_real_rebuild_is_reproduced_with_the_strong_evidence(default_build, store):
+    out, _ = default_build
+    code, obj, checks = _reproduced(out / "model", "--inputs", "--reference-model", str(out / "model"), store=store)
+    assert code == 0 and obj["result"] == "reproduced (bitwise)", obj

@@ -67,12 +67,12 @@ def test_other_cpu_capability_is_within_tolerance(builds):
 
 
 @pytest.mark.skipif(OTHER is None, reason="this CPU has no instruction-set level below its native one")
-def test_fingerprint_judges_other_hardware_without_the_reference_weights(builds, keys, tmp_path):
+def test_fingerprint_judges_other_hardware_without_the_reference_weights(builds, keys, store, tmp_path):
     (a, _), (b, _) = builds["native"], builds["other-cpu"]
     lone = tmp_path / "candidate-model"
     shutil.copytree(b / "model", lone)  # only the candidate's files: no reference weights anywhere near
     p = run_cli("verify", str(a / "attestation.intoto.jsonl"), "--key", str(keys / "k.pub"), "--model", str(lone),
-                "--reproduced", "--json")
+                "--reproduced", "--inputs", "--store", str(store), "--json")
     res = json.loads(p.stdout)
     assert p.returncode == 0 and res["verdict"] == "within tolerance", res
     assert res["result"] == "reproduced (within tolerance)"
