@@ -224,3 +224,11 @@ def test_sigterm_during_fetch_leaves_nothing_in_the_store(tmp_path):
         assert "Traceback" not in err and list((store / "tmp").iterdir()) == []
     finally:
         server.shutdown()
+
+
+def test_a_symlink_loop_is_named_as_such(tmp_path):
+    loop = tmp_path / "loop.c"
+    os.symlink(loop, loop)
+    with pytest.raises(FetchError, match="symlink whose target does not exist or loops"):
+        fetch_input(Input(name="src", kind="path", path=str(loop), blake3="0" * 64), Store(tmp_path / "store"),
+                    recipe_dir=tmp_path)

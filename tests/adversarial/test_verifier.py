@@ -487,3 +487,44 @@ def test_forbidden_or_expression_is_named(case, capsys):
     code, obj, _ = run(case, capsys)
     detail = next(c["detail"] for c in obj["checks"] if c["check"] == "policy")
     assert "forbidden licence GPL-2.0-only appears in the input licence expression 'GPL-2.0-only OR MIT'" in detail
+
+
+# ---- findings of the second hostile-input round that need the store ----------------------------------
+
+def test_licence_policy_uses_the_licences_rederived_from_the_inputs(case, capsys, store):
+    """A statement re-signed to say the inputs are MIT passes a GPL ban on its own word; with --inputs
+    the licences come from the re-hashed files, and the ban holds."""
+    input_annotation(license="MIT", file_licenses=["MIT"])(case)
+    policy('[policy]\nforbidden_licenses = ["GPL-2.0-only"]\n')(case)
+    code, obj, _ = run(case, capsys)
+    assert code == 0, obj
+    code, obj, _ = run(case, capsys, "--inputs", "--store", str(store))
+    assert code == 1 and failing(obj) == ["policy"], obj
+    detail = next(c["detail"] for c in obj["checks"] if c["check"] == "policy")
+    assert "re-derived from the inputs" not in detail and "GPL-2.0-only" in detail
+
+
+def test_inputs_missing_from_the_store_name_the_right_remedy(case, capsys, tmp_path):
+    code, obj, _ = run(case, capsys, "--inputs", "--store", str(tmp_path / "empty"))
+    detail = next(c["detail"] for c in obj["checks"] if c["check"] == "inputs")
+    assert code == 1 and "provenance fetch" in detail
+    assert "--offline" not in detail and "--input " not in detail, detail
+
+
+def test_rebuild_refuses_an_attestation_whose_recipe_does_not_match_its_digest(case, capsys, tmp_path):
+    from provenance.cli import main
+
+    recipe_param(digest={"blake3": "0" * 64})(case)
+    code = main(["rebuild", str(case.att), "--attestation-key", str(case.keys / "signer.pub"),
+                 "--out", str(tmp_path / "rb")])
+    err = capsys.readouterr().err
+    assert code == 1 and "recipe-embedded" in err and "Traceback" not in err
+    assert not (tmp_path / "rb" / "model").exists()
+
+
+@pytest.mark.parametrize("name", ["model.pt2", "model.keras", "saved_model.pb", "weights.npy"])
+def test_unlisted_weight_formats_are_named_as_weights(case, capsys, name):
+    add_file(name)(case)
+    code, obj, _ = run(case, capsys)
+    detail = next(c["detail"] for c in obj["checks"] if c["check"] == "unlisted-files")
+    assert code == 1 and f"{name}: weights, not among the signed subjects" in detail, detail

@@ -29,8 +29,8 @@ def test_build_refuses_a_filename_that_escapes(store, tmp_path):
     assert not list(tmp_path.rglob("ESCAPED.txt")) and not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated-weights", "weights-not-safetensors", "fingerprint-not-json",
-                                    "fingerprint-a-list"])
+@pytest.mark.parametrize("damage", ["truncated-weights", "weights-not-safetensors", "negative-shape",
+                                    "fingerprint-not-json", "fingerprint-a-list"])
 def test_compare_on_damaged_builds_is_exit_2(tiny_build, tmp_path, damage):
     b = tmp_path / "b"
     shutil.copytree(tiny_build, b)
@@ -39,6 +39,15 @@ def test_compare_on_damaged_builds_is_exit_2(tiny_build, tmp_path, damage):
         w.write_bytes(w.read_bytes()[:100])
     elif damage == "weights-not-safetensors":
         (b / "model" / "model.safetensors").write_bytes(b"\xff" * 64)
+    elif damage == "negative-shape":
+        w = b / "model" / "model.safetensors"
+        raw = w.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        name = next(k for k in header if k != "__metadata__")
+        header[name]["shape"] = [-1] + header[name]["shape"][1:]
+        h = json.dumps(header).encode()
+        w.write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n:])
     elif damage == "fingerprint-not-json":
         (b / "fingerprint.json").write_text("{not json")
     else:
