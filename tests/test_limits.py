@@ -130,3 +130,12 @@ def test_download_limits(tmp_path, behaviour, limits, limit):
         assert list((tmp_path / "store" / "tmp").iterdir()) == []
     finally:
         srv.close()
+
+
+def test_a_path_input_of_root_ends_at_the_file_limit(tmp_path):
+    r = recipe_with(tmp_path, f'[[inputs]]\nname = "src"\nkind = "path"\npath = "/"\nfilename = "root"\nblake3 = "{"0" * 64}"\n',
+                    "max_extracted_files = 50\nmax_extracted_bytes = 10000000")
+    t0 = time.monotonic()
+    p = run_cli("fetch", str(r), store=tmp_path / "store")
+    assert p.returncode == 2 and "limits.max_extracted" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert time.monotonic() - t0 < 60 and list((tmp_path / "store" / "tmp").iterdir()) == []
