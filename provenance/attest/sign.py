@@ -1,5 +1,7 @@
 """Signing: key pairs, DSSE envelopes (securesystemslib), and Sigstore keyless bundles.
 
+The reading side (envelopes, public keys) is the verifier's own, in provenance/verify/.
+
 Private keys are PKCS#8 PEM files with mode 0600, created at run time and never under this
 repository. Public keys are SubjectPublicKeyInfo PEM; their securesystemslib key id is derived
 from the key itself, so a verifier needs only the .pub file.
@@ -7,8 +9,6 @@ from the key itself, so a verifier needs only the .pub file.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import os
 import re
@@ -88,10 +88,9 @@ def load_signer(path: Path):
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
     from securesystemslib.signer import CryptoSigner
 
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read private key: {e.strerror}") from None
+    from .._internal.reading import read_regular_file
+
+    data = read_regular_file(Path(path), "private key", 64 << 10)
     try:
         key = load_pem_private_key(data, password=None)
         return CryptoSigner(key)
@@ -101,21 +100,6 @@ def load_signer(path: Path):
 
 def key_is_private_enough(path: Path) -> bool:
     return not (Path(path).stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO))
-
-
-def load_public_key(path: Path):
-    """An SSlibKey for a PEM SubjectPublicKeyInfo public key. Raises InputError."""
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-    from securesystemslib.signer import SSlibKey
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read public key: {e.strerror}") from None
-    try:
-        return SSlibKey.from_crypto(load_pem_public_key(data))
-    except (ValueError, TypeError) as e:
-        raise InputError(f"{path}: not a PEM ed25519 or ECDSA public key ({e})") from None
 
 
 def sign_envelope(payload: bytes, payload_type: str, signers) -> dict:
@@ -130,45 +114,6 @@ def sign_envelope(payload: bytes, payload_type: str, signers) -> dict:
 
 def envelope_line(envelope: dict) -> bytes:
     return json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode() + b"\n"
-
-
-def b64decode_any(text: str) -> bytes:
-    """Standard or URL-safe base64, padded or not (DSSE verifiers must accept both)."""
-    if not isinstance(text, str):
-        raise ValueError("expected a base64 string")
-    s = text.strip()
-    s += "=" * (-len(s) % 4)
-    alt = b"-_" if ("-" in s or "_" in s) else b"+/"
-    return base64.b64decode(s, altchars=alt, validate=True)
-
-
-def parse_envelope(obj: dict):
-    """A securesystemslib Envelope from a DSSE JSON object. Raises ValueError on any malformation."""
-    from securesystemslib.dsse import Envelope
-    from securesystemslib.signer import Signature
-
-    if not isinstance(obj, dict):
-        raise ValueError("envelope is not a JSON object")
-    for field in ("payload", "payloadType", "signatures"):
-        if field not in obj:
-            raise ValueError(f"envelope has no '{field}'")
-    if not isinstance(obj["payloadType"], str) or not isinstance(obj["signatures"], list):
-        raise ValueError("envelope fields have the wrong types")
-    try:
-        payload = b64decode_any(obj["payload"])
-    except (binascii.Error, ValueError) as e:
-        raise ValueError(f"payload is not base64: {e}") from None
-    sigs = {}
-    for i, s in enumerate(obj["signatures"]):
-        if not isinstance(s, dict) or "sig" not in s:
-            raise ValueError(f"signatures[{i}] has no 'sig'")
-        try:
-            raw = b64decode_any(s["sig"])
-        except (binascii.Error, ValueError) as e:
-            raise ValueError(f"signatures[{i}].sig is not base64: {e}") from None
-        keyid = s.get("keyid", "")
-        sigs[keyid] = Signature(keyid=keyid, sig=raw.hex())
-    return Envelope(payload=payload, payload_type=obj["payloadType"], signatures=sigs)
 
 
 # ---- Sigstore keyless ---------------------------------------------------------------------------
