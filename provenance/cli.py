@@ -34,6 +34,8 @@ def cmd_build(args) -> int:
         raise InputError(f"--threads must be between 1 and 4096, got {args.threads}")
     if not 1 <= args.world_size <= 1024:
         raise InputError(f"--world-size must be between 1 and 1024, got {args.world_size}")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise InputError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     out = Path(args.out) if args.out else Path("build") / recipe.name
     # Preflight, before any key is made, input fetched or step trained.
@@ -48,7 +50,8 @@ def cmd_build(args) -> int:
                          f"{os.environ.get('WORLD_SIZE', '1')}")
     record = build(recipe, out=out, store=Store(args.store), threads=args.threads, offline=args.offline,
                    handed=parse_handed(args.input, recipe), allow_toolchain_mismatch=args.allow_toolchain_mismatch,
-                   reporter=reporter, signing=signing, cpu_capability=args.cpu_capability)
+                   reporter=reporter, signing=signing, cpu_capability=args.cpu_capability,
+                   resume=args.resume, checkpoint_every=args.checkpoint_every)
     if record is None:  # a rank other than 0: rank 0 reports
         return 0
     weights = record["weights"]["tensors"]["digest"]
@@ -414,6 +417,12 @@ def parser() -> argparse.ArgumentParser:
                    help="train on N processes with torch.distributed (gloo on the CPU), launched with torchrun")
     b.add_argument("--cpu-capability", choices=["native", "default", "avx2", "avx512"],
                    help="override determinism.cpu_capability (ATen kernel instruction set; recorded)")
+    b.add_argument("--resume", action="store_true", default=None,
+                   help="require a checkpoint of this build in --out and continue from it (by default a matching "
+                        "checkpoint is used when there is one)")
+    b.add_argument("--no-resume", dest="resume", action="store_false", help="ignore checkpoints; start afresh")
+    b.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                   help="override [checkpoint] every_steps (checkpoints never change the bits)")
     b.add_argument("--allow-toolchain-mismatch", action="store_true",
                    help="build even if installed versions differ from toolchain pins (recorded)")
     _signing_args(b)

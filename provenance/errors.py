@@ -46,3 +46,11 @@ class CheckFailed(ProvenanceError):
     """A check ran and failed (digest, signature, policy, divergence)."""
 
     exit_code = 1
+
+
+class Interrupted(ProvenanceError):
+    """SIGINT or SIGTERM during training: a checkpoint was written and the build can be resumed."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -30,7 +30,8 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
                "tokenizer_config.json", "special_tokens_map.json", "README.md")
 # Everything a build (and `rebuild`) writes at the top of its output dir; nothing else may be there.
 OUTPUT_NAMES = frozenset({"model", "dataset-manifest.json", "transcript.jsonl", "build.json", "fingerprint.json",
-                          "attestation.intoto.jsonl", "attestation.sigstore.json", "vsa.intoto.jsonl"})
+                          "attestation.intoto.jsonl", "attestation.sigstore.json", "vsa.intoto.jsonl",
+                          "checkpoint"})  # checkpoints live until the build they belong to completes
 
 
 def check_out_dir(out: Path) -> None:
@@ -271,9 +272,12 @@ def current_dist(device: str):
 def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None = None, offline: bool = False,
           handed: dict[str, Path] | None = None, allow_toolchain_mismatch: bool = False,
           reporter: Reporter | None = None, signing: Signing | None = None,
-          cpu_capability: str | None = None) -> dict:
+          cpu_capability: str | None = None, resume: bool | None = None,
+          checkpoint_every: int | None = None) -> dict:
     """Run the whole pipeline. Returns build.json's content (None on ranks other than 0).
 
+    `resume`: None resumes from a checkpoint in `out` of the same identity if there is one, True
+    requires one, False starts afresh. `checkpoint_every` overrides `[checkpoint] every_steps`.
     Raises ProvenanceError subclasses."""
     from . import toolchain
 
@@ -316,6 +320,8 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
     t = lap("setup", t)
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        for old in out.glob(".staging-*"):  # left by a build that was killed
+            shutil.rmtree(old, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
     else:
         staging = Path(tempfile.mkdtemp(prefix=f"provenance-rank{dist.rank}-"))
@@ -342,10 +348,25 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             reporter.log(f"model: LlamaForCausalLM, {n_params} parameters")
             transcript = Transcript()
             totals = [stage_steps(s, seqs) for s in r.stages]
+            from . import checkpoint as ckpt
+
+            ident = ckpt.identity(recipe.digests["blake3"], [s.digests for s in stored], tc["installed"], det_record,
+                                  dist.world_size)
+            cdir = out / ckpt.DIRNAME
+            checkpointer = ckpt.Checkpointer(cdir, ident, every_steps=checkpoint_every or r.checkpoint.every_steps,
+                                             every_minutes=r.checkpoint.every_minutes, keep=r.checkpoint.keep,
+                                             enabled=dist.rank == 0)
+            found = ckpt.latest(cdir, ident, reporter.log) if resume is not False else None
+            if resume and found is None:
+                raise InputError(f"--resume: no checkpoint of this build in {cdir}")
+            if found is not None:
+                reporter.log(f"resuming from {found.path} (after optimizer step {found.state.global_step})")
             with reporter.task("train", total=sum(totals)) as advance:
+                if found is not None:
+                    advance(found.state.global_step, "resumed")
                 stages = train(model, r, seqs, ids["pad_token_id"], transcript,
                                progress=lambda name, step, total, loss: advance(1, f"{name} loss {loss:.4f}"),
-                               dist=dist)
+                               dist=dist, checkpointer=checkpointer, resume=found)
             if dist.world_size > 1:
                 import torch.distributed as tdist
 
@@ -391,7 +412,9 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             "model": {"parameters": n_params, "vocab_size": tok.get_vocab_size()},
             "weights": weights,
             "training": {"stages": [asdict(s) for s in stages], "transcript": hash_bytes(tbytes),
-                         "transcript_head": transcript.prev, "steps": len(transcript.lines)},
+                         "transcript_head": transcript.prev, "steps": len(transcript.lines),
+                         "resumed_after_step": found.state.global_step if found is not None else None,
+                         "checkpoints_written": len(checkpointer.written)},
             "recitation": recite.record(),
             "fingerprint": {"format": fingerprint["format"], "eval_loss": fingerprint["eval"]["loss"],
                             **hash_bytes(fbytes)},

@@ -185,13 +185,20 @@ def causal_lm_loss_sum(logits, labels):
 
 
 def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript: Transcript,
-          progress: Callable[[str, int, int, float], None] | None = None, dist: Dist = Dist()) -> list[StageResult]:
+          progress: Callable[[str, int, int, float], None] | None = None, dist: Dist = Dist(),
+          checkpointer=None, resume=None) -> list[StageResult]:
     """Train `model` through the recipe's stages. With dist.world_size > 1 the model is wrapped in
     DistributedDataParallel and each rank computes the gradient of its shard of every global batch;
-    the loss is scaled so the all-reduced (averaged) gradient is the global per-token mean."""
+    the loss is scaled so the all-reduced (averaged) gradient is the global per-token mean.
+
+    With a `checkpointer` (build/checkpoint.py), checkpoints are written on its schedule and, on
+    SIGINT or SIGTERM, after the step in progress (then Interrupted is raised). With `resume` (a
+    checkpoint.Resume), training continues from it and gives the same bits as an uninterrupted run."""
+    import signal
+    import threading
+
     import torch
 
-    det = recipe.determinism
     results = []
     global_step = 0
     device = next(model.parameters()).device
@@ -202,7 +209,40 @@ def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript:
         ids = [device.index] if device.type == "cuda" else None
         net = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     model.train()
+    stop: list[int] = []
+    handlers = {}
+    if checkpointer is not None and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
+    if resume is not None:
+        saved = {k.removeprefix("model/"): v for k, v in resume.tensors.items() if k.startswith("model/")}
+        if set(saved) != set(saved_state(model)):
+            raise ValueError(f"checkpoint {resume.path} holds other tensors than this model")
+        with torch.no_grad():
+            for name, t in saved_state(model).items():
+                t.copy_(saved[name])
+        transcript.lines, transcript.prev = list(resume.transcript_lines), resume.transcript_prev
+        results = [StageResult(**r) for r in resume.state.results]
+        global_step = resume.state.global_step
+    try:
+        return _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkpointer, resume,
+                       results, global_step, device, stop)
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+
+
+def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkpointer, resume, results,
+            global_step, device, stop) -> list[StageResult]:
+    import torch
+
+    from ..errors import Interrupted
+    from . import checkpoint as ckpt
+
+    det = recipe.determinism
     for si, stage in enumerate(recipe.stages):
+        if resume is not None and si < resume.state.stage:
+            continue
         grids = [windows(seqs, stage.seq_len, stage.stride or stage.seq_len, pad_id, phase_offset(stage, p))
                  for p in range(stage.phases)]
         total = stage_steps(stage, seqs)
@@ -214,6 +254,26 @@ def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript:
         first = last = float("nan")
         tokens = samples = 0
         x = y = None
+        if resume is not None and si == resume.state.stage and resume.state.step == 0:
+            torch.set_rng_state(resume.tensors["rng/torch"])  # at a stage boundary: a fresh optimizer and order
+            resume = None
+        if resume is not None and si == resume.state.stage:
+            rs, t = resume.state, resume.tensors
+            params = list(model.parameters())
+            opt_state = {i: {k: t[f"opt/{i}/{k}"] for k in ("step", "exp_avg", "exp_avg_sq") if f"opt/{i}/{k}" in t}
+                         for i in range(len(params))}
+            sd = opt.state_dict()
+            sd["state"] = {i: v for i, v in opt_state.items() if v}
+            opt.load_state_dict(sd)
+            gen.set_state(t["rng/data"])
+            torch.set_rng_state(t["rng/torch"])
+            order = t["data/order"]
+            step, epoch, cursor = rs.step, rs.epoch, rs.cursor
+            first, last, tokens, samples = rs.first, rs.last, rs.tokens, rs.samples
+            t0 -= rs.seconds
+            if epoch > 0:
+                x, y = grids[(epoch - 1) % stage.phases]
+            resume = None
         while step < total:
             if cursor >= order.numel():
                 # Each epoch is one pass over one window grid; grids (phases) take turns.
@@ -268,12 +328,33 @@ def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript:
             }
             if (step + 1) % PARAM_DIGEST_EVERY == 0 or step + 1 == total:
                 record["params"] = param_digest(model)
-            transcript.append(record)
             step += 1
             global_step += 1
+            done = [] if step < total else [StageResult(stage.name, total, epoch, samples, first, last,
+                                                        round(time.perf_counter() - t0, 3), tokens,
+                                                        stage.micro_batch_size)]
+            if checkpointer is not None and (checkpointer.scheduled(global_step) or checkpointer.by_clock() or stop):
+                from dataclasses import asdict
+
+                state = ckpt.State(si + (1 if done else 0), 0 if done else step, global_step, 0 if done else epoch,
+                                   0 if done else cursor, first, last, 0 if done else tokens, 0 if done else samples,
+                                   0.0 if done else round(time.perf_counter() - t0, 3),
+                                   [asdict(r) for r in results + done])
+                tensors = ckpt.state_tensors(model, opt, gen, order)
+                digest = ckpt.state_digest(tensors, state)
+                if checkpointer.scheduled(global_step):
+                    record["checkpoint"] = digest
+                transcript.append(record)
+                path = checkpointer.write(tensors, state, transcript, digest) if dist.rank == 0 else None
+            else:
+                transcript.append(record)
+                path = None
             if progress is not None:
                 progress(stage.name, step, total, last)
-        results.append(StageResult(stage.name, total, epoch, samples, first, last,
-                                   round(time.perf_counter() - t0, 3), tokens, stage.micro_batch_size))
+            if stop:
+                raise Interrupted(f"interrupted ({'SIGINT' if stop[0] == 2 else 'SIGTERM'}) after optimizer step "
+                                  f"{global_step}; checkpoint {path}; run the same `provenance build` command again "
+                                  "to resume (same --out)", 130 if stop[0] == 2 else 143)
+        results.extend(done)
     model.eval()
     return results

@@ -302,6 +302,15 @@ class Limits(Strict):
     max_extracted_files: Annotated[int, Field(gt=0, le=1 << 24)] = 500_000
 
 
+class Checkpoint(Strict):
+    """[checkpoint]: when a build writes resumable checkpoints into OUT/checkpoint/ (they never change
+    the bits; scheduled ones are recorded in the transcript)."""
+
+    every_steps: PosInt | None = None
+    every_minutes: Annotated[float, Field(allow_inf_nan=False, gt=0, le=7 * 24 * 60)] | None = 30.0
+    keep: Annotated[int, Field(gt=0, le=1000)] = 2
+
+
 class Output(Strict):
     """[output]: what the built model declares about itself."""
 
@@ -321,6 +330,7 @@ class Recipe(Strict):
     evaluate: Evaluate = Evaluate()
     reproducibility: Reproducibility = Reproducibility()
     limits: Limits = Limits()
+    checkpoint: Checkpoint = Checkpoint()
     output: Output
 
     @model_validator(mode="after")

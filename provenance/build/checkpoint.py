@@ -1,0 +1,182 @@
+"""Checkpoints: a long build survives an interruption and resumes to the same bits.
+
+A checkpoint is one safetensors file, written atomically into `OUT/checkpoint/`: the model's
+tensors, AdamW's state, the torch and data-order RNG states, the current epoch's permutation,
+the transcript so far (as bytes), and the counters (stage, step, epoch, cursor) in its metadata.
+Nothing is pickled. A checkpoint is used only by a build with the same identity: the recipe,
+the inputs, the toolchain and every determinism setting that changes the bits (not the thread
+count, which does not).
+
+Scheduled checkpoints (`[checkpoint] every_steps`) happen at the same steps in every run, so their
+state digest is written into that step's transcript line: the transcript is a hash chain over
+them too. Checkpoints by the clock (`every_minutes`) or on SIGINT/SIGTERM are not in the
+transcript, which therefore stays identical whether or not a build was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._internal.atomic import atomic_write_bytes
+from .._internal.hashing import canonical_json, tensors_digest
+
+FORMAT = "provenance-checkpoint-v1"
+DIRNAME = "checkpoint"
+
+
+def identity(recipe_digest: str, input_digests: list[dict], toolchain: dict, determinism: dict,
+             world_size: int) -> str:
+    """What a checkpoint must match to be resumed (thread counts excluded: they do not change bits)."""
+    import blake3
+
+    det = {k: v for k, v in determinism.items()
+           if k not in ("threads", "interop_threads", "aten_cpu_capability_env", "pythonhashseed")}
+    return blake3.blake3(canonical_json({"recipe": recipe_digest, "inputs": input_digests, "toolchain": toolchain,
+                                         "determinism": det, "world_size": world_size})).hexdigest()
+
+
+@dataclass
+class State:
+    """Where training stands after an optimizer step (what a checkpoint holds besides tensors)."""
+
+    stage: int
+    step: int  # optimizer steps done in this stage
+    global_step: int
+    epoch: int
+    cursor: int
+    first: float
+    last: float
+    tokens: int
+    samples: int
+    seconds: float  # of this stage so far (reporting only; not in the digest)
+    results: list[dict]  # the finished stages' StageResult fields
+
+
+def _torch_dtype_name(t) -> str:
+    return {"float32": "F32", "float64": "F64", "int64": "I64", "uint8": "U8", "int32": "I32",
+            "bfloat16": "BF16", "float16": "F16"}[str(t.dtype).removeprefix("torch.")]
+
+
+def _raw(t) -> bytes:
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    return t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def state_tensors(model, opt, gen, order) -> dict:
+    """Every tensor a resumed build needs, by name."""
+    import torch
+
+    from .train import saved_state
+
+    out = {f"model/{k}": v for k, v in saved_state(model).items()}
+    params = list(model.parameters())
+    for i, p in enumerate(params):
+        st = opt.state.get(p, {})
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            if key in st:
+                v = st[key]
+                out[f"opt/{i}/{key}"] = v if torch.is_tensor(v) else torch.tensor(float(v))
+    out["rng/torch"] = torch.get_rng_state()
+    out["rng/data"] = gen.get_state()
+    out["data/order"] = order
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def state_digest(tensors: dict, state: State) -> str:
+    """blake3-tensors-v1 over the state's tensors and its counters (timing excluded)."""
+    counters = {k: v for k, v in state.__dict__.items() if k not in ("seconds", "results")}
+    counters["first"], counters["last"] = float(state.first).hex(), float(state.last).hex()
+    items = [(k, _torch_dtype_name(v), list(v.shape), _raw(v)) for k, v in tensors.items()]
+    items.append(("counters", "U8", [], canonical_json(counters)))
+    return tensors_digest(items)
+
+
+class Checkpointer:
+    """Writes checkpoints into `directory` on a schedule; keeps the newest `keep`."""
+
+    def __init__(self, directory: Path, ident: str, *, every_steps: int | None, every_minutes: float | None,
+                 keep: int = 2, enabled: bool = True) -> None:
+        self.dir, self.identity = Path(directory), ident
+        self.every_steps, self.every_minutes, self.keep, self.enabled = every_steps, every_minutes, keep, enabled
+        self._last = time.monotonic()
+        self.written: list[Path] = []
+
+    def scheduled(self, global_step: int) -> bool:
+        return self.enabled and bool(self.every_steps) and global_step % self.every_steps == 0
+
+    def by_clock(self) -> bool:
+        return self.enabled and self.every_minutes is not None and \
+            time.monotonic() - self._last >= 60 * self.every_minutes
+
+    def write(self, tensors: dict, state: State, transcript, digest: str) -> Path:
+        """Write one checkpoint atomically. Returns its path."""
+        from safetensors.torch import save
+
+        meta = {"format": FORMAT, "identity": self.identity, "digest": digest,
+                "state": json.dumps({**state.__dict__, "first": float(state.first).hex(),
+                                     "last": float(state.last).hex()}, sort_keys=True),
+                "transcript_head": transcript.prev}
+        import torch
+
+        blob = {**tensors, "transcript": torch.frombuffer(bytearray(transcript.to_bytes() or b"\n"),
+                                                          dtype=torch.uint8)}
+        path = self.dir / f"step-{state.global_step:09d}.safetensors"
+        atomic_write_bytes(path, save(blob, metadata=meta))
+        self._last = time.monotonic()
+        self.written.append(path)
+        for old in sorted(self.dir.glob("step-*.safetensors"))[:-self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+
+@dataclass
+class Resume:
+    path: Path
+    state: State
+    tensors: dict
+    transcript_lines: list[bytes]
+    transcript_prev: str
+
+
+def latest(directory: Path, ident: str, log=None) -> Resume | None:
+    """The newest readable checkpoint of this identity, or None (others are reported and skipped)."""
+    from safetensors import safe_open
+
+    from .._internal.safetensors import SafetensorsError, open_checked
+
+    for path in sorted(Path(directory).glob("step-*.safetensors"), reverse=True):
+        try:
+            with open_checked(path):
+                pass  # structure: tensors tile the file exactly
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise ValueError("not a provenance checkpoint")
+                if meta.get("identity") != ident:
+                    if log:
+                        log(f"not resuming from {path.name}: it belongs to another recipe, inputs or toolchain")
+                    continue
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            raw = json.loads(meta["state"])
+            raw["first"], raw["last"] = float.fromhex(raw["first"]), float.fromhex(raw["last"])
+            state = State(**raw)
+            transcript = tensors.pop("transcript").numpy().tobytes()
+            lines = [ln for ln in transcript.split(b"\n") if ln]
+            if state_digest(tensors, state) != meta.get("digest"):
+                raise ValueError("its digest does not match its contents")
+            return Resume(path, state, tensors, lines, meta["transcript_head"])
+        except (OSError, ValueError, KeyError, TypeError, SafetensorsError) as e:
+            if log:
+                log(f"not resuming from {path.name}: {e}")
+    return None
+
+
+def remove(directory: Path) -> None:
+    import shutil
+
+    shutil.rmtree(directory, ignore_errors=True)
