@@ -43,13 +43,14 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="builds per checkpoint setting for the overhead")
     a = ap.parse_args()
     rng = random.Random(a.seed)
     with tempfile.TemporaryDirectory() as d:
         base = Path(d)
         walls = {"no checkpoints": [], "default interval": [], f"every {a.every} steps": []}
         trains = {k: [] for k in walls}
-        for i in range(3):  # interleaved, so drift on a shared machine hits all three alike
+        for i in range(a.repeats):  # interleaved, so drift on a shared machine hits all three alike
             for name, extra in (("no checkpoints", ["--no-resume"]), ("default interval", []),
                                 (f"every {a.every} steps", ["--checkpoint-every", str(a.every)])):
                 out = base / f"{name.replace(' ', '-')}-{i}"
@@ -59,9 +60,10 @@ def main() -> None:
         want_w = (ref / "model" / "model.safetensors").read_bytes()
         want_t = (ref / "transcript.jsonl").read_bytes()
         med = {k: statistics.median(v) for k, v in trains.items()}
-        print("training seconds, median of 3 (build wall seconds):")
+        setup = statistics.median(walls["no checkpoints"]) - med["no checkpoints"]
+        print(f"training seconds, median of {a.repeats} (build wall seconds):")
         for k in walls:
-            print(f"  {k:20s} {med[k]:7.2f}  ({statistics.median(walls[k]):.2f})")
+            print(f"  {k:20s} {med[k]:7.2f}  ({statistics.median(walls[k]):.2f})", flush=True)
         for k in list(walls)[1:]:
             print(f"  overhead of {k}: {100 * (med[k] / med['no checkpoints'] - 1):+.2f} % of training time")
         equal = 0
@@ -70,7 +72,8 @@ def main() -> None:
             proc = subprocess.Popen([PY, "-m", "provenance", "build", str(RECIPE), "--out", str(out),
                                      "--checkpoint-every", str(a.every)], cwd=ROOT,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            delay = rng.uniform(15, 15 + med[f"every {a.every} steps"])
+            # Somewhere in training: after the set-up, before the last step.
+            delay = rng.uniform(setup + 1, setup + 0.97 * med[f"every {a.every} steps"])
             time.sleep(delay)
             proc.send_signal(signal.SIGKILL)
             proc.communicate()
@@ -83,7 +86,7 @@ def main() -> None:
             equal += same
             print(f"  kill {k + 1:2d}: SIGKILL after {delay:5.1f} s (last checkpoint: step {at}), resumed after "
                   f"step {resumed}: {'bitwise equal' if same else 'DIFFERENT'}", flush=True)
-        print(f"resumed builds bitwise equal to the uninterrupted one: {equal}/{a.kills}")
+        print(f"resumed builds bitwise equal to the uninterrupted one: {equal}/{a.kills}", flush=True)
 
 
 if __name__ == "__main__":

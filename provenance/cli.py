@@ -338,14 +338,14 @@ def _plan(args, recipe) -> dict:
     r = recipe.recipe
     steps: dict[str, int] = {}
     note = ""
+    import tempfile
+
+    from ._internal.progress import Reporter
+    from .build.pipeline import fetch_all, prepare_data
+    from .build.train import stage_steps
+    from .inputs.store import Store
+
     try:
-        from ._internal.progress import Reporter
-        from .build.pipeline import fetch_all, prepare_data
-        from .build.train import stage_steps
-        from .inputs.store import Store
-
-        import tempfile
-
         stored = fetch_all(recipe, Store(args.store), offline=True, handed={}, reporter=Reporter(enabled=False))
         with tempfile.TemporaryDirectory() as work:
             data = prepare_data(recipe, stored, Path(work))
@@ -371,9 +371,10 @@ def _plan(args, recipe) -> dict:
         chunks = -(-s.batch_size // (s.micro_batch_size or s.batch_size))
         hours = None
         if probe and n is not None:
-            scale = (s.micro_batch_size or s.batch_size) * s.seq_len / (est.micro_batch * s.seq_len)
-            per = probe["seconds_per_micro_step"] * (est.total / peak.total if s.name != peak.stage else 1) * scale
-            hours = n * chunks * per / 3600
+            # First order: time per micro-step scales with the tokens in it (the probe ran the peak stage).
+            ps = next(x for x in r.stages if x.name == peak.stage)
+            scale = (est.micro_batch * s.seq_len) / (peak.micro_batch * ps.seq_len)
+            hours = n * chunks * probe["seconds_per_micro_step"] * scale / 3600
         stages.append({"name": s.name, "steps": n, "steps_note": note, "batch_size": s.batch_size,
                        "micro_batch": s.micro_batch_size or s.batch_size, "memory_bytes": est.total,
                        "memory_parts": est.parts, "hours": hours})
