@@ -55,18 +55,6 @@ class State:
     results: list[dict]  # the finished stages' StageResult fields
 
 
-def _torch_dtype_name(t) -> str:
-    return {"float32": "F32", "float64": "F64", "int64": "I64", "uint8": "U8", "int32": "I32",
-            "bfloat16": "BF16", "float16": "F16"}[str(t.dtype).removeprefix("torch.")]
-
-
-def _raw(t) -> bytes:
-    import torch
-
-    t = t.detach().cpu().contiguous()
-    return t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
 def state_tensors(model, opt, gen, order) -> dict:
     """Every tensor a resumed build needs, by name."""
     import torch
@@ -91,7 +79,9 @@ def state_digest(tensors: dict, state: State) -> str:
     """blake3-tensors-v1 over the state's tensors and its counters (timing excluded)."""
     counters = {k: v for k, v in state.__dict__.items() if k not in ("seconds", "results")}
     counters["first"], counters["last"] = float(state.first).hex(), float(state.last).hex()
-    items = [(k, _torch_dtype_name(v), list(v.shape), _raw(v)) for k, v in tensors.items()]
+    from .train import digest_item
+
+    items = [digest_item(k, v) for k, v in tensors.items()]
     items.append(("counters", "U8", [], canonical_json(counters)))
     return tensors_digest(items)
 

@@ -126,16 +126,18 @@ def saved_state(model) -> dict:
 def param_digest(model) -> str:
     """blake3-tensors-v1 of the tensors the model dir will hold: the same digest `build.json` gives
     the saved weights, so a transcript's last `params` equals the weights digest (docs/formats.md)."""
-    import torch
-
     from .._internal.hashing import tensors_digest
 
-    def raw(t):
-        t = t.cpu().contiguous()
-        return t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return tensors_digest(digest_item(name, p) for name, p in saved_state(model).items())
 
-    return tensors_digest((name, SAFETENSORS_DTYPES[str(p.dtype).removeprefix("torch.")], list(p.shape), raw(p))
-                          for name, p in saved_state(model).items())
+
+def digest_item(name: str, t) -> tuple[str, str, list[int], bytes]:
+    """(name, safetensors dtype, shape, raw little-endian bytes) of a torch tensor, for tensors_digest."""
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    raw = t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return name, SAFETENSORS_DTYPES[str(t.dtype).removeprefix("torch.")], list(t.shape), raw
 
 
 @dataclass
