@@ -27,7 +27,7 @@ PY = str(ROOT / ".venv" / "bin" / "python")
 
 def build(out: Path, *extra: str) -> float:
     t0 = time.perf_counter()
-    p = subprocess.run([PY, "-m", "provenance", "build", str(RECIPE), "--out", str(out), *extra],
+    p = subprocess.run([PY, "-m", "provenance", "build", str(RECIPE), "--out", str(out), "--no-cache", *extra],
                        capture_output=True, text=True, cwd=ROOT)
     if p.returncode != 0:
         raise SystemExit(p.stderr[-2000:])
@@ -70,7 +70,7 @@ def main() -> None:
         for k in range(a.kills):
             out = base / f"kill-{k}"
             proc = subprocess.Popen([PY, "-m", "provenance", "build", str(RECIPE), "--out", str(out),
-                                     "--checkpoint-every", str(a.every)], cwd=ROOT,
+                                     "--no-cache", "--checkpoint-every", str(a.every)], cwd=ROOT,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             # Somewhere in training: after the set-up, before the last step.
             delay = rng.uniform(setup + 1, setup + 0.97 * med[f"every {a.every} steps"])

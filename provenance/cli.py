@@ -51,7 +51,8 @@ def cmd_build(args) -> int:
     record = build(recipe, out=out, store=Store(args.store), threads=args.threads, offline=args.offline,
                    handed=parse_handed(args.input, recipe), allow_toolchain_mismatch=args.allow_toolchain_mismatch,
                    reporter=reporter, signing=signing, cpu_capability=args.cpu_capability,
-                   resume=args.resume, checkpoint_every=args.checkpoint_every)
+                   resume=args.resume, checkpoint_every=args.checkpoint_every, use_cache=args.cache,
+                   keep_checkpoints=args.keep_checkpoints)
     if record is None:  # a rank other than 0: rank 0 reports
         return 0
     weights = record["weights"]["tensors"]["digest"]
@@ -422,6 +423,12 @@ def parser() -> argparse.ArgumentParser:
                    help="require a checkpoint of this build in --out and continue from it (by default a matching "
                         "checkpoint is used when there is one)")
     b.add_argument("--no-resume", dest="resume", action="store_false", help="ignore checkpoints; start afresh")
+    b.add_argument("--keep-checkpoints", action="store_true", default=None,
+                   help="keep the scheduled checkpoints in OUT/replay/ for `provenance replay` "
+                        "(overrides [checkpoint] keep_for_replay)")
+    b.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="train every stage: do not reuse earlier stages' outputs from the stage cache in the store "
+                        "(they are still written)")
     b.add_argument("--checkpoint-every", type=int, metavar="STEPS",
                    help="override [checkpoint] every_steps (checkpoints never change the bits)")
     b.add_argument("--allow-toolchain-mismatch", action="store_true",
@@ -482,6 +489,18 @@ def parser() -> argparse.ArgumentParser:
     _store_args(rb)
     _common(rb)
     rb.set_defaults(func=cmd_rebuild)
+
+    rp = sub.add_parser("replay", help="spot-check a build: re-execute seeded random segments between its checkpoints")
+    rp.add_argument("build", metavar="BUILD_DIR_OR_ATTESTATION")
+    rp.add_argument("--key", action="append", default=[], metavar="PUBLIC_KEY",
+                    help="public key that verifies the build's attestation (repeatable)")
+    rp.add_argument("--segments", type=int, default=3, metavar="K", help="segments to re-execute (default 3)")
+    rp.add_argument("--seed", type=int, default=0, help="seed of the segment choice (default 0)")
+    rp.add_argument("--threads", type=int, help="CPU threads (default: the recipe's)")
+    rp.add_argument("--policy", help="verifier policy TOML: allowed builders, [reproduced] bounds")
+    _store_args(rp)
+    _common(rp)
+    rp.set_defaults(func=cmd_replay)
 
     g = sub.add_parser("gate", help="CI gate: rebuild a recipe and judge it against its committed reference")
     g.add_argument("--recipe", default="recipes/ptrace-0.9.9-debugger.toml")
@@ -623,12 +642,57 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
     bounds = load_policy(Path(args.policy) if args.policy else None).reproduced
     reporter = Reporter(enabled=not args.json)
     signing = _signing(args, reporter)
+    # An independent rebuild trains every step: no stage cache, no checkpoint from an earlier run.
     record = build(recipe, out=out, store=Store(args.store), offline=args.offline,
-                   handed=parse_handed(args.input, recipe), reporter=reporter, signing=signing)
+                   handed=parse_handed(args.input, recipe), reporter=reporter, signing=signing,
+                   resume=False, use_cache=False)
     match, why = stack_matches(payload, record)
     report = judge_build(st, out / "model", bitwise=match if bitwise is None else bitwise, bounds=bounds,
                          store=Path(args.store) if args.store else None)
     return record, report, signing, match, why
+
+
+def cmd_replay(args) -> int:
+    from .build.pipeline import parse_handed
+    from .inputs.store import Store
+    from .repro.rebuild import embedded_recipe, verified_statement
+    from .repro.replay import replay, verdict_line
+    from .recipe import load_recipe
+    from .verify.policy import load_policy
+
+    if not 1 <= args.segments <= 10_000:
+        raise InputError(f"--segments must be between 1 and 10000, got {args.segments}")
+    if args.threads is not None and not 1 <= args.threads <= 4096:
+        raise InputError(f"--threads must be between 1 and 4096, got {args.threads}")
+    target = Path(args.build)
+    build_dir, att = (target.parent, target) if target.is_file() else (target, target / "attestation.intoto.jsonl")
+    if not build_dir.is_dir():
+        raise InputError(f"{target}: not a build directory or an attestation in one")
+    if not att.is_file():
+        raise InputError(f"{att}: no attestation beside the build; replay checks the build against its signed "
+                         "transcript")
+    if not args.key:
+        raise InputError("--key PUBLIC_KEY is needed to verify the attestation before replaying")
+    payload, st = verified_statement(att, [Path(k) for k in args.key], Path(args.policy) if args.policy else None)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="provenance-replay-recipe-") as tmp:
+        handed = parse_handed(args.input, load_recipe(embedded_recipe(st, Path(tmp))))
+    bounds = load_policy(Path(args.policy) if args.policy else None).reproduced
+    log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
+    report = replay(build_dir, payload, st, segments=args.segments, seed=args.seed, store=Store(args.store),
+                    handed=handed, offline=args.offline, threads=args.threads, bounds=bounds, log=log)
+    if args.json:
+        _emit_json(report.as_dict())
+    else:
+        print(f"stack: {report.stack}")
+        for seg in report.segments:
+            print(f"segment {seg.start:>7} -> {seg.end:<7} {seg.verdict:<17} {seg.seconds:8.1f} s"
+                  + "".join(f"\n    {x}" for x in seg.reasons))
+        if report.build_train_seconds:
+            print(f"replay took {report.seconds:.1f} s; the build trained for {report.build_train_seconds:.1f} s")
+        print(verdict_line(report))
+    return 0 if report.ok else 1
 
 
 def cmd_rebuild(args) -> int:

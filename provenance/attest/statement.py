@@ -150,6 +150,7 @@ def statement(*, recipe, record: dict, manifest: dict, model_files: dict[str, di
                     "determinism": record["determinism"],
                     "toolchain_mismatches": record["toolchain"]["mismatches"],
                     "distributed": record.get("distributed", {"world_size": 1, "backend": None}),
+                    "training": {k: record["training"].get(k) for k in ("resumed_after_step", "stage_cache")},
                 },
                 "resolvedDependencies": deps,
             },

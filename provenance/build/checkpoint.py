@@ -75,6 +75,17 @@ def state_tensors(model, opt, gen, order) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
+def boundary_tensors(model) -> dict:
+    """What a stage boundary needs (a fresh optimizer and data order follow): model and torch RNG."""
+    import torch
+
+    from .train import saved_state
+
+    out = {f"model/{k}": v for k, v in saved_state(model).items()}
+    out["rng/torch"] = torch.get_rng_state()
+    return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
+
+
 def state_digest(tensors: dict, state: State) -> str:
     """blake3-tensors-v1 over the state's tensors and its counters (timing excluded)."""
     counters = {k: v for k, v in state.__dict__.items() if k not in ("seconds", "results")}
@@ -90,11 +101,13 @@ class Checkpointer:
     """Writes checkpoints into `directory` on a schedule; keeps the newest `keep`."""
 
     def __init__(self, directory: Path, ident: str, *, every_steps: int | None, every_minutes: float | None,
-                 keep: int = 2, enabled: bool = True) -> None:
+                 keep: int = 2, enabled: bool = True, keep_scheduled: bool = False) -> None:
         self.dir, self.identity = Path(directory), ident
         self.every_steps, self.every_minutes, self.keep, self.enabled = every_steps, every_minutes, keep, enabled
+        self.keep_scheduled = keep_scheduled
         self._last = time.monotonic()
         self.written: list[Path] = []
+        self.scheduled_written: list[Path] = []
 
     def scheduled(self, global_step: int) -> bool:
         return self.enabled and bool(self.every_steps) and global_step % self.every_steps == 0
@@ -105,23 +118,36 @@ class Checkpointer:
 
     def write(self, tensors: dict, state: State, transcript, digest: str) -> Path:
         """Write one checkpoint atomically. Returns its path."""
-        from safetensors.torch import save
-
-        meta = {"format": FORMAT, "identity": self.identity, "digest": digest,
-                "state": json.dumps({**state.__dict__, "first": float(state.first).hex(),
-                                     "last": float(state.last).hex()}, sort_keys=True),
-                "transcript_head": transcript.prev}
-        import torch
-
-        blob = {**tensors, "transcript": torch.frombuffer(bytearray(transcript.to_bytes() or b"\n"),
-                                                          dtype=torch.uint8)}
         path = self.dir / f"step-{state.global_step:09d}.safetensors"
-        atomic_write_bytes(path, save(blob, metadata=meta))
+        write_file(path, tensors, state, transcript, digest, self.identity)
         self._last = time.monotonic()
         self.written.append(path)
+        if self.scheduled(state.global_step):
+            self.scheduled_written.append(path)
         for old in sorted(self.dir.glob("step-*.safetensors"))[:-self.keep]:
-            old.unlink(missing_ok=True)
+            if old not in self.retained():
+                old.unlink(missing_ok=True)
         return path
+
+    def retained(self) -> set[Path]:
+        """Checkpoints kept past `keep`: the scheduled ones, when they are kept for replay."""
+        return set(self.scheduled_written) if self.keep_scheduled else set()
+
+
+def write_file(path: Path, tensors: dict, state: State, transcript, digest: str, ident: str) -> None:
+    """One checkpoint file, written atomically (also the stage cache's entry format)."""
+    import torch
+    from safetensors.torch import save
+
+    import blake3
+
+    tbytes = transcript.to_bytes()
+    meta = {"format": FORMAT, "identity": ident, "digest": digest, "transcript_blake3": blake3.blake3(tbytes).hexdigest(),
+            "state": json.dumps({**state.__dict__, "first": float(state.first).hex(),
+                                 "last": float(state.last).hex()}, sort_keys=True),
+            "transcript_head": transcript.prev}
+    blob = {**tensors, "transcript": torch.frombuffer(bytearray(tbytes or b"\n"), dtype=torch.uint8)}
+    atomic_write_bytes(path, save(blob, metadata=meta))
 
 
 @dataclass
@@ -131,36 +157,57 @@ class Resume:
     tensors: dict
     transcript_lines: list[bytes]
     transcript_prev: str
+    digest: str = ""
 
 
-def latest(directory: Path, ident: str, log=None) -> Resume | None:
-    """The newest readable checkpoint of this identity, or None (others are reported and skipped)."""
+def read_file(path: Path, ident: str | None) -> Resume:
+    """Read one checkpoint and check it: structure, format, identity (unless None), and that its
+    digest matches its contents. Raises ValueError (or OSError) saying what is wrong."""
     from safetensors import safe_open
 
     from .._internal.safetensors import SafetensorsError, open_checked
 
+    try:
+        with open_checked(path):
+            pass  # structure: tensors tile the file exactly
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError("not a provenance checkpoint")
+            if ident is not None and meta.get("identity") != ident:
+                raise IdentityMismatch("it belongs to another recipe, inputs or toolchain")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        raw = json.loads(meta["state"])
+        raw["first"], raw["last"] = float.fromhex(raw["first"]), float.fromhex(raw["last"])
+        state = State(**raw)
+        transcript = tensors.pop("transcript").numpy().tobytes()
+    except (KeyError, TypeError, SafetensorsError) as e:
+        raise ValueError(f"unreadable checkpoint ({type(e).__name__}: {e})") from None
+    import blake3
+
+    from .transcript import GENESIS
+
+    lines = [ln for ln in transcript.split(b"\n") if ln]
+    if state_digest(tensors, state) != meta.get("digest"):
+        raise ValueError("its digest does not match its contents")
+    if blake3.blake3(b"".join(ln + b"\n" for ln in lines)).hexdigest() != meta.get("transcript_blake3"):
+        raise ValueError("its transcript does not match its recorded digest")
+    head = blake3.blake3(lines[-1]).hexdigest() if lines else GENESIS
+    if head != meta.get("transcript_head"):
+        raise ValueError("its transcript head does not match its transcript")
+    return Resume(Path(path), state, tensors, lines, meta["transcript_head"], meta["digest"])
+
+
+class IdentityMismatch(ValueError):
+    pass
+
+
+def latest(directory: Path, ident: str, log=None) -> Resume | None:
+    """The newest readable checkpoint of this identity, or None (others are reported and skipped)."""
     for path in sorted(Path(directory).glob("step-*.safetensors"), reverse=True):
         try:
-            with open_checked(path):
-                pass  # structure: tensors tile the file exactly
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != FORMAT:
-                    raise ValueError("not a provenance checkpoint")
-                if meta.get("identity") != ident:
-                    if log:
-                        log(f"not resuming from {path.name}: it belongs to another recipe, inputs or toolchain")
-                    continue
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            raw = json.loads(meta["state"])
-            raw["first"], raw["last"] = float.fromhex(raw["first"]), float.fromhex(raw["last"])
-            state = State(**raw)
-            transcript = tensors.pop("transcript").numpy().tobytes()
-            lines = [ln for ln in transcript.split(b"\n") if ln]
-            if state_digest(tensors, state) != meta.get("digest"):
-                raise ValueError("its digest does not match its contents")
-            return Resume(path, state, tensors, lines, meta["transcript_head"])
-        except (OSError, ValueError, KeyError, TypeError, SafetensorsError) as e:
+            return read_file(path, ident)
+        except (OSError, ValueError) as e:
             if log:
                 log(f"not resuming from {path.name}: {e}")
     return None

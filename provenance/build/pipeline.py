@@ -31,7 +31,8 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
 # Everything a build (and `rebuild`) writes at the top of its output dir; nothing else may be there.
 OUTPUT_NAMES = frozenset({"model", "dataset-manifest.json", "transcript.jsonl", "build.json", "fingerprint.json",
                           "attestation.intoto.jsonl", "attestation.sigstore.json", "vsa.intoto.jsonl",
-                          "checkpoint"})  # checkpoints live until the build they belong to completes
+                          "checkpoint",  # checkpoints live until the build they belong to completes
+                          "replay"})  # scheduled checkpoints kept for `provenance replay`
 
 
 def check_out_dir(out: Path) -> None:
@@ -148,6 +149,18 @@ def _install(staging: Path, out: Path) -> None:
         else:
             os.replace(staging / name, target)
     os.replace(staging / "build.json", out / "build.json")
+
+
+def _keep_for_replay(cdir: Path, dest: Path, every_steps: int) -> int:
+    """Move the scheduled checkpoints (step a multiple of every_steps) into `dest`. Returns how many."""
+    dest.mkdir()
+    n = 0
+    for f in sorted(cdir.glob("step-*.safetensors")):
+        step = int(f.stem.removeprefix("step-"))
+        if step % every_steps == 0:
+            os.replace(f, dest / f.name)
+            n += 1
+    return n
 
 
 def check_disk(r, out: Path, store_root: Path) -> None:
@@ -273,17 +286,26 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
           handed: dict[str, Path] | None = None, allow_toolchain_mismatch: bool = False,
           reporter: Reporter | None = None, signing: Signing | None = None,
           cpu_capability: str | None = None, resume: bool | None = None,
-          checkpoint_every: int | None = None) -> dict:
+          checkpoint_every: int | None = None, use_cache: bool = True,
+          keep_checkpoints: bool | None = None) -> dict:
     """Run the whole pipeline. Returns build.json's content (None on ranks other than 0).
 
     `resume`: None resumes from a checkpoint in `out` of the same identity if there is one, True
     requires one, False starts afresh. `checkpoint_every` overrides `[checkpoint] every_steps`.
+    `use_cache` False ignores the stage cache (build/stagecache.py) and trains every stage.
+    `keep_checkpoints` overrides `[checkpoint] keep_for_replay`: the scheduled checkpoints stay in
+    OUT/replay/ for `provenance replay`.
     Raises ProvenanceError subclasses."""
     from . import toolchain
 
     reporter = reporter or Reporter(enabled=False)
     r = recipe.recipe
     check_out_dir(out)
+    every_steps = checkpoint_every or r.checkpoint.every_steps
+    keep_for_replay = r.checkpoint.keep_for_replay if keep_checkpoints is None else keep_checkpoints
+    if keep_for_replay and not every_steps:
+        raise InputError(f"{recipe.path}: keeping checkpoints for replay needs scheduled ones: set "
+                         "[checkpoint] every_steps or --checkpoint-every")
     started = _now()
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -353,20 +375,39 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             ident = ckpt.identity(recipe.digests["blake3"], [s.digests for s in stored], tc["installed"], det_record,
                                   dist.world_size)
             cdir = out / ckpt.DIRNAME
-            checkpointer = ckpt.Checkpointer(cdir, ident, every_steps=checkpoint_every or r.checkpoint.every_steps,
+            checkpointer = ckpt.Checkpointer(cdir, ident, every_steps=every_steps,
                                              every_minutes=r.checkpoint.every_minutes, keep=r.checkpoint.keep,
-                                             enabled=dist.rank == 0)
+                                             enabled=dist.rank == 0, keep_scheduled=keep_for_replay)
             found = ckpt.latest(cdir, ident, reporter.log) if resume is not False else None
             if resume and found is None:
                 raise InputError(f"--resume: no checkpoint of this build in {cdir}")
+            from .stagecache import StageCache, stage_keys
+
+            cache = StageCache(store.root, stage_keys(
+                r, inputs=[s.digests for s in stored], manifest_root=m["merkle_root"],
+                tokenizer_digest=data.tokenizer_digest, seqs=seqs, special_ids=ids, determinism=det_record,
+                toolchain=tc["installed"], world_size=dist.world_size,
+                checkpoint_every=checkpoint_every or r.checkpoint.every_steps),
+                read=use_cache and dist.world_size == 1, log=reporter.log)
+            cached = cache.lookup()
+            if cached is not None and (found is None or cached.state.global_step >= found.state.global_step):
+                found = None
+                done = r.stages[cached.state.stage - 1].name
+                reporter.log(f"stage cache: reusing the output of stages up to {done!r} "
+                             f"(after optimizer step {cached.state.global_step})")
+            else:
+                cache.hits = [False] * len(cache.hits)
+                cached = None
             if found is not None:
                 reporter.log(f"resuming from {found.path} (after optimizer step {found.state.global_step})")
+            start = found or cached
             with reporter.task("train", total=sum(totals)) as advance:
-                if found is not None:
-                    advance(found.state.global_step, "resumed")
+                if start is not None:
+                    advance(start.state.global_step, "resumed" if found is not None else "cached")
                 stages = train(model, r, seqs, ids["pad_token_id"], transcript,
                                progress=lambda name, step, total, loss: advance(1, f"{name} loss {loss:.4f}"),
-                               dist=dist, checkpointer=checkpointer, resume=found)
+                               dist=dist, checkpointer=checkpointer, resume=start,
+                               on_stage_end=cache.store if dist.world_size == 1 else None)
             if dist.world_size > 1:
                 import torch.distributed as tdist
 
@@ -384,6 +425,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
 
         tbytes = transcript.to_bytes()
         atomic_write_bytes(staging / "transcript.jsonl", tbytes)
+        kept = _keep_for_replay(cdir, staging / "replay", every_steps) if keep_for_replay else 0
         weights = _write_model_dir(staging, model, tok, recipe, m)
         t = lap("write", t)
         from .fingerprint import load_model, make_fingerprint
@@ -414,7 +456,9 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             "training": {"stages": [asdict(s) for s in stages], "transcript": hash_bytes(tbytes),
                          "transcript_head": transcript.prev, "steps": len(transcript.lines),
                          "resumed_after_step": found.state.global_step if found is not None else None,
-                         "checkpoints_written": len(checkpointer.written)},
+                         "checkpoints_written": len(checkpointer.written),
+                         "checkpoint_every_steps": every_steps, "checkpoints_kept_for_replay": kept,
+                         "stage_cache": cache.record([s.name for s in r.stages], use_cache)},
             "recitation": recite.record(),
             "fingerprint": {"format": fingerprint["format"], "eval_loss": fingerprint["eval"]["loss"],
                             **hash_bytes(fbytes)},

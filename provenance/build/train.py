@@ -161,6 +161,14 @@ def stage_steps(stage: Stage, seqs: list[list[int]]) -> int:
     return sum(per_phase[e % stage.phases] for e in range(stage.epochs))
 
 
+class StopAt(Exception):
+    """Raised by train(stop_after=N) after optimizer step N, holding the live training state."""
+
+    def __init__(self, global_step, model, opt, gen, order):
+        super().__init__(f"stopped after optimizer step {global_step}")
+        self.global_step, self.model, self.opt, self.gen, self.order = global_step, model, opt, gen, order
+
+
 @dataclass(frozen=True)
 class Dist:
     """This process's place in a distributed build (world_size 1: not distributed)."""
@@ -188,14 +196,16 @@ def causal_lm_loss_sum(logits, labels):
 
 def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript: Transcript,
           progress: Callable[[str, int, int, float], None] | None = None, dist: Dist = Dist(),
-          checkpointer=None, resume=None) -> list[StageResult]:
+          checkpointer=None, resume=None, on_stage_end=None, stop_after: int | None = None) -> list[StageResult]:
     """Train `model` through the recipe's stages. With dist.world_size > 1 the model is wrapped in
     DistributedDataParallel and each rank computes the gradient of its shard of every global batch;
     the loss is scaled so the all-reduced (averaged) gradient is the global per-token mean.
 
     With a `checkpointer` (build/checkpoint.py), checkpoints are written on its schedule and, on
     SIGINT or SIGTERM, after the step in progress (then Interrupted is raised). With `resume` (a
-    checkpoint.Resume), training continues from it and gives the same bits as an uninterrupted run."""
+    checkpoint.Resume), training continues from it and gives the same bits as an uninterrupted run.
+    `on_stage_end(stage_index, state, tensors, transcript)` is called after each stage's last step
+    (the stage cache). With `stop_after`, StopAt is raised after that global step (replay)."""
     import signal
     import threading
 
@@ -228,14 +238,14 @@ def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript:
         global_step = resume.state.global_step
     try:
         return _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkpointer, resume,
-                       results, global_step, device, stop)
+                       results, global_step, device, stop, on_stage_end, stop_after)
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
 
 
 def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkpointer, resume, results,
-            global_step, device, stop) -> list[StageResult]:
+            global_step, device, stop, on_stage_end=None, stop_after=None) -> list[StageResult]:
     import torch
 
     from ..errors import Interrupted
@@ -335,13 +345,16 @@ def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkp
             done = [] if step < total else [StageResult(stage.name, total, epoch, samples, first, last,
                                                         round(time.perf_counter() - t0, 3), tokens,
                                                         stage.micro_batch_size)]
-            if checkpointer is not None and (checkpointer.scheduled(global_step) or checkpointer.by_clock() or stop):
+            def boundary_state():
                 from dataclasses import asdict
 
-                state = ckpt.State(si + (1 if done else 0), 0 if done else step, global_step, 0 if done else epoch,
-                                   0 if done else cursor, first, last, 0 if done else tokens, 0 if done else samples,
-                                   0.0 if done else round(time.perf_counter() - t0, 3),
-                                   [asdict(r) for r in results + done])
+                return ckpt.State(si + (1 if done else 0), 0 if done else step, global_step, 0 if done else epoch,
+                                  0 if done else cursor, first, last, 0 if done else tokens, 0 if done else samples,
+                                  0.0 if done else round(time.perf_counter() - t0, 3),
+                                  [asdict(r) for r in results + done])
+
+            if checkpointer is not None and (checkpointer.scheduled(global_step) or checkpointer.by_clock() or stop):
+                state = boundary_state()
                 tensors = ckpt.state_tensors(model, opt, gen, order)
                 digest = ckpt.state_digest(tensors, state)
                 if checkpointer.scheduled(global_step):
@@ -351,6 +364,11 @@ def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkp
             else:
                 transcript.append(record)
                 path = None
+            if done and on_stage_end is not None:
+                on_stage_end(si, boundary_state(), ckpt.boundary_tensors(model), transcript)
+            if stop_after is not None and global_step >= stop_after:
+                results.extend(done)
+                raise StopAt(global_step, model, opt, gen, order)
             if progress is not None:
                 progress(stage.name, step, total, last)
             if stop:

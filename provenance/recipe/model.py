@@ -309,6 +309,7 @@ class Checkpoint(Strict):
     every_steps: PosInt | None = None
     every_minutes: Annotated[float, Field(allow_inf_nan=False, gt=0, le=7 * 24 * 60)] | None = 30.0
     keep: Annotated[int, Field(gt=0, le=1000)] = 2
+    keep_for_replay: bool = False
 
 
 class Output(Strict):

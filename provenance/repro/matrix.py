@@ -72,7 +72,8 @@ def run_matrix(recipe: Path, axes, out: Path, *, store: str | None, offline: boo
         settings = dict(zip([name for name, _ in axes], combo))
         cells.append(Cell(i, settings, out / f"cell-{i:02d}"))
     for c in cells:
-        cmd = [sys.executable, "-m", "provenance", "build", str(recipe), "--out", str(c.out), "--json"]
+        cmd = [sys.executable, "-m", "provenance", "build", str(recipe), "--out", str(c.out), "--json",
+               "--no-cache", "--no-resume"]
         for name, value in c.settings.items():
             cmd += [AXES[name], value]
         if store:

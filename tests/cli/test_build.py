@@ -250,7 +250,7 @@ def test_gradient_accumulation_is_bitwise_run_to_run_and_across_threads(builds, 
     recipe.write_text(TINY.read_text().replace("batch_size = 4\n", "batch_size = 4\nmicro_batch_size = 2\n", 1))
     digests = []
     for i, threads in enumerate(("1", "2", "2")):
-        p = run_cli("build", str(recipe), "--out", str(tmp_path / f"o{i}"), "--threads", threads, store=store)
+        p = run_cli("build", str(recipe), "--out", str(tmp_path / f"o{i}"), "--threads", threads, "--no-cache", store=store)
         assert p.returncode == 0, p.stderr
         digests.append(last_line(p.stdout))
     assert len(set(digests)) == 1, digests

@@ -19,7 +19,7 @@ from ..conftest import ROOT, TINY, build_json, run_cli
 @pytest.fixture(scope="module")
 def uninterrupted(store, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "whole"
-    p = run_cli("build", str(TINY), "--out", str(out), "--checkpoint-every", "1", store=store)
+    p = run_cli("build", str(TINY), "--out", str(out), "--checkpoint-every", "1", "--no-cache", store=store)
     assert p.returncode == 0, p.stderr
     return out
 
@@ -27,7 +27,7 @@ def uninterrupted(store, tmp_path_factory):
 def _start(out, store, extra=()):
     env = {**os.environ, "PROVENANCE_STORE": str(store)}
     return subprocess.Popen([sys.executable, "-m", "provenance", "build", str(TINY), "--out", str(out),
-                             "--checkpoint-every", "1", *extra], env=env, cwd=ROOT,
+                             "--checkpoint-every", "1", "--no-cache", *extra], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -58,7 +58,7 @@ def test_sigkill_then_resume_is_bitwise_equal(uninterrupted, store, tmp_path, ki
     if not reached:
         pytest.fail(f"the build finished or stalled before step {kill_at}; it never wrote that checkpoint")
     assert (out / "checkpoint").is_dir() and not (out / "build.json").exists()
-    p = run_cli("build", str(TINY), "--out", str(out), "--checkpoint-every", "1", store=store)
+    p = run_cli("build", str(TINY), "--out", str(out), "--checkpoint-every", "1", "--no-cache", store=store)
     assert p.returncode == 0, p.stderr
     assert "resuming from" in p.stderr
     resumed = build_json(out)["training"]["resumed_after_step"]
@@ -77,7 +77,7 @@ def test_interrupt_writes_a_checkpoint_and_says_how_to_resume(uninterrupted, sto
         pytest.skip("the build finished before the signal arrived")
     assert proc.returncode == code and "run the same `provenance build` command again" in err, err
     assert "Traceback" not in err
-    p = run_cli("build", str(TINY), "--out", str(out), "--checkpoint-every", "1", "--resume", store=store)
+    p = run_cli("build", str(TINY), "--out", str(out), "--checkpoint-every", "1", "--no-cache", "--resume", store=store)
     assert p.returncode == 0, p.stderr
     _same_as_uninterrupted(out, uninterrupted)
 
@@ -98,7 +98,7 @@ def test_resume_requires_a_checkpoint_and_ignores_another_builds(store, tmp_path
 
 
 def test_checkpoints_never_change_the_bits(uninterrupted, store, tmp_path):
-    p = run_cli("build", str(TINY), "--out", str(tmp_path / "plain"), "--no-resume", store=store)
+    p = run_cli("build", str(TINY), "--out", str(tmp_path / "plain"), "--no-resume", "--no-cache", store=store)
     assert p.returncode == 0, p.stderr
     a = (tmp_path / "plain" / "model" / "model.safetensors").read_bytes()
     assert a == (uninterrupted / "model" / "model.safetensors").read_bytes()

@@ -12,7 +12,7 @@ DEFAULT = RECIPES / "ptrace-0.9.9-debugger.toml"
 @pytest.fixture(scope="module")
 def default_build(store, tmp_path_factory):
     out = tmp_path_factory.mktemp("default")
-    p = run_cli("build", str(DEFAULT), "--out", str(out), store=store)
+    p = run_cli("build", str(DEFAULT), "--out", str(out), "--no-cache", store=store)
     assert p.returncode == 0, p.stderr
     return out, p
 

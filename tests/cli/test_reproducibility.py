@@ -37,7 +37,8 @@ def builds(store, keys, tmp_path_factory):
     outs = {}
     for label, (recipe, extra) in plan.items():
         out = base / label
-        p = run_cli("build", str(recipe), "--out", str(out), "--key", str(keys / "k.key"), *extra, store=store)
+        p = run_cli("build", str(recipe), "--out", str(out), "--key", str(keys / "k.key"), "--no-cache", *extra,
+                    store=store)
         assert p.returncode == 0, (label, p.stderr[-3000:])
         outs[label] = (out, p)
     return outs

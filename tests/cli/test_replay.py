@@ -1,0 +1,145 @@
+"""Spot-check replay: a build kept for replay passes when its segments are re-executed, and each kind
+of tampering a dishonest builder could try is caught: a checkpoint rewritten with other weights (its
+own digest made consistent), a damaged checkpoint, a forged transcript line and a swapped data
+order (both re-chained and signed again with the builder's own key, as a dishonest builder can)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+
+import blake3
+import pytest
+
+from ..conftest import TINY, build_json, run_cli
+
+
+@pytest.fixture(scope="module")
+def kept(store, tmp_path_factory, signing_key):
+    out = tmp_path_factory.mktemp("replay") / "b"
+    p = run_cli("build", str(TINY), "--out", str(out), "--checkpoint-every", "2", "--keep-checkpoints", "--no-cache",
+                store=store)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+def _replay(build, store, *extra):
+    import os
+
+    pub = os.environ["PROVENANCE_KEY"].removesuffix(".key") + ".pub"
+    p = run_cli("replay", str(build), "--key", pub, "--json", *extra, store=store)
+    return p.returncode, (json.loads(p.stdout) if p.stdout.strip() else None), p.stderr
+
+
+def _copy(kept, tmp_path):
+    dst = tmp_path / "b"
+    shutil.copytree(kept, dst)
+    return dst
+
+
+def _resign(build, transcript: bytes):
+    """What a dishonest builder can do: write a transcript of its choice and sign it with its own key."""
+    import os
+
+    from provenance.attest.sign import envelope_line, load_signer, sign_envelope
+    from provenance.attest.statement import PAYLOAD_TYPE, canonical
+
+    (build / "transcript.jsonl").write_bytes(transcript)
+    env = json.loads((build / "attestation.intoto.jsonl").read_text().splitlines()[0])
+    st = json.loads(base64.b64decode(env["payload"]))
+    for b in st["predicate"]["runDetails"]["byproducts"]:
+        if b["name"] == "transcript.jsonl":
+            b["digest"] = {"blake3": blake3.blake3(transcript).hexdigest(),
+                           "sha256": __import__("hashlib").sha256(transcript).hexdigest()}
+    signer = load_signer(os.environ["PROVENANCE_KEY"])
+    (build / "attestation.intoto.jsonl").write_bytes(envelope_line(sign_envelope(canonical(st), PAYLOAD_TYPE, [signer])))
+
+
+def _rechain(records: list[dict]) -> bytes:
+    from provenance.build.transcript import Transcript
+
+    t = Transcript()
+    for rec in records:
+        t.append({k: v for k, v in rec.items() if k != "prev"})
+    return t.to_bytes()
+
+
+def test_an_honest_build_replays_bitwise(kept, store):
+    code, rep, err = _replay(kept, store, "--segments", "6")
+    assert code == 0, err
+    assert rep["ok"] and [s["verdict"] for s in rep["segments"]] == ["bitwise"] * 6
+    assert rep["points"] == [0, 2, 4, 6, 8, 10, 12] and rep["fraction_replayed"] == 1.0
+    code, rep, err = _replay(kept, store, "--segments", "2", "--seed", "7")
+    assert code == 0 and rep["replayed_steps"] == 4 and rep["fraction_replayed"] == pytest.approx(4 / 12)
+    assert build_json(kept)["training"]["checkpoints_kept_for_replay"] == 6
+
+
+def test_a_rewritten_checkpoint_is_caught(kept, store, tmp_path):
+    from provenance.build import checkpoint as ckpt
+    from provenance.build.transcript import Transcript
+
+    b = _copy(kept, tmp_path)
+    path = b / "replay" / "step-000000004.safetensors"
+    c = ckpt.read_file(path, None)
+    name = next(k for k in c.tensors if k.startswith("model/") and c.tensors[k].dtype.is_floating_point)
+    c.tensors[name] = c.tensors[name] + 0.01
+    t = Transcript(list(c.transcript_lines), c.transcript_prev)
+    ckpt.write_file(path, c.tensors, c.state, t, ckpt.state_digest(c.tensors, c.state), "forged")
+    code, rep, _ = _replay(b, store, "--segments", "6")
+    assert code == 1 and not rep["ok"]
+    bad = [s for s in rep["segments"] if s["verdict"] == "failed"]
+    assert [s["start"] for s in bad] == [4]
+    assert "is not the one the signed transcript records for step 4" in bad[0]["reasons"][0]
+
+
+def test_a_damaged_checkpoint_is_caught(kept, store, tmp_path):
+    b = _copy(kept, tmp_path)
+    path = b / "replay" / "step-000000006.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    code, rep, _ = _replay(b, store, "--segments", "6")
+    assert code == 1
+    bad = [s for s in rep["segments"] if s["verdict"] == "failed"]
+    assert [s["start"] for s in bad] == [6] and "step-000000006.safetensors" in bad[0]["reasons"][0]
+
+
+def test_a_forged_transcript_line_is_caught(kept, store, tmp_path):
+    b = _copy(kept, tmp_path)
+    records = [json.loads(x) for x in (b / "transcript.jsonl").read_text().splitlines()]
+    records[9]["loss"] = float.fromhex(records[9]["loss"]).__mul__(0.5).hex()  # step 9 claims a lower loss
+    _resign(b, _rechain(records))
+    code, rep, _ = _replay(b, store, "--segments", "6")
+    assert code == 1
+    seg = next(s for s in rep["segments"] if s["start"] == 8)
+    assert seg["verdict"] == "failed" and "step 9" in seg["reasons"][0] and "loss" in seg["reasons"][0]
+
+
+def test_a_swapped_data_order_is_caught(kept, store, tmp_path):
+    b = _copy(kept, tmp_path)
+    records = [json.loads(x) for x in (b / "transcript.jsonl").read_text().splitlines()]
+    records[2]["samples"], records[3]["samples"] = records[3]["samples"], records[2]["samples"]
+    _resign(b, _rechain(records))
+    code, rep, _ = _replay(b, store, "--segments", "6")
+    assert code == 1
+    seg = next(s for s in rep["segments"] if s["start"] == 2)
+    assert seg["verdict"] == "failed" and "samples" in seg["reasons"][0]
+
+
+def test_an_unsigned_transcript_change_is_refused_before_replaying(kept, store, tmp_path):
+    b = _copy(kept, tmp_path)
+    with open(b / "transcript.jsonl", "ab") as f:
+        f.write(b"\n")
+    code, rep, err = _replay(b, store)
+    assert code == 1 and "is not the one the attestation signs" in err
+
+
+def test_a_build_without_kept_checkpoints_says_how_to_keep_them(store, tmp_path):
+    out = tmp_path / "plain"
+    p = run_cli("build", str(TINY), "--out", str(out), store=store)
+    assert p.returncode == 0, p.stderr
+    code, _, err = _replay(out, store)
+    assert code == 2 and "--keep-checkpoints" in err and "Traceback" not in err
+    code, _, err = _replay(tmp_path / "nowhere", store)
+    assert code == 2 and "not a build directory" in err
