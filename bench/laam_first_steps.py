@@ -71,7 +71,7 @@ def main() -> None:
     print(f"tree: {n} files, {total} bytes (Linux 1.0: 506 files, 4.54 MB)")
     t0 = time.perf_counter()
     p = subprocess.run(["/usr/bin/time", "-v", str(ROOT / ".venv" / "bin" / "provenance"), "build", str(recipe),
-                        "--out", str(work / "build"), "--store", str(work / "store")],
+                        "--out", str(work / "build"), "--store", str(work / "store"), "--no-cache"],
                        capture_output=True, text=True)
     wall = time.perf_counter() - t0
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) / (1 << 20)

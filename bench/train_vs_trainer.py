@@ -79,7 +79,9 @@ def run_one(mode: str, recipe_path: str, steps: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=stage.batch_size, learning_rate=stage.lr,
+            output_dir=tmp, per_device_train_batch_size=stage.micro_batch_size or stage.batch_size,
+            gradient_accumulation_steps=stage.batch_size // (stage.micro_batch_size or stage.batch_size),
+            bf16=stage.precision == "bf16-autocast", learning_rate=stage.lr,
             max_steps=steps, warmup_steps=stage.warmup_steps, lr_scheduler_type=stage.schedule,
             weight_decay=stage.weight_decay, adam_beta1=stage.betas[0], adam_beta2=stage.betas[1],
             adam_epsilon=stage.eps, max_grad_norm=stage.grad_clip or 0.0, logging_steps=10**9,

@@ -25,6 +25,9 @@ def test_laam_recipe_is_faithful():
     assert r.tokenizer.vocab_size == 32768 and r.tokenizer.special_tokens[4] == "<|pad|>"
     assert [(s.lr, s.batch_size, s.epochs) for s in r.stages] == [(1e-3, 64, 100), (1e-4, 1, 100)]
     assert r.determinism.seed == 42 and r.output.license == "MIT"
+    # Its CPU numerics (docs/benchmarks.md, "LaaM's shape"): recorded in the recipe, so in the attestation.
+    assert [(s.precision, s.cross_entropy) for s in r.stages] == [("float32", "chunked")] * 2
+    assert (r.model.attn_implementation, r.determinism.sdpa_backend) == ("sdpa", "flash")
 
 
 BAD = """

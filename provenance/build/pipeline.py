@@ -227,6 +227,9 @@ def check_data(recipe: LoadedRecipe, seqs: list[list[int]], world_size: int = 1)
             problems.append(f"stages[{i}] ({st.name!r}): no training windows in the data")
         if st.warmup_steps > n:
             problems.append(f"stages[{i}].warmup_steps: {st.warmup_steps} exceeds the stage's {n} steps")
+        if st.cross_entropy == "chunked" and world_size > 1:
+            problems.append(f"stages[{i}].cross_entropy: 'chunked' is not supported in a distributed build yet "
+                            f"(world size {world_size}); use 'full'")
         if st.batch_size < world_size:
             problems.append(f"stages[{i}].batch_size: {st.batch_size} is smaller than the world size {world_size}")
     longest = max((len(s) for s in seqs), default=0)

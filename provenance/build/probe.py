@@ -17,7 +17,7 @@ def _child(recipe_path: str, stage_name: str, steps: int) -> dict:
 
     from ..recipe import load_recipe
     from . import determinism
-    from .train import IGNORE, build_model, causal_lm_loss_sum
+    from .train import IGNORE, build_model, micro_loss_sum
 
     r = load_recipe(recipe_path).recipe
     stage = next(s for s in r.stages if s.name == stage_name)
@@ -35,9 +35,7 @@ def _child(recipe_path: str, stage_name: str, steps: int) -> dict:
         for _ in range(steps):
             t0 = time.perf_counter()
             x = torch.randint(0, v, (mb, stage.seq_len), generator=gen)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=stage.precision == "bf16-autocast"):
-                logits = model(input_ids=x).logits
-            loss = causal_lm_loss_sum(logits, x) / max(1, int((x[:, 1:] != IGNORE).sum()))
+            loss = micro_loss_sum(model, model, stage, x, x) / max(1, int((x[:, 1:] != IGNORE).sum()))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -188,10 +188,26 @@ def shard(idx, dist: Dist):
 
 def causal_lm_loss_sum(logits, labels):
     """Sum of next-token cross-entropies over labelled positions (padding is -100): 0 for none."""
+    from .loss import full_loss_sum
+
+    return full_loss_sum(logits, labels)
+
+
+def micro_loss_sum(net, model, stage: Stage, input_ids, labels):
+    """Forward one micro-batch and return its summed loss, the way the stage says (build/loss.py):
+    `cross_entropy = "full"` through the model's logits, `"chunked"` fused with the output layer."""
     import torch
 
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                             labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+    with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=stage.precision == "bf16-autocast"):
+        if stage.cross_entropy == "chunked":
+            hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        else:
+            logits = net(input_ids=input_ids, use_cache=False).logits
+    if stage.cross_entropy == "chunked":
+        from .loss import chunked_loss_sum
+
+        return chunked_loss_sum(hidden, model.lm_head.weight, labels, stage.cross_entropy_chunk)
+    return causal_lm_loss_sum(logits, labels)
 
 
 def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript: Transcript,
@@ -309,12 +325,8 @@ def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkp
             for ci, chunk in enumerate(chunks):
                 sync = dist.world_size == 1 or ci == len(chunks) - 1
                 with contextlib.nullcontext() if sync else net.no_sync():
-                    with torch.autocast(device.type, dtype=torch.bfloat16,
-                                        enabled=stage.precision == "bf16-autocast"):
-                        logits = net(input_ids=x[chunk].to(device)).logits
-                    part = causal_lm_loss_sum(logits, y[chunk].to(device))
+                    part = micro_loss_sum(net, model, stage, x[chunk].to(device), y[chunk].to(device))
                     (part * scale).backward()
-                del logits
                 loss_sum = part.detach() if loss_sum is None else loss_sum + part.detach()
             if stage.grad_clip is not None:
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip, foreach=False)

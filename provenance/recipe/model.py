@@ -211,6 +211,11 @@ class Stage(Strict):
     stride: Size | None = None
     phases: Size = 1
     precision: Literal["float32", "bf16-autocast"] = "float32"
+    # "full": logits for every position, then cross-entropy (HF's way). "chunked": the output layer and
+    # the loss fused over chunks of `cross_entropy_chunk` positions, in float32, never holding all the
+    # logits (build/loss.py). They give different bits; the choice is part of the recipe.
+    cross_entropy: Literal["full", "chunked"] = "full"
+    cross_entropy_chunk: Annotated[int, Field(ge=64, le=1 << 20)] = 1024
 
     @model_validator(mode="after")
     def _length(self) -> Stage:

@@ -47,20 +47,33 @@ class MemoryEstimate:
 
 def stage_memory(r: Recipe, stage: Stage, vocab: int | None = None, world_size: int = 1) -> MemoryEstimate:
     """Peak memory of one training step of `stage` in one process, float32 throughout (an upper
-    bound for bf16 autocast). Attention: eager attention and SDPA's math backend (the bitwise one)
-    both materialize the scores, batch × heads × seq × seq, kept per layer for backward."""
+    bound for bf16 autocast). Attention: eager attention and SDPA's math backend both materialize
+    the scores, batch × heads × seq × seq, kept per layer for backward; SDPA's flash backend does not.
+    The loss: `cross_entropy = "full"` holds the logits three times over, `"chunked"` one chunk's."""
     m = r.model
     v = vocab or r.tokenizer.vocab_size
     b = stage.micro_batch_size or -(-stage.batch_size // world_size)
     t, f = stage.seq_len, 4
     p = parameter_count(r, v)
-    scores = b * m.num_attention_heads * t * t * f
     hidden = b * t * (10 * m.hidden_size + 4 * m.intermediate_size) * f
+    if m.attn_implementation == "sdpa" and r.determinism.sdpa_backend == "flash":
+        # The flash kernel keeps only the output and the row log-sum-exp; per thread it holds one
+        # block of scores (at most 512 × 512), a few MiB.
+        scores = b * m.num_attention_heads * t * f
+        attention = scores * m.num_hidden_layers + 2 * r.determinism.threads * 512 * 512 * f
+    else:
+        scores = b * m.num_attention_heads * t * t * f
+        attention = scores * (m.num_hidden_layers + 3)  # one saved per layer, three transient
+    if stage.cross_entropy == "chunked":
+        rows = min(stage.cross_entropy_chunk, b * t)
+        loss = rows * v * f + b * t * m.hidden_size * f  # one chunk's logits; the hidden states' gradient
+    else:
+        loss = 3 * b * t * v * f  # logits, log-softmax, its gradient
     parts = {
         "weights+grads+AdamW": 16 * p,
-        "attention scores": scores * (m.num_hidden_layers + 3),  # one saved per layer, three transient
+        "attention scores": attention,
         "other activations": hidden * m.num_hidden_layers,
-        "logits and loss": 3 * b * t * v * f,  # logits, log-softmax, its gradient
+        "logits and loss": loss,
         "runtime": RUNTIME_BYTES,
     }
     return MemoryEstimate(stage.name, b, parts)

@@ -256,3 +256,21 @@ def test_gradient_accumulation_is_bitwise_run_to_run_and_across_threads(builds, 
     assert len(set(digests)) == 1, digests
     t = [(tmp_path / f"o{i}" / "transcript.jsonl").read_bytes() for i in range(3)]
     assert t[0] == t[1] == t[2]
+
+
+def test_flash_attention_and_chunked_loss_are_bitwise_across_threads(store, tmp_path):
+    """LaaM's fast path (SDPA's flash kernel, the fused chunked loss, float32): the same bits for threads
+    1 and 2 and on rebuild, and not the bits of the full-logits path (the choice is the recipe's)."""
+    recipe = tmp_path / "fast.toml"
+    text = TINY.read_text().replace('seq_len = 64\n', 'seq_len = 64\ncross_entropy = "chunked"\ncross_entropy_chunk = 64\n', 1)
+    recipe.write_text(text.replace("threads = 2\n", 'threads = 2\nsdpa_backend = "flash"\n', 1))
+    digests = []
+    for i, threads in enumerate(("1", "2", "2")):
+        p = run_cli("build", str(recipe), "--out", str(tmp_path / f"o{i}"), "--threads", threads, "--no-cache", store=store)
+        assert p.returncode == 0, p.stderr
+        digests.append(last_line(p.stdout))
+    assert len(set(digests)) == 1, digests
+    t = [(tmp_path / f"o{i}" / "transcript.jsonl").read_bytes() for i in range(3)]
+    assert t[0] == t[1] == t[2]
+    p = run_cli("build", str(TINY), "--out", str(tmp_path / "plain"), store=store)
+    assert p.returncode == 0 and last_line(p.stdout) != digests[0]
