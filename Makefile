@@ -9,6 +9,7 @@ OUT    ?= build/$(NAME)
 ARGS   ?=
 REF    := attestations/$(NAME).intoto.jsonl
 REFKEY := attestations/keys/$(NAME).pub
+REFAUDIT := attestations/$(NAME).audit.intoto.jsonl
 # The reference signing key lives outside the repository and is never committed.
 REFERENCE_KEY ?= $(HOME)/.config/provenance/reference/$(NAME).key
 
@@ -27,12 +28,13 @@ venv: $(STAMP)
 rebuild: $(STAMP)
 	$(BIN)/provenance build $(RECIPE) --out $(OUT) $(ARGS)
 	@if [ -f $(REF) ]; then \
-	  $(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE) --reproduced --inputs; \
+	  $(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE) --reproduced --inputs \
+	    --audit $(REFAUDIT); \
 	else echo "verdict: no reference attestation for $(NAME) in attestations/"; fi
 
 # Verify the committed reference attestation against the last build: exactly these files, byte for byte.
 verify: $(STAMP)
-	$(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE) --inputs
+	$(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE) --inputs --audit $(REFAUDIT)
 
 # Regenerate the reference attestation (after a change that alters the default recipe's weights).
 reference: $(STAMP)
@@ -41,7 +43,8 @@ reference: $(STAMP)
 	$(BIN)/provenance build $(RECIPE) --out $(OUT) --key $(REFERENCE_KEY) $(ARGS)
 	cp $(basename $(REFERENCE_KEY)).pub $(REFKEY)
 	cp $(OUT)/attestation.intoto.jsonl $(REF)
-	$(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE)
+	cp $(OUT)/audit.intoto.jsonl $(REFAUDIT)
+	$(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE) --audit $(REFAUDIT)
 
 # CI gate: rebuild and judge against the committed reference (bitwise on the same stack, else tolerance).
 gate: $(STAMP)
@@ -56,6 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/verify_vs_model_signing.py
 	$(BIN)/python bench/fuzz.py
 	$(BIN)/python bench/laam_first_steps.py
+	$(BIN)/python bench/laam_rehearsal.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -52,7 +52,7 @@ def cmd_build(args) -> int:
                    handed=parse_handed(args.input, recipe), allow_toolchain_mismatch=args.allow_toolchain_mismatch,
                    reporter=reporter, signing=signing, cpu_capability=args.cpu_capability,
                    resume=args.resume, checkpoint_every=args.checkpoint_every, use_cache=args.cache,
-                   keep_checkpoints=args.keep_checkpoints)
+                   keep_checkpoints=args.keep_checkpoints, licence_compatibility=args.licence_compatibility)
     if record is None:  # a rank other than 0: rank 0 reports
         return 0
     weights = record["weights"]["tensors"]["digest"]
@@ -165,7 +165,8 @@ def cmd_verify(args) -> int:
                     identity=args.identity, issuer=args.issuer,
                     trust_config=Path(args.trust_config) if args.trust_config else None,
                     trusted_root=Path(args.trusted_root) if args.trusted_root else None,
-                    staging=args.sigstore_staging, check_model=not args.reproduced, prefetch=prefetch)
+                    staging=args.sigstore_staging, check_model=not args.reproduced, prefetch=prefetch,
+                    audit=Path(args.audit) if args.audit else None)
     if args.reproduced:
         report.question = "reproduced"
         if report.ok:
@@ -189,6 +190,8 @@ def add_verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=int, default=1, help="valid signatures required from distinct --key keys")
     p.add_argument("--model", help="the model dir: it must hold exactly the signed files, byte for byte")
     p.add_argument("--sha256", action="store_true", help="also check the subjects' sha256 (blake3 is always checked)")
+    p.add_argument("--audit", metavar="FILE", help="the signed memorization audit (default: audit.intoto.jsonl beside "
+                                                   "the attestation, checked when present)")
     p.add_argument("--reproduced", action="store_true",
                    help="ask instead whether --model's weights are a rebuild of the attested model: "
                         "reproduced (bitwise), reproduced (within tolerance) or diverged; never 'verified'")
@@ -426,6 +429,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--keep-checkpoints", action="store_true", default=None,
                    help="keep the scheduled checkpoints in OUT/replay/ for `provenance replay` "
                         "(overrides [checkpoint] keep_for_replay)")
+    b.add_argument("--licence-compatibility", choices=("ignore", "warn", "fail"), default="warn",
+                   help="judge the recipe's output licence against the training files' licences with flict and the "
+                        "OSADL matrix: warn (default), fail before training when not compatible, or ignore")
     b.add_argument("--no-cache", dest="cache", action="store_false",
                    help="train every stage: do not reuse earlier stages' outputs from the stage cache in the store "
                         "(they are still written)")

@@ -107,7 +107,6 @@ class Checkpointer:
         self.keep_scheduled = keep_scheduled
         self._last = time.monotonic()
         self.written: list[Path] = []
-        self.scheduled_written: list[Path] = []
 
     def scheduled(self, global_step: int) -> bool:
         return self.enabled and bool(self.every_steps) and global_step % self.every_steps == 0
@@ -122,16 +121,20 @@ class Checkpointer:
         write_file(path, tensors, state, transcript, digest, self.identity)
         self._last = time.monotonic()
         self.written.append(path)
-        if self.scheduled(state.global_step):
-            self.scheduled_written.append(path)
         for old in sorted(self.dir.glob("step-*.safetensors"))[:-self.keep]:
-            if old not in self.retained():
+            if not self.retained(old):
                 old.unlink(missing_ok=True)
         return path
 
-    def retained(self) -> set[Path]:
-        """Checkpoints kept past `keep`: the scheduled ones, when they are kept for replay."""
-        return set(self.scheduled_written) if self.keep_scheduled else set()
+    def retained(self, path: Path) -> bool:
+        """Whether a checkpoint is kept past `keep`: a scheduled one (this run's or an interrupted
+        earlier run's), when scheduled checkpoints are kept for replay."""
+        if not (self.keep_scheduled and self.every_steps):
+            return False
+        try:
+            return int(path.stem.removeprefix("step-")) % self.every_steps == 0
+        except ValueError:
+            return False
 
 
 def write_file(path: Path, tensors: dict, state: State, transcript, digest: str, ident: str) -> None:

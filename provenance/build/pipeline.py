@@ -22,6 +22,7 @@ from .._internal.hashing import TENSOR_DIGEST, hash_bytes, hash_file, tensor_dig
 from ..errors import InputError
 from .._internal.progress import Reporter
 from ..recipe import LoadedRecipe
+from ..audit.memorization import summary_line
 from .._internal.atomic import atomic_write_bytes
 from ..inputs.store import Store, fetch_input
 
@@ -31,6 +32,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
 # Everything a build (and `rebuild`) writes at the top of its output dir; nothing else may be there.
 OUTPUT_NAMES = frozenset({"model", "dataset-manifest.json", "transcript.jsonl", "build.json", "fingerprint.json",
                           "attestation.intoto.jsonl", "attestation.sigstore.json", "vsa.intoto.jsonl",
+                          "audit.json", "audit.intoto.jsonl",
                           "checkpoint",  # checkpoints live until the build they belong to completes
                           "replay"})  # scheduled checkpoints kept for `provenance replay`
 
@@ -186,6 +188,9 @@ class PreparedData:
     tokenizer_digest: dict[str, str]
     seqs: list[list[int]]
     special_ids: dict[str, int]
+    paths: list[str] | None = None  # "input:path" of each training file, in the order of seqs
+    control_paths: list[str] | None = None  # the audit's control files (not trained on)
+    control_seqs: list[list[int]] | None = None
 
 
 def prepare_data(recipe: LoadedRecipe, stored, work: Path, *, reporter: Reporter | None = None,
@@ -209,8 +214,14 @@ def prepare_data(recipe: LoadedRecipe, stored, work: Path, *, reporter: Reporter
     ids = special_ids(tok, r.model)
     reporter.log(f"tokenizer: vocab {tok.get_vocab_size()}, {sum(map(len, seqs))} tokens, "
                  f"blake3:{tok_digest['blake3']}")
+    from ..inputs.dataset import select_control
+
+    control = select_control(r.dataset, r.audit.control_include, r.audit.control_exclude, stored, work, files)
+    if control:
+        reporter.log(f"audit control: {len(control)} files not trained on")
     timings["tokenizer"] = round(time.perf_counter() - t1, 3)
-    return PreparedData(m, manifest_bytes(m), tok, tok_digest, seqs, ids)
+    return PreparedData(m, manifest_bytes(m), tok, tok_digest, seqs, ids, [f"{f.input}:{f.path}" for f in files],
+                        [f"{f.input}:{f.path}" for f in control], encode_all(tok, layout_texts(control, r.layout)))
 
 
 def check_data(recipe: LoadedRecipe, seqs: list[list[int]], world_size: int = 1) -> list[int]:
@@ -275,6 +286,44 @@ def attest_and_sign(staging: Path, recipe: LoadedRecipe, record: dict, manifest_
     return st
 
 
+def judge_licences(r, m: dict, mode: str, reporter: Reporter) -> dict:
+    """The licence compatibility verdict, before training: with mode "fail", an incompatible
+    declared licence stops the build here."""
+    if mode == "ignore":
+        return {"outbound": r.output.license, "verdict": "not judged", "inbound": []}
+    from ..audit.licences import compatibility, describe
+    from ..errors import CheckFailed
+
+    c = compatibility(r.output.license, m["licenses"])
+    if mode == "fail" and c["verdict"] != "compatible":
+        raise CheckFailed(describe(c) + " (--licence-compatibility fail; checked before training)")
+    reporter.log(describe(c) + ("; warning" if c["verdict"] != "compatible" else ""))
+    return c
+
+
+def run_audit(model_dir: Path, data: PreparedData, r) -> dict:
+    """The memorization audit (provenance/audit/memorization.py) of the written model dir."""
+    from ..audit.memorization import audit, texts_of
+    from .fingerprint import load_model
+
+    model = load_model(model_dir)
+    end_header = data.tokenizer.token_to_id("<|end_header|>")
+    train = texts_of(data.seqs, data.paths, end_header)
+    control = texts_of(data.control_seqs or [], data.control_paths or [], end_header)
+    return audit(model, train, control, r.audit, data.special_ids["pad_token_id"], r.model.max_position_embeddings)
+
+
+def sign_audit(staging: Path, provenance_st: dict, audit_doc: dict, manifest_digest: dict, audit_digest: dict,
+               signing: Signing) -> None:
+    """Write audit.intoto.jsonl: the audit as its own Statement, signed with the build's keys."""
+    from ..attest.audit import AUDIT_FILE, audit_statement
+    from ..attest.sign import envelope_line, sign_envelope
+    from ..attest.statement import PAYLOAD_TYPE, canonical
+
+    st = audit_statement(provenance_st, audit_doc, manifest_digest=manifest_digest, audit_json_digest=audit_digest)
+    atomic_write_bytes(staging / AUDIT_FILE, envelope_line(sign_envelope(canonical(st), PAYLOAD_TYPE, signing.signers)))
+
+
 def current_dist(device: str):
     """World size and rank from torchrun's environment; gloo on the CPU, NCCL on CUDA."""
     from .train import Dist
@@ -290,14 +339,16 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
           reporter: Reporter | None = None, signing: Signing | None = None,
           cpu_capability: str | None = None, resume: bool | None = None,
           checkpoint_every: int | None = None, use_cache: bool = True,
-          keep_checkpoints: bool | None = None) -> dict:
+          keep_checkpoints: bool | None = None, licence_compatibility: str = "warn") -> dict:
     """Run the whole pipeline. Returns build.json's content (None on ranks other than 0).
 
     `resume`: None resumes from a checkpoint in `out` of the same identity if there is one, True
     requires one, False starts afresh. `checkpoint_every` overrides `[checkpoint] every_steps`.
     `use_cache` False ignores the stage cache (build/stagecache.py) and trains every stage.
     `keep_checkpoints` overrides `[checkpoint] keep_for_replay`: the scheduled checkpoints stay in
-    OUT/replay/ for `provenance replay`.
+    OUT/replay/ for `provenance replay`. `licence_compatibility` ("ignore", "warn", "fail"): whether
+    the output licence is judged against the training files' (audit/licences.py) and whether an
+    incompatible one stops the build before training (CheckFailed, exit 1).
     Raises ProvenanceError subclasses."""
     from . import toolchain
 
@@ -355,6 +406,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         data = prepare_data(recipe, stored, work, reporter=reporter, timings=timings)
         m, tok, seqs, ids = data.manifest, data.tokenizer, data.seqs, data.special_ids
         check_data(recipe, seqs, dist.world_size)
+        licence = judge_licences(r, m, licence_compatibility, reporter) if dist.rank == 0 else None
         atomic_write_bytes(staging / "dataset-manifest.json", data.manifest_bytes)
         t = time.perf_counter()
 
@@ -440,6 +492,16 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         atomic_write_bytes(staging / "fingerprint.json", fbytes)
         t = lap("fingerprint", t)
         shutil.rmtree(work, ignore_errors=True)
+        audit_doc = run_audit(staging / "model", data, r)
+        audit_doc["licence_compatibility"] = licence
+        reporter.log(summary_line(audit_doc))
+        if licence["verdict"] != "not judged":
+            from ..audit.licences import describe
+
+            reporter.log(describe(licence, audit_doc["summary"]["extraction_rate"]))
+        abytes = (json.dumps(audit_doc, indent=1, sort_keys=True) + "\n").encode()
+        atomic_write_bytes(staging / "audit.json", abytes)
+        t = lap("audit", t)
 
         record = {
             "format": BUILD_FORMAT,
@@ -463,6 +525,11 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
                          "checkpoint_every_steps": every_steps, "checkpoints_kept_for_replay": kept,
                          "stage_cache": cache.record([s.name for s in r.stages], use_cache)},
             "recitation": recite.record(),
+            "audit": {**{k: audit_doc["summary"][k] for k in ("extraction_rate", "control_extraction_rate",
+                                                               "excess_over_control",
+                                                               "longest_verbatim_from_header")},
+                      "licence_compatibility": licence["verdict"],
+                      "file": "audit.json", **hash_bytes(abytes)},
             "fingerprint": {"format": fingerprint["format"], "eval_loss": fingerprint["eval"]["loss"],
                             **hash_bytes(fbytes)},
             "determinism": det_record,
@@ -479,8 +546,9 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         if signing is not None:
             byproducts = {"transcript.jsonl": hash_bytes(tbytes), "build.json": hash_bytes(record_bytes),
                           "dataset-manifest.json": hash_bytes(data.manifest_bytes),
-                          "fingerprint.json": hash_bytes(fbytes)}
-            attest_and_sign(staging, recipe, record, m, byproducts, signing, fingerprint=fingerprint)
+                          "fingerprint.json": hash_bytes(fbytes), "audit.json": hash_bytes(abytes)}
+            st = attest_and_sign(staging, recipe, record, m, byproducts, signing, fingerprint=fingerprint)
+            sign_audit(staging, st, audit_doc, hash_bytes(data.manifest_bytes), hash_bytes(abytes), signing)
         _install(staging, out)
         return record
     finally:

@@ -120,3 +120,23 @@ def select_dataset(spec: Dataset, stored: list[StoredInput], work: Path, recipe_
     m = manifest(files)
     check_root(m, spec, recipe_path)
     return files, m
+
+
+def select_control(spec: Dataset, include: list[str], exclude: list[str], stored: list[StoredInput], work: Path,
+                   trained: list[DataFile]) -> list[DataFile]:
+    """The audit's control files: files of the same inputs (already extracted into `work` by
+    select_dataset) matching `include`, not `exclude`, and not trained on. [] when none is named."""
+    if not include:
+        return []
+    roots = [(s, s.path if s.is_dir else work / s.input.name) for s in stored]
+    cspec = spec.model_copy(update={"include": list(include), "exclude": list(exclude), "manifest_root": None})
+    try:
+        files = select_files(roots, cspec)
+    except InputError as e:
+        raise InputError(str(e).replace("dataset.include", "audit.control_include")) from None
+    seen = {(f.input, f.path) for f in trained}
+    out = [f for f in files if (f.input, f.path) not in seen]
+    if not out:
+        raise InputError(f"audit.control_include {include}: every file it selects is a training file; the control "
+                         "must be files that were not trained on")
+    return out

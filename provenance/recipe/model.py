@@ -317,6 +317,20 @@ class Checkpoint(Strict):
     keep_for_replay: bool = False
 
 
+class Audit(Strict):
+    """[audit]: the memorization audit every build runs (provenance/audit/memorization.py)."""
+
+    prefix_tokens: Annotated[list[Annotated[int, Field(gt=0, le=4096)]], Field(min_length=1, max_length=8)] = \
+        [16, 32, 64, 128]
+    suffix_tokens: Annotated[int, Field(gt=0, le=1024)] = 50
+    windows_per_file: Annotated[int, Field(gt=0, le=1000)] = 8
+    header_tokens: Annotated[int, Field(gt=0, le=4096)] = 256
+    seed: NonNegInt = 0
+    # Files of the same inputs that were not trained on, measured the same way (the control).
+    control_include: list[str] = []
+    control_exclude: list[str] = []
+
+
 class Output(Strict):
     """[output]: what the built model declares about itself."""
 
@@ -334,6 +348,7 @@ class Recipe(Strict):
     determinism: Determinism
     toolchain: Toolchain
     evaluate: Evaluate = Evaluate()
+    audit: Audit = Audit()
     reproducibility: Reproducibility = Reproducibility()
     limits: Limits = Limits()
     checkpoint: Checkpoint = Checkpoint()

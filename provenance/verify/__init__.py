@@ -36,11 +36,13 @@ def verify(attestation: Path, *, keys: list[Path], threshold: int = 1, model: Pa
            recipe: Path | None = None, inputs: bool = False, store: Path | None = None,
            policy_path: Path | None = None, sha256: bool = False, identity: str | None = None,
            issuer: str | None = None, trust_config: Path | None = None, trusted_root: Path | None = None,
-           staging: bool = False, check_model: bool = True, prefetch=None) -> Report:
+           staging: bool = False, check_model: bool = True, prefetch=None, audit: Path | None = None) -> Report:
     """Run every applicable check. Raises InputError when a check cannot be made (exit 2).
 
     With `check_model=False` the model dir is left to the caller (the reproduced question).
-    `prefetch` (model_dir.Prefetch) lets hashing start before the signature is checked."""
+    `prefetch` (model_dir.Prefetch) lets hashing start before the signature is checked.
+    The signed memorization audit (`audit`, or audit.intoto.jsonl beside the attestation) is
+    checked when present, and required by a policy with `[audit] require = true`."""
     from .checks import inputs_check, policy_check, recipe_file_check, statement_checks
     from .envelope import read_attestation, verify_bundle, verify_dsse
     from .policy import load_policy
@@ -48,8 +50,9 @@ def verify(attestation: Path, *, keys: list[Path], threshold: int = 1, model: Pa
     pf = load_policy(policy_path)
     kind, items = read_attestation(attestation)
     report = Report()
+    loaded = load_keys(keys, threshold) if kind == "dsse" else []
     if kind == "dsse":
-        payload = verify_dsse(report, items, load_keys(keys, threshold), threshold)
+        payload = verify_dsse(report, items, loaded, threshold)
     else:
         payload = verify_bundle(report, items[0], identity=identity, issuer=issuer, trust_config_path=trust_config,
                                 trusted_root_path=trusted_root, staging=staging)
@@ -66,6 +69,11 @@ def verify(attestation: Path, *, keys: list[Path], threshold: int = 1, model: Pa
         report_exact(report, inspect(st, Path(model), sha256=sha256, prefetch=prefetch), sha256=sha256)
     if recipe is not None:
         recipe_file_check(report, st, Path(recipe))
+    if kind == "dsse":
+        from .audit import audit_checks
+
+        audit_checks(report, attestation, audit, loaded, threshold, payload, pf.audit,
+                     pf.policy.licence_compatibility if policy_path is not None else "ignore")
     derived = inputs_check(report, st, store) if inputs else None
     if policy_path is not None:
         policy_check(report, st, pf.policy, derived)

@@ -66,17 +66,29 @@ class Policy:
     forbidden_licenses: tuple[str, ...] = ()
     allowed_output_licenses: tuple[str, ...] | None = None
     require_clean_source: bool = False
+    # The signed audit's licence verdict (flict, OSADL matrix): ignore it, report it, or fail unless compatible.
+    licence_compatibility: str = "ignore"
+
+
+@dataclass(frozen=True)
+class AuditPolicy:
+    """[audit] in a policy file: what the signed memorization audit beside the attestation must show."""
+
+    require: bool = False  # fail when there is no audit
+    max_extraction_rate: float | None = None
+    min_extraction_rate: float | None = None
 
 
 @dataclass(frozen=True)
 class PolicyFile:
     policy: Policy = field(default_factory=Policy)
     reproduced: Bounds = field(default_factory=Bounds)
+    audit: AuditPolicy = field(default_factory=AuditPolicy)
 
 
 def _schema():
     """The pydantic models that validate a policy file (imported only when one is given)."""
-    from typing import Annotated
+    from typing import Annotated, Literal
 
     from pydantic import BaseModel, ConfigDict, Field
 
@@ -94,6 +106,7 @@ def _schema():
         forbidden_licenses: list[str] = []
         allowed_output_licenses: list[str] | None = None
         require_clean_source: bool = False
+        licence_compatibility: Literal["ignore", "warn", "fail"] = "ignore"
 
     class BoundsModel(Strict):
         max_rel_l2: nonneg = b.max_rel_l2
@@ -103,9 +116,15 @@ def _schema():
         min_greedy_agreement: fraction = b.min_greedy_agreement
         max_recitation_rate_diff: fraction = b.max_recitation_rate_diff
 
+    class AuditModel(Strict):
+        require: bool = False
+        max_extraction_rate: fraction | None = None
+        min_extraction_rate: fraction | None = None
+
     class FileModel(Strict):
         policy: PolicyModel = PolicyModel()
         reproduced: BoundsModel = BoundsModel()
+        audit: AuditModel = AuditModel()
 
     return FileModel
 
@@ -140,5 +159,6 @@ def load_policy(path: Path | None) -> PolicyFile:
         Policy(tuple(p.allowed_builders), tuple(p.allowed_build_types), tuple(p.required_licenses),
                tuple(p.forbidden_licenses),
                None if p.allowed_output_licenses is None else tuple(p.allowed_output_licenses),
-               p.require_clean_source),
-        Bounds(**m.reproduced.model_dump()))
+               p.require_clean_source, p.licence_compatibility),
+        Bounds(**m.reproduced.model_dump()),
+        AuditPolicy(**m.audit.model_dump()))

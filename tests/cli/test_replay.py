@@ -143,3 +143,24 @@ def test_a_build_without_kept_checkpoints_says_how_to_keep_them(store, tmp_path)
     assert code == 2 and "--keep-checkpoints" in err and "Traceback" not in err
     code, _, err = _replay(tmp_path / "nowhere", store)
     assert code == 2 and "not a build directory" in err
+
+
+def test_scheduled_checkpoints_of_an_interrupted_run_are_kept_for_replay(tmp_path):
+    """A resumed build keeps the scheduled checkpoints its killed predecessor wrote (the rehearsal
+    lost 32 of 131 before this was fixed), and prunes only the others."""
+    import torch
+
+    from provenance.build import checkpoint as ckpt
+    from provenance.build.transcript import Transcript
+
+    d = tmp_path / "checkpoint"
+    d.mkdir()
+    for name in ("step-000000002.safetensors", "step-000000003.safetensors"):  # an earlier run's
+        (d / name).write_bytes(b"x")
+    cp = ckpt.Checkpointer(d, "id", every_steps=2, every_minutes=None, keep=1, keep_scheduled=True)
+    state = ckpt.State(0, 5, 5, 1, 0, 1.0, 1.0, 0, 0, 0.0, [])
+    cp.write({"t": torch.zeros(2)}, state, Transcript(), "digest")
+    assert sorted(p.name for p in d.iterdir()) == ["step-000000002.safetensors", "step-000000005.safetensors"]
+    cp.keep_scheduled = False
+    cp.write({"t": torch.zeros(2)}, ckpt.State(0, 6, 6, 1, 0, 1.0, 1.0, 0, 0, 0.0, []), Transcript(), "digest")
+    assert sorted(p.name for p in d.iterdir()) == ["step-000000006.safetensors"]

@@ -1,0 +1,1 @@
+"""The memorization audit of a built model (memorization.py); see docs/audit.md."""
