@@ -496,6 +496,15 @@ def parser() -> argparse.ArgumentParser:
     _common(rb)
     rb.set_defaults(func=cmd_rebuild)
 
+    au = sub.add_parser("audit", help="re-run a signed build's memorization audit and compare it with the signed one")
+    au.add_argument("build", metavar="BUILD_DIR")
+    au.add_argument("--key", action="append", default=[], metavar="PUBLIC_KEY",
+                    help="public key that verifies the build's attestation (repeatable)")
+    au.add_argument("--threads", type=int, help="CPU threads (default: the recipe's)")
+    _store_args(au)
+    _common(au)
+    au.set_defaults(func=cmd_audit)
+
     rp = sub.add_parser("replay", help="spot-check a build: re-execute seeded random segments between its checkpoints")
     rp.add_argument("build", metavar="BUILD_DIR_OR_ATTESTATION")
     rp.add_argument("--key", action="append", default=[], metavar="PUBLIC_KEY",
@@ -699,6 +708,61 @@ def cmd_replay(args) -> int:
             print(f"replay took {report.seconds:.1f} s; the build trained for {report.build_train_seconds:.1f} s")
         print(verdict_line(report))
     return 0 if report.ok else 1
+
+
+def cmd_audit(args) -> int:
+    """Re-run a build's memorization audit on its model dir and compare it with the signed one."""
+    import tempfile
+
+    from .build import determinism
+    from .build.pipeline import fetch_all, parse_handed, prepare_data, run_audit
+    from .errors import CheckFailed
+    from ._internal.progress import Reporter
+    from .audit.memorization import summary_line
+    from .inputs.store import Store
+    from .recipe import load_recipe
+    from .repro.rebuild import embedded_recipe, verified_statement
+
+    build_dir = Path(args.build)
+    att = build_dir / "attestation.intoto.jsonl"
+    if not att.is_file():
+        raise InputError(f"{build_dir}: no attestation.intoto.jsonl; `provenance audit` re-runs a signed build's audit")
+    if not args.key:
+        raise InputError("--key PUBLIC_KEY is needed to verify the build's attestation first")
+    payload, st = verified_statement(att, [Path(k) for k in args.key], None)
+    signed = {b["name"]: b["digest"] for b in payload["predicate"]["runDetails"].get("byproducts", [])}
+    ajson = build_dir / "audit.json"
+    import blake3
+
+    if "audit.json" not in signed or not ajson.is_file() or \
+            blake3.blake3(ajson.read_bytes()).hexdigest() != signed["audit.json"].get("blake3"):
+        raise CheckFailed(f"{ajson}: missing, or not the audit the attestation signs")
+    from .verify.model_dir import inspect, report_exact
+    from .verify.report import Report
+
+    rep = Report()
+    report_exact(rep, inspect(st, build_dir / "model", sha256=False), sha256=False)
+    if not rep.ok:
+        raise CheckFailed(f"{build_dir / 'model'}: not exactly the attested files; audit a verified model dir")
+    with tempfile.TemporaryDirectory(prefix="provenance-audit-") as tmp:
+        recipe = load_recipe(embedded_recipe(st, Path(tmp) / "recipe"))
+        r = recipe.recipe
+        determinism.apply(r.determinism, threads=args.threads)
+        reporter = Reporter(enabled=not args.json)
+        stored = fetch_all(recipe, Store(args.store), offline=args.offline, handed=parse_handed(args.input, recipe),
+                           reporter=reporter)
+        data = prepare_data(recipe, stored, Path(tmp) / "work", reporter=reporter)
+        fresh = run_audit(build_dir / "model", data, r)
+    old = json.loads(ajson.read_text())
+    keys = ("method", "training", "control", "control_spec", "summary")
+    same = all(old.get(k) == fresh.get(k) for k in keys)
+    if args.json:
+        _emit_json({"ok": same, "audit": fresh, "matches_signed": same})
+    else:
+        print(summary_line(fresh))
+        print("the re-run audit equals the signed one" if same else
+              "the re-run audit DIFFERS from the signed one: " + ", ".join(k for k in keys if old.get(k) != fresh.get(k)))
+    return 0 if same else 1
 
 
 def cmd_rebuild(args) -> int:

@@ -32,7 +32,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
 # Everything a build (and `rebuild`) writes at the top of its output dir; nothing else may be there.
 OUTPUT_NAMES = frozenset({"model", "dataset-manifest.json", "transcript.jsonl", "build.json", "fingerprint.json",
                           "attestation.intoto.jsonl", "attestation.sigstore.json", "vsa.intoto.jsonl",
-                          "audit.json", "audit.intoto.jsonl",
+                          "audit.json", "audit.intoto.jsonl", "sbom.cdx.json",
                           "checkpoint",  # checkpoints live until the build they belong to completes
                           "replay"})  # scheduled checkpoints kept for `provenance replay`
 
@@ -83,21 +83,6 @@ def fetch_all(recipe: LoadedRecipe, store: Store, *, offline: bool, handed: dict
     return stored
 
 
-def _model_readme(recipe: LoadedRecipe, m: dict, weights: str) -> bytes:
-    r = recipe.recipe
-    lic = ", ".join(f"{k} ({v} files)" for k, v in m["licenses"].items())
-    return (
-        f"# {r.recipe.name}\n\n{r.recipe.description}\n\n"
-        f"Built by provenance {__version__} from recipe `{recipe.path.name}` "
-        f"(blake3:{recipe.digests['blake3']}).\n\n"
-        f"- Declared licence of this model: {r.output.license}\n"
-        f"- Licences of the training files: {lic}\n"
-        f"- Dataset manifest root: blake3-merkle-v1:{m['merkle_root']['digest']}\n\n"
-        "The weights were trained on the files listed in dataset-manifest.json and can reproduce them "
-        "verbatim; see build.json for every digest.\n"
-    ).encode()
-
-
 def _write_model_dir(staging: Path, model, tok, recipe: LoadedRecipe, m: dict) -> dict:
     from safetensors.torch import save_file
     from transformers import GenerationConfig
@@ -117,13 +102,17 @@ def _write_model_dir(staging: Path, model, tok, recipe: LoadedRecipe, m: dict) -
                      pad_token_id=cfg.pad_token_id, do_sample=False).save_pretrained(d)
     save_hf_files(tok, spec, spec.max_position_embeddings, d)
     weights = tensor_digest(d / "model.safetensors")
-    atomic_write_bytes(d / "README.md", _model_readme(recipe, m, weights))
+    return {"tensors": {"algorithm": TENSOR_DIGEST, "digest": weights}}
+
+
+def _seal_model_dir(d: Path, card: bytes) -> dict:
+    """Write the model card (README.md), make the files shareable, and hash every file."""
+    atomic_write_bytes(d / "README.md", card)
     mask = os.umask(0)
     os.umask(mask)
     for name in os.listdir(d):  # safetensors writes 0600; a model dir is for sharing
         os.chmod(d / name, 0o644 & ~mask)
-    files = {name: hash_file(d / name) for name in sorted(os.listdir(d))}
-    return {"tensors": {"algorithm": TENSOR_DIGEST, "digest": weights}, "files": files}
+    return {name: hash_file(d / name) for name in sorted(os.listdir(d))}
 
 
 def _install(staging: Path, out: Path) -> None:
@@ -501,6 +490,12 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             reporter.log(describe(licence, audit_doc["summary"]["extraction_rate"]))
         abytes = (json.dumps(audit_doc, indent=1, sort_keys=True) + "\n").encode()
         atomic_write_bytes(staging / "audit.json", abytes)
+        from .card import model_card
+
+        card = model_card(recipe, m, audit_doc, licence, {"parameters": n_params, "vocab_size": tok.get_vocab_size(),
+                                                          "tokens": sum(map(len, seqs)),
+                                                          "weights": weights["tensors"]["digest"]})
+        weights["files"] = _seal_model_dir(staging / "model", card.encode())
         t = lap("audit", t)
 
         record = {
@@ -541,12 +536,18 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             "finished": _now(),
             "timings": {**timings, "total": round(time.perf_counter() - t_start, 3)},
         }
+        from .sbom import cyclonedx
+
+        sbom = cyclonedx(recipe, record, audit_doc, licence, weights["files"]).encode()
+        atomic_write_bytes(staging / "sbom.cdx.json", sbom)
+        record["sbom"] = {"cyclonedx": {"file": "sbom.cdx.json", "specVersion": "1.6", **hash_bytes(sbom)}}
         record_bytes = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
         atomic_write_bytes(staging / "build.json", record_bytes)
         if signing is not None:
             byproducts = {"transcript.jsonl": hash_bytes(tbytes), "build.json": hash_bytes(record_bytes),
                           "dataset-manifest.json": hash_bytes(data.manifest_bytes),
-                          "fingerprint.json": hash_bytes(fbytes), "audit.json": hash_bytes(abytes)}
+                          "fingerprint.json": hash_bytes(fbytes), "audit.json": hash_bytes(abytes),
+                          "sbom.cdx.json": hash_bytes(sbom)}
             st = attest_and_sign(staging, recipe, record, m, byproducts, signing, fingerprint=fingerprint)
             sign_audit(staging, st, audit_doc, hash_bytes(data.manifest_bytes), hash_bytes(abytes), signing)
         _install(staging, out)

@@ -27,6 +27,9 @@ WEIGHTS = "model.safetensors"
 NOT_ESTABLISHED = "not established"
 
 
+MODEL_CARD = "README.md"
+
+
 def check_reproduced(report: Report, st, model_dir: Path, bounds: Bounds, *, sha256: bool = False,
                      prefetch=None, reference: Path | None = None, store: Path | None = None,
                      inputs: bool = False) -> None:
@@ -34,7 +37,9 @@ def check_reproduced(report: Report, st, model_dir: Path, bounds: Bounds, *, sha
     with `reference` and `inputs`, also the `reference-weights` and `recitation` checks."""
     report.question = "reproduced"
     res = inspect(st, Path(model_dir), sha256=sha256, prefetch=prefetch)
-    judged = frozenset({WEIGHTS}) if WEIGHTS in res.differing else frozenset()
+    # The model card (README.md) states the weights' digest and their audit's rates, so it differs
+    # exactly when the weights do: the weights' judgement covers it.
+    judged = frozenset({WEIGHTS, MODEL_CARD}) if WEIGHTS in res.differing else frozenset()
     report_exact(report, res, sha256=sha256, judged_elsewhere=judged)
     if not report.ok:
         report.verdict = DIVERGED if res.differing else None

@@ -198,3 +198,74 @@ def test_the_default_recipes_reference_fails_a_licence_policy_naming_licences_an
     assert "MIT declared for weights trained on GPL-2.0-only (12 files): incompatible" in \
         checks["licence-compatibility"]["detail"]
     assert "completes up to 100.0% of sampled training windows verbatim" in checks["licence-compatibility"]["detail"]
+
+
+def test_the_model_card_parses_with_huggingface_hub(built):
+    from huggingface_hub import ModelCard
+
+    out, _ = built
+    card = ModelCard.load(out / "model" / "README.md")
+    audit = json.loads((out / "audit.json").read_text())
+    assert card.data.license == "mit" and "provenance" in card.data.tags
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    got = {(r.metric_name, r.metric_value) for r in card.data.eval_results}
+    for part in ("training", "control"):
+        for k, v in audit[part]["by_prefix"].items():
+            assert (f"Extractable memorization, {k}-token prefix, 16-token suffix ({part})", round(v["rate"], 6)) in got
+    for heading in ("## Training data", "## Training procedure", "## Memorization audit", "## Licence",
+                    "## Rebuild and verify"):
+        assert heading in card.text
+    assert "**incompatible** (not compatible: GPL-2.0-only (3 files))" in card.text
+    assert build_json(out)["weights"]["files"]["README.md"]["blake3"]  # the card is a signed subject
+
+
+def test_hub_licence_field():
+    from provenance.build.card import hub_licence
+
+    assert hub_licence("MIT") == {"license": "mit"} and hub_licence("GPL-2.0-only") == {"license": "gpl-2.0"}
+    assert hub_licence("GPL-2.0-only OR MIT") == {"license": "other", "license_name": "GPL-2.0-only OR MIT"}
+
+
+def test_provenance_audit_reruns_the_signed_audit(built, store, tmp_path):
+    import os
+
+    out, _ = built
+    pub = os.environ["PROVENANCE_KEY"].removesuffix(".key") + ".pub"
+    p = run_cli("audit", str(out), "--key", pub, store=store)
+    assert p.returncode == 0, p.stderr
+    assert "the re-run audit equals the signed one" in p.stdout and "training windows extractable at k=8" in p.stdout
+    b = tmp_path / "b"
+    shutil.copytree(out, b)
+    a = json.loads((b / "audit.json").read_text())
+    a["summary"]["extraction_rate"] = 0.0
+    (b / "audit.json").write_text(json.dumps(a))
+    p = run_cli("audit", str(b), "--key", pub, store=store)
+    assert p.returncode == 1 and "not the audit the attestation signs" in p.stderr
+
+
+def test_the_cyclonedx_sbom_validates_and_is_bound_to_the_build(built):
+    """Validated by cyclonedx-python-lib's strict JSON schema validator (CycloneDX 1.6)."""
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+
+    out, _ = built
+    text = (out / "sbom.cdx.json").read_text()
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(text) is None
+    bom = json.loads(text)
+    model = bom["metadata"]["component"]
+    assert model["type"] == "machine-learning-model" and model["licenses"] == [{"expression": "MIT"}]
+    props = {p["name"]: p["value"] for p in model["properties"]}
+    assert props["provenance:licence_compatibility"] == "incompatible"
+    b = build_json(out)
+    assert model["version"] == f"blake3-tensors-v1:{b['weights']['tensors']['digest']}"
+    data = {c["bom-ref"]: c for c in bom["components"]}
+    assert data["input:ethtool"]["type"] == "data" and data["input:ethtool"]["licenses"] == [{"expression": "GPL-2.0-only"}]
+    deps = {d["ref"]: d.get("dependsOn", []) for d in bom["dependencies"]}
+    assert deps["model"] == ["dataset"] and deps["dataset"] == ["input:ethtool"]
+    import hashlib
+
+    assert b["sbom"]["cyclonedx"]["sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    assert bom["serialNumber"] == b["invocation_id"]
+    invalid = json.loads(text)
+    invalid["metadata"]["component"]["type"] = "neural-network"
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(json.dumps(invalid)) is not None

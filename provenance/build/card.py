@@ -1,0 +1,121 @@
+"""The model card: `model/README.md` with YAML metadata that `huggingface_hub.ModelCard` parses.
+
+Metadata: the licence (the Hub's lower-case identifier for a single SPDX licence, else `other`
+with `license_name`), tags, and the memorization audit's figures as `model-index` metrics (built
+with huggingface_hub's own `ModelCardData` and `EvalResult`). Sections: training data, procedure,
+the audit, the licence verdict, and how to rebuild and verify.
+"""
+
+from __future__ import annotations
+
+from .. import __version__
+
+
+def hub_licence(spdx: str) -> dict:
+    from license_expression import get_spdx_licensing
+
+    try:
+        keys = get_spdx_licensing().license_keys(spdx)
+    except Exception:  # noqa: BLE001 - any unparsable expression is "other"
+        keys = []
+    if len(keys) == 1 and " " not in spdx.strip() and not spdx.strip().endswith("-or-later"):
+        return {"license": spdx.strip().lower().removesuffix("-only")}  # the Hub's ids: mit, gpl-2.0, ...
+    return {"license": "other", "license_name": spdx}
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def model_card(recipe, m: dict, audit: dict, licence: dict, record_hint: dict) -> str:
+    """The card's text. `record_hint`: parameters, tokens, vocab size, weights digest."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    r = recipe.recipe
+    name = r.recipe.name
+    dataset = f"manifest blake3-merkle-v1:{m['merkle_root']['digest'][:16]}…"
+    evals = []
+    for part, label in (("training", "training files"), ("control", "control files (not trained on)")):
+        block = audit.get(part)
+        if not block:
+            continue
+        for k, v in block["by_prefix"].items():
+            if v["rate"] is None:
+                continue
+            evals.append(EvalResult(task_type="text-generation", task_name="verbatim recitation",
+                                    dataset_type="custom", dataset_name=f"{label} ({dataset})",
+                                    metric_type="extractable_memorization", metric_value=round(v["rate"], 6),
+                                    metric_name=f"Extractable memorization, {k}-token prefix, "
+                                                f"{audit['method']['suffix_tokens']}-token suffix ({part})"))
+    data = ModelCardData(model_name=name, library_name="transformers", pipeline_tag="text-generation",
+                         tags=["provenance", "reproducible-build", "memorization-audit", "llama"],
+                         eval_results=evals or None, **hub_licence(r.output.license))
+    s = audit["summary"]
+    lic_rows = "\n".join(f"| {k} | {v} |" for k, v in m["licenses"].items())
+    stage_rows = "\n".join(
+        f"| {st.name} | {st.lr:g} | {st.batch_size} | {st.micro_batch_size or st.batch_size} | "
+        f"{st.epochs if st.epochs is not None else '-'} | {st.steps if st.steps is not None else '-'} | "
+        f"{st.seq_len} | {st.precision} | {st.cross_entropy} |" for st in r.stages)
+    audit_rows = "\n".join(
+        f"| {k} | {_pct(v['rate'])} | {_pct((audit['control'] or {}).get('by_prefix', {}).get(k, {}).get('rate'))} | "
+        f"{v['mean_token_match'] if v['mean_token_match'] is None else round(v['mean_token_match'], 3)} |"
+        for k, v in audit["training"]["by_prefix"].items())
+    verdict = licence.get("verdict", "not judged")
+    bad = ", ".join(f"{x['inbound']} ({x['files']} files)" for x in licence.get("inbound", [])
+                    if x.get("compatible") is not True)
+    det = r.determinism
+    body = f"""
+# {name}
+
+{r.recipe.description}
+
+Built by provenance {__version__}; {record_hint['parameters']:,} parameters, vocabulary {record_hint['vocab_size']:,},
+{record_hint['tokens']:,} training tokens. Weights: blake3-tensors-v1 `{record_hint['weights']}`.
+
+## Training data
+
+{m['totals']['files']} files, {m['totals']['bytes']:,} bytes, listed with their digests and licences in
+`dataset-manifest.json` under the Merkle root `blake3-merkle-v1:{m['merkle_root']['digest']}`.
+
+| licence (SPDX) | files |
+| --- | --- |
+{lic_rows}
+
+## Training procedure
+
+| stage | lr | batch | micro-batch | epochs | steps | sequence | precision | loss |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- |
+{stage_rows}
+
+Seed {det.seed}, {det.threads} threads, deterministic algorithms {str(det.deterministic_algorithms).lower()},
+SDPA backend `{det.sdpa_backend}`, CPU kernels `{det.cpu_capability}`. The recipe pins every input by hash;
+the attestation (`attestation.intoto.jsonl`) records every setting and digest.
+
+## Memorization audit
+
+Extractable memorization (Carlini et al. 2022): the fraction of sampled windows whose
+{audit['method']['suffix_tokens']}-token continuation greedy decoding reproduces exactly from a k-token prefix,
+on the training files and on control files of the same inputs that were not trained on.
+
+| prefix k | training | control | mean token match (training) |
+| --- | --- | --- | --- |
+{audit_rows}
+
+Highest rate {_pct(s['extraction_rate'])} (control {_pct(s['control_extraction_rate'])}). Prompted with only a
+file's path, the model emits up to {s['longest_verbatim_from_header']} tokens that occur verbatim in that file.
+The signed audit is `audit.intoto.jsonl`.
+
+## Licence
+
+Declared: **{r.output.license}**. Compatibility with the training files' licences according to
+{licence.get('source', 'flict')}: **{verdict}**{f' (not compatible: {bad})' if bad else ''}. The weights
+can reproduce their training files verbatim at the rates above; a licence reviewer should read both together.
+
+## Rebuild and verify
+
+```sh
+verify-attestation attestation.intoto.jsonl --key PUBLIC_KEY --model model/
+provenance rebuild attestation.intoto.jsonl --attestation-key PUBLIC_KEY
+```
+"""
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
