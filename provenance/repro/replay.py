@@ -145,7 +145,9 @@ def replay(build_dir: Path, payload: dict, st, *, segments: int, seed: int, stor
         tc = toolchain.check(r.toolchain, recipe.path, allow=True)
         det = determinism.apply(r.determinism, threads=threads)
         same, why = stack_matches(payload, {"determinism": det, "toolchain": tc})
-        stored = fetch_all(recipe, store, offline=offline, handed=handed, reporter=_Quiet())
+        from .._internal.progress import Reporter
+
+        stored = fetch_all(recipe, store, offline=offline, handed=handed, reporter=Reporter(enabled=False))
         data = prepare_data(recipe, stored, work / "data")
         deps = {d.name: d for d in st.buildDefinition.resolvedDependencies}
         tok = deps.get("tokenizer")
@@ -173,16 +175,6 @@ def replay(build_dir: Path, payload: dict, st, *, segments: int, seed: int, stor
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
-
-
-class _Quiet:
-    def log(self, msg: str) -> None:
-        pass
-
-    def task(self, *a, **k):
-        import contextlib
-
-        return contextlib.nullcontext(lambda *a, **k: None)
 
 
 def _run_segment(seg, recipe, data, lines, raw_lines, rdir, every, work, same, bounds, build_dir) -> None:
