@@ -27,13 +27,20 @@ FORMAT = "provenance-checkpoint-v1"
 DIRNAME = "checkpoint"
 
 
+# determinism record fields that do not change the bits (threads on the CPU) or only echo the environment
+NOT_BIT_RELEVANT = ("threads", "interop_threads", "aten_cpu_capability_env", "pythonhashseed")
+
+
+def bit_relevant(determinism: dict) -> dict:
+    return {k: v for k, v in determinism.items() if k not in NOT_BIT_RELEVANT}
+
+
 def identity(recipe_digest: str, input_digests: list[dict], toolchain: dict, determinism: dict,
              world_size: int) -> str:
     """What a checkpoint must match to be resumed (thread counts excluded: they do not change bits)."""
     import blake3
 
-    det = {k: v for k, v in determinism.items()
-           if k not in ("threads", "interop_threads", "aten_cpu_capability_env", "pythonhashseed")}
+    det = bit_relevant(determinism)
     return blake3.blake3(canonical_json({"recipe": recipe_digest, "inputs": input_digests, "toolchain": toolchain,
                                          "determinism": det, "world_size": world_size})).hexdigest()
 

@@ -53,8 +53,9 @@ def stage_keys(recipe, *, inputs: list[dict], manifest_root: dict, tokenizer_dig
                special_ids: dict, determinism: dict, toolchain: dict, world_size: int,
                checkpoint_every: int | None) -> list[str]:
     """The cache key of each stage's output (stage i's key covers stages 0..i)."""
-    det = {k: v for k, v in determinism.items()
-           if k not in ("threads", "interop_threads", "aten_cpu_capability_env", "pythonhashseed")}
+    from .checkpoint import bit_relevant
+
+    det = bit_relevant(determinism)
     base = {
         "format": FORMAT, "code": code_digest(), "inputs": inputs, "manifest_root": manifest_root,
         "layout": recipe.layout.model_dump(mode="json"), "tokenizer": tokenizer_digest,

@@ -243,11 +243,8 @@ def test_recipe_that_does_not_fit_in_memory_is_refused_before_fetching(tmp_path)
     assert not (tmp_path / "empty-store" / "blobs").exists()
 
 
-def test_gradient_accumulation_is_bitwise_run_to_run_and_across_threads(builds, store, tmp_path):
-    """micro_batch_size 2 of batch_size 4: the same bits for threads 1 and 2 and on rebuild; the
-    micro-batches are summed in a fixed order, which is not the order of one batch (docs/recipe.md)."""
-    recipe = tmp_path / "acc.toml"
-    recipe.write_text(TINY.read_text().replace("batch_size = 4\n", "batch_size = 4\nmicro_batch_size = 2\n", 1))
+def _bitwise_across_threads(recipe, store, tmp_path) -> list[str]:
+    """Build `recipe` with threads 1, 2, 2 (no cache); assert equal weights and transcripts; the digests."""
     digests = []
     for i, threads in enumerate(("1", "2", "2")):
         p = run_cli("build", str(recipe), "--out", str(tmp_path / f"o{i}"), "--threads", threads, "--no-cache", store=store)
@@ -256,6 +253,15 @@ def test_gradient_accumulation_is_bitwise_run_to_run_and_across_threads(builds, 
     assert len(set(digests)) == 1, digests
     t = [(tmp_path / f"o{i}" / "transcript.jsonl").read_bytes() for i in range(3)]
     assert t[0] == t[1] == t[2]
+    return digests
+
+
+def test_gradient_accumulation_is_bitwise_run_to_run_and_across_threads(builds, store, tmp_path):
+    """micro_batch_size 2 of batch_size 4: the same bits for threads 1 and 2 and on rebuild; the
+    micro-batches are summed in a fixed order, which is not the order of one batch (docs/recipe.md)."""
+    recipe = tmp_path / "acc.toml"
+    recipe.write_text(TINY.read_text().replace("batch_size = 4\n", "batch_size = 4\nmicro_batch_size = 2\n", 1))
+    digests = _bitwise_across_threads(recipe, store, tmp_path)
 
 
 def test_flash_attention_and_chunked_loss_are_bitwise_across_threads(store, tmp_path):
@@ -264,13 +270,6 @@ def test_flash_attention_and_chunked_loss_are_bitwise_across_threads(store, tmp_
     recipe = tmp_path / "fast.toml"
     text = TINY.read_text().replace('seq_len = 64\n', 'seq_len = 64\ncross_entropy = "chunked"\ncross_entropy_chunk = 64\n', 1)
     recipe.write_text(text.replace("threads = 2\n", 'threads = 2\nsdpa_backend = "flash"\n', 1))
-    digests = []
-    for i, threads in enumerate(("1", "2", "2")):
-        p = run_cli("build", str(recipe), "--out", str(tmp_path / f"o{i}"), "--threads", threads, "--no-cache", store=store)
-        assert p.returncode == 0, p.stderr
-        digests.append(last_line(p.stdout))
-    assert len(set(digests)) == 1, digests
-    t = [(tmp_path / f"o{i}" / "transcript.jsonl").read_bytes() for i in range(3)]
-    assert t[0] == t[1] == t[2]
+    digests = _bitwise_across_threads(recipe, store, tmp_path)
     p = run_cli("build", str(TINY), "--out", str(tmp_path / "plain"), store=store)
     assert p.returncode == 0 and last_line(p.stdout) != digests[0]
