@@ -505,6 +505,25 @@ def parser() -> argparse.ArgumentParser:
     _common(au)
     au.set_defaults(func=cmd_audit)
 
+    sb = sub.add_parser("sbom", help="check a build's SBOM (signed, valid) and write it out")
+    sb.add_argument("build", metavar="BUILD_DIR")
+    sb.add_argument("--format", required=True, choices=("spdx3", "cyclonedx"),
+                    help="spdx3 (SPDX 3.0.1 JSON-LD) or cyclonedx (CycloneDX 1.6 JSON)")
+    sb.add_argument("--key", action="append", default=[], metavar="PUBLIC_KEY",
+                    help="public key that verifies the build's attestation (repeatable); without it the SBOM "
+                         "is checked against build.json only")
+    sb.add_argument("--out", metavar="FILE", help="write the SBOM here (default: standard output)")
+    _common(sb)
+    sb.set_defaults(func=cmd_sbom)
+
+    rt = sub.add_parser("report", help="write a build's evidence as one self-contained HTML page")
+    rt.add_argument("build", metavar="BUILD_DIR")
+    rt.add_argument("--key", action="append", default=[], metavar="PUBLIC_KEY",
+                    help="public key that verifies the build (repeatable); the page shows the verdict")
+    rt.add_argument("--out", metavar="FILE", help="where to write the page (default BUILD_DIR/report.html)")
+    _common(rt)
+    rt.set_defaults(func=cmd_report)
+
     rp = sub.add_parser("replay", help="spot-check a build: re-execute seeded random segments between its checkpoints")
     rp.add_argument("build", metavar="BUILD_DIR_OR_ATTESTATION")
     rp.add_argument("--key", action="append", default=[], metavar="PUBLIC_KEY",
@@ -721,22 +740,12 @@ def cmd_audit(args) -> int:
     from .audit.memorization import summary_line
     from .inputs.store import Store
     from .recipe import load_recipe
-    from .repro.rebuild import embedded_recipe, verified_statement
+    from .repro.rebuild import embedded_recipe
 
     build_dir = Path(args.build)
-    att = build_dir / "attestation.intoto.jsonl"
-    if not att.is_file():
-        raise InputError(f"{build_dir}: no attestation.intoto.jsonl; `provenance audit` re-runs a signed build's audit")
     if not args.key:
         raise InputError("--key PUBLIC_KEY is needed to verify the build's attestation first")
-    payload, st = verified_statement(att, [Path(k) for k in args.key], None)
-    signed = {b["name"]: b["digest"] for b in payload["predicate"]["runDetails"].get("byproducts", [])}
-    ajson = build_dir / "audit.json"
-    import blake3
-
-    if "audit.json" not in signed or not ajson.is_file() or \
-            blake3.blake3(ajson.read_bytes()).hexdigest() != signed["audit.json"].get("blake3"):
-        raise CheckFailed(f"{ajson}: missing, or not the audit the attestation signs")
+    _, st, [(ajson, _)] = signed_byproducts(build_dir, args.key, ["audit.json"], "re-runs a signed build's audit")
     from .verify.model_dir import inspect, report_exact
     from .verify.report import Report
 
@@ -763,6 +772,137 @@ def cmd_audit(args) -> int:
         print("the re-run audit equals the signed one" if same else
               "the re-run audit DIFFERS from the signed one: " + ", ".join(k for k in keys if old.get(k) != fresh.get(k)))
     return 0 if same else 1
+
+
+def signed_byproducts(build_dir: Path, keys: list[str], names: list[str], what: str):
+    """Verify BUILD_DIR's attestation with `keys` and read the byproducts `names` whose digests it
+    signs: (payload, statement, [(path, bytes)...]). Raises InputError or CheckFailed."""
+    import blake3
+
+    from .errors import CheckFailed
+    from .repro.rebuild import verified_statement
+
+    att = build_dir / "attestation.intoto.jsonl"
+    if not att.is_file():
+        raise InputError(f"{build_dir}: no attestation.intoto.jsonl; `provenance {what}`")
+    payload, st = verified_statement(att, [Path(k) for k in keys], None)
+    signed = {b["name"]: b["digest"] for b in payload["predicate"]["runDetails"].get("byproducts", [])}
+    out = []
+    for name in names:
+        path = build_dir / name
+        data = _read_bounded(path)
+        if name not in signed or data is None or blake3.blake3(data).hexdigest() != signed[name].get("blake3"):
+            raise CheckFailed(f"{path}: missing, or not the {name} the attestation signs")
+        out.append((path, data))
+    return payload, st, out
+
+
+def _read_bounded(path: Path, limit: int = 256 << 20) -> bytes | None:
+    """A regular file's bytes (None when it is missing, not regular, or over `limit`)."""
+    import stat
+
+    try:
+        stt = path.lstat()
+    except OSError:
+        return None
+    if not stat.S_ISREG(stt.st_mode) or stt.st_size > limit:
+        return None
+    return path.read_bytes()
+
+
+def cmd_sbom(args) -> int:
+    """Hand out a build's SBOM after checking it: the file the build signed (with --key) or recorded
+    in build.json (without), valid for its format. Written to --out, else to stdout."""
+    import blake3
+
+    from ._internal.atomic import atomic_write_bytes
+    from .build.sbom import FORMATS, validate
+    from .errors import CheckFailed
+
+    build_dir = Path(args.build)
+    name = FORMATS[args.format]
+    if args.key:
+        _, _, [(path, data)] = signed_byproducts(build_dir, args.key, [name], "sbom hands out a build's SBOM")
+        bound = "its digest is signed by the build's attestation"
+    else:
+        record_bytes = _read_bounded(build_dir / "build.json")
+        if record_bytes is None:
+            raise InputError(f"{build_dir}: no build.json; `provenance sbom` hands out the SBOM a build wrote")
+        try:
+            recorded = json.loads(record_bytes)["sbom"][args.format]
+        except (ValueError, KeyError, TypeError):
+            raise InputError(f"{build_dir / 'build.json'}: no sbom.{args.format} record; "
+                             f"this build wrote no {args.format} SBOM") from None
+        path = build_dir / name
+        data = _read_bounded(path)
+        if data is None or blake3.blake3(data).hexdigest() != recorded.get("blake3"):
+            raise CheckFailed(f"{path}: missing, or not the SBOM build.json records")
+        bound = "its digest matches build.json (unsigned: pass --key to check the signature)"
+    problems = validate(args.format, data.decode("utf-8", "replace"))
+    if problems:
+        raise CheckFailed(f"{path}: not a valid {args.format} SBOM: " + "; ".join(p[:400] for p in problems))
+    if args.out:
+        atomic_write_bytes(Path(args.out), data)
+    digest = blake3.blake3(data).hexdigest()
+    if args.json:
+        _emit_json({"ok": True, "format": args.format, "file": str(path), "blake3": digest, "signed": bool(args.key),
+                    "out": args.out})
+    elif args.out:
+        print(f"{args.format}: {path} ({bound}; valid) written to {args.out}")
+    else:
+        sys.stdout.write(data.decode())
+        print(f"{args.format}: {path} ({bound}; valid)", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Write a build's self-contained HTML report (default BUILD_DIR/report.html)."""
+    from ._internal.atomic import atomic_write_bytes
+    from .audit.html_report import render
+
+    build_dir = Path(args.build)
+    names = ["build.json", "audit.json", "transcript.jsonl"]
+    verification = None
+    if args.key:
+        from .verify import verify
+
+        _, _, read = signed_byproducts(build_dir, args.key, names, "report needs a signed build")
+        audit_file = build_dir / "audit.intoto.jsonl"
+        rep = verify(build_dir / "attestation.intoto.jsonl", keys=[Path(k) for k in args.key],
+                     model=build_dir / "model", audit=audit_file if audit_file.is_file() else None)
+        verification = {"ok": rep.ok, "verdict": rep.result, "checks": [c.as_dict() for c in rep.checks],
+                        "keys": [Path(k).name for k in args.key]}
+    else:
+        read = []
+        for n in names:
+            data = _read_bounded(build_dir / n)
+            if data is None:
+                raise InputError(f"{build_dir / n}: missing or not a regular file; `provenance report` needs a "
+                                 "finished build's directory")
+            read.append((build_dir / n, data))
+    parsed = []
+    for path, data in read:
+        try:
+            if path.suffix == ".jsonl":
+                parsed.append([json.loads(line) for line in data.decode().splitlines() if line.strip()])
+            else:
+                parsed.append(json.loads(data))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InputError(f"{path}: not valid JSON: {e}") from None
+    record, audit, transcript = parsed
+    try:
+        page = render(build_dir, record, audit, transcript, verification)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"{build_dir}: build.json, audit.json or transcript.jsonl lacks what a report needs "
+                         f"({type(e).__name__}: {e}); was it written by this version of provenance?") from None
+    out = Path(args.out) if args.out else build_dir / "report.html"
+    atomic_write_bytes(out, page.encode())
+    state = verification["verdict"] if verification else "not verified (no --key)"
+    if args.json:
+        _emit_json({"ok": True, "report": str(out), "verification": state, "bytes": len(page.encode())})
+    else:
+        print(f"report: {out} ({len(page.encode()):,} bytes; verification: {state})")
+    return 0
 
 
 def cmd_rebuild(args) -> int:

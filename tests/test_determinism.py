@@ -40,15 +40,98 @@ def test_derived_seeds_are_stable_and_distinct():
     assert 0 <= derive_seed(2**63 - 1, "x") < 2**63
 
 
-def test_cpu_capability_pin_is_checked(monkeypatch):
+PIN_CHECK = """
+import sys, torch
+from provenance.build.determinism import apply
+from provenance.errors import InputError
+from provenance.recipe import Determinism
+actual = torch.backends.cpu.get_cpu_capability()
+rec = apply(Determinism(seed=1, cpu_capability=actual.lower()))
+assert rec["cpu_capability"] == actual and rec["cpu_capability_requested"] == actual.lower(), rec
+other = "default" if actual != "DEFAULT" else "avx2"
+try:
+    apply(Determinism(seed=1, cpu_capability=other))  # torch has already chosen its kernels
+except InputError as e:
+    print(e)
+"""
+
+
+def test_cpu_capability_pin_is_checked():
+    """In a fresh process (the pins must come before torch and MKL run a kernel)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+    p = subprocess.run([sys.executable, "-c", PIN_CHECK], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "determinism.cpu_capability" in p.stdout and "torch already runs" in p.stdout, p.stdout
+
+
+MATMUL = """
+import hashlib, json, sys
+import torch
+def product():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(257, 513, generator=g), torch.randn(513, 129, generator=g)
+    return hashlib.sha256((a @ b).numpy().tobytes()).hexdigest()
+from provenance.build.determinism import apply
+from provenance.errors import InputError
+from provenance.recipe import Determinism
+if sys.argv[1] == "late":
+    product()  # MKL starts here, on the caller's branch, before the pin
+try:
+    rec = apply(Determinism(seed=1, cpu_capability="avx2")) if sys.argv[1] != "plain" else {"numerics": None}
+except InputError as e:
+    print(json.dumps({"error": str(e)}))
+else:
+    print(json.dumps({"numerics": rec["numerics"], "product": product()}))
+"""
+
+
+def test_mkl_and_onednn_are_pinned_with_the_cpu_level():
+    """MKL's branch follows the recipe's level over the caller's MKL_CBWR, giving the bits of a process
+    started with the pin; a pin that comes after MKL started is refused, not silently ignored."""
+    import json
+    import subprocess
+    import sys
+
     import pytest
 
-    from provenance.errors import InputError
+    from provenance.build.determinism import supported_cpu_levels
 
-    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)  # restored to its absence afterwards
-    actual = torch.backends.cpu.get_cpu_capability()
-    rec = apply(Determinism(seed=1, cpu_capability=actual.lower()))
-    assert rec["cpu_capability"] == actual and rec["cpu_capability_requested"] == actual.lower()
-    other = "default" if actual != "DEFAULT" else "avx2"
-    with pytest.raises(InputError, match="cpu_capability"):
-        apply(Determinism(seed=1, cpu_capability=other))  # torch has already chosen its kernels
+    if "avx2" not in supported_cpu_levels():
+        pytest.skip("this CPU has no AVX2")
+    env = {**os.environ, "MKL_CBWR": "AUTO", "ATEN_CPU_CAPABILITY": "avx2"}
+    pinned = json.loads(subprocess.run([sys.executable, "-c", MATMUL, "pin"], capture_output=True, text=True,
+                                       env=env, check=True).stdout)
+    assert pinned["numerics"] == {"MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_DYNAMIC": "FALSE",
+                                  "OMP_DYNAMIC": "FALSE", "mkl_branch": "AVX2,STRICT"}
+    fresh = json.loads(subprocess.run([sys.executable, "-c", MATMUL, "plain"], capture_output=True, text=True,
+                                      env={**env, "MKL_CBWR": "AVX2,STRICT"}, check=True).stdout)
+    assert pinned["product"] == fresh["product"]
+    late = json.loads(subprocess.run([sys.executable, "-c", MATMUL, "late"], capture_output=True, text=True,
+                                     env=env, check=True).stdout)
+    assert "MKL runs its AUTO code path, not the pinned MKL_CBWR=AVX2,STRICT" in late["error"]
+
+
+def test_a_rebuild_on_another_vendor_or_other_pins_is_not_held_to_bitwise():
+    from provenance.repro.rebuild import stack_matches
+
+    det = {"cpu_capability": "AVX2", "numerics": {"MKL_CBWR": "AVX2,STRICT", "mkl_branch": "AVX2,STRICT"}}
+    machine = {"cpu_vendor": "GenuineIntel", "mkl": "2024.2", "onednn": "v3.12.0"}
+    st = {"predicate": {"buildDefinition": {"internalParameters": {"determinism": det, "machine": machine},
+                                            "resolvedDependencies": [{"name": "toolchain:torch",
+                                                                      "uri": "pkg:pypi/torch@2.13.0+cpu"}]}}}
+    rec = {"determinism": det, "machine": machine, "toolchain": {"installed": {"torch": "2.13.0+cpu"}}}
+    assert stack_matches(st, rec) == (True, "same CPU vendor, capability, numerics libraries and toolchain as the "
+                                            "reference")
+    amd = {**rec, "machine": {**machine, "cpu_vendor": "AuthenticAMD"}}
+    same, why = stack_matches(st, amd)
+    assert not same and "CPU vendor AuthenticAMD vs reference GenuineIntel" in why
+    loose = {**rec, "determinism": {**det, "numerics": {"MKL_CBWR": "AVX2", "mkl_branch": "AVX2"}}}
+    assert not stack_matches(st, loose)[0] and "numerics libraries" in stack_matches(st, loose)[1]
+    old = {"predicate": {"buildDefinition": {"internalParameters": {"determinism": {"cpu_capability": "AVX2"}},
+                                             "resolvedDependencies": []}}}
+    assert stack_matches(old, rec) == (False, "the reference does not record its MKL and oneDNN pins; CPU vendor "
+                                              "GenuineIntel vs reference None (not measured to give the same bits); "
+                                              "mkl 2024.2 vs reference None; onednn v3.12.0 vs reference None")

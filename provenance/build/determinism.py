@@ -74,6 +74,115 @@ def pin_cpu_capability(requested: str) -> None:
     os.environ["ATEN_CPU_CAPABILITY"] = requested
 
 
+# MKL and oneDNN dispatch on their own, below ATen's level: MKL picks a kernel by CPU vendor and
+# ISA (on an Intel AVX-512 CPU its default path gives other bits than its AVX2 path, and its
+# non-strict AVX2 path changes bits with the thread count), oneDNN up to AMX. Each ATen level
+# pins both to the same instruction set (docs/reproducibility.md, "Numerics libraries").
+NUMERICS_ENV = {
+    "default": {"MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+    "avx2": {"MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "avx512": {"MKL_CBWR": "AVX512,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+}
+# Threads are fixed by the recipe; a library that picks fewer on its own changes a reduction's order.
+THREADS_ENV = {"MKL_DYNAMIC": "FALSE", "OMP_DYNAMIC": "FALSE"}
+# mkl_service.h: the MKL_CBWR_* branch codes and the strict flag.
+MKL_BRANCHES = {0: "OFF", 1: "BRANCH_OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1",
+                8: "SSE4_2", 9: "AVX", 10: "AVX2", 12: "AVX512", 14: "AVX512_E1"}
+MKL_STRICT = 0x10000
+
+
+def _mkl():
+    """MKL's service functions inside libtorch_cpu (statically linked), or None where torch has no MKL."""
+    import ctypes
+
+    import torch
+
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        get, setter = lib.mkl_serv_cbwr_get, lib.mkl_serv_cbwr_set
+    except (OSError, AttributeError):
+        return None
+    get.restype, get.argtypes = ctypes.c_int, [ctypes.c_int]
+    setter.restype, setter.argtypes = ctypes.c_int, [ctypes.c_int]
+    return get, setter
+
+
+def _branch_name(code: int) -> str:
+    name = MKL_BRANCHES.get(code & ~MKL_STRICT, str(code & ~MKL_STRICT))
+    return name + (",STRICT" if code & MKL_STRICT else "")
+
+
+def _branch_code(name: str) -> int:
+    parts = name.split(",")
+    code = {v: k for k, v in MKL_BRANCHES.items()}[parts[0]]
+    return code | (MKL_STRICT if parts[1:] == ["STRICT"] else 0)
+
+
+def pin_numerics(requested: str) -> dict[str, str]:
+    """Set MKL's branch, oneDNN's ISA ceiling and the threading libraries' dynamic mode for a pinned
+    level (environment first, so child processes and oneDNN see it). Returns what was set."""
+    env = {**NUMERICS_ENV.get(requested, {}), **THREADS_ENV}
+    os.environ.update(env)
+    return env
+
+
+def mkl_branch(wanted: str | None) -> str | None:
+    """Make sure MKL runs the code path `wanted` (its conditional numerical reproducibility branch)
+    and return the branch MKL reports. MKL reads MKL_CBWR when it starts, and its own setter works
+    only until then, so a pin that comes too late is an error, never a silent other path.
+
+    Raises InputError when MKL already runs another branch or refuses this one."""
+    fns = _mkl()
+    if fns is None:
+        return None
+    get, setter = fns
+    if wanted is not None and get(-1) != _branch_code(wanted):
+        from ..errors import InputError
+
+        if setter(_branch_code(wanted)) != 0 or get(-1) != _branch_code(wanted):
+            raise InputError(f"MKL runs its {_branch_name(get(-1))} code path, not the pinned MKL_CBWR={wanted}: "
+                             "MKL started before the pin (set it before any matrix product, e.g. in a fresh "
+                             "process) or this CPU lacks the branch")
+    return _branch_name(get(-1))
+
+
+def machine() -> dict[str, object]:
+    """The machine a build ran on: CPU vendor, model and flags, the C library, MKL, oneDNN and OpenMP
+    as torch reports them (build.json and the attestation; `rebuild` and `gate` name what differs)."""
+    import platform
+    import re
+
+    import torch
+
+    cpu: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough: they are alike
+                k, _, v = line.partition(":")
+                cpu[k.strip()] = v.strip()
+    except OSError:
+        pass
+    config = torch.__config__.show()
+
+    def found(pattern: str) -> str | None:
+        m = re.search(pattern, config)
+        return m.group(1).strip() if m else None
+
+    libc = platform.libc_ver()
+    return {
+        "cpu_vendor": cpu.get("vendor_id") or platform.processor() or None,
+        "cpu_model": cpu.get("model name"),
+        "cpu_flags": " ".join(sorted(cpu.get("flags", "").split())) or None,
+        "machine": platform.machine(),
+        "libc": f"{libc[0]} {libc[1]}".strip() or None,
+        "mkl": found(r"Math Kernel Library Version ([^\n]+?) for"),
+        "onednn": found(r"MKL-DNN (v[0-9.]+)"),
+        "openmp": found(r"OpenMP ([0-9]+)"),
+    }
+
+
 def apply(det: Determinism, *, threads: int | None = None, cpu_capability: str | None = None) -> dict[str, object]:
     """Set seeds, threads, algorithms and precision; return what was set and observed.
 
@@ -82,6 +191,7 @@ def apply(det: Determinism, *, threads: int | None = None, cpu_capability: str |
     requested = cpu_capability or det.cpu_capability
     env_before = os.environ.get("ATEN_CPU_CAPABILITY")
     pin_cpu_capability(requested)
+    numerics_env = pin_numerics(requested) if requested != "native" else {}
     import numpy as np
     import torch
 
@@ -93,6 +203,8 @@ def apply(det: Determinism, *, threads: int | None = None, cpu_capability: str |
             raise InputError(f"determinism.cpu_capability = {requested!r}: this CPU offers only {actual}")
         raise InputError(f"determinism.cpu_capability = {requested!r}: torch already runs {actual} kernels "
                          "(set before torch starts, e.g. in a fresh process)")
+
+    numerics = {**numerics_env, "mkl_branch": mkl_branch(numerics_env.get("MKL_CBWR"))}
 
     cuda = cuda_settings(det)
     for key, value in cuda["env"].items():
@@ -130,6 +242,7 @@ def apply(det: Determinism, *, threads: int | None = None, cpu_capability: str |
         "cpu_capability": actual,
         "cpu_capability_requested": requested,
         "aten_cpu_capability_env": env_before,  # as the caller set it; a pinned level overrides it
+        "numerics": numerics,
         "cuda": {k: v for k, v in cuda.items()},
         "compile": False,
         "pythonhashseed": os.environ.get("PYTHONHASHSEED"),

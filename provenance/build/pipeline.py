@@ -32,7 +32,8 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
 # Everything a build (and `rebuild`) writes at the top of its output dir; nothing else may be there.
 OUTPUT_NAMES = frozenset({"model", "dataset-manifest.json", "transcript.jsonl", "build.json", "fingerprint.json",
                           "attestation.intoto.jsonl", "attestation.sigstore.json", "vsa.intoto.jsonl",
-                          "audit.json", "audit.intoto.jsonl", "sbom.cdx.json",
+                          "audit.json", "audit.intoto.jsonl", "sbom.cdx.json", "sbom.spdx3.json",
+                          "report.html",  # written by `provenance report`
                           "checkpoint",  # checkpoints live until the build they belong to completes
                           "replay"})  # scheduled checkpoints kept for `provenance replay`
 
@@ -528,6 +529,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             "fingerprint": {"format": fingerprint["format"], "eval_loss": fingerprint["eval"]["loss"],
                             **hash_bytes(fbytes)},
             "determinism": det_record,
+            "machine": determinism.machine(),
             "distributed": {"world_size": dist.world_size, "backend": dist.backend,
                             "threads_per_rank": per_rank_threads},
             "toolchain": tc,
@@ -536,18 +538,21 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             "finished": _now(),
             "timings": {**timings, "total": round(time.perf_counter() - t_start, 3)},
         }
-        from .sbom import cyclonedx
+        from .sbom import CYCLONEDX_FILE, SPDX3_FILE, cyclonedx, spdx3
 
         sbom = cyclonedx(recipe, record, audit_doc, licence, weights["files"]).encode()
-        atomic_write_bytes(staging / "sbom.cdx.json", sbom)
-        record["sbom"] = {"cyclonedx": {"file": "sbom.cdx.json", "specVersion": "1.6", **hash_bytes(sbom)}}
+        atomic_write_bytes(staging / CYCLONEDX_FILE, sbom)
+        sbom_spdx = spdx3(recipe, record, audit_doc, licence, weights["files"]).encode()
+        atomic_write_bytes(staging / SPDX3_FILE, sbom_spdx)
+        record["sbom"] = {"cyclonedx": {"file": CYCLONEDX_FILE, "specVersion": "1.6", **hash_bytes(sbom)},
+                          "spdx3": {"file": SPDX3_FILE, "specVersion": "3.0.1", **hash_bytes(sbom_spdx)}}
         record_bytes = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
         atomic_write_bytes(staging / "build.json", record_bytes)
         if signing is not None:
             byproducts = {"transcript.jsonl": hash_bytes(tbytes), "build.json": hash_bytes(record_bytes),
                           "dataset-manifest.json": hash_bytes(data.manifest_bytes),
                           "fingerprint.json": hash_bytes(fbytes), "audit.json": hash_bytes(abytes),
-                          "sbom.cdx.json": hash_bytes(sbom)}
+                          CYCLONEDX_FILE: hash_bytes(sbom), SPDX3_FILE: hash_bytes(sbom_spdx)}
             st = attest_and_sign(staging, recipe, record, m, byproducts, signing, fingerprint=fingerprint)
             sign_audit(staging, st, audit_doc, hash_bytes(data.manifest_bytes), hash_bytes(abytes), signing)
         _install(staging, out)

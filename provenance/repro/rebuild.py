@@ -118,12 +118,26 @@ def sign_vsa(vsa: dict, signers, path: Path) -> None:
 
 
 def stack_matches(st: dict, record: dict) -> tuple[bool, str]:
-    """Whether a rebuild ran on the reference's stack: same CPU capability and toolchain versions."""
-    ref_det = st["predicate"]["buildDefinition"].get("internalParameters", {}).get("determinism", {})
+    """Whether a rebuild ran on the reference's stack: same CPU capability, the same MKL and oneDNN
+    pins, the same CPU vendor (MKL's code paths are chosen by vendor as well as by ISA) and the same
+    toolchain versions. Bitwise equality is required only then (docs/reproducibility.md)."""
+    internal = st["predicate"]["buildDefinition"].get("internalParameters", {})
+    ref_det, ref_machine = internal.get("determinism", {}), internal.get("machine", {})
+    det, mach = record["determinism"], record.get("machine", {})
     diffs = []
-    if ref_det.get("cpu_capability") != record["determinism"].get("cpu_capability"):
-        diffs.append(f"cpu capability {record['determinism'].get('cpu_capability')} vs reference "
-                     f"{ref_det.get('cpu_capability')}")
+    if ref_det.get("cpu_capability") != det.get("cpu_capability"):
+        diffs.append(f"cpu capability {det.get('cpu_capability')} vs reference {ref_det.get('cpu_capability')}")
+    ref_num, num = ref_det.get("numerics"), det.get("numerics")
+    if ref_num is None:
+        diffs.append("the reference does not record its MKL and oneDNN pins")
+    elif ref_num != num:
+        diffs.append(f"numerics libraries {num} vs reference {ref_num}")
+    if ref_machine.get("cpu_vendor") != mach.get("cpu_vendor"):
+        diffs.append(f"CPU vendor {mach.get('cpu_vendor')} vs reference {ref_machine.get('cpu_vendor')} "
+                     "(not measured to give the same bits)")
+    for lib in ("mkl", "onednn"):
+        if ref_machine.get(lib) != mach.get(lib):
+            diffs.append(f"{lib} {mach.get(lib)} vs reference {ref_machine.get(lib)}")
     versions = {d["name"].removeprefix("toolchain:"): d.get("uri", "").rsplit("@", 1)[-1]
                 for d in st["predicate"]["buildDefinition"].get("resolvedDependencies", [])
                 if str(d.get("name", "")).startswith("toolchain:")}
@@ -131,7 +145,7 @@ def stack_matches(st: dict, record: dict) -> tuple[bool, str]:
     for lib, ver in versions.items():
         if lib in installed and installed[lib] != ver:
             diffs.append(f"{lib} {installed[lib]} vs reference {ver}")
-    return not diffs, "; ".join(diffs) or "same CPU capability and toolchain as the reference"
+    return not diffs, "; ".join(diffs) or "same CPU vendor, capability, numerics libraries and toolchain as the reference"
 
 
 def junit(path: Path, suite: str, cases: list[tuple[str, bool, str]], seconds: float) -> None:

@@ -144,7 +144,7 @@ def replay(build_dir: Path, payload: dict, st, *, segments: int, seed: int, stor
         r = recipe.recipe
         tc = toolchain.check(r.toolchain, recipe.path, allow=True)
         det = determinism.apply(r.determinism, threads=threads)
-        same, why = stack_matches(payload, {"determinism": det, "toolchain": tc})
+        same, why = stack_matches(payload, {"determinism": det, "toolchain": tc, "machine": determinism.machine()})
         from .._internal.progress import Reporter
 
         stored = fetch_all(recipe, store, offline=offline, handed=handed, reporter=Reporter(enabled=False))

@@ -240,7 +240,7 @@ def test_provenance_audit_reruns_the_signed_audit(built, store, tmp_path):
     a["summary"]["extraction_rate"] = 0.0
     (b / "audit.json").write_text(json.dumps(a))
     p = run_cli("audit", str(b), "--key", pub, store=store)
-    assert p.returncode == 1 and "not the audit the attestation signs" in p.stderr
+    assert p.returncode == 1 and "not the audit.json the attestation signs" in p.stderr
 
 
 def test_the_cyclonedx_sbom_validates_and_is_bound_to_the_build(built):

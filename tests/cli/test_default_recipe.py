@@ -34,18 +34,30 @@ def test_default_recipe_recites_its_inputs(default_build):
 
 
 def test_default_build_matches_the_committed_reference(default_build):
-    """The reference attestation in attestations/ verifies this build's files bit for bit."""
+    """The reference attestation in attestations/ verifies this build's files bit for bit on the
+    reference's stack (CPU vendor, capability, MKL/oneDNN pins, toolchain); on another stack the
+    build is judged reproduced within tolerance, and the exact question names the weights."""
+    import base64
+    import json
+
+    from provenance.repro.rebuild import stack_matches
+
     out, _ = default_build
     name = DEFAULT.stem
-    p = run_cli("verify", str(RECIPES.parent / "attestations" / f"{name}.intoto.jsonl"),
-                "--key", str(RECIPES.parent / "attestations" / "keys" / f"{name}.pub"),
+    ref = RECIPES.parent / "attestations" / f"{name}.intoto.jsonl"
+    st = json.loads(base64.b64decode(json.loads(ref.read_text())["payload"]))
+    same, why = stack_matches(st, build_json(out))
+    p = run_cli("verify", str(ref), "--key", str(RECIPES.parent / "attestations" / "keys" / f"{name}.pub"),
                 "--model", str(out / "model"), "--recipe", str(DEFAULT), "--sha256")
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert p.stdout.strip().endswith("verdict: verified")
-    p = run_cli("verify", str(RECIPES.parent / "attestations" / f"{name}.intoto.jsonl"),
-                "--key", str(RECIPES.parent / "attestations" / "keys" / f"{name}.pub"),
+    if same:
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert p.stdout.strip().endswith("verdict: verified")
+    else:
+        assert p.returncode == 1 and "model.safetensors" in p.stdout, (why, p.stdout)
+    p = run_cli("verify", str(ref), "--key", str(RECIPES.parent / "attestations" / "keys" / f"{name}.pub"),
                 "--model", str(out / "model"), "--reproduced")
-    assert p.returncode == 0 and p.stdout.strip().endswith("verdict: reproduced (bitwise)"), p.stdout + p.stderr
+    expected = "reproduced (bitwise)" if same else "reproduced (within tolerance)"
+    assert p.returncode == 0 and p.stdout.strip().endswith(f"verdict: {expected}"), (why, p.stdout + p.stderr)
 
 
 BLOCK_HEAVY = """
