@@ -10,6 +10,7 @@ ARGS   ?=
 REF    := attestations/$(NAME).intoto.jsonl
 REFKEY := attestations/keys/$(NAME).pub
 REFAUDIT := attestations/$(NAME).audit.intoto.jsonl
+REFOMS := attestations/$(NAME).model.sig
 # The reference signing key lives outside the repository and is never committed.
 REFERENCE_KEY ?= $(HOME)/.config/provenance/reference/$(NAME).key
 
@@ -35,6 +36,7 @@ rebuild: $(STAMP)
 # Verify the committed reference attestation against the last build: exactly these files, byte for byte.
 verify: $(STAMP)
 	$(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE) --inputs --audit $(REFAUDIT)
+	if [ -f $(REFOMS) ]; then $(BIN)/verify-attestation $(REFOMS) --key $(REFKEY) --model $(OUT)/model; fi
 
 # Regenerate the reference attestation (after a change that alters the default recipe's weights).
 reference: $(STAMP)
@@ -44,6 +46,7 @@ reference: $(STAMP)
 	cp $(basename $(REFERENCE_KEY)).pub $(REFKEY)
 	cp $(OUT)/attestation.intoto.jsonl $(REF)
 	cp $(OUT)/audit.intoto.jsonl $(REFAUDIT)
+	if [ -f $(OUT)/model.sig ]; then cp $(OUT)/model.sig $(REFOMS); fi
 	$(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE) --audit $(REFAUDIT)
 
 # CI gate: rebuild and judge against the committed reference (bitwise on the same stack, else tolerance).

@@ -166,7 +166,7 @@ def cmd_verify(args) -> int:
                     trust_config=Path(args.trust_config) if args.trust_config else None,
                     trusted_root=Path(args.trusted_root) if args.trusted_root else None,
                     staging=args.sigstore_staging, check_model=not args.reproduced, prefetch=prefetch,
-                    audit=Path(args.audit) if args.audit else None)
+                    audit=Path(args.audit) if args.audit else None, published=args.published)
     if args.reproduced:
         report.question = "reproduced"
         if report.ok:
@@ -190,6 +190,9 @@ def add_verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=int, default=1, help="valid signatures required from distinct --key keys")
     p.add_argument("--model", help="the model dir: it must hold exactly the signed files, byte for byte")
     p.add_argument("--sha256", action="store_true", help="also check the subjects' sha256 (blake3 is always checked)")
+    p.add_argument("--published", action="store_true",
+                   help="--model is a published folder (provenance publish): its .provenance/ receipts are not "
+                        "part of the model; nothing else may be there")
     p.add_argument("--audit", metavar="FILE", help="the signed memorization audit (default: audit.intoto.jsonl beside "
                                                    "the attestation, checked when present)")
     p.add_argument("--reproduced", action="store_true",
@@ -453,7 +456,8 @@ def parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keygen", help="write a signing key pair (NAME.key, mode 0600, and NAME.pub)")
     k.add_argument("dir")
     k.add_argument("--name", default="provenance")
-    k.add_argument("--type", default="ed25519", choices=["ed25519", "ecdsa"], help="ecdsa = ECDSA P-256")
+    k.add_argument("--type", default="ecdsa", choices=["ecdsa", "ed25519"],
+                   help="ecdsa = ECDSA P-256 (the default: OMS signatures need it); ed25519 signs SLSA only")
     _common(k)
     k.set_defaults(func=cmd_keygen)
 
@@ -490,6 +494,9 @@ def parser() -> argparse.ArgumentParser:
                     help="public key that verifies the attestation (repeatable)")
     rb.add_argument("--out", help="output directory (default build/rebuild-<recipe>)")
     rb.add_argument("--bitwise", action="store_true", help="demand bitwise-equal weights")
+    rb.add_argument("--cpu-capability", choices=("native", "default", "avx2", "avx512"),
+                    help="rebuild with another ATen CPU level than the recipe's (another stack: judged within "
+                         "tolerance)")
     rb.add_argument("--policy", help="verifier policy TOML: allowed builders, [reproduced] bounds")
     _signing_args(rb)
     _store_args(rb)
@@ -515,6 +522,15 @@ def parser() -> argparse.ArgumentParser:
     sb.add_argument("--out", metavar="FILE", help="write the SBOM here (default: standard output)")
     _common(sb)
     sb.set_defaults(func=cmd_sbom)
+
+    pb = sub.add_parser("publish", help="lay a verified build out as a Hugging Face model folder (dry run: "
+                                         "nothing is uploaded) and check it verifies as published")
+    pb.add_argument("build", metavar="BUILD_DIR")
+    pb.add_argument("--out", required=True, metavar="DIR", help="the folder to write (new or empty)")
+    pb.add_argument("--key", action="append", default=[], metavar="PUBLIC_KEY",
+                    help="the public key that verifies the build; shipped as .provenance/signing-key.pub")
+    _common(pb)
+    pb.set_defaults(func=cmd_publish)
 
     rt = sub.add_parser("report", help="write a build's evidence as one self-contained HTML page")
     rt.add_argument("build", metavar="BUILD_DIR")
@@ -679,7 +695,7 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
     # An independent rebuild trains every step: no stage cache, no checkpoint from an earlier run.
     record = build(recipe, out=out, store=Store(args.store), offline=args.offline,
                    handed=parse_handed(args.input, recipe), reporter=reporter, signing=signing,
-                   resume=False, use_cache=False)
+                   resume=False, use_cache=False, cpu_capability=getattr(args, "cpu_capability", None))
     match, why = stack_matches(payload, record)
     report = judge_build(st, out / "model", bitwise=match if bitwise is None else bitwise, bounds=bounds,
                          store=Path(args.store) if args.store else None)
@@ -903,6 +919,81 @@ def cmd_report(args) -> int:
     else:
         print(f"report: {out} ({len(page.encode()):,} bytes; verification: {state})")
     return 0
+
+
+def cmd_publish(args) -> int:
+    """Lay a verified build out as a Hugging Face model folder (nothing is uploaded) and check that
+    it verifies as published: the SLSA attestation and the OMS signature, each against the folder."""
+    import shutil
+    import tempfile
+
+    from ._internal.atomic import atomic_write_bytes
+    from .verify import verify
+    from .verify.model_dir import RECEIPT_NAMES, RECEIPTS_DIR, scan
+
+    build_dir, out = Path(args.build), Path(args.out)
+    if not args.key:
+        raise InputError("--key PUBLIC_KEY is needed: the build is verified before it is laid out, and the "
+                         "folder after")
+    if len(args.key) > 1:
+        raise InputError("--key: publish ships one public key (signing-key.pub); pass exactly one")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--out {out}: exists and is not an empty directory; publish writes a new folder")
+    att = build_dir / "attestation.intoto.jsonl"
+    if not att.is_file():
+        raise InputError(f"{build_dir}: no attestation.intoto.jsonl; publish lays out a signed build")
+    keys = [Path(args.key[0])]
+    first = verify(att, keys=keys, model=build_dir / "model")
+    if not first.ok:
+        from .errors import CheckFailed
+        from .verify import render
+
+        raise CheckFailed(f"{build_dir}: the build does not verify, so it is not published:\n{render(first)}")
+    receipts = [n for n in ("attestation.intoto.jsonl", "attestation.sigstore.json", "audit.intoto.jsonl",
+                            "vsa.intoto.jsonl", "sbom.spdx3.json", "sbom.cdx.json") if (build_dir / n).is_file()]
+    assert set(receipts) <= RECEIPT_NAMES
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        files, _ = scan(build_dir / "model")
+        for rel, src in files.items():
+            dest = staging / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+        has_oms = (build_dir / "model.sig").is_file()
+        if has_oms:
+            shutil.copyfile(build_dir / "model.sig", staging / "model.sig")
+        (staging / RECEIPTS_DIR).mkdir()
+        for n in receipts:
+            shutil.copyfile(build_dir / n, staging / RECEIPTS_DIR / n)
+        atomic_write_bytes(staging / RECEIPTS_DIR / "signing-key.pub", keys[0].read_bytes())
+        reports = [("SLSA provenance", verify(staging / RECEIPTS_DIR / "attestation.intoto.jsonl", keys=keys,
+                                               model=staging, published=True))]
+        if has_oms:
+            reports.append(("OMS signature", verify(staging / "model.sig", keys=keys, model=staging, published=True)))
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    ok = all(r.ok for _, r in reports)
+    if args.json:
+        _emit_json({"ok": ok, "out": str(out), "files": sorted(files), "receipts": receipts + ["signing-key.pub"],
+                    "oms": has_oms, "checks": {what: r.as_dict() for what, r in reports}})
+    else:
+        print(f"published {len(files)} model file(s){', model.sig' if has_oms else ''} and {len(receipts) + 1} "
+              f"receipt(s) under {RECEIPTS_DIR}/ into {out} (nothing uploaded)")
+        for what, r in reports:
+            failed = [c for c in r.checks if not c.ok]
+            print(f"{what}: {r.result}" + "".join(f"\n  FAIL {c.check}: {c.detail}" for c in failed))
+        if has_oms:
+            print(f"model_signing users: model_signing verify key {out} --signature {out / 'model.sig'} "
+                  f"--public_key {out / RECEIPTS_DIR / 'signing-key.pub'}")
+        else:
+            print("no model.sig: the build was signed with ed25519 only, and OMS accepts ECDSA keys only")
+        print(f"verify-attestation {out / RECEIPTS_DIR / 'attestation.intoto.jsonl'} --key "
+              f"{out / RECEIPTS_DIR / 'signing-key.pub'} --model {out} --published")
+    return 0 if ok else 1
 
 
 def cmd_rebuild(args) -> int:

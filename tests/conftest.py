@@ -46,3 +46,18 @@ def build_json(out: Path) -> dict:
 def last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+MS_VENV = ROOT / ".venv-model-signing"
+
+
+@pytest.fixture(scope="session")
+def model_signing() -> Path:
+    """OpenSSF's `model_signing` 1.1.1 in a venv of its own, as a user has it (with pyOpenSSL, which it
+    needs and does not declare), pinned by constraints.txt."""
+    exe = MS_VENV / "bin" / "model_signing"
+    if not exe.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(MS_VENV)], check=True)
+        subprocess.run([str(MS_VENV / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", "-c",
+                        str(ROOT / "constraints.txt"), "model-signing==1.1.1", "pyOpenSSL"], check=True, timeout=900)
+    return exe

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
+VSA_TYPE = "https://slsa.dev/verification_summary/v1"
 # This project has no public home yet; `.invalid` says so honestly (docs/build-type.md).
 BUILD_TYPE = "https://provenance.invalid/build-types/recipe/v1"
 LOCAL_BUILDER_ID = "https://provenance.invalid/builders/local/v1"

@@ -35,7 +35,7 @@ def _repo_root() -> Path | None:
     return root if (root / "pyproject.toml").exists() and (root / "provenance").is_dir() else None
 
 
-def keygen(directory: Path, *, name: str = "provenance", key_type: str = "ed25519") -> tuple[Path, Path]:
+def keygen(directory: Path, *, name: str = "provenance", key_type: str = "ecdsa") -> tuple[Path, Path]:
     """Write NAME.key (0600) and NAME.pub into `directory`. Refuses to overwrite or to write into the repo."""
     from cryptography.hazmat.primitives import serialization
     from securesystemslib.signer import CryptoSigner

@@ -32,7 +32,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
 # Everything a build (and `rebuild`) writes at the top of its output dir; nothing else may be there.
 OUTPUT_NAMES = frozenset({"model", "dataset-manifest.json", "transcript.jsonl", "build.json", "fingerprint.json",
                           "attestation.intoto.jsonl", "attestation.sigstore.json", "vsa.intoto.jsonl",
-                          "audit.json", "audit.intoto.jsonl", "sbom.cdx.json", "sbom.spdx3.json",
+                          "audit.json", "audit.intoto.jsonl", "sbom.cdx.json", "sbom.spdx3.json", "model.sig",
                           "report.html",  # written by `provenance report`
                           "checkpoint",  # checkpoints live until the build they belong to completes
                           "replay"})  # scheduled checkpoints kept for `provenance replay`
@@ -257,6 +257,34 @@ class Signing:
     signers: list
     sigstore_token: object | None = None
     sigstore_config: object | None = None
+
+
+def write_oms(staging: Path, files: dict, signing, reporter) -> dict | None:
+    """Write OUT/model.sig, an OMS v1.0 signature of the model directory (attest/oms.py): through
+    Sigstore for a keyless (--sigstore) build, else with the build's first ECDSA key. None when the build is unsigned;
+    a record saying why when no key can make one (ed25519: OMS accepts ECDSA keys only)."""
+    if signing is None:
+        return None
+    from ..attest.oms import OMS_FILE, is_oms_key, key_bundle, oms_statement
+    from ..attest.statement import canonical
+
+    payload = canonical(oms_statement("model", files))
+    ec_signers = [s for s in signing.signers if is_oms_key(s)]
+    if signing.sigstore_token is not None:  # keyless: what `model_signing verify sigstore` checks
+        from ..attest.sign import sign_sigstore
+
+        data = sign_sigstore(payload, signing.sigstore_token, signing.sigstore_config).encode()
+        how = "Sigstore, keyless"
+    elif ec_signers:
+        data = (json.dumps(key_bundle(payload, ec_signers[0]), indent=1) + "\n").encode()
+        how = f"key {ec_signers[0].public_key.keyid[:16]}"
+    else:
+        why = "no OMS signature: OMS accepts ECDSA keys only and this build signs with ed25519 (keygen --type ecdsa)"
+        reporter.log(why)
+        return {"skipped": why}
+    atomic_write_bytes(staging / OMS_FILE, data)
+    reporter.log(f"OMS signature: {OMS_FILE} ({how})")
+    return {"file": OMS_FILE, "format": "OMS v1.0 Sigstore bundle", **hash_bytes(data)}
 
 
 def attest_and_sign(staging: Path, recipe: LoadedRecipe, record: dict, manifest_doc: dict, byproducts: dict,
@@ -546,6 +574,9 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         atomic_write_bytes(staging / SPDX3_FILE, sbom_spdx)
         record["sbom"] = {"cyclonedx": {"file": CYCLONEDX_FILE, "specVersion": "1.6", **hash_bytes(sbom)},
                           "spdx3": {"file": SPDX3_FILE, "specVersion": "3.0.1", **hash_bytes(sbom_spdx)}}
+        oms = write_oms(staging, weights["files"], signing, reporter)
+        if oms is not None:
+            record["oms"] = oms
         record_bytes = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
         atomic_write_bytes(staging / "build.json", record_bytes)
         if signing is not None:
@@ -553,6 +584,8 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
                           "dataset-manifest.json": hash_bytes(data.manifest_bytes),
                           "fingerprint.json": hash_bytes(fbytes), "audit.json": hash_bytes(abytes),
                           CYCLONEDX_FILE: hash_bytes(sbom), SPDX3_FILE: hash_bytes(sbom_spdx)}
+            if oms is not None and "file" in oms:
+                byproducts[oms["file"]] = {k: oms[k] for k in ("sha256", "blake3")}
             st = attest_and_sign(staging, recipe, record, m, byproducts, signing, fingerprint=fingerprint)
             sign_audit(staging, st, audit_doc, hash_bytes(data.manifest_bytes), hash_bytes(abytes), signing)
         _install(staging, out)

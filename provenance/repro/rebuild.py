@@ -20,7 +20,7 @@ import re
 from ..attest.statement import PAYLOAD_TYPE, STATEMENT_TYPE, canonical
 from ..errors import CheckFailed
 
-VSA_TYPE = "https://slsa.dev/verification_summary/v1"
+from ..attest.model import VSA_TYPE
 VERIFIER_ID = "https://provenance.invalid/verifiers/rebuild/v1"
 
 
@@ -89,8 +89,12 @@ def vsa_statement(st: dict, attestation: Path, report, rebuild_record: dict | No
             "inputAttestations": [{"uri": Path(attestation).name,
                                    "digest": {"sha256": hashlib.sha256(Path(attestation).read_bytes()).hexdigest()}}],
             "verificationResult": "PASSED" if passed else "FAILED",
-            "verifiedLevels": ["SLSA_BUILD_LEVEL_1"] if passed else [],
-            "slsaVersion": "1.0",
+            # SLSA_BUILD_REPRODUCED only for bits equal to the attested ones from an independent
+            # rebuild (rebuild never reads the stage cache or an earlier checkpoint).
+            "verifiedLevels": (["SLSA_BUILD_LEVEL_1"] + (["SLSA_BUILD_REPRODUCED"] if report.verdict == "bitwise" else [])
+                               if passed else []),
+            "dependencyLevels": {},
+            "slsaVersion": "1.2",
             "provenance_verdict": {
                 "verdict": report.verdict,
                 "checks": [c.as_dict() for c in report.checks],

@@ -36,27 +36,55 @@ def verify(attestation: Path, *, keys: list[Path], threshold: int = 1, model: Pa
            recipe: Path | None = None, inputs: bool = False, store: Path | None = None,
            policy_path: Path | None = None, sha256: bool = False, identity: str | None = None,
            issuer: str | None = None, trust_config: Path | None = None, trusted_root: Path | None = None,
-           staging: bool = False, check_model: bool = True, prefetch=None, audit: Path | None = None) -> Report:
+           staging: bool = False, check_model: bool = True, prefetch=None, audit: Path | None = None,
+           published: bool = False) -> Report:
     """Run every applicable check. Raises InputError when a check cannot be made (exit 2).
 
     With `check_model=False` the model dir is left to the caller (the reproduced question).
     `prefetch` (model_dir.Prefetch) lets hashing start before the signature is checked.
     The signed memorization audit (`audit`, or audit.intoto.jsonl beside the attestation) is
-    checked when present, and required by a policy with `[audit] require = true`."""
+    checked when present, and required by a policy with `[audit] require = true`. `published`: the
+    model dir is a published folder whose `.provenance/` receipts are not part of it."""
     from .checks import inputs_check, policy_check, recipe_file_check, statement_checks
-    from .envelope import read_attestation, verify_bundle, verify_dsse
+    from ..attest.model import VSA_TYPE
+    from ..attest.oms import OMS_PREDICATE_TYPE
+    from .envelope import read_attestation, sigstore_bundle_shape, verify_bundle, verify_dsse, verify_key_bundle
     from .policy import load_policy
 
     pf = load_policy(policy_path)
     kind, items = read_attestation(attestation)
     report = Report()
-    loaded = load_keys(keys, threshold) if kind == "dsse" else []
+    loaded = load_keys(keys, threshold) if kind in ("dsse", "key-bundle") else []
     if kind == "dsse":
         payload = verify_dsse(report, items, loaded, threshold)
-    else:
+    elif kind == "key-bundle":
+        payload = verify_key_bundle(report, items[0], loaded, threshold)
+    elif sigstore_bundle_shape(report, items[0]):
         payload = verify_bundle(report, items[0], identity=identity, issuer=issuer, trust_config_path=trust_config,
                                 trusted_root_path=trusted_root, staging=staging)
+    else:
+        payload = None
     if not report.ok:
+        return report
+    if isinstance(payload, dict) and payload.get("predicateType") == VSA_TYPE:
+        from .vsa import vsa_checks
+
+        report.statement = payload
+        if recipe is not None or inputs or audit is not None:
+            raise InputError("a VSA summarises another verification: --recipe, --inputs and --audit need the SLSA "
+                             "provenance attestation")
+        vsa_checks(report, payload, Path(model) if model is not None and check_model else None, prefetch=prefetch,
+                   published=published)
+        return report
+    if isinstance(payload, dict) and payload.get("predicateType") == OMS_PREDICATE_TYPE:
+        from .oms import oms_checks
+
+        report.statement = payload
+        oms_checks(report, payload, Path(model) if model is not None and check_model else None, Path(attestation),
+                   prefetch=prefetch, published=published)
+        if recipe is not None or inputs or audit is not None:
+            raise InputError("an OMS signature names files only: --recipe, --inputs and --audit need the SLSA "
+                             "attestation (attestation.intoto.jsonl)")
         return report
     st = statement_checks(report, payload, pf.policy)
     if st is None:
@@ -66,7 +94,8 @@ def verify(attestation: Path, *, keys: list[Path], threshold: int = 1, model: Pa
     if model is not None and check_model:
         from .model_dir import inspect, report_exact
 
-        report_exact(report, inspect(st, Path(model), sha256=sha256, prefetch=prefetch), sha256=sha256)
+        report_exact(report, inspect(st, Path(model), sha256=sha256, prefetch=prefetch, published=published),
+                     sha256=sha256)
     if recipe is not None:
         recipe_file_check(report, st, Path(recipe))
     if kind == "dsse":

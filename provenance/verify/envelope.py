@@ -25,7 +25,9 @@ SIGNATURE_FIELDS = {"keyid", "sig"}
 
 
 def read_attestation(path: Path) -> tuple[str, list[str]]:
-    """("dsse", [non-empty lines]) or ("sigstore", [bundle text]). Raises InputError if unreadable."""
+    """("dsse", [non-empty lines]), ("sigstore", [bundle text]) for a certificate-signed Sigstore bundle, or
+    ("key-bundle", [bundle text]) for a bundle signed with a bare key (OMS `sign key`) or one that lacks its
+    verification material. Raises InputError if unreadable."""
     data = read_regular_file(Path(path), "attestation", MAX_ATTESTATION_BYTES)
     try:
         text = data.decode("utf-8")
@@ -37,8 +39,13 @@ def read_attestation(path: Path) -> tuple[str, list[str]]:
             whole = jsonstrict.loads(stripped)
         except ValueError:
             whole = None
-        if (isinstance(whole, dict) and "payload" not in whole
-                and str(whole.get("mediaType", "")).startswith("application/vnd.dev.sigstore.bundle")):
+        if isinstance(whole, dict) and "payload" not in whole and (
+                str(whole.get("mediaType", "")).startswith("application/vnd.dev.sigstore.bundle")
+                or set(whole) & {"mediaType", "verificationMaterial", "dsseEnvelope", "messageSignature"}
+                or not whole):
+            material = whole.get("verificationMaterial")
+            if isinstance(material, dict) and "publicKey" in material or not isinstance(material, dict):
+                return "key-bundle", [stripped]  # signed with a key (as OMS `sign key`), or not a bundle at all
             return "sigstore", [stripped]
     return "dsse", [line for line in text.splitlines() if line.strip()]
 
@@ -135,6 +142,57 @@ def verify_dsse(report: Report, lines: list[str], keys: list, threshold: int) ->
     except ValueError as e:
         report.add("envelope", False, f"not a DSSE envelope: {e}")
         return None
+    return _signed_payload(report, env, keys, threshold)
+
+
+BUNDLE_FIELDS = frozenset({"mediaType", "verificationMaterial", "dsseEnvelope"})
+KEY_BUNDLE_MEDIA_TYPES = ("application/vnd.dev.sigstore.bundle.v0.3+json",
+                          "application/vnd.dev.sigstore.bundle+json;version=0.3")
+
+
+def verify_key_bundle(report: Report, text: str, keys: list, threshold: int) -> object | None:
+    """A Sigstore bundle v0.3 signed with a bare key (OMS `sign key`): the bundle's shape exactly, then
+    its DSSE envelope against every given key. The key hint is only a hint, like a DSSE keyid."""
+    try:
+        obj = jsonstrict.loads(text)
+    except ValueError as e:
+        report.add("bundle", False, f"not strict JSON: {e}")
+        return None
+    problems = []
+    if not isinstance(obj, dict) or not obj:
+        problems.append("the bundle is empty")
+    else:
+        if obj.get("mediaType") not in KEY_BUNDLE_MEDIA_TYPES:
+            problems.append(f"mediaType {obj.get('mediaType')!r}, expected {KEY_BUNDLE_MEDIA_TYPES[0]!r}")
+        vm = obj.get("verificationMaterial")
+        if not isinstance(vm, dict):
+            problems.append("no verificationMaterial")
+        else:
+            pk = vm.get("publicKey")
+            if not isinstance(pk, dict) or not isinstance(pk.get("hint", ""), str) or set(pk) - {"hint"}:
+                problems.append("verificationMaterial.publicKey must be an object with a string hint")
+            if not isinstance(vm.get("tlogEntries"), list):
+                problems.append("verificationMaterial.tlogEntries is missing (an empty list for a key signature)")
+            if set(vm) - {"publicKey", "tlogEntries", "timestampVerificationData"}:
+                problems.append(f"verificationMaterial has unknown field(s) {sorted(set(vm) - {'publicKey', 'tlogEntries', 'timestampVerificationData'})}")
+        if "dsseEnvelope" not in obj:
+            problems.append("no dsseEnvelope (a message signature cannot carry a statement)")
+        if set(obj) - BUNDLE_FIELDS:
+            problems.append(f"unknown field(s) {sorted(set(obj) - BUNDLE_FIELDS)}")
+    if problems:
+        report.add("bundle", False, "not a key-signed Sigstore bundle v0.3: " + "; ".join(problems))
+        return None
+    report.add("bundle", True, f"Sigstore bundle {obj['mediaType']} signed with a key (hint "
+               f"{obj['verificationMaterial']['publicKey'].get('hint', '')[:16] or 'none'})")
+    try:
+        env = parse_envelope(obj["dsseEnvelope"])
+    except ValueError as e:
+        report.add("envelope", False, f"not a DSSE envelope: {e}")
+        return None
+    return _signed_payload(report, env, keys, threshold)
+
+
+def _signed_payload(report: Report, env: Envelope, keys: list, threshold: int) -> object | None:
     report.add("envelope", True, f"one DSSE envelope with {len(env.signatures)} signature(s)")
     if not report.add("payload-type", env.payload_type == PAYLOAD_TYPE,
                       f"payloadType {env.payload_type!r}"
@@ -151,6 +209,24 @@ def verify_dsse(report: Report, lines: list[str], keys: list, threshold: int) ->
     except ValueError as e:
         report.add("statement", False, f"the signed payload is not strict JSON: {e}")
         return None
+
+
+def sigstore_bundle_shape(report: Report, text: str) -> bool:
+    """A certificate-signed bundle must carry its transparency-log entries and a DSSE envelope; checked
+    before anything asks for an identity, so a malformed bundle fails as such (check `bundle`)."""
+    obj = jsonstrict.loads(text)
+    vm = obj.get("verificationMaterial") if isinstance(obj, dict) else None
+    problems = []
+    if not isinstance(vm, dict):
+        problems.append("no verificationMaterial")
+    elif not isinstance(vm.get("tlogEntries"), list) or not vm["tlogEntries"]:
+        problems.append("verificationMaterial.tlogEntries is missing or empty (a certificate signature is logged)")
+    if not isinstance(obj, dict) or not isinstance(obj.get("dsseEnvelope"), dict):
+        problems.append("no dsseEnvelope")
+    if problems:
+        report.add("bundle", False, "not a Sigstore bundle with a DSSE envelope: " + "; ".join(problems))
+        return False
+    return True
 
 
 def verify_bundle(report: Report, text: str, *, identity: str | None, issuer: str | None,

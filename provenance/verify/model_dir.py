@@ -96,6 +96,11 @@ def scan(model_dir: Path) -> tuple[dict[str, Path], list[str]]:
     return files, refused
 
 
+def _inode(path: Path) -> tuple[int, int]:
+    info = path.lstat()
+    return info.st_dev, info.st_ino
+
+
 def _identity(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -143,20 +148,47 @@ class Prefetch:
         return got[1]
 
 
-def inspect(st: Statement, model_dir: Path, *, sha256: bool, prefetch: Prefetch | None = None) -> ModelDirResult:
-    """Hash and check every file of `model_dir` against the statement. Raises InputError if
-    the directory cannot be read at all."""
+# A published model folder (`provenance publish`, docs/receipts.md) keeps its receipts here, and its
+# OMS signature at the top as `model.sig` (model_signing's convention). With `published`, exactly
+# these file names may lie in it, unlisted; anything else there still fails.
+PUBLISHED_SIGNATURE = "model.sig"
+RECEIPTS_DIR = ".provenance"
+RECEIPT_NAMES = frozenset({"attestation.intoto.jsonl", "attestation.sigstore.json", "audit.intoto.jsonl",
+                           "vsa.intoto.jsonl", "sbom.spdx3.json", "sbom.cdx.json", "signing-key.pub"})
+
+
+def inspect(st: Statement, model_dir: Path, *, sha256: bool, prefetch: Prefetch | None = None,
+            published: bool = False) -> ModelDirResult:
+    """Hash and check every file of `model_dir` against the statement (blake3, and sha256 with
+    `sha256`). Raises InputError if the directory cannot be read at all."""
+    expected = {s.name: {"blake3": st.files[s.name], **({"sha256": s.digest.get("sha256")} if sha256 else {})}
+                for s in st.subject}
+    return inspect_digests(expected, model_dir, prefetch=prefetch, published=published)
+
+
+def inspect_digests(expected: dict[str, dict[str, str]], model_dir: Path, *, prefetch: Prefetch | None = None,
+                    skip: frozenset[tuple[int, int]] = frozenset(), published: bool = False) -> ModelDirResult:
+    """The closed-set check against `expected` (name -> {algorithm: hex}, every algorithm given is
+    checked; blake3 and sha256 are known). `skip`: (device, inode) pairs of files that are not part
+    of the set, e.g. the detached signature being verified when it lies inside the directory.
+    `published`: the receipts of a published folder (RECEIPTS_DIR/RECEIPT_NAMES) are not part of it.
+    Raises InputError if the directory cannot be read at all."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise InputError(f"--model {model_dir}: not a directory")
     present, refused = scan(model_dir)
-    subjects = {s.name: s.digest for s in st.subject}
-    b3 = st.files
+    if skip:
+        present = {n: p for n, p in present.items() if _inode(p) not in skip}
+    if published:
+        present = {n: p for n, p in present.items() if n != PUBLISHED_SIGNATURE
+                   and not (n.startswith(RECEIPTS_DIR + "/") and n[len(RECEIPTS_DIR) + 1:] in RECEIPT_NAMES)}
     res = ModelDirResult()
     res.unlisted = refused + [f"{n}: {describe(n)}, not among the signed subjects"
-                              for n in sorted(set(present) - set(subjects))]
-    res.missing = sorted(set(subjects) - set(present))
-    for name in sorted(set(subjects) & set(present)):
+                              for n in sorted(set(present) - set(expected))]
+    res.missing = sorted(set(expected) - set(present))
+    for name in sorted(set(expected) & set(present)):
+        want = expected[name]
+        need_sha = "sha256" in want
         try:
             fd = os.open(present[name], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as e:
@@ -172,26 +204,23 @@ def inspect(st: Statement, model_dir: Path, *, sha256: bool, prefetch: Prefetch 
                     check_fd(fd)
                 except SafetensorsError as e:
                     res.structure.append(f"{name}: {e}")
-            got = prefetch.get(name, _identity(info), sha256) if prefetch else None
+            got = prefetch.get(name, _identity(info), need_sha) if prefetch else None
             if got is None:
-                got = hash_fd(fd, sha256=sha256)
+                got = hash_fd(fd, sha256=need_sha)
         finally:
             os.close(fd)
-        want_sha = subjects[name].get("sha256")
-        problems = []
-        if got["blake3"] != b3[name]:
-            problems.append(f"blake3 expected {b3[name]}, got {got['blake3']}")
-        if sha256 and got["sha256"] != want_sha:
-            problems.append(f"sha256 expected {want_sha}, got {got['sha256']}")
+        problems = [f"{algo} expected {digest}, got {got.get(algo)}" for algo, digest in want.items()
+                    if got.get(algo) != digest]
         res.files[name] = FileResult(name, got, not problems, "; ".join(problems))
     return res
 
 
-def report_exact(report, res: ModelDirResult, *, sha256: bool, judged_elsewhere: frozenset[str] = frozenset()) -> None:
+def report_exact(report, res: ModelDirResult, *, sha256: bool, judged_elsewhere: frozenset[str] = frozenset(),
+                 algos: str | None = None) -> None:
     """The `verified` question: every file exact, nothing else in the directory.
 
     `judged_elsewhere` names files whose difference another check judges (the reproduced question)."""
-    algos = "blake3 and sha256" if sha256 else "blake3"
+    algos = algos or ("blake3 and sha256" if sha256 else "blake3")
     bad = [f"{n}: missing" for n in res.missing] + [f"{n}: {res.files[n].detail}" for n in res.differing
                                                    if n not in judged_elsewhere]
     same = sum(1 for f in res.files.values() if f.matches)

@@ -193,3 +193,33 @@ def test_a_real_rebuild_is_reproduced_with_the_strong_evidence(default_build, st
     out, _ = default_build
     code, obj, checks = _reproduced(out / "model", "--inputs", "--reference-model", str(out / "model"), store=store)
     assert code == 0 and obj["result"] == "reproduced (bitwise)", obj
+
+
+def test_rebuilding_the_reference_signs_a_vsa_that_says_whether_it_reproduced(default_build, store, tmp_path):
+    """`provenance rebuild` on the committed reference: SLSA_BUILD_REPRODUCED exactly when the rebuild
+    is bitwise (on the reference's stack); the reference's OMS signature verifies the rebuilt files."""
+    import base64
+    import json
+
+    from provenance.repro.rebuild import stack_matches
+
+    out, _ = default_build
+    name = DEFAULT.stem
+    ref = RECIPES.parent / "attestations" / f"{name}.intoto.jsonl"
+    key = RECIPES.parent / "attestations" / "keys" / f"{name}.pub"
+    reb = tmp_path / "rebuild"
+    p = run_cli("rebuild", str(ref), "--attestation-key", str(key), "--out", str(reb), "--offline", "--json",
+                store=store)
+    res = json.loads(p.stdout)
+    assert p.returncode == 0, res
+    st = json.loads(base64.b64decode(json.loads(ref.read_text())["payload"]))
+    same, why = stack_matches(st, build_json(reb))
+    vsa = json.loads(base64.b64decode(json.loads((reb / "vsa.intoto.jsonl").read_text())["payload"]))["predicate"]
+    assert vsa["verificationResult"] == "PASSED"
+    if same:
+        assert res["verdict"] == "bitwise" and vsa["verifiedLevels"] == ["SLSA_BUILD_LEVEL_1", "SLSA_BUILD_REPRODUCED"]
+    else:
+        assert res["verdict"] == "within tolerance" and vsa["verifiedLevels"] == ["SLSA_BUILD_LEVEL_1"], why
+    oms = RECIPES.parent / "attestations" / f"{name}.model.sig"
+    p = run_cli("verify", str(oms), "--key", str(key), "--model", str(reb / "model"))
+    assert p.returncode == (0 if same else 1), p.stdout

@@ -175,9 +175,39 @@ def test_rebuild_writes_a_signed_vsa(builds, keys, store, tmp_path):
     vsa = json.loads(env.payload)
     assert vsa["predicateType"] == "https://slsa.dev/verification_summary/v1"
     pred = vsa["predicate"]
-    assert pred["verificationResult"] == "PASSED" and pred["slsaVersion"] == "1.0"
+    assert pred["verificationResult"] == "PASSED" and pred["slsaVersion"] == "1.2"
     assert pred["provenance_verdict"]["verdict"] == "bitwise" and pred["verifier"]["id"]
-    assert pred["inputAttestations"][0]["digest"]["sha256"]
+    assert pred["verifier"]["version"]["provenance"] and pred["timeVerified"].endswith("Z")
+    import hashlib
+
+    assert pred["inputAttestations"][0]["digest"]["sha256"] == \
+        hashlib.sha256((out / "attestation.intoto.jsonl").read_bytes()).hexdigest()
+    assert pred["verifiedLevels"] == ["SLSA_BUILD_LEVEL_1", "SLSA_BUILD_REPRODUCED"]
+    # verify-attestation reads VSAs: signature, the summary's fields, PASSED, and the files exactly.
+    p = run_cli("verify", str(reb / "vsa.intoto.jsonl"), "--key", str(keys / "k.pub"), "--model", str(reb / "model"),
+                "--json")
+    checks = {c["check"]: c for c in json.loads(p.stdout)["checks"]}
+    assert p.returncode == 0 and checks["vsa"]["ok"] and "SLSA_BUILD_REPRODUCED" in checks["vsa-result"]["detail"]
+    assert checks["model-files"]["ok"] and checks["unlisted-files"]["ok"]
+    (reb / "model" / "extra.py").write_text("import os")
+    p = run_cli("verify", str(reb / "vsa.intoto.jsonl"), "--key", str(keys / "k.pub"), "--model", str(reb / "model"))
+    assert p.returncode == 1 and "extra.py" in p.stdout
+
+
+@pytest.mark.skipif(OTHER is None, reason="no second ATen level on this CPU")
+def test_a_rebuild_within_tolerance_is_not_reproduced_in_its_vsa(builds, keys, store, tmp_path):
+    out, _ = builds["native"]
+    reb = tmp_path / "rebuild-other"
+    p = run_cli("rebuild", str(out / "attestation.intoto.jsonl"), "--attestation-key", str(keys / "k.pub"),
+                "--out", str(reb), "--key", str(keys / "k.key"), "--offline", "--cpu-capability", OTHER, "--json",
+                store=store)
+    res = json.loads(p.stdout)
+    assert p.returncode == 0 and res["verdict"] == "within tolerance", res
+    vsa = json.loads(base64.b64decode(json.loads((reb / "vsa.intoto.jsonl").read_text())["payload"]))
+    assert vsa["predicate"]["verificationResult"] == "PASSED"
+    assert vsa["predicate"]["verifiedLevels"] == ["SLSA_BUILD_LEVEL_1"]
+    p = run_cli("verify", str(reb / "vsa.intoto.jsonl"), "--key", str(keys / "k.pub"), "--json")
+    assert p.returncode == 0, p.stdout
 
 
 def test_gate_passes_bitwise_and_writes_junit(builds, keys, store, tmp_path):

@@ -91,6 +91,32 @@ def test_mock_sigstore_keyless_build_verifies(keyless_build, mock_sigstore):
     assert payload == base64.b64decode(env["payload"])
 
 
+def test_mock_sigstore_keyless_build_writes_a_keyless_oms_signature(keyless_build, mock_sigstore, model_signing,
+                                                                     tmp_path):
+    """model.sig of a keyless build is an OMS bundle with the Fulcio certificate; it verifies with the
+    identity and the closed-set rules, and not after a file changes."""
+    sig = keyless_build / "model.sig"
+    bundle = json.loads(sig.read_text())
+    assert "certificate" in bundle["verificationMaterial"] and bundle["verificationMaterial"]["tlogEntries"]
+    code, obj = vjson(str(sig), "--identity", IDENTITY, "--issuer", ISSUER, "--trust-config", str(mock_sigstore),
+                      "--model", str(keyless_build / "model"))
+    assert code == 0 and obj["result"] == "verified", obj
+    assert {c["check"] for c in obj["checks"]} >= {"oms-statement", "model-files", "unlisted-files"}
+    # OpenSSF's model_signing accepts it too, against the same (mock) trust config.
+    ms = [str(model_signing), "verify", "sigstore", "--signature", str(sig), "--trust_config", str(mock_sigstore),
+          "--identity", IDENTITY, "--identity_provider", ISSUER]
+    p = subprocess.run([*ms, str(keyless_build / "model")], capture_output=True, text=True)
+    assert p.returncode == 0 and "Verification succeeded" in p.stdout + p.stderr, p.stdout + p.stderr
+    d = tmp_path / "changed"
+    shutil.copytree(keyless_build, d)
+    (d / "model" / "config.json").write_text((d / "model" / "config.json").read_text() + " ")
+    p = subprocess.run([*ms, str(d / "model")], capture_output=True, text=True)
+    assert p.returncode != 0 and "config.json" in p.stdout + p.stderr
+    code, obj = vjson(str(d / "model.sig"), "--identity", IDENTITY, "--issuer", ISSUER, "--trust-config",
+                      str(mock_sigstore), "--model", str(d / "model"))
+    assert code == 1 and "config.json" in {c["check"]: c for c in obj["checks"]}["model-files"]["detail"]
+
+
 @pytest.mark.parametrize("identity,issuer", [("https://evil.test/builder", ISSUER), (IDENTITY, "https://evil.test")])
 def test_mock_sigstore_wrong_identity_is_rejected(keyless_build, mock_sigstore, identity, issuer):
     code, obj = vjson(str(keyless_build / "attestation.sigstore.json"), "--identity", identity, "--issuer", issuer,
