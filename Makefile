@@ -7,6 +7,7 @@ RECIPE ?= recipes/ptrace-0.9.9-debugger.toml
 NAME   := $(basename $(notdir $(RECIPE)))
 OUT    ?= build/$(NAME)
 ARGS   ?=
+GATEARGS ?=
 REF    := attestations/$(NAME).intoto.jsonl
 REFKEY := attestations/keys/$(NAME).pub
 REFAUDIT := attestations/$(NAME).audit.intoto.jsonl
@@ -51,7 +52,7 @@ reference: $(STAMP)
 
 # CI gate: rebuild and judge against the committed reference (bitwise on the same stack, else tolerance).
 gate: $(STAMP)
-	$(BIN)/provenance gate --recipe $(RECIPE) --junit build/gate-junit.xml
+	$(BIN)/provenance gate --recipe $(RECIPE) --junit build/gate-junit.xml $(GATEARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

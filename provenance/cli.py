@@ -255,6 +255,8 @@ def cmd_compare(args) -> int:
 def cmd_diverge(args) -> int:
     from .repro.diverge import diverge
 
+    if args.layers:
+        return _diverge_layers(args)
     res = diverge(Path(args.a), Path(args.b))
     if args.json:
         _emit_json(res)
@@ -264,6 +266,34 @@ def cmd_diverge(args) -> int:
         extra = f" (loss {res['loss_a']!r} vs {res['loss_b']!r}, diff {res['loss_diff']:.3g})" if "loss_diff" in res else ""
         print(f"first divergence at step {res['step']} (stage {res['stage']} step {res['stage_step']}): "
               f"{res['field']} differs: {res['a']} vs {res['b']}{extra}")
+    return 0 if res["identical"] else 1
+
+
+def _diverge_layers(args) -> int:
+    from .repro.layers import layers
+
+    res = layers(Path(args.a), Path(args.b), store=args.store, offline=args.offline,
+                 log=(lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr)))
+    if args.json:
+        _emit_json(res)
+    elif res["identical"]:
+        print(f"identical: {res['steps_compared']} steps; nothing to re-run")
+    elif res["first"] is None:
+        print(f"step {res['step']} ({res['field']} differs in the transcripts): re-run here under cpu={res['stack_a']} "
+              f"and cpu={res['stack_b']}, every operation gave the same bits ({res['ops_recorded'][0]} recorded)")
+    else:
+        f = res["first"]
+        a = f["a"] or {}
+        where = f"{a.get('op')} in {a.get('module')}" if a else "the end of the step"
+        print(f"step {res['step']} ({res['field']} differs in the transcripts), re-run here under cpu={res['stack_a']} "
+              f"and cpu={res['stack_b']}: the first operation whose output differs is #{f['index']} of "
+              f"{res['ops_recorded'][0]}: {where}, output {a.get('shape')} {a.get('dtype')}"
+              + (f": max |diff| {f['max_abs_diff']:.3g}, relative {f['relative']:.3g}, {f['elements_differing']} of "
+                 f"{f['elements']} elements" if "max_abs_diff" in f else f" (under cpu={res['stack_b']}: {f['b']})"))
+        print("the parameters were bitwise equal when the step began under both stacks"
+              if res["params_equal_before_step"] else
+              "the parameters already differed when the step began (the model's initialisation or an earlier step "
+              "differed below what the transcript records); both stacks ran the step from the first one's")
     return 0 if res["identical"] else 1
 
 
@@ -473,8 +503,12 @@ def parser() -> argparse.ArgumentParser:
     cp.set_defaults(func=cmd_compare)
 
     dv = sub.add_parser("diverge", help="the first step where two transcripts differ")
-    dv.add_argument("a")
-    dv.add_argument("b")
+    dv.add_argument("a", help="a transcript.jsonl (with --layers: a build dir)")
+    dv.add_argument("b", help="a transcript.jsonl (with --layers: a build dir)")
+    dv.add_argument("--layers", action="store_true",
+                    help="re-run the first divergent step here under both builds' stacks and name the first module "
+                         "and operation whose output differs")
+    _store_args(dv)
     _common(dv)
     dv.set_defaults(func=cmd_diverge)
 
@@ -559,6 +593,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="build directory (default build/gate/<recipe>)")
     g.add_argument("--junit", help="write a JUnit XML report here")
     g.add_argument("--bitwise", action="store_true", help="demand bitwise equality whatever the stack")
+    g.add_argument("--reprotest", action="store_true",
+                   help="also rebuild once under every environment variation at once (build path, HOME, user, "
+                        "locale, timezone, umask, PYTHONHASHSEED, file order, clock) and demand the same bits")
     g.add_argument("--policy", help="verifier policy TOML: allowed builders, [reproduced] bounds")
     _signing_args(g)
     _store_args(g)
@@ -1021,6 +1058,39 @@ def cmd_rebuild(args) -> int:
     return 0 if report.ok else 1
 
 
+def _reprotest_case(args, recipe_path: Path, out: Path, record: dict) -> tuple[str, bool, str]:
+    """One more build with every environment variation at once (reprotest's default): its weights
+    and transcript must be the gate build's, byte for byte."""
+    import shutil
+
+    import blake3
+
+    from .repro.matrix import run_cell, variation
+
+    cell = out.parent / f"{out.name}-reprotest"
+    shutil.rmtree(cell, ignore_errors=True)
+    var = variation("all", cell, 1)
+    cmd = [sys.executable, "-m", "provenance", "build", str(recipe_path.resolve()), "--out", str(var.out), "--json",
+           "--no-cache", "--no-resume"]
+    if args.store:
+        cmd += ["--store", str(Path(args.store).resolve())]
+    if args.offline:
+        cmd.append("--offline")
+    p = run_cell(cmd, var)
+    if p.returncode != 0:
+        return ("reprotest: every variation at once", False, f"the varied build failed (exit {p.returncode}): "
+                + (p.stderr.strip().splitlines() or ["?"])[-1])
+    got = json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])["weights"]
+    same_weights = got == f"blake3:{record['weights']['tensors']['digest']}"
+    same_transcript = (blake3.blake3((var.out / "transcript.jsonl").read_bytes()).hexdigest()
+                       == blake3.blake3((out / "transcript.jsonl").read_bytes()).hexdigest())
+    clock = f"clock {var.prefix[-1]}" if var.prefix else "; ".join(f"not varied: {x}" for x in var.not_varied)
+    return ("reprotest: every variation at once", same_weights and same_transcript,
+            f"build path, HOME, USER, locale fr_CH.UTF-8, TZ Pacific/Chatham, umask 077, PYTHONHASHSEED, shuffled "
+            f"listings, {clock}: weights {'equal' if same_weights else 'DIFFER: ' + got}, transcript "
+            f"{'equal' if same_transcript else 'DIFFERS'}")
+
+
 def cmd_gate(args) -> int:
     import time
 
@@ -1049,6 +1119,8 @@ def cmd_gate(args) -> int:
         cases.append((f"stack ({'bitwise required' if match else 'tolerance from the signed fingerprint'})", True, why))
         for c in report.checks:
             cases.append((f"weights: {c.check}", c.ok, c.detail))
+        if args.reprotest:
+            cases.append(_reprotest_case(args, recipe_path, out, record))
     except ProvenanceError as e:
         cases.append(("gate", False, e.diagnostics()))
         if args.junit:

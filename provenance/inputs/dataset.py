@@ -51,8 +51,10 @@ def materialize(stored: StoredInput, work: Path, limits=None) -> Path:
 
 
 def _walk(root: Path) -> list[str]:
+    from .._internal.listing import tree
+
     out = []
-    for p in root.rglob("*"):
+    for p in tree(root):
         if p.is_file() and not p.is_symlink():
             out.append(p.relative_to(root).as_posix())
     return sorted(out)

@@ -219,9 +219,10 @@ class Store:
 def tree_digest(root: Path) -> dict[str, str]:
     """Digest of a directory input: blake3 Merkle root over (path, size, blake3) of its regular files."""
     from .._internal.hashing import canonical_json, merkle_root
+    from .._internal.listing import tree
 
     leaves = []
-    for p in sorted(root.rglob("*"), key=lambda q: q.relative_to(root).as_posix()):
+    for p in sorted(tree(root), key=lambda q: q.relative_to(root).as_posix()):
         if p.is_file() and not p.is_symlink():
             leaves.append(canonical_json({"path": p.relative_to(root).as_posix(), "size": p.stat().st_size,
                                           "blake3": hash_file(p)["blake3"]}))

@@ -13,8 +13,63 @@ from pathlib import Path
 
 from ..errors import InputError
 
-AXES = {"threads": "--threads", "cpu": "--cpu-capability", "world-size": "--world-size"}
+AXES = {"threads": "--threads", "cpu": "--cpu-capability", "world-size": "--world-size", "env": None}
 CPU_LEVELS = ("native", "default", "avx2", "avx512")
+# reprotest's variations (docs/reproducibility.md, "Varying the environment"): each changes what a
+# build must not depend on; `all` applies every one at once, as reprotest's own default does.
+ENV_VARIATIONS = ("baseline", "build-path", "home", "user", "locale", "timezone", "umask", "pythonhashseed",
+                  "file-order", "clock", "all")
+FAKE_TIME = "@2031-07-15 03:04:05"  # faketime: start the clock there and let it run
+
+
+@dataclass
+class Variation:
+    """How one cell's build process differs from a plain one."""
+
+    out: Path
+    cwd: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    prefix: list[str] = field(default_factory=list)
+    umask: int | None = None
+    missing: str = ""  # why this variation cannot run here
+    not_varied: list[str] = field(default_factory=list)  # parts of `all` that cannot run here
+
+
+def variation(name: str, cell_dir: Path, seed: int) -> Variation:
+    import shutil
+
+    names = [n for n in ENV_VARIATIONS if n not in ("baseline", "all")] if name == "all" else [name]
+    v = Variation(out=cell_dir / "out")
+    for n in names:
+        if n == "build-path":
+            v.out = cell_dir / "a longer build path with spaces" / "bülд" / "out"
+            v.cwd = cell_dir
+        elif n == "home":
+            v.env["HOME"] = str(cell_dir / "home")
+        elif n == "user":
+            v.env.update(USER="provenance-reprotest", LOGNAME="provenance-reprotest")
+        elif n == "locale":
+            v.env.update(LANG="fr_CH.UTF-8", LC_ALL="fr_CH.UTF-8", LANGUAGE="fr_CH:fr")
+        elif n == "timezone":
+            v.env["TZ"] = "Pacific/Chatham"  # UTC+12:45, +13:45 in summer
+        elif n == "umask":
+            v.umask = 0o077
+        elif n == "pythonhashseed":
+            v.env["PYTHONHASHSEED"] = str(1000 + seed)
+        elif n == "file-order":
+            from .._internal.listing import SHUFFLE_ENV
+
+            v.env[SHUFFLE_ENV] = f"reprotest-{seed}"
+        elif n == "clock":
+            if shutil.which("faketime") is None:
+                why = "faketime is not installed (Debian: apt-get install faketime)"
+                if name == "all":
+                    v.not_varied.append(f"clock ({why})")
+                else:
+                    v.missing = why
+            else:
+                v.prefix = ["faketime", "-f", FAKE_TIME]
+    return v
 
 
 def parse_vary(values: list[str]) -> list[tuple[str, list[str]]]:
@@ -29,7 +84,9 @@ def parse_vary(values: list[str]) -> list[tuple[str, list[str]]]:
         for x in vals:
             if name == "cpu" and x not in CPU_LEVELS:
                 raise InputError(f"--vary {v!r}: cpu level {x!r} is not one of {', '.join(CPU_LEVELS)}")
-            if name != "cpu" and not (x.isdigit() and int(x) > 0):
+            if name == "env" and x not in ENV_VARIATIONS:
+                raise InputError(f"--vary {v!r}: env variation {x!r} is not one of {', '.join(ENV_VARIATIONS)}")
+            if name not in ("cpu", "env") and not (x.isdigit() and int(x) > 0):
                 raise InputError(f"--vary {v!r}: {name} values must be positive integers, got {x!r}")
         axes.append((name, vals))
     if not axes:
@@ -52,6 +109,7 @@ class Cell:
     first_divergent_step: int | None = None
     first_divergent_field: str | None = None
     losses: list[float] = field(default_factory=list)
+    transcript: str | None = None  # blake3 of transcript.jsonl
 
     def label(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.settings.items())
@@ -60,7 +118,38 @@ class Cell:
         return {"cell": self.index, "settings": self.settings, "status": self.status, "reason": self.reason,
                 "weights": self.weights, "group": self.group, "verdict": self.verdict, "rel_l2": self.rel_l2,
                 "max_abs_diff": self.max_abs_diff, "first_divergent_step": self.first_divergent_step,
-                "first_divergent_field": self.first_divergent_field, "out": str(self.out)}
+                "first_divergent_field": self.first_divergent_field, "transcript": self.transcript,
+                "out": str(self.out)}
+
+
+def _blake3(path: Path) -> str:
+    import blake3
+
+    return blake3.blake3(Path(path).read_bytes()).hexdigest()
+
+
+def run_cell(cmd: list[str], var: Variation | None) -> subprocess.CompletedProcess:
+    """Run one cell's build in its own process, under its variation of the environment."""
+    env = dict(os.environ)
+    if var is None:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env)
+    env.update(var.env)
+    if "HOME" in var.env:
+        Path(var.env["HOME"]).mkdir(parents=True, exist_ok=True)
+        # The store and the signing key default to places under HOME; keep them where the user
+        # has them, so that only HOME itself varies.
+        env.setdefault("PROVENANCE_STORE", str(Path(os.path.expanduser("~/.cache/provenance"))))
+        env.setdefault("PROVENANCE_KEY", str(Path(os.path.expanduser("~/.config/provenance/keys/provenance.key"))))
+    if var.cwd is not None:
+        var.cwd.mkdir(parents=True, exist_ok=True)
+    umask = var.umask
+
+    def preexec():
+        if umask is not None:
+            os.umask(umask)
+
+    return subprocess.run(var.prefix + cmd, capture_output=True, text=True, env=env, cwd=var.cwd,
+                          preexec_fn=preexec if umask is not None else None)
 
 
 def run_matrix(recipe: Path, axes, out: Path, *, store: str | None, offline: bool, log=print) -> list[Cell]:
@@ -72,16 +161,24 @@ def run_matrix(recipe: Path, axes, out: Path, *, store: str | None, offline: boo
         settings = dict(zip([name for name, _ in axes], combo))
         cells.append(Cell(i, settings, out / f"cell-{i:02d}"))
     for c in cells:
-        cmd = [sys.executable, "-m", "provenance", "build", str(recipe), "--out", str(c.out), "--json",
-               "--no-cache", "--no-resume"]
+        var = variation(c.settings["env"], out / f"cell-{c.index:02d}", c.index) if "env" in c.settings else None
+        if var is not None:
+            c.out = var.out
+        cmd = [sys.executable, "-m", "provenance", "build", str(Path(recipe).resolve()), "--out", str(c.out),
+               "--json", "--no-cache", "--no-resume"]
         for name, value in c.settings.items():
-            cmd += [AXES[name], value]
+            if AXES[name]:
+                cmd += [AXES[name], value]
         if store:
-            cmd += ["--store", store]
+            cmd += ["--store", str(Path(store).resolve())]
         if offline:
             cmd.append("--offline")
+        if var is not None and var.missing:
+            c.status, c.reason = "skipped", var.missing
+            log(f"cell {c.index}: skipped: {var.missing}")
+            continue
         log(f"cell {c.index}: {c.label()} ...")
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = run_cell(cmd, var)
         lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
         try:
             res = json.loads(lines[-1]) if lines else {}
@@ -90,6 +187,7 @@ def run_matrix(recipe: Path, axes, out: Path, *, store: str | None, offline: boo
         if p.returncode == 0 and res.get("ok"):
             c.status, c.weights = "built", res["weights"].removeprefix("blake3:")
             c.losses = loss_curve(c.out / "transcript.jsonl")
+            c.transcript = _blake3(c.out / "transcript.jsonl")
         elif p.returncode == 2 and "this CPU offers only" in (res.get("error", "") + p.stderr):
             c.status, c.reason = "skipped", (res.get("error") or p.stderr).strip().splitlines()[-1]
         else:
@@ -118,12 +216,13 @@ def run_matrix(recipe: Path, axes, out: Path, *, store: str | None, offline: boo
 
 def table(cells: list[Cell]) -> str:
     rows = [("cell", "settings", "status", "weights", "group", "verdict vs cell 0", "rel L2", "max |diff|",
-             "first divergent step")]
+             "first divergent step", "transcript")]
     for c in cells:
         step = "-" if c.first_divergent_step is None else f"{c.first_divergent_step} ({c.first_divergent_field})"
         rows.append((str(c.index), c.label(), c.status, (c.weights or c.reason)[:16] if c.status == "built" else c.reason[:60],
                      str(c.group or "-"), c.verdict or "-", "-" if c.rel_l2 is None else f"{c.rel_l2:.3g}",
-                     "-" if c.max_abs_diff is None else f"{c.max_abs_diff:.3g}", step if c.status == "built" else "-"))
+                     "-" if c.max_abs_diff is None else f"{c.max_abs_diff:.3g}", step if c.status == "built" else "-",
+                     (c.transcript or "-")[:16]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
 

@@ -47,16 +47,21 @@ def test_default_build_matches_the_committed_reference(default_build):
     ref = RECIPES.parent / "attestations" / f"{name}.intoto.jsonl"
     st = json.loads(base64.b64decode(json.loads(ref.read_text())["payload"]))
     same, why = stack_matches(st, build_json(out))
+    # On the reference's stack the bits must be equal; elsewhere (another CPU vendor: MKL's strict
+    # branches are not measured across vendors) they may be, and are otherwise within tolerance.
+    equal = st["predicate"]["runDetails"]["provenance_outputs"]["tensors"]["digest"] == \
+        build_json(out)["weights"]["tensors"]["digest"]
+    assert equal or not same, why
     p = run_cli("verify", str(ref), "--key", str(RECIPES.parent / "attestations" / "keys" / f"{name}.pub"),
                 "--model", str(out / "model"), "--recipe", str(DEFAULT), "--sha256")
-    if same:
+    if equal:
         assert p.returncode == 0, p.stdout + p.stderr
         assert p.stdout.strip().endswith("verdict: verified")
     else:
         assert p.returncode == 1 and "model.safetensors" in p.stdout, (why, p.stdout)
     p = run_cli("verify", str(ref), "--key", str(RECIPES.parent / "attestations" / "keys" / f"{name}.pub"),
                 "--model", str(out / "model"), "--reproduced")
-    expected = "reproduced (bitwise)" if same else "reproduced (within tolerance)"
+    expected = "reproduced (bitwise)" if equal else "reproduced (within tolerance)"
     assert p.returncode == 0 and p.stdout.strip().endswith(f"verdict: {expected}"), (why, p.stdout + p.stderr)
 
 
@@ -214,12 +219,15 @@ def test_rebuilding_the_reference_signs_a_vsa_that_says_whether_it_reproduced(de
     assert p.returncode == 0, res
     st = json.loads(base64.b64decode(json.loads(ref.read_text())["payload"]))
     same, why = stack_matches(st, build_json(reb))
+    equal = st["predicate"]["runDetails"]["provenance_outputs"]["tensors"]["digest"] == \
+        build_json(reb)["weights"]["tensors"]["digest"]
+    assert equal or not same, why
     vsa = json.loads(base64.b64decode(json.loads((reb / "vsa.intoto.jsonl").read_text())["payload"]))["predicate"]
     assert vsa["verificationResult"] == "PASSED"
-    if same:
+    if equal:
         assert res["verdict"] == "bitwise" and vsa["verifiedLevels"] == ["SLSA_BUILD_LEVEL_1", "SLSA_BUILD_REPRODUCED"]
     else:
         assert res["verdict"] == "within tolerance" and vsa["verifiedLevels"] == ["SLSA_BUILD_LEVEL_1"], why
     oms = RECIPES.parent / "attestations" / f"{name}.model.sig"
     p = run_cli("verify", str(oms), "--key", str(key), "--model", str(reb / "model"))
-    assert p.returncode == (0 if same else 1), p.stdout
+    assert p.returncode == (0 if equal else 1), p.stdout

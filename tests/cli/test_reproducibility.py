@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 import shutil
 import xml.etree.ElementTree as ET
 
@@ -217,11 +218,12 @@ def test_gate_passes_bitwise_and_writes_junit(builds, keys, store, tmp_path):
     ci_id = "https://github.com/example/repo/.github/workflows/reproducibility.yml"
     p = run_cli("gate", "--recipe", str(TINY), "--reference", str(out / "attestation.intoto.jsonl"),
                 "--attestation-key", str(keys / "k.pub"), "--out", str(tmp_path / "g"), "--junit", str(junit),
-                "--key", str(keys / "k.key"), store=store, env={"PROVENANCE_BUILDER_ID": ci_id})
+                "--key", str(keys / "k.key"), "--reprotest", store=store, env={"PROVENANCE_BUILDER_ID": ci_id})
     assert p.returncode == 0, p.stdout + p.stderr
     rebuilt = json.loads(base64.b64decode(json.loads((tmp_path / "g" / "attestation.intoto.jsonl").read_text())["payload"]))
     assert rebuilt["predicate"]["runDetails"]["builder"]["id"] == ci_id
     assert "bitwise required" in p.stdout and p.stdout.strip().endswith("gate: PASSED: reproduced (bitwise)")
+    assert "PASS  reprotest: every variation at once:" in p.stdout and "weights equal, transcript equal" in p.stdout
     suite = ET.parse(junit).getroot().find("testsuite")
     assert suite.get("failures") == "0" and int(suite.get("tests")) >= 5
 
@@ -234,3 +236,54 @@ def test_gate_fails_on_a_changed_recipe(builds, keys, store, tmp_path):
                 "--out", str(tmp_path / "g"), "--junit", str(junit), "--key", str(keys / "k.key"), store=store)
     assert p.returncode == 1 and "FAIL  recipe matches the reference" in p.stdout
     assert ET.parse(junit).getroot().find("testsuite").get("failures") != "0"
+
+
+def test_matrix_varies_the_environment_like_reprotest(store, tmp_path):
+    """Build path, HOME, user, locale, timezone, umask, PYTHONHASHSEED, shuffled listings and a fake
+    clock (all at once, and two alone): the same weights and transcript as the plain build."""
+    import shutil
+
+    p = run_cli("matrix", str(TINY), "--vary", "env=baseline,all,file-order,clock", "--out", str(tmp_path / "m"),
+                "--json", store=store)
+    res = json.loads(p.stdout)
+    assert p.returncode == 0, res
+    cells = res["cells"]
+    built = [c for c in cells if c["status"] == "built"]
+    expected = 4 if shutil.which("faketime") else 3
+    assert len(built) == expected and all(c["verdict"] == "bitwise" for c in built), cells
+    assert len({c["weights"] for c in built}) == 1 and len({c["transcript"] for c in built}) == 1
+    varied = json.loads((Path(cells[1]["out"]) / "build.json").read_text())
+    assert " " in cells[1]["out"]  # the build path varied
+    if shutil.which("faketime"):
+        assert varied["started"].startswith("2031-07-1")  # so did the clock
+    p = run_cli("matrix", str(TINY), "--vary", "env=moon-phase")
+    assert p.returncode == 2 and "env variation 'moon-phase'" in p.stderr
+
+
+def test_shuffled_listings_really_shuffle(tmp_path, monkeypatch):
+    from provenance._internal.listing import SHUFFLE_ENV, tree
+
+    for i in range(30):
+        (tmp_path / f"f{i:02d}").write_text("x")
+    plain = [p.name for p in tree(tmp_path)]
+    monkeypatch.setenv(SHUFFLE_ENV, "a")
+    first, again = [p.name for p in tree(tmp_path)], [p.name for p in tree(tmp_path)]
+    monkeypatch.setenv(SHUFFLE_ENV, "b")
+    other = [p.name for p in tree(tmp_path)]
+    assert sorted(first) == sorted(plain) and first == again and first != other and first != sorted(first)
+
+
+@pytest.mark.skipif(OTHER is None, reason="no second ATen level on this CPU")
+def test_diverge_layers_names_the_first_module_and_operation(builds, store):
+    a, _ = builds["native"]
+    b, _ = builds["other-cpu"]
+    p = run_cli("diverge", "--layers", str(a), str(b), "--offline", "--json", store=store)
+    res = json.loads(p.stdout)
+    assert p.returncode == 1 and not res["identical"], p.stdout + p.stderr
+    first = res["first"]
+    assert first is not None and first["a"]["module"].startswith("model") and first["a"]["op"], res
+    assert first["a"] == first["b"] and 0 < first["max_abs_diff"] < 1e-3 and first["elements_differing"] > 0
+    p = run_cli("diverge", "--layers", str(a), str(a), "--offline", store=store)
+    assert p.returncode == 0 and "identical" in p.stdout
+    p = run_cli("diverge", "--layers", str(a / "transcript.jsonl"), str(b), "--offline", store=store)
+    assert p.returncode == 2 and "build.json" in p.stderr and "Traceback" not in p.stderr
