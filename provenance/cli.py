@@ -1067,6 +1067,7 @@ def _reprotest_case(args, recipe_path: Path, out: Path, record: dict) -> tuple[s
 
     from .repro.matrix import run_cell, variation
 
+    out = out.resolve()  # the varied build runs in another working directory
     cell = out.parent / f"{out.name}-reprotest"
     shutil.rmtree(cell, ignore_errors=True)
     var = variation("all", cell, 1)
@@ -1080,9 +1081,12 @@ def _reprotest_case(args, recipe_path: Path, out: Path, record: dict) -> tuple[s
     if p.returncode != 0:
         return ("reprotest: every variation at once", False, f"the varied build failed (exit {p.returncode}): "
                 + (p.stderr.strip().splitlines() or ["?"])[-1])
+    transcript = var.out / "transcript.jsonl"
+    if not transcript.is_file():
+        return ("reprotest: every variation at once", False, f"the varied build wrote no {transcript}")
     got = json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])["weights"]
     same_weights = got == f"blake3:{record['weights']['tensors']['digest']}"
-    same_transcript = (blake3.blake3((var.out / "transcript.jsonl").read_bytes()).hexdigest()
+    same_transcript = (blake3.blake3(transcript.read_bytes()).hexdigest()
                        == blake3.blake3((out / "transcript.jsonl").read_bytes()).hexdigest())
     clock = f"clock {var.prefix[-1]}" if var.prefix else "; ".join(f"not varied: {x}" for x in var.not_varied)
     return ("reprotest: every variation at once", same_weights and same_transcript,

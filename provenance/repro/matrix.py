@@ -156,6 +156,7 @@ def run_matrix(recipe: Path, axes, out: Path, *, store: str | None, offline: boo
     from .compare import compare
     from .diverge import diverge, loss_curve
 
+    out = Path(out).resolve()  # a varied build may run in another working directory
     cells = []
     for i, combo in enumerate(itertools.product(*[vals for _, vals in axes])):
         settings = dict(zip([name for name, _ in axes], combo))

@@ -287,3 +287,12 @@ def test_diverge_layers_names_the_first_module_and_operation(builds, store):
     assert p.returncode == 0 and "identical" in p.stdout
     p = run_cli("diverge", "--layers", str(a / "transcript.jsonl"), str(b), "--offline", store=store)
     assert p.returncode == 2 and "build.json" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_varied_build_path_with_a_relative_out_dir(store, tmp_path):
+    """The build-path variation runs the build in another working directory: a relative --out (as
+    `make gate` passes) must still name the same place (CI caught this once)."""
+    p = run_cli("matrix", str(TINY), "--vary", "env=build-path", "--out", "rel", "--json", store=store, cwd=tmp_path)
+    res = json.loads(p.stdout)
+    assert p.returncode == 0 and res["cells"][0]["status"] == "built", res
+    assert Path(res["cells"][0]["out"]).is_absolute() and (Path(res["cells"][0]["out"]) / "build.json").is_file()
