@@ -153,9 +153,9 @@ def cmd_verify(args) -> int:
         raise InputError("--reference-model answers the reproduced question: add --reproduced")
     prefetch = None
     if args.model and Path(args.model).is_dir():
-        from .verify.model_dir import Prefetch  # hashing starts now, while the rest is imported and checked
+        from ._internal.prefetch import take  # hashing has begun (verify-attestation) or starts now
 
-        prefetch = Prefetch(Path(args.model), sha256=args.sha256)
+        prefetch = take(Path(args.model), sha256=args.sha256)
     from .verify import render, verify
 
     report = verify(Path(args.attestation), keys=[Path(k) for k in args.key], threshold=args.threshold,
@@ -684,7 +684,9 @@ def verify_main(argv: list[str] | None = None) -> int:
 
 
 def verify_entry() -> None:
-    sys.exit(verify_main())
+    from ._entry import verify_entry as entry
+
+    entry()
 
 
 def cmd_matrix(args) -> int:

@@ -7,7 +7,6 @@ construction byte for byte.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -30,7 +29,11 @@ def hash_fd(fd: int, *, sha256: bool = True, progress: Callable[[int], None] | N
     stays bounded whatever the size, and no byte is copied into a Python buffer.
     """
     b3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    sha = hashlib.sha256() if sha256 else None
+    sha = None
+    if sha256:
+        import hashlib  # loads OpenSSL: only when asked (verify-attestation's start-up)
+
+        sha = hashlib.sha256()
     size = os.fstat(fd).st_size
     offset = 0
     while offset < size:
@@ -60,6 +63,8 @@ def blake3_bytes(data: bytes) -> str:
 
 def hash_bytes(data: bytes) -> dict[str, str]:
     """{"blake3": hex, "sha256": hex} of in-memory bytes."""
+    import hashlib
+
     return {"blake3": blake3_bytes(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._internal.hashing import hash_fd
+from .._internal.prefetch import Prefetch, _identity, scan  # noqa: F401 - re-exported
 from .._internal.safetensors import SafetensorsError, check_fd
 from ..attest.model import Statement
 from ..errors import InputError
@@ -65,87 +65,9 @@ class ModelDirResult:
         return not (self.missing or self.unlisted or self.structure or self.differing)
 
 
-def scan(model_dir: Path) -> tuple[dict[str, Path], list[str]]:
-    """(regular files by relative POSIX name, entries that may not be in a model dir)."""
-    files: dict[str, Path] = {}
-    refused: list[str] = []
-    stack = [(Path(model_dir), "")]
-    while stack:
-        d, prefix = stack.pop()
-        try:
-            entries = sorted(os.scandir(d), key=lambda e: e.name)
-        except OSError as e:
-            raise InputError(f"--model {model_dir}: cannot list {d}: {e.strerror}") from None
-        for e in entries:
-            rel = prefix + e.name
-            st = e.stat(follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
-                try:
-                    target = os.readlink(e.path)
-                except OSError:
-                    target = "?"
-                refused.append(f"{rel}: a symlink (-> {target}); a model dir holds only regular files")
-            elif stat.S_ISDIR(st.st_mode):
-                stack.append((Path(e.path), rel + "/"))
-            elif stat.S_ISREG(st.st_mode):
-                files[rel] = Path(e.path)
-            else:
-                kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
-                        else "a device")
-                refused.append(f"{rel}: {kind}; a model dir holds only regular files")
-    return files, refused
-
-
 def _inode(path: Path) -> tuple[int, int]:
     info = path.lstat()
     return info.st_dev, info.st_ino
-
-
-def _identity(st: os.stat_result) -> tuple[int, ...]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-class Prefetch:
-    """Hash a model dir's regular files in a background thread, started before the signature is
-    checked, so that start-up and hashing overlap (blake3 releases the GIL). Nothing is trusted
-    from it blindly: `inspect` reuses a digest only for a file it has itself opened (without
-    following symlinks) whose device, inode, size, mtime and ctime equal those of the file that
-    was hashed, checked before and after hashing; anything else is hashed again."""
-
-    def __init__(self, model_dir: Path, *, sha256: bool) -> None:
-        self.sha256 = sha256
-        self._done: dict[str, tuple[tuple[int, ...], dict[str, str]]] = {}
-        self._thread = threading.Thread(target=self._run, args=(Path(model_dir),), daemon=True)
-        self._thread.start()
-
-    def _run(self, model_dir: Path) -> None:
-        try:
-            files, _ = scan(model_dir)
-        except Exception:  # noqa: BLE001 - a speculative prefetch; inspect() reports real errors
-            return
-        for rel, path in files.items():
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            except OSError:
-                continue
-            try:
-                before = os.fstat(fd)
-                if not stat.S_ISREG(before.st_mode):
-                    continue
-                digests = hash_fd(fd, sha256=self.sha256)
-                if _identity(os.fstat(fd)) == _identity(before):
-                    self._done[rel] = (_identity(before), digests)
-            except OSError:
-                continue
-            finally:
-                os.close(fd)
-
-    def get(self, rel: str, identity: tuple[int, ...], sha256: bool) -> dict[str, str] | None:
-        self._thread.join()
-        got = self._done.get(rel)
-        if got is None or got[0] != identity or (sha256 and not self.sha256):
-            return None
-        return got[1]
 
 
 # A published model folder (`provenance publish`, docs/receipts.md) keeps its receipts here, and its

@@ -12,6 +12,9 @@ import base64
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -528,3 +531,49 @@ def test_unlisted_weight_formats_are_named_as_weights(case, capsys, name):
     code, obj, _ = run(case, capsys)
     detail = next(c["detail"] for c in obj["checks"] if c["check"] == "unlisted-files")
     assert code == 1 and f"{name}: weights, not among the signed subjects" in detail, detail
+
+
+# ---- the console script starts hashing before it parses its arguments -----------------------------------
+
+def _console(case, *args: str) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).parent / "verify-attestation"
+    return subprocess.run([str(script), str(case.att), "--key", str(case.keys / "signer.pub"), *args, "--json"],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("form", ["--model DIR", "--model=DIR"])
+def test_console_script_verifies_with_either_model_form(case, form):
+    args = ["--model", str(case.model)] if form == "--model DIR" else [f"--model={case.model}"]
+    p = _console(case, *args)
+    assert p.returncode == 0 and json.loads(p.stdout)["result"] == "verified", p.stdout + p.stderr
+
+
+def test_console_script_uses_the_model_argparse_chose_not_the_one_hashed_early(case, tmp_path):
+    # argparse accepts the abbreviation --mode and keeps the last option; the early scan sees only --model
+    good = tmp_path / "good"
+    shutil.copytree(case.model, good)
+    with open(case.weights, "r+b") as f:
+        f.seek(200)
+        b = f.read(1)
+        f.seek(200)
+        f.write(bytes([b[0] ^ 1]))
+    p = _console(case, "--model", str(case.model), "--mode", str(good))
+    assert p.returncode == 0 and json.loads(p.stdout)["result"] == "verified", p.stdout + p.stderr
+    p = _console(case, "--model", str(good), "--mode", str(case.model))
+    assert p.returncode == 1 and "model-files" in failing(json.loads(p.stdout)), p.stdout
+
+
+def test_prefetch_take_matches_dir_and_digest_set(tmp_path):
+    from provenance._internal import prefetch
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "a.bin").write_bytes(b"abc")
+    prefetch.start_from_argv(["att.jsonl", "--model", str(tmp_path / "m")])
+    early = prefetch._early
+    assert early is not None
+    assert prefetch.take(tmp_path / "m", sha256=True) is not early  # blake3 only was hashed early
+    prefetch.start_from_argv(["att.jsonl", f"--model={tmp_path / 'm'}"])
+    early = prefetch._early
+    assert prefetch.take(tmp_path / "m", sha256=False) is early
+    prefetch.start_from_argv(["att.jsonl", "--", "--model", str(tmp_path / "m")])
+    assert prefetch._early is None
