@@ -41,6 +41,13 @@ def cmd_build(args) -> int:
     # Preflight, before any key is made, input fetched or step trained.
     check_out_dir(out)
     Store(args.store).check_writable()
+    if args.rounding_log is not None:
+        if not recipe.recipe.determinism.portable:
+            raise InputError(f"--rounding-log {args.rounding_log}: {recipe.path} is not a portable recipe "
+                             "([determinism] portable = true)")
+        from .build.portable import read_log
+
+        read_log(Path(args.rounding_log))
     reporter = Reporter(enabled=not args.json and rank == 0)
     signing = _signing(args, reporter)
     if args.world_size > 1 and "RANK" not in os.environ:
@@ -52,7 +59,8 @@ def cmd_build(args) -> int:
                    handed=parse_handed(args.input, recipe), allow_toolchain_mismatch=args.allow_toolchain_mismatch,
                    reporter=reporter, signing=signing, cpu_capability=args.cpu_capability,
                    resume=args.resume, checkpoint_every=args.checkpoint_every, use_cache=args.cache,
-                   keep_checkpoints=args.keep_checkpoints, licence_compatibility=args.licence_compatibility)
+                   keep_checkpoints=args.keep_checkpoints, licence_compatibility=args.licence_compatibility,
+                   rounding_log=Path(args.rounding_log) if args.rounding_log else None)
     if record is None:  # a rank other than 0: rank 0 reports
         return 0
     weights = record["weights"]["tensors"]["digest"]
@@ -459,6 +467,9 @@ def parser() -> argparse.ArgumentParser:
                    help="require a checkpoint of this build in --out and continue from it (by default a matching "
                         "checkpoint is used when there is one)")
     b.add_argument("--no-resume", dest="resume", action="store_false", help="ignore checkpoints; start afresh")
+    b.add_argument("--rounding-log", metavar="TRANSCRIPT",
+                   help="portable recipes: follow the rounding log in this transcript.jsonl of an earlier build of "
+                        "the same recipe, so that values near a float32 rounding boundary round the same way")
     b.add_argument("--keep-checkpoints", action="store_true", default=None,
                    help="keep the scheduled checkpoints in OUT/replay/ for `provenance replay` "
                         "(overrides [checkpoint] keep_for_replay)")
@@ -730,15 +741,42 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
 
     bounds = load_policy(Path(args.policy) if args.policy else None).reproduced
     reporter = Reporter(enabled=not args.json)
+    log = _reference_rounding_log(Path(args.attestation), payload, reporter) if recipe.recipe.determinism.portable \
+        else None
     signing = _signing(args, reporter)
     # An independent rebuild trains every step: no stage cache, no checkpoint from an earlier run.
     record = build(recipe, out=out, store=Store(args.store), offline=args.offline,
                    handed=parse_handed(args.input, recipe), reporter=reporter, signing=signing,
-                   resume=False, use_cache=False, cpu_capability=getattr(args, "cpu_capability", None))
+                   resume=False, use_cache=False, cpu_capability=getattr(args, "cpu_capability", None),
+                   rounding_log=log)
     match, why = stack_matches(payload, record)
     report = judge_build(st, out / "model", bitwise=match if bitwise is None else bitwise, bounds=bounds,
                          store=Path(args.store) if args.store else None)
     return record, report, signing, match, why
+
+
+def _reference_rounding_log(attestation: Path, payload: dict, reporter):
+    """A portable recipe's rebuild follows the reference's rounding log: the signed transcript.jsonl
+    beside the attestation (its blake3 must be the one the attestation signs). None, said aloud,
+    when there is none; CheckFailed when it is there but not the signed one."""
+    import blake3
+
+    from .build.portable import read_log
+    from .errors import CheckFailed
+
+    path = attestation.parent / "transcript.jsonl"
+    signed = {b["name"]: b["digest"] for b in payload["predicate"]["runDetails"].get("byproducts", [])}
+    data = _read_bounded(path, limit=1 << 30)
+    if data is None or "transcript.jsonl" not in signed:
+        reporter.log(f"portable recipe, but no signed transcript at {path}: rebuilding without the reference's "
+                     "rounding log (a value near a float32 rounding boundary may round the other way)")
+        return None
+    if blake3.blake3(data).hexdigest() != signed["transcript.jsonl"].get("blake3"):
+        raise CheckFailed(f"{path}: not the transcript.jsonl the attestation signs; its rounding log cannot be used")
+    log = read_log(path, data)
+    reporter.log(f"portable recipe: following the reference's rounding log ({sum(map(len, log.entries.values()))} "
+                 f"values, {path})")
+    return log
 
 
 def cmd_replay(args) -> int:

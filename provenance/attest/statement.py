@@ -151,7 +151,8 @@ def statement(*, recipe, record: dict, manifest: dict, model_files: dict[str, di
                     "machine": record.get("machine", {}),
                     "toolchain_mismatches": record["toolchain"]["mismatches"],
                     "distributed": record.get("distributed", {"world_size": 1, "backend": None}),
-                    "training": {k: record["training"].get(k) for k in ("resumed_after_step", "stage_cache")},
+                    "training": {k: record["training"][k] for k in ("resumed_after_step", "stage_cache", "portable")
+                                 if k in record["training"]},
                 },
                 "resolvedDependencies": deps,
             },

@@ -246,6 +246,8 @@ def apply(det: Determinism, *, threads: int | None = None, cpu_capability: str |
         "cuda": {k: v for k, v in cuda.items()},
         "compile": False,
         "pythonhashseed": os.environ.get("PYTHONHASHSEED"),
+        # only for portable recipes, so that the record of every other recipe stays as it was
+        **({"portable": True, "portable_margin": det.portable_margin} if det.portable else {}),
     }
 
 

@@ -17,11 +17,18 @@ from __future__ import annotations
 IGNORE = -100
 
 
+def _at_least_float32(t):
+    """float32 for half-precision and float32 tensors; float64 (portable mode) stays float64."""
+    import torch
+
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def full_loss_sum(logits, labels):
     """Sum of next-token cross-entropies over labelled positions (padding is -100): 0 for none."""
     import torch
 
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+    return torch.nn.functional.cross_entropy(_at_least_float32(logits[:, :-1].reshape(-1, logits.shape[-1])),
                                              labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
 
 
@@ -32,11 +39,11 @@ def _linear_ce():
         @staticmethod
         def forward(ctx, hidden, weight, labels, chunk: int):
             with torch.autocast(hidden.device.type, enabled=False):
-                h = hidden.float()
-                w = weight.float()
+                h = _at_least_float32(hidden)
+                w = _at_least_float32(weight)
                 grad_h = torch.empty_like(h)
                 grad_w = torch.zeros_like(w)
-                loss = torch.zeros((), dtype=torch.float32, device=h.device)
+                loss = torch.zeros((), dtype=h.dtype, device=h.device)
                 for a in range(0, h.shape[0], chunk):
                     hc, yc = h[a:a + chunk], labels[a:a + chunk]
                     logits = hc @ w.t()

@@ -357,7 +357,8 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
           reporter: Reporter | None = None, signing: Signing | None = None,
           cpu_capability: str | None = None, resume: bool | None = None,
           checkpoint_every: int | None = None, use_cache: bool = True,
-          keep_checkpoints: bool | None = None, licence_compatibility: str = "warn") -> dict:
+          keep_checkpoints: bool | None = None, licence_compatibility: str = "warn",
+          rounding_log=None) -> dict:
     """Run the whole pipeline. Returns build.json's content (None on ranks other than 0).
 
     `resume`: None resumes from a checkpoint in `out` of the same identity if there is one, True
@@ -366,13 +367,24 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
     `keep_checkpoints` overrides `[checkpoint] keep_for_replay`: the scheduled checkpoints stay in
     OUT/replay/ for `provenance replay`. `licence_compatibility` ("ignore", "warn", "fail"): whether
     the output licence is judged against the training files' (audit/licences.py) and whether an
-    incompatible one stops the build before training (CheckFailed, exit 1).
+    incompatible one stops the build before training (CheckFailed, exit 1). `rounding_log`: the
+    transcript of an earlier build of this portable recipe whose rounding log this build follows
+    (build/portable.py); a log that does not fit stops the build (CheckFailed, exit 1).
     Raises ProvenanceError subclasses."""
     from . import toolchain
 
     reporter = reporter or Reporter(enabled=False)
     r = recipe.recipe
     check_out_dir(out)
+    log = None
+    if rounding_log is not None:
+        if not r.determinism.portable:
+            raise InputError(f"--rounding-log {rounding_log}: {recipe.path} is not a portable recipe "
+                             "([determinism] portable = true)")
+        from .portable import RoundingLog, read_log
+
+        # read before anything expensive; InputError names the line
+        log = rounding_log if isinstance(rounding_log, RoundingLog) else read_log(Path(rounding_log))
     every_steps = checkpoint_every or r.checkpoint.every_steps
     keep_for_replay = r.checkpoint.keep_for_replay if keep_checkpoints is None else keep_checkpoints
     if keep_for_replay and not every_steps:
@@ -433,7 +445,8 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         from .transcript import Transcript
 
         with determinism.sdpa_context(r.determinism):
-            model = build_model(r.model, tok.get_vocab_size(), ids, r.determinism.seed)
+            model = build_model(r.model, tok.get_vocab_size(), ids, r.determinism.seed,
+                                portable=r.determinism.portable)
             if r.determinism.device == "cuda":
                 import torch
 
@@ -445,7 +458,15 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             totals = [stage_steps(s, seqs) for s in r.stages]
             from . import checkpoint as ckpt
 
-            ident = ckpt.identity(recipe.digests["blake3"], [s.digests for s in stored], tc["installed"], det_record,
+            rounder = None
+            ident_det = det_record
+            if r.determinism.portable:
+                from .portable import Rounder
+
+                rounder = Rounder(r.determinism.portable_margin, log)
+                if log is not None:  # a build that follows a log is another build than one that makes its own
+                    ident_det = {**det_record, "rounding_log": log.digest}
+            ident = ckpt.identity(recipe.digests["blake3"], [s.digests for s in stored], tc["installed"], ident_det,
                                   dist.world_size)
             cdir = out / ckpt.DIRNAME
             checkpointer = ckpt.Checkpointer(cdir, ident, every_steps=every_steps,
@@ -461,7 +482,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
                 tokenizer_digest=data.tokenizer_digest, seqs=seqs, special_ids=ids, determinism=det_record,
                 toolchain=tc["installed"], world_size=dist.world_size,
                 checkpoint_every=checkpoint_every or r.checkpoint.every_steps),
-                read=use_cache and dist.world_size == 1, log=reporter.log)
+                read=use_cache and dist.world_size == 1 and log is None, log=reporter.log)
             cached = cache.lookup()
             if cached is not None and (found is None or cached.state.global_step >= found.state.global_step):
                 found = None
@@ -480,7 +501,8 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
                 stages = train(model, r, seqs, ids["pad_token_id"], transcript,
                                progress=lambda name, step, total, loss: advance(1, f"{name} loss {loss:.4f}"),
                                dist=dist, checkpointer=checkpointer, resume=start,
-                               on_stage_end=cache.store if dist.world_size == 1 else None)
+                               on_stage_end=cache.store if dist.world_size == 1 and log is None else None,
+                               rounder=rounder)
             if dist.world_size > 1:
                 import torch.distributed as tdist
 
@@ -547,7 +569,11 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
                          "resumed_after_step": found.state.global_step if found is not None else None,
                          "checkpoints_written": len(checkpointer.written),
                          "checkpoint_every_steps": every_steps, "checkpoints_kept_for_replay": kept,
-                         "stage_cache": cache.record([s.name for s in r.stages], use_cache)},
+                         "stage_cache": cache.record([s.name for s in r.stages], use_cache and log is None),
+                         **({"portable": {"margin": r.determinism.portable_margin, "values_logged": rounder.logged,
+                                          "rounded_as_logged_against_nearest": rounder.forced,
+                                          "rounding_log_from": {"blake3": log.digest} if log else None}}
+                            if rounder is not None else {})},
             "recitation": recite.record(),
             "audit": {**{k: audit_doc["summary"][k] for k in ("extraction_rate", "control_extraction_rate",
                                                                "excess_over_control",

@@ -26,7 +26,7 @@ def _child(recipe_path: str, stage_name: str, steps: int) -> dict:
     n_special = len(r.tokenizer.special_tokens)
     ids = {"bos_token_id": 0, "eos_token_id": min(1, n_special - 1), "pad_token_id": n_special - 1}
     with determinism.sdpa_context(r.determinism):
-        model = build_model(r.model, v, ids, r.determinism.seed)
+        model = build_model(r.model, v, ids, r.determinism.seed, portable=r.determinism.portable)
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, foreach=False)
         mb = stage.micro_batch_size or stage.batch_size

@@ -77,7 +77,9 @@ def lr_factor(stage: Stage, step: int, total: int) -> float:
     return stage.min_lr_ratio + (1.0 - stage.min_lr_ratio) * shape
 
 
-def build_model(spec: Model, vocab_size: int, special: dict[str, int], seed: int):
+def build_model(spec: Model, vocab_size: int, special: dict[str, int], seed: int, portable: bool = False):
+    """The recipe's LlamaForCausalLM, initialised from the seed: float32, or with `portable` a
+    float64 model whose weights are not yet rounded (train() rounds and logs them, build/portable.py)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -102,6 +104,18 @@ def build_model(spec: Model, vocab_size: int, special: dict[str, int], seed: int
     config._attn_implementation = spec.attn_implementation
     # Seed immediately before construction: LaaM initialised weights before seeding.
     torch.manual_seed(derive_seed(seed, "model-init"))
+    if portable:
+        from .portable import make_float64
+
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)  # initialised in float64, rounded to float32 by train()
+        try:
+            model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(before)
+        model = model.to(torch.float64)
+        make_float64(model)
+        return model
     model = LlamaForCausalLM(config)
     return model.to(torch.float32)
 
@@ -125,10 +139,14 @@ def saved_state(model) -> dict:
 
 def param_digest(model) -> str:
     """blake3-tensors-v1 of the tensors the model dir will hold: the same digest `build.json` gives
-    the saved weights, so a transcript's last `params` equals the weights digest (docs/formats.md)."""
+    the saved weights, so a transcript's last `params` equals the weights digest (docs/formats.md).
+    A portable build's float64 training copy holds float32 values: its digest is theirs."""
+    import torch
+
     from .._internal.hashing import tensors_digest
 
-    return tensors_digest(digest_item(name, p) for name, p in saved_state(model).items())
+    return tensors_digest(digest_item(name, p.to(torch.float32) if p.dtype == torch.float64 else p)
+                          for name, p in saved_state(model).items())
 
 
 def digest_item(name: str, t) -> tuple[str, str, list[int], bytes]:
@@ -212,7 +230,8 @@ def micro_loss_sum(net, model, stage: Stage, input_ids, labels):
 
 def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript: Transcript,
           progress: Callable[[str, int, int, float], None] | None = None, dist: Dist = Dist(),
-          checkpointer=None, resume=None, on_stage_end=None, stop_after: int | None = None) -> list[StageResult]:
+          checkpointer=None, resume=None, on_stage_end=None, stop_after: int | None = None,
+          rounder=None) -> list[StageResult]:
     """Train `model` through the recipe's stages. With dist.world_size > 1 the model is wrapped in
     DistributedDataParallel and each rank computes the gradient of its shard of every global batch;
     the loss is scaled so the all-reduced (averaged) gradient is the global per-token mean.
@@ -221,7 +240,12 @@ def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript:
     SIGINT or SIGTERM, after the step in progress (then Interrupted is raised). With `resume` (a
     checkpoint.Resume), training continues from it and gives the same bits as an uninterrupted run.
     `on_stage_end(stage_index, state, tensors, transcript)` is called after each stage's last step
-    (the stage cache). With `stop_after`, StopAt is raised after that global step (replay)."""
+    (the stage cache). With `stop_after`, StopAt is raised after that global step (replay).
+
+    A portable recipe (build/portable.py) trains a float64 model from build_model(portable=True):
+    the state is rounded to float32 values after initialisation and after every step by `rounder`
+    (a portable.Rounder; one that logs is made when none is given), the log goes into the
+    transcript, and the model is float32 when training completes."""
     import signal
     import threading
 
@@ -252,16 +276,28 @@ def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript:
         transcript.lines, transcript.prev = list(resume.transcript_lines), resume.transcript_prev
         results = [StageResult(**r) for r in resume.state.results]
         global_step = resume.state.global_step
+    init_rounding = {}
+    if recipe.determinism.portable:
+        from .portable import Rounder
+
+        rounder = rounder or Rounder(recipe.determinism.portable_margin)
+        if resume is None:
+            init_rounding = rounder.round_model(-1, model)
     try:
-        return _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkpointer, resume,
-                       results, global_step, device, stop, on_stage_end, stop_after)
+        results = _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkpointer, resume,
+                          results, global_step, device, stop, on_stage_end, stop_after, rounder, init_rounding)
+        if rounder is not None:
+            rounder.finish()
+            model.to(torch.float32)  # exact: every value is a float32 value
+        return results
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
 
 
 def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkpointer, resume, results,
-            global_step, device, stop, on_stage_end=None, stop_after=None) -> list[StageResult]:
+            global_step, device, stop, on_stage_end=None, stop_after=None, rounder=None,
+            init_rounding=None) -> list[StageResult]:
     import torch
 
     from ..errors import Interrupted
@@ -341,6 +377,15 @@ def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkp
 
                 tdist.all_reduce(total_loss)
             last = float(total_loss) / max(1, n_global)
+            rounding = {}
+            if rounder is not None:  # portable mode: float32 state, boundary cases logged
+                rounding = rounder.round_model(global_step, model, opt)
+                last, e = rounder.round_scalar(global_step, "loss", last)
+                if e:
+                    rounding["loss"] = e
+                gnorm, e = rounder.round_scalar(global_step, "grad_norm", float(gnorm))
+                if e:
+                    rounding["grad_norm"] = e
             if step == 0:
                 first = last
             tokens += n_global
@@ -350,6 +395,9 @@ def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkp
                 "samples": blake3.blake3(idx.numpy().astype("<i8").tobytes()).hexdigest(),
                 "loss": float(last).hex(), "grad_norm": float(gnorm).hex(), "lr": float(lr).hex(),
             }
+            if rounder is not None and (rounding or (init_rounding and global_step == 0)):
+                record["rounding"] = {**({"init": init_rounding} if init_rounding and global_step == 0 else {}),
+                                      **({"step": rounding} if rounding else {})}
             if (step + 1) % PARAM_DIGEST_EVERY == 0 or step + 1 == total:
                 record["params"] = param_digest(model)
             step += 1

@@ -33,10 +33,11 @@ class Transcript:
         return b"".join(line + b"\n" for line in self.lines)
 
 
-def read(path: Path) -> list[dict]:
-    """Parse a transcript and check its hash chain. Raises InputError if unreadable or broken."""
+def read(path: Path, data: bytes | None = None) -> list[dict]:
+    """Parse a transcript (`data`, or the file's bytes) and check its hash chain. Raises InputError
+    if unreadable or broken."""
     try:
-        raw = Path(path).read_bytes().splitlines()
+        raw = (Path(path).read_bytes() if data is None else data).splitlines()
     except OSError as e:
         raise InputError(f"{path}: cannot read transcript: {e.strerror}") from None
     prev, out = GENESIS, []

@@ -249,6 +249,10 @@ class Determinism(Strict):
     cudnn_benchmark: bool = False
     allow_tf32: bool = False
     cublas_workspace_config: Literal[":4096:8", ":16:8"] = ":4096:8"
+    # Portable mode (build/portable.py, docs/reproducibility.md): float64 compute, float32 state
+    # rounded after every step, values near a rounding boundary logged in the transcript.
+    portable: bool = False
+    portable_margin: Annotated[float, Field(gt=0, lt=0.5)] = 2.0 ** -12
 
 
 class Toolchain(Strict):
@@ -371,9 +375,29 @@ class Recipe(Strict):
                     f"stages[{i}].seq_len: {stage.seq_len} exceeds model.max_position_embeddings "
                     f"({self.model.max_position_embeddings})"
                 )
+        if self.determinism.portable:
+            problems.extend(_portable_problems(self))
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def _portable_problems(recipe: Recipe) -> list[str]:
+    """What a portable recipe may not use, as `field: problem` strings (empty when fine)."""
+    det = recipe.determinism
+    problems = []
+    if det.device != "cpu":
+        problems.append("determinism.device: portable mode runs on the CPU (float64 on CUDA is not measured)")
+    if det.sdpa_backend != "math":
+        problems.append("determinism.sdpa_backend: portable mode needs 'math' (float64 attention)")
+    if recipe.model.attn_implementation != "sdpa":
+        problems.append("model.attn_implementation: portable mode needs 'sdpa' (eager attention's softmax is "
+                        "float32 in transformers)")
+    for i, s in enumerate(recipe.stages):
+        if s.precision != "float32":
+            problems.append(f"stages[{i}].precision: portable mode computes in float64; {s.precision!r} is not "
+                            "allowed")
+    return problems
 
 
 class LoadedRecipe:

@@ -47,13 +47,13 @@ class MemoryEstimate:
 
 def stage_memory(r: Recipe, stage: Stage, vocab: int | None = None, world_size: int = 1) -> MemoryEstimate:
     """Peak memory of one training step of `stage` in one process, float32 throughout (an upper
-    bound for bf16 autocast). Attention: eager attention and SDPA's math backend both materialize
+    bound for bf16 autocast), float64 in portable mode. Attention: eager attention and SDPA's math backend both materialize
     the scores, batch × heads × seq × seq, kept per layer for backward; SDPA's flash backend does not.
     The loss: `cross_entropy = "full"` holds the logits three times over, `"chunked"` one chunk's."""
     m = r.model
     v = vocab or r.tokenizer.vocab_size
     b = stage.micro_batch_size or -(-stage.batch_size // world_size)
-    t, f = stage.seq_len, 4
+    t, f = stage.seq_len, 8 if r.determinism.portable else 4
     p = parameter_count(r, v)
     hidden = b * t * (10 * m.hidden_size + 4 * m.intermediate_size) * f
     if m.attn_implementation == "sdpa" and r.determinism.sdpa_backend == "flash":
@@ -70,7 +70,7 @@ def stage_memory(r: Recipe, stage: Stage, vocab: int | None = None, world_size: 
     else:
         loss = 3 * b * t * v * f  # logits, log-softmax, its gradient
     parts = {
-        "weights+grads+AdamW": 16 * p,
+        "weights+grads+AdamW": 4 * f * p,
         "attention scores": attention,
         "other activations": hidden * m.num_hidden_layers,
         "logits and loss": loss,

@@ -175,7 +175,8 @@ def _run(recipe_path: Path, level: str, step: int, out: Path, full: int | None, 
             return result
 
     with determinism.sdpa_context(r.determinism):
-        model = train_mod.build_model(r.model, data.tokenizer.get_vocab_size(), data.special_ids, r.determinism.seed)
+        model = train_mod.build_model(r.model, data.tokenizer.get_vocab_size(), data.special_ids, r.determinism.seed,
+                                      portable=r.determinism.portable)
         names = {m: n or "model" for n, m in model.named_modules()}
         def enter(mod, _inputs) -> None:
             module_stack.append(f"{names[mod]} ({type(mod).__name__})")

@@ -124,22 +124,28 @@ def sign_vsa(vsa: dict, signers, path: Path) -> None:
 def stack_matches(st: dict, record: dict) -> tuple[bool, str]:
     """Whether a rebuild ran on the reference's stack: same CPU capability, the same MKL and oneDNN
     pins, the same CPU vendor (MKL's code paths are chosen by vendor as well as by ISA) and the same
-    toolchain versions. Bitwise equality is required only then (docs/reproducibility.md)."""
+    toolchain versions. Bitwise equality is required only then (docs/reproducibility.md).
+
+    A portable build (both the reference's and this one, build/portable.py) is bitwise by design
+    across CPU capabilities, vendors and numerics libraries: only the toolchain must match."""
     internal = st["predicate"]["buildDefinition"].get("internalParameters", {})
     ref_det, ref_machine = internal.get("determinism", {}), internal.get("machine", {})
     det, mach = record["determinism"], record.get("machine", {})
     diffs = []
-    if ref_det.get("cpu_capability") != det.get("cpu_capability"):
+    portable = bool(ref_det.get("portable")) and bool(det.get("portable"))
+    if not portable and ref_det.get("cpu_capability") != det.get("cpu_capability"):
         diffs.append(f"cpu capability {det.get('cpu_capability')} vs reference {ref_det.get('cpu_capability')}")
     ref_num, num = ref_det.get("numerics"), det.get("numerics")
-    if ref_num is None:
+    if portable:
+        pass  # pins and versions of MKL and oneDNN do not decide a portable build's bits
+    elif ref_num is None:
         diffs.append("the reference does not record its MKL and oneDNN pins")
     elif ref_num != num:
         diffs.append(f"numerics libraries {num} vs reference {ref_num}")
-    if ref_machine.get("cpu_vendor") != mach.get("cpu_vendor"):
+    if not portable and ref_machine.get("cpu_vendor") != mach.get("cpu_vendor"):
         diffs.append(f"CPU vendor {mach.get('cpu_vendor')} vs reference {ref_machine.get('cpu_vendor')} "
                      "(not measured to give the same bits)")
-    for lib in ("mkl", "onednn"):
+    for lib in ("mkl", "onednn") if not portable else ():
         if ref_machine.get(lib) != mach.get(lib):
             diffs.append(f"{lib} {mach.get(lib)} vs reference {ref_machine.get(lib)}")
     versions = {d["name"].removeprefix("toolchain:"): d.get("uri", "").rsplit("@", 1)[-1]
@@ -149,7 +155,9 @@ def stack_matches(st: dict, record: dict) -> tuple[bool, str]:
     for lib, ver in versions.items():
         if lib in installed and installed[lib] != ver:
             diffs.append(f"{lib} {installed[lib]} vs reference {ver}")
-    return not diffs, "; ".join(diffs) or "same CPU vendor, capability, numerics libraries and toolchain as the reference"
+    same = ("portable build: the same toolchain as the reference (CPU and numerics libraries need not match)"
+            if portable else "same CPU vendor, capability, numerics libraries and toolchain as the reference")
+    return not diffs, "; ".join(diffs) or same
 
 
 def junit(path: Path, suite: str, cases: list[tuple[str, bool, str]], seconds: float) -> None:

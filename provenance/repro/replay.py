@@ -203,13 +203,20 @@ def _run_segment(seg, recipe, data, lines, raw_lines, rdir, every, work, same, b
             seg.reasons = [f"starting checkpoint {path.name}: the transcript it carries differs from the signed one"]
             return
     with determinism.sdpa_context(r.determinism):
-        model = build_model(r.model, data.tokenizer.get_vocab_size(), data.special_ids, r.determinism.seed)
+        model = build_model(r.model, data.tokenizer.get_vocab_size(), data.special_ids, r.determinism.seed,
+                            portable=r.determinism.portable)
+        rounder = None
+        if r.determinism.portable:  # the segment rounds the way the signed transcript's log says
+            from ..build.portable import Rounder, read_log
+
+            rounder = Rounder(r.determinism.portable_margin,
+                              read_log(build_dir / "transcript.jsonl", b"".join(x + b"\n" for x in raw_lines)))
         transcript = Transcript()
         cp = ckpt.Checkpointer(work / f"ckpt-{seg.start}", "replay", every_steps=every, every_minutes=None, keep=1)
         cp.dir.mkdir(parents=True, exist_ok=True)
         try:
             train(model, r, data.seqs, data.special_ids["pad_token_id"], transcript, checkpointer=cp,
-                  resume=start, stop_after=seg.end)
+                  resume=start, stop_after=seg.end, rounder=rounder)
         except StopAt:
             pass
     got = transcript.lines[seg.start:seg.end]

@@ -1,0 +1,253 @@
+"""Portable mode (`[determinism] portable = true`): training state whose bits do not depend on the
+CPU's instruction set, after Srivastava, Arora and Boneh (2024), "Optimistic verifiable training by
+controlling hardware nondeterminism".
+
+Float32 results differ between kernel levels (AVX-512, AVX2, scalar) because each level sums in
+another order and fuses other multiply-adds; training amplifies the difference. In portable mode:
+
+1. The model is built and trained in float64 (`build_model(..., portable=True)`): initialisation,
+   forward, loss, backward and AdamW. The float32 upcasts `transformers` hard-codes (RMSNorm,
+   rotary embedding) are replaced by float64 versions; attention is SDPA's math kernel; the loss
+   stays in float64 (build/loss.py keeps float64 as it is).
+2. After initialisation and after every optimizer step the training state (weights, both AdamW
+   moments) and the recorded loss and gradient norm are rounded to float32 (round to nearest,
+   ties to even) and kept as float64 values that float32 represents exactly. The weights a build
+   writes are those float32 values.
+3. Two kernel levels give float64 results that differ in their last bits, so after rounding they
+   agree unless a value lies within that difference of a rounding boundary (the midpoint between
+   two float32 neighbours). Every value closer to a boundary than `portable_margin` float32 ulps is
+   logged (tensor, flat index, the float32 bits chosen) in that step's transcript line, under
+   `rounding`; the log is therefore hash-chained and signed with the transcript. A rebuild given the
+   log (`provenance build --rounding-log TRANSCRIPT`, `rebuild` does it from the reference) rounds
+   those values the way the log says. Any other value was at least the margin away from a boundary
+   in the logged build, so a rebuild whose float64 result is within the margin rounds it the same way.
+
+What breaks the argument, and is checked: a logged value that is not one of the two float32
+neighbours of the rebuild's own result (the log does not fit this build: exit 1), and a log entry
+never consumed (the log belongs to another build). What is not checked, and is measured instead
+(docs/reproducibility.md): that two kernel levels stay within the margin of each other.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import CheckFailed, InputError
+
+# ---- float64 versions of what transformers computes in float32 ---------------------------------------
+
+def _rms_norm_64(self, hidden_states):
+    import torch
+
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def _rotary_64(self, x, position_ids):
+    import torch
+
+    with torch.no_grad():
+        freqs = position_ids[..., None].to(torch.float64) * self.inv_freq.to(device=x.device, dtype=torch.float64)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+    return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def make_float64(model) -> None:
+    """Replace the float32 computations inside a float64 Llama with float64 ones (in place)."""
+    import torch
+
+    patched = set()
+    for m in model.modules():
+        kind = type(m).__name__
+        if kind == "LlamaRMSNorm":
+            m.forward = types.MethodType(_rms_norm_64, m)
+            patched.add(kind)
+        elif kind == "LlamaRotaryEmbedding":
+            if getattr(m, "rope_type", "default") != "default":
+                raise InputError(f"portable mode supports the default rotary embedding, not {m.rope_type!r}")
+            dim = m.inv_freq.numel() * 2
+            base = float(m.config.rope_parameters["rope_theta"])
+            inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+            m.inv_freq = inv
+            m.original_inv_freq = inv.clone()
+            m.forward = types.MethodType(_rotary_64, m)
+            patched.add(kind)
+    if patched != {"LlamaRMSNorm", "LlamaRotaryEmbedding"}:
+        raise RuntimeError(f"portable mode: expected RMSNorm and rotary modules in the model, found {sorted(patched)}")
+
+
+# ---- rounding with a boundary log --------------------------------------------------------------------
+
+def _round(x64, margin: float):
+    """(float32 rounding of x64, flat indices of values within `margin` ulps of a rounding boundary)."""
+    import torch
+
+    r32 = x64.to(torch.float32)
+    r = r32.to(torch.float64)
+    up = x64 > r
+    toward = torch.where(up, torch.full_like(r32, float("inf")), torch.full_like(r32, float("-inf")))
+    ulp = (torch.nextafter(r32, toward).to(torch.float64) - r).abs()  # spacing on x's side of r
+    dist = (x64 - r).abs()  # exact: x and r are within half an ulp of each other
+    near = (ulp * 0.5 - dist) < margin * ulp  # also true for exact ties (dist == ulp/2)
+    near &= (x64 != r) & torch.isfinite(x64)
+    return r32, near.view(-1).nonzero().view(-1)
+
+
+def _neighbours_ok(x64, r32, idx, forced):
+    """Whether each forced float32 value is r32 or r32's neighbour towards x64 (the two candidates)."""
+    import torch
+
+    flat_x, flat_r = x64.reshape(-1)[idx], r32.reshape(-1)[idx]
+    toward = torch.where(flat_x > flat_r.to(torch.float64), torch.full_like(flat_r, float("inf")),
+                         torch.full_like(flat_r, float("-inf")))
+    other = torch.nextafter(flat_r, toward)
+    return (forced == flat_r) | (forced == other)
+
+
+@dataclass
+class RoundingLog:
+    """Entries read from a transcript: (global step or -1 for the initial weights, tensor) -> [(index, bits)]."""
+
+    source: Path
+    digest: str = ""  # blake3 of the transcript it was read from
+    entries: dict[tuple[int, str], list[tuple[int, int]]] = field(default_factory=dict)
+    used: set[tuple[int, str]] = field(default_factory=set)
+
+    def unused(self) -> list[tuple[int, str]]:
+        return sorted(set(self.entries) - self.used)
+
+
+def parse_entries(where: str, obj) -> dict[str, list[tuple[int, int]]]:
+    """A transcript line's `rounding` object: {tensor: [[flat index, float32 bits as 8 hex digits], ...]}."""
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: `rounding` must be an object of tensor -> [[index, bits], ...]")
+    out = {}
+    for name, items in obj.items():
+        if not isinstance(items, list) or not items:
+            raise InputError(f"{where}: rounding[{name!r}] must be a non-empty list of [index, bits]")
+        pairs = []
+        for it in items:
+            if (not isinstance(it, list) or len(it) != 2 or not isinstance(it[0], int) or isinstance(it[0], bool)
+                    or it[0] < 0 or not isinstance(it[1], str) or len(it[1]) != 8):
+                raise InputError(f"{where}: rounding[{name!r}]: expected [index >= 0, 8 hex digits], got {it!r}")
+            try:
+                bits = int(it[1], 16)
+            except ValueError:
+                raise InputError(f"{where}: rounding[{name!r}]: {it[1]!r} is not 8 hex digits") from None
+            pairs.append((it[0], bits))
+        out[name] = pairs
+    return out
+
+
+def read_log(path: Path, data: bytes | None = None) -> RoundingLog:
+    """The rounding log of a portable build's transcript.jsonl (`data`, or the file's bytes; hash
+    chain checked). Raises InputError."""
+    import blake3
+
+    from .transcript import read
+
+    if data is None:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise InputError(f"--rounding-log {path}: cannot read it: {e.strerror}") from None
+    log = RoundingLog(Path(path), blake3.blake3(data).hexdigest())
+    for i, rec in enumerate(read(path, data), 1):
+        if "rounding" not in rec:
+            continue
+        step = rec.get("global_step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise InputError(f"{path}:{i}: a line with `rounding` needs an integer global_step")
+        for key, entries in rec["rounding"].items():
+            phase = {"init": -1, "step": step}.get(key)
+            if phase is None:
+                raise InputError(f"{path}:{i}: rounding keys are 'init' and 'step', got {key!r}")
+            for name, pairs in parse_entries(f"{path}:{i}: rounding.{key}", entries).items():
+                log.entries[(phase, name)] = pairs
+    return log
+
+
+class Rounder:
+    """Rounds the training state after each step, logging (or, given a log, following) the values
+    near a rounding boundary. `counts` totals what was logged and what was forced."""
+
+    def __init__(self, margin: float, log: RoundingLog | None = None) -> None:
+        self.margin, self.log = margin, log
+        self.logged = 0
+        self.forced = 0
+
+    def round_(self, phase: int, name: str, t) -> list[list]:
+        """Round tensor `t` (float64, in place) to float32 values; return its log entries."""
+        import torch
+
+        r32, near = _round(t.detach(), self.margin)
+        key = (phase, name)
+        given = self.log.entries.get(key) if self.log is not None else None
+        if given is not None:
+            self.log.used.add(key)
+            idx = torch.tensor([i for i, _ in given], dtype=torch.long)
+            if int(idx.max()) >= r32.numel():
+                raise CheckFailed(f"{self.log.source}: the rounding log does not fit this build: {name} has "
+                                  f"{r32.numel()} values, the log names index {int(idx.max())} ({_where(phase)})")
+            forced = torch.tensor([b for _, b in given], dtype=torch.int64).to(torch.int32).view(torch.float32)
+            ok = _neighbours_ok(t.detach(), r32, idx, forced)
+            if not bool(ok.all()):
+                j = int((~ok).nonzero()[0])
+                raise CheckFailed(
+                    f"{self.log.source}: the rounding log does not fit this build: {name}[{int(idx[j])}] "
+                    f"({_where(phase)}) is logged as {float(forced[j])!r}, but this build computed "
+                    f"{float(t.detach().reshape(-1)[idx[j]])!r}, whose float32 neighbours it is not")
+            self.forced += int((r32.view(-1)[idx] != forced).sum())
+            r32.view(-1)[idx] = forced
+            chosen = idx
+        else:
+            chosen = near
+        with torch.no_grad():
+            t.copy_(r32.to(torch.float64))
+        if chosen.numel() == 0:
+            return []
+        bits = r32.view(-1)[chosen].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        self.logged += chosen.numel()
+        return [[int(i), f"{int(b):08x}"] for i, b in zip(chosen.tolist(), bits.tolist())]
+
+    def round_scalar(self, phase: int, name: str, value: float) -> tuple[float, list[list]]:
+        import torch
+
+        t = torch.tensor([value], dtype=torch.float64)
+        entries = self.round_(phase, name, t)
+        return float(t[0]), entries
+
+    def round_model(self, phase: int, model, opt=None) -> dict[str, list[list]]:
+        """Round every parameter (and, with `opt`, both AdamW moments); entries by tensor name."""
+        out = {}
+        seen = set()
+        for name, p in model.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            e = self.round_(phase, name, p.data)
+            if e:
+                out[name] = e
+            st = opt.state.get(p, {}) if opt is not None else {}
+            for moment in ("exp_avg", "exp_avg_sq"):
+                if moment in st:
+                    e = self.round_(phase, f"{moment}/{name}", st[moment])
+                    if e:
+                        out[f"{moment}/{name}"] = e
+        return out
+
+    def finish(self) -> None:
+        """Every entry of a given log must have been used; raises CheckFailed otherwise."""
+        if self.log is not None and self.log.unused():
+            phase, name = self.log.unused()[0]
+            raise CheckFailed(f"{self.log.source}: the rounding log does not fit this build: "
+                              f"{len(self.log.unused())} entr(ies) were never reached, the first {name} "
+                              f"({_where(phase)})")
+
+
+def _where(phase: int) -> str:
+    return "initial weights" if phase < 0 else f"after global step {phase}"
