@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/fuzz.py
 	$(BIN)/python bench/laam_first_steps.py
 	$(BIN)/python bench/laam_rehearsal.py
+	$(BIN)/python bench/portable.py
 
 clean:
 	rm -rf build .pytest_cache

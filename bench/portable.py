@@ -46,12 +46,20 @@ def child(argv: list[str]) -> int:
     saved = {}
     original = portable.Rounder.round_
 
-    def round_(self, phase, name, t):
-        if phase >= 0 and phase % every == 0:
+    def round_(self, phase, name, t, fixed=None):
+        if phase >= 0 and phase % every == 0 and fixed is not True:  # values that may differ by level
             saved[f"{phase}/{name}"] = t.detach().reshape(-1).clone()
-        return original(self, phase, name, t)
+        return original(self, phase, name, t, fixed)
+
+    original_q = portable.Rounder.quantize_grad
+
+    def quantize_grad(self, phase, name, g):
+        if phase % every == 0:
+            saved[f"{phase}/grad/{name}"] = g.detach().reshape(-1).clone()
+        return original_q(self, phase, name, g)
 
     portable.Rounder.round_ = round_
+    portable.Rounder.quantize_grad = quantize_grad
     rc = main(["build", *build_args])
     if saved:
         save_file({k: v.to(torch.float64) for k, v in saved.items()}, dump)
@@ -66,9 +74,18 @@ def headroom(a: Path, b: Path, margin: float) -> dict:
     worst, where, values, differing, over = 0.0, None, 0, 0, 0
     for k in sorted(set(xa) & set(xb)):
         x, y = xa[k], xb[k]
-        r32 = x.to(torch.float32)
-        toward = torch.where(x > r32.double(), torch.full_like(r32, float("inf")), torch.full_like(r32, float("-inf")))
-        ulp = (torch.nextafter(r32, toward).double() - r32.double()).abs()
+        if "/grad/" in k:  # gradients are rounded on their tensor's block grid
+            amax = float(x.abs().max())
+            if amax == 0:
+                continue
+            import math
+
+            ulp = torch.full_like(x, 2.0 ** (math.frexp(amax)[1] - 1 - 23))
+        else:
+            r32 = x.to(torch.float32)
+            toward = torch.where(x > r32.double(), torch.full_like(r32, float("inf")),
+                                 torch.full_like(r32, float("-inf")))
+            ulp = (torch.nextafter(r32, toward).double() - r32.double()).abs()
         d = (x - y).abs() / ulp
         d = d[torch.isfinite(d)]
         values += d.numel()
@@ -132,7 +149,7 @@ def main() -> None:
     print(f"portable / ordinary training time (avx2)   = {ref['timings']['train'] / base_t:.2f}")
     for level in levels[1:]:
         print(f"portable {level} / ordinary avx2            = {runs[f'portable-{level}']['timings']['train'] / base_t:.2f}")
-    rounded = steps * params * 3 + params
+    rounded = steps * params + params  # gradients on their grids, and the initial weights
     print(f"values logged near a boundary: {logged} of {rounded} rounded ({logged / rounded:.2e}); transcript "
           f"{(base / 'portable-avx2' / 'transcript.jsonl').stat().st_size / 1e6:.1f} MB vs ordinary "
           f"{(base / 'ordinary-avx2' / 'transcript.jsonl').stat().st_size / 1e6:.1f} MB")

@@ -891,16 +891,16 @@ def signed_byproducts(build_dir: Path, keys: list[str], names: list[str], what: 
 
 
 def _read_bounded(path: Path, limit: int = 256 << 20) -> bytes | None:
-    """A regular file's bytes (None when it is missing, not regular, or over `limit`)."""
-    import stat
+    """A regular file's bytes, symlinks not followed (None when it is missing, a symlink, not
+    regular, or over `limit`): _internal/reading.py's reader, with "absent" as an answer."""
+    from ._internal.reading import read_regular_file
 
+    if path.is_symlink():
+        return None
     try:
-        stt = path.lstat()
-    except OSError:
+        return read_regular_file(path, "file", limit)
+    except InputError:
         return None
-    if not stat.S_ISREG(stt.st_mode) or stt.st_size > limit:
-        return None
-    return path.read_bytes()
 
 
 def cmd_sbom(args) -> int:

@@ -13,14 +13,22 @@ another order and fuses other multiply-adds; training amplifies the difference. 
    moments) and the recorded loss and gradient norm are rounded to float32 (round to nearest,
    ties to even) and kept as float64 values that float32 represents exactly. The weights a build
    writes are those float32 values.
-3. Two kernel levels give float64 results that differ in their last bits, so after rounding they
-   agree unless a value lies within that difference of a rounding boundary (the midpoint between
-   two float32 neighbours). Every value closer to a boundary than `portable_margin` float32 ulps is
-   logged (tensor, flat index, the float32 bits chosen) in that step's transcript line, under
-   `rounding`; the log is therefore hash-chained and signed with the transcript. A rebuild given the
-   log (`provenance build --rounding-log TRANSCRIPT`, `rebuild` does it from the reference) rounds
-   those values the way the log says. Any other value was at least the margin away from a boundary
-   in the logged build, so a rebuild whose float64 result is within the margin rounds it the same way.
+3. Each gradient tensor is rounded to its block grid, multiples of q = 2^(E-23) with
+   2^E <= max|g| < 2^(E+1) (quantize_grad): two levels' float64 gradients differ by about 2^-45
+   of the tensor's largest element, which for a small element can exceed its own float32 ulp,
+   but is far below q. The optimizer step is AdamW's formula (torch's, decoupled weight decay)
+   in single IEEE operations only (no lerp, addcmul or addcdiv, whose kernels may fuse a
+   multiply-add on one level and not on another): from the grid gradient and the rounded state,
+   the moments, the update and the new weights are the same bits on every level.
+4. What float64 noise can still decide is logged: a gradient element within `portable_margin`
+   grid steps of a midpoint, a gradient maximum within 2^-30 of a power of two (E), an initial
+   weight, the loss or the gradient norm within the margin (float32 ulps) of a rounding boundary;
+   each in that step's transcript line, under `rounding`, so the log is hash-chained and signed
+   with the transcript. A build given the log (`provenance build --rounding-log TRANSCRIPT`;
+   `rebuild` and `replay` do it from the signed transcript) rounds those values the way the log
+   says, and writes exactly the log's entries. Any other value was at least the margin away from
+   a boundary in the logged build, so a build whose float64 result is within the margin of it
+   rounds it the same way.
 
 What breaks the argument, and is checked: a logged value that is not one of the two float32
 neighbours of the rebuild's own result (the log does not fit this build: exit 1), and a log entry
@@ -108,6 +116,23 @@ def _neighbours_ok(x64, r32, idx, forced):
     return (forced == flat_r) | (forced == other)
 
 
+def _round_grid(y, margin: float):
+    """(round(y) to integers, half to even; flat indices of y within `margin` of a half-integer)."""
+    import torch
+
+    n = torch.round(y)
+    near = ((y - torch.floor(y) - 0.5).abs() < margin) & torch.isfinite(y)
+    return n, near.view(-1).nonzero().view(-1)
+
+
+def _grid_scale(amax: float) -> tuple[int, bool]:
+    """(E with 2^E <= amax < 2^(E+1), whether amax lies within 2^-30 of a power of two)."""
+    import math
+
+    m, e = math.frexp(amax)  # amax = m * 2^e, 0.5 <= m < 1
+    return e - 1, (m - 0.5) < 0.5 * 2.0 ** -30 or (1.0 - m) < 2.0 ** -30
+
+
 @dataclass
 class RoundingLog:
     """Entries read from a transcript: (global step or -1 for the initial weights, tensor) -> [(index, bits)]."""
@@ -180,11 +205,18 @@ class Rounder:
         self.logged = 0
         self.forced = 0
 
-    def round_(self, phase: int, name: str, t) -> list[list]:
-        """Round tensor `t` (float64, in place) to float32 values; return its log entries."""
+    def round_(self, phase: int, name: str, t, fixed=None) -> list[list]:
+        """Round tensor `t` (float64, in place) to float32 values; return its log entries. `fixed`:
+        a boolean mask of values computed the same on every level (never logged), or True for all."""
         import torch
 
+        if fixed is True:
+            with torch.no_grad():
+                t.copy_(t.detach().to(torch.float32).to(torch.float64))
+            return []
         r32, near = _round(t.detach(), self.margin)
+        if fixed is not None:
+            near = near[~fixed.reshape(-1)[near]]
         key = (phase, name)
         given = self.log.entries.get(key) if self.log is not None else None
         if given is not None:
@@ -204,6 +236,8 @@ class Rounder:
             self.forced += int((r32.view(-1)[idx] != forced).sum())
             r32.view(-1)[idx] = forced
             chosen = idx
+        elif self.log is not None:  # following a log: its entries, and no others, are this build's
+            chosen = near[:0]
         else:
             chosen = near
         with torch.no_grad():
@@ -221,23 +255,115 @@ class Rounder:
         entries = self.round_(phase, name, t)
         return float(t[0]), entries
 
-    def round_model(self, phase: int, model, opt=None) -> dict[str, list[list]]:
-        """Round every parameter (and, with `opt`, both AdamW moments); entries by tensor name."""
+    def round_model(self, phase: int, model) -> dict[str, list[list]]:
+        """Round every parameter (the initial weights); entries by tensor name."""
         out = {}
-        seen = set()
-        for name, p in model.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
+        for name, p in _named(model):
             e = self.round_(phase, name, p.data)
             if e:
                 out[name] = e
-            st = opt.state.get(p, {}) if opt is not None else {}
-            for moment in ("exp_avg", "exp_avg_sq"):
-                if moment in st:
-                    e = self.round_(phase, f"{moment}/{name}", st[moment])
-                    if e:
-                        out[f"{moment}/{name}"] = e
+        return out
+
+    def quantize_grad(self, phase: int, name: str, g) -> tuple[object, dict[str, list[list]]]:
+        """The gradient on its tensor's block grid: multiples of q = 2^(E-23), 2^E <= max|g| < 2^(E+1),
+        so every element keeps the resolution a float32 has at the tensor's largest element, and
+        float64 noise far below q decides nothing. Values within `margin` grid steps of a midpoint,
+        and a maximum within 2^-30 of a power of two (E itself), are logged or followed."""
+        import torch
+
+        out = {}
+        amax = float(g.abs().max()) if g.numel() else 0.0
+        if amax == 0.0 or not torch.isfinite(torch.tensor(amax)):
+            return g, out
+        exp, edge = _grid_scale(amax)
+        key = f"grad-scale/{name}"
+        given = self.log.entries.get((phase, key)) if self.log is not None else None
+        if given is not None:
+            self.log.used.add((phase, key))
+            logged = _bits_to_float(given[0][1])
+            chosen, _ = _grid_scale(logged) if logged > 0 else (None, None)
+            if len(given) != 1 or chosen is None or abs(chosen - exp) > 1:
+                raise CheckFailed(f"{self.log.source}: the rounding log does not fit this build: {key} "
+                                  f"({_where(phase)}) is logged as {logged!r}; this build's maximum is {amax!r}")
+            exp = chosen
+            out[key] = [[0, _float_to_bits(2.0 ** exp)]]
+            self.logged += 1
+        elif edge and self.log is None:
+            out[key] = [[0, _float_to_bits(2.0 ** exp)]]
+            self.logged += 1
+        q = 2.0 ** (exp - 23)
+        y = g / q  # exact: a power of two
+        n, near = _round_grid(y, self.margin)
+        gname = f"grad/{name}"
+        given = self.log.entries.get((phase, gname)) if self.log is not None else None
+        if given is not None:
+            self.log.used.add((phase, gname))
+            idx = torch.tensor([i for i, _ in given], dtype=torch.long)
+            if int(idx.max()) >= n.numel():
+                raise CheckFailed(f"{self.log.source}: the rounding log does not fit this build: {gname} has "
+                                  f"{n.numel()} values, the log names index {int(idx.max())} ({_where(phase)})")
+            forced = torch.tensor([_bits_to_float(b) for _, b in given], dtype=torch.float64) / q
+            yy = y.reshape(-1)[idx]
+            ok = (forced == torch.floor(yy)) | (forced == torch.ceil(yy))
+            if not bool(ok.all()):
+                j = int((~ok).nonzero()[0])
+                raise CheckFailed(
+                    f"{self.log.source}: the rounding log does not fit this build: {gname}[{int(idx[j])}] "
+                    f"({_where(phase)}) is logged as {float(forced[j] * q)!r}, but this build computed "
+                    f"{float(yy[j] * q)!r}, and the grid step there is {q!r}")
+            self.forced += int((n.reshape(-1)[idx] != forced).sum())
+            n.reshape(-1)[idx] = forced
+            chosen = idx
+        elif self.log is not None:  # following a log: its entries, and no others, are this build's
+            chosen = near[:0]
+        else:
+            chosen = near
+        gq = n * q
+        if chosen.numel():
+            vals = gq.reshape(-1)[chosen].to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+            out[gname] = [[int(i), f"{int(b):08x}"] for i, b in zip(chosen.tolist(), vals.tolist())]
+            self.logged += chosen.numel()
+        return gq, out
+
+    def adamw_step(self, phase: int, model, opt) -> dict[str, list[list]]:
+        """One AdamW step (torch.optim.AdamW's formula and state layout, decoupled weight decay) in
+        single IEEE operations on the block-grid gradient (quantize_grad): moments, update and
+        weights are then the same bits on every level. Entries by tensor name."""
+        import math
+
+        import torch
+
+        out = {}
+        with torch.no_grad():
+            for group in opt.param_groups:
+                lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+                if group.get("amsgrad") or group.get("maximize"):
+                    raise InputError("portable mode implements plain AdamW (no amsgrad, no maximize)")
+                members = {id(p) for p in group["params"]}
+                for name, p in _named(model):
+                    if id(p) not in members or p.grad is None:
+                        continue
+                    g, entries = self.quantize_grad(phase, name, p.grad)
+                    out.update(entries)
+                    st = opt.state[p]
+                    if not st:
+                        st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["step"] += 1
+                    step = float(st["step"])
+                    st["exp_avg"].copy_(torch.add(torch.mul(st["exp_avg"], b1), torch.mul(g, 1.0 - b1)))
+                    st["exp_avg_sq"].copy_(torch.add(torch.mul(st["exp_avg_sq"], b2),
+                                                     torch.mul(torch.mul(g, g), 1.0 - b2)))
+                    self.round_(phase, f"exp_avg/{name}", st["exp_avg"], fixed=True)
+                    self.round_(phase, f"exp_avg_sq/{name}", st["exp_avg_sq"], fixed=True)
+                    if wd != 0:
+                        p.mul_(1.0 - lr * wd)
+                    step_size = lr / (1.0 - b1 ** step)
+                    inv_bc2_sqrt = 1.0 / math.sqrt(1.0 - b2 ** step)
+                    denom = torch.add(torch.mul(torch.sqrt(st["exp_avg_sq"]), inv_bc2_sqrt), eps)
+                    p.sub_(torch.mul(torch.div(st["exp_avg"], denom), step_size))
+                    self.round_(phase, name, p.data, fixed=True)  # from rounded state: the same everywhere
         return out
 
     def finish(self) -> None:
@@ -247,6 +373,27 @@ class Rounder:
             raise CheckFailed(f"{self.log.source}: the rounding log does not fit this build: "
                               f"{len(self.log.unused())} entr(ies) were never reached, the first {name} "
                               f"({_where(phase)})")
+
+
+def _bits_to_float(bits: int) -> float:
+    import struct
+
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def _float_to_bits(x: float) -> str:
+    import struct
+
+    return f"{struct.unpack('<I', struct.pack('<f', x))[0]:08x}"
+
+
+def _named(model):
+    """(name, parameter) once per parameter (tied weights under their first name)."""
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield name, p
 
 
 def _where(phase: int) -> str:

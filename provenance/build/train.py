@@ -369,7 +369,11 @@ def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkp
             else:
                 gnorm = torch.linalg.vector_norm(
                     torch.stack([p.grad.detach().norm() for p in model.parameters() if p.grad is not None]))
-            opt.step()
+            rounding = {}
+            if rounder is not None:  # portable mode: AdamW in IEEE operations, float32 state, boundary log
+                rounding = rounder.adamw_step(global_step, model, opt)
+            else:
+                opt.step()
             opt.zero_grad(set_to_none=True)
             total_loss = loss_sum.detach()
             if dist.world_size > 1:
@@ -377,9 +381,7 @@ def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkp
 
                 tdist.all_reduce(total_loss)
             last = float(total_loss) / max(1, n_global)
-            rounding = {}
-            if rounder is not None:  # portable mode: float32 state, boundary cases logged
-                rounding = rounder.round_model(global_step, model, opt)
+            if rounder is not None:
                 last, e = rounder.round_scalar(global_step, "loss", last)
                 if e:
                     rounding["loss"] = e

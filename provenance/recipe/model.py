@@ -252,7 +252,7 @@ class Determinism(Strict):
     # Portable mode (build/portable.py, docs/reproducibility.md): float64 compute, float32 state
     # rounded after every step, values near a rounding boundary logged in the transcript.
     portable: bool = False
-    portable_margin: Annotated[float, Field(gt=0, lt=0.5)] = 2.0 ** -12
+    portable_margin: Annotated[float, Field(gt=0, lt=0.5)] = 2.0 ** -16
 
 
 class Toolchain(Strict):

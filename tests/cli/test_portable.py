@@ -178,3 +178,16 @@ def test_rebuild_of_a_portable_build_on_another_level_is_bitwise_and_follows_the
     assert res["stack"].startswith("portable build"), res["stack"]
     assert build_json(out)["training"]["portable"]["rounding_log_from"] == {"blake3": b3(ref / "transcript.jsonl")}
     assert b3(out / "transcript.jsonl") == b3(ref / "transcript.jsonl")
+
+
+def test_a_portable_build_with_checkpoints_replays_bitwise(store, keys, builds, tmp_path):
+    # checkpoints hold the float64 training copy; a replayed segment follows the signed transcript's log
+    out = tmp_path / "kept"
+    p = run_cli("build", str(PORTABLE), "--out", str(out), "--key", str(keys / "k.key"), "--checkpoint-every", "2",
+                "--keep-checkpoints", "--no-cache", "--cpu-capability", "avx2", store=store)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert weights(out) == weights(builds["portable-default"])
+    p = run_cli("replay", str(out), "--key", str(keys / "k.pub"), "--segments", "2", "--json", store=store)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rep = json.loads(p.stdout)
+    assert rep["ok"] and [s["verdict"] for s in rep["segments"]] == ["bitwise"] * 2
