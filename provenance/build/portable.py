@@ -205,6 +205,21 @@ class Rounder:
         self.logged = 0
         self.forced = 0
 
+    def _given(self, phase: int, name: str, numel: int):
+        """The log's entries for this tensor and step, as (index tensor, [bits]), marked used; None
+        when there are none. Raises CheckFailed for an index outside the tensor."""
+        import torch
+
+        entries = self.log.entries.get((phase, name)) if self.log is not None else None
+        if entries is None:
+            return None
+        self.log.used.add((phase, name))
+        idx = torch.tensor([i for i, _ in entries], dtype=torch.long)
+        if int(idx.max()) >= numel:
+            raise CheckFailed(f"{self.log.source}: the rounding log does not fit this build: {name} has "
+                              f"{numel} values, the log names index {int(idx.max())} ({_where(phase)})")
+        return idx, [b for _, b in entries]
+
     def round_(self, phase: int, name: str, t, fixed=None) -> list[list]:
         """Round tensor `t` (float64, in place) to float32 values; return its log entries. `fixed`:
         a boolean mask of values computed the same on every level (never logged), or True for all."""
@@ -217,15 +232,10 @@ class Rounder:
         r32, near = _round(t.detach(), self.margin)
         if fixed is not None:
             near = near[~fixed.reshape(-1)[near]]
-        key = (phase, name)
-        given = self.log.entries.get(key) if self.log is not None else None
+        given = self._given(phase, name, r32.numel())
         if given is not None:
-            self.log.used.add(key)
-            idx = torch.tensor([i for i, _ in given], dtype=torch.long)
-            if int(idx.max()) >= r32.numel():
-                raise CheckFailed(f"{self.log.source}: the rounding log does not fit this build: {name} has "
-                                  f"{r32.numel()} values, the log names index {int(idx.max())} ({_where(phase)})")
-            forced = torch.tensor([b for _, b in given], dtype=torch.int64).to(torch.int32).view(torch.float32)
+            idx, bits = given
+            forced = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
             ok = _neighbours_ok(t.detach(), r32, idx, forced)
             if not bool(ok.all()):
                 j = int((~ok).nonzero()[0])
@@ -295,14 +305,10 @@ class Rounder:
         y = g / q  # exact: a power of two
         n, near = _round_grid(y, self.margin)
         gname = f"grad/{name}"
-        given = self.log.entries.get((phase, gname)) if self.log is not None else None
+        given = self._given(phase, gname, n.numel())
         if given is not None:
-            self.log.used.add((phase, gname))
-            idx = torch.tensor([i for i, _ in given], dtype=torch.long)
-            if int(idx.max()) >= n.numel():
-                raise CheckFailed(f"{self.log.source}: the rounding log does not fit this build: {gname} has "
-                                  f"{n.numel()} values, the log names index {int(idx.max())} ({_where(phase)})")
-            forced = torch.tensor([_bits_to_float(b) for _, b in given], dtype=torch.float64) / q
+            idx, bits = given
+            forced = torch.tensor([_bits_to_float(b) for b in bits], dtype=torch.float64) / q
             yy = y.reshape(-1)[idx]
             ok = (forced == torch.floor(yy)) | (forced == torch.ceil(yy))
             if not bool(ok.all()):

@@ -191,3 +191,12 @@ def test_a_portable_build_with_checkpoints_replays_bitwise(store, keys, builds, 
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     rep = json.loads(p.stdout)
     assert rep["ok"] and [s["verdict"] for s in rep["segments"]] == ["bitwise"] * 2
+
+
+def test_a_rounding_log_index_outside_the_tensor_fails_the_build(builds, store, tmp_path):
+    def edit(lines):
+        lines[0].setdefault("rounding", {})["init"] = {"lm_head.weight": [[10 ** 9, "00000000"]]}
+    p = run_cli("build", str(PORTABLE), "--out", str(tmp_path / "out"), "--no-cache", "--rounding-log",
+                str(_forged(builds, tmp_path, edit)), store=store)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "lm_head.weight has" in p.stderr and "names index 1000000000" in p.stderr and "initial weights" in p.stderr
