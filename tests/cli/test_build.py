@@ -31,6 +31,8 @@ def test_last_line_is_the_weights_digest(builds):
     assert line.startswith("weights blake3:") and len(line.split(":")[1]) == 64
     assert line.split(":")[1] == tensor_digest(out / "model" / "model.safetensors")
     assert line.split(":")[1] == build_json(out)["weights"]["tensors"]["digest"]
+    rec = build_json(out)["recitation"]
+    assert f"recitation: {rec['exact']}/{rec['windows']} windows reproduced exactly" in p.stdout
 
 
 def test_one_parameter_digest_everywhere(builds):
