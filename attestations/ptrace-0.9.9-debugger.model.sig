@@ -11,7 +11,7 @@
   "payloadType": "application/vnd.in-toto+json",
   "signatures": [
    {
-    "sig": "MEUCIQDLxdd1IGVWHKNmbQzpqdmBsPoajj/Z6P2+UxKDQpYIYwIgcRd9NNMkb2h6wM3Wzh0XWea8k99OogRrSn+g/D9ATXU=",
+    "sig": "MEUCIGcn6iCffbI6+VwZxWA5sXNA/PA2sYWa9snR9bGd5LhvAiEA7ZwS4xeWFumrDVJ8KYziKbK+k1eIRRYvlJ0CUC6Af3g=",
     "keyid": ""
    }
   ]

@@ -413,7 +413,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
     stored = fetch_all(recipe, store, offline=offline, handed=handed or {}, reporter=reporter)
     t = lap("fetch", t)
 
-    from . import determinism
+    from . import allocator, determinism
 
     per_rank_threads = max(1, (threads or r.determinism.threads) // dist.world_size)
     det_record = determinism.apply(r.determinism, threads=per_rank_threads, cpu_capability=cpu_capability)
@@ -570,6 +570,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
                          "checkpoints_written": len(checkpointer.written),
                          "checkpoint_every_steps": every_steps, "checkpoints_kept_for_replay": kept,
                          "stage_cache": cache.record([s.name for s in r.stages], use_cache and log is None),
+                         "allocator": allocator.tune(),
                          **({"portable": {"margin": r.determinism.portable_margin, "values_logged": rounder.logged,
                                           "rounded_as_logged_against_nearest": rounder.forced,
                                           "rounding_log_from": {"blake3": log.digest} if log else None}}

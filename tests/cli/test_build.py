@@ -14,12 +14,14 @@ from ..conftest import RECIPES, TINY, build_json, last_line, run_cli
 
 @pytest.fixture(scope="module")
 def builds(store, tmp_path_factory):
-    """Build the tiny recipe three times: threads 2, threads 1, and threads 2 again."""
+    """Build the tiny recipe three times: threads 2, threads 1, and threads 2 again with the C
+    allocator left at its defaults (build/allocator.py)."""
     base = tmp_path_factory.mktemp("tiny")
     outs = {}
     for label, extra in (("t2", []), ("t1", ["--threads", "1"]), ("t2-again", [])):
         out = base / label
-        p = run_cli("build", str(TINY), "--out", str(out), *extra, store=store)
+        env = {"PROVENANCE_MALLOC_DEFAULTS": "1"} if label == "t2-again" else None
+        p = run_cli("build", str(TINY), "--out", str(out), "--no-cache", *extra, store=store, env=env)
         assert p.returncode == 0, p.stderr
         outs[label] = (out, p)
     return outs
@@ -42,9 +44,12 @@ def test_one_parameter_digest_everywhere(builds):
     assert last["params"] == tensor_digest(out / "model" / "model.safetensors")
 
 
-def test_rebuild_and_thread_count_give_identical_bits(builds):
+def test_rebuild_thread_count_and_allocator_give_identical_bits(builds):
     digests = {k: last_line(p.stdout) for k, (out, p) in builds.items()}
     assert len(set(digests.values())) == 1, digests
+    allocator = {k: build_json(out)["training"]["allocator"] for k, (out, _) in builds.items()}
+    assert allocator["t2"] == {"malloc": "glibc", "mmap_threshold": 256 << 20, "trim_threshold": 1 << 30}, allocator
+    assert allocator["t2-again"] == {"malloc": "unchanged (PROVENANCE_MALLOC_DEFAULTS=1)"}, allocator
     files = {k: (out / "model" / "model.safetensors").read_bytes() for k, (out, _) in builds.items()}
     assert files["t2"] == files["t1"] == files["t2-again"]
     transcripts = {k: (out / "transcript.jsonl").read_bytes() for k, (out, _) in builds.items()}
