@@ -252,11 +252,8 @@ class Rounder:
             chosen = near
         with torch.no_grad():
             t.copy_(r32.to(torch.float64))
-        if chosen.numel() == 0:
-            return []
-        bits = r32.view(-1)[chosen].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
         self.logged += chosen.numel()
-        return [[int(i), f"{int(b):08x}"] for i, b in zip(chosen.tolist(), bits.tolist())]
+        return _entries(chosen, r32.view(-1)[chosen])
 
     def round_scalar(self, phase: int, name: str, value: float) -> tuple[float, list[list]]:
         import torch
@@ -326,8 +323,7 @@ class Rounder:
             chosen = near
         gq = n * q
         if chosen.numel():
-            vals = gq.reshape(-1)[chosen].to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-            out[gname] = [[int(i), f"{int(b):08x}"] for i, b in zip(chosen.tolist(), vals.tolist())]
+            out[gname] = _entries(chosen, gq.reshape(-1)[chosen].to(torch.float32))
             self.logged += chosen.numel()
         return gq, out
 
@@ -379,6 +375,14 @@ class Rounder:
             raise CheckFailed(f"{self.log.source}: the rounding log does not fit this build: "
                               f"{len(self.log.unused())} entr(ies) were never reached, the first {name} "
                               f"({_where(phase)})")
+
+
+def _entries(indices, values32) -> list[list]:
+    """Log entries [[flat index, float32 bits as 8 hex digits], ...] of float32 `values32` at `indices`."""
+    import torch
+
+    bits = values32.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return [[int(i), f"{int(b):08x}"] for i, b in zip(indices.tolist(), bits.tolist())]
 
 
 def _bits_to_float(bits: int) -> float:

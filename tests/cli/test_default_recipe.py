@@ -56,23 +56,21 @@ def test_default_build_matches_the_committed_reference(default_build):
     from provenance.repro.rebuild import stack_matches
 
     out, _ = default_build
-    name = DEFAULT.stem
-    ref = RECIPES.parent / "attestations" / f"{name}.intoto.jsonl"
-    st = json.loads(base64.b64decode(json.loads(ref.read_text())["payload"]))
+    st = json.loads(base64.b64decode(json.loads(REF.read_text())["payload"]))
     same, why = stack_matches(st, build_json(out))
     # On the reference's stack the bits must be equal; elsewhere (another CPU vendor: MKL's strict
     # branches are not measured across vendors) they may be, and are otherwise within tolerance.
     equal = st["predicate"]["runDetails"]["provenance_outputs"]["tensors"]["digest"] == \
         build_json(out)["weights"]["tensors"]["digest"]
     assert equal or not same, why
-    p = run_cli("verify", str(ref), "--key", str(RECIPES.parent / "attestations" / "keys" / f"{name}.pub"),
+    p = run_cli("verify", str(REF), "--key", str(REF_KEY),
                 "--model", str(out / "model"), "--recipe", str(DEFAULT), "--sha256")
     if equal:
         assert p.returncode == 0, p.stdout + p.stderr
         assert p.stdout.strip().endswith("verdict: verified")
     else:
         assert p.returncode == 1 and "model.safetensors" in p.stdout, (why, p.stdout)
-    p = run_cli("verify", str(ref), "--key", str(RECIPES.parent / "attestations" / "keys" / f"{name}.pub"),
+    p = run_cli("verify", str(REF), "--key", str(REF_KEY),
                 "--model", str(out / "model"), "--reproduced")
     expected = "reproduced (bitwise)" if equal else "reproduced (within tolerance)"
     assert p.returncode == 0 and p.stdout.strip().endswith(f"verdict: {expected}"), (why, p.stdout + p.stderr)
@@ -103,9 +101,8 @@ def test_verifier_stands_alone_without_torch(default_build):
     import sys
 
     out, _ = default_build
-    name = DEFAULT.stem
-    p = subprocess.run([sys.executable, "-c", BLOCK_HEAVY, str(RECIPES.parent / "attestations" / f"{name}.intoto.jsonl"),
-                        "--key", str(RECIPES.parent / "attestations" / "keys" / f"{name}.pub"),
+    p = subprocess.run([sys.executable, "-c", BLOCK_HEAVY, str(REF),
+                        "--key", str(REF_KEY),
                         "--model", str(out / "model"), "--recipe", str(DEFAULT), "--sha256"],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -129,8 +126,7 @@ def _attack(model_dir, out, kind: str):
 
     from provenance.build.fingerprint import _signs
 
-    att = RECIPES.parent / "attestations" / f"{DEFAULT.stem}.intoto.jsonl"
-    fp = json.loads(base64.b64decode(json.loads(att.read_text())["payload"]))["predicate"]["runDetails"][
+    fp = json.loads(base64.b64decode(json.loads(REF.read_text())["payload"]))["predicate"]["runDetails"][
         "provenance_outputs"]["fingerprint"]
     shutil.copytree(model_dir, out)
     raw = (out / "model.safetensors").read_bytes()
@@ -173,8 +169,8 @@ def _attack(model_dir, out, kind: str):
 def _reproduced(model, *extra, store=None):
     import json
 
-    args = ["verify", str(RECIPES.parent / "attestations" / f"{DEFAULT.stem}.intoto.jsonl"),
-            "--key", str(RECIPES.parent / "attestations" / "keys" / f"{DEFAULT.stem}.pub"),
+    args = ["verify", str(REF),
+            "--key", str(REF_KEY),
             "--model", str(model), "--reproduced", "--json", *extra]
     if store is not None:
         args += ["--store", str(store)]
