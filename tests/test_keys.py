@@ -37,3 +37,27 @@ def test_unsupported_and_malformed_keys_are_refused(tmp_path):
     (tmp_path / "junk.pub").write_text("not a key")
     with pytest.raises(InputError, match="not a PEM"):
         load_public_key(tmp_path / "junk.pub")
+
+
+def test_the_light_pem_loader_is_cryptographys_own():
+    """keys.pem_loader skips cryptography's serialization package for start-up time; the objects it
+    returns must be the very ones that package exports, or the fallback must be taken."""
+    from provenance.verify.keys import pem_loader
+
+    assert pem_loader() == (serialization.load_pem_public_key, serialization.Encoding,
+                            serialization.PublicFormat)
+
+
+def test_ecdsa_verification_honours_the_schemes_hash(tmp_path):
+    """The verifying ECDSA (keys._ecdsa) must hash with the scheme's digest: a P-256 signature over
+    SHA-384 is valid under ec.ECDSA(SHA384) but not under ecdsa-sha2-nistp256."""
+    from cryptography.hazmat.primitives import hashes
+
+    priv = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "k.pub").write_bytes(priv.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    key = load_public_key(tmp_path / "k.pub")
+    sha384_sig = priv.sign(b"payload", ec.ECDSA(hashes.SHA384()))
+    priv.public_key().verify(sha384_sig, b"payload", ec.ECDSA(hashes.SHA384()))  # a real signature
+    assert not key.verifies(sha384_sig, b"payload")
+    assert key.verifies(priv.sign(b"payload", ec.ECDSA(hashes.SHA256())), b"payload")

@@ -7,18 +7,22 @@ construction byte for byte.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
-import struct
-from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import blake3
 
+TYPE_CHECKING = False  # importing typing costs ~5 ms of start-up; type checkers treat this name as typing's
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from pathlib import Path
+
+# Nothing else is imported at the top: verify-attestation starts hashing from this module before
+# anything else is loaded (_internal/prefetch.py), so every import here delays the hashing.
+
 TENSOR_DIGEST = "blake3-tensors-v1"
 MERKLE = "blake3-merkle-v1"
-WINDOW = 64 << 20  # bytes mapped at a time; a multiple of mmap.ALLOCATIONGRANULARITY
+WINDOW = 128 << 20  # bytes mapped at a time; a multiple of mmap.ALLOCATIONGRANULARITY
 CHUNK = 1 << 20
 
 
@@ -61,15 +65,26 @@ def blake3_bytes(data: bytes) -> str:
     return blake3.blake3(data).hexdigest()
 
 
+def sha256_hex(*parts: bytes) -> str:
+    """sha256 of in-memory bytes (concatenated), with cryptography's OpenSSL: the verifier has it
+    loaded for signatures already, and hashlib would load a second OpenSSL (~7 ms of start-up)."""
+    from cryptography.hazmat.primitives import hashes
+
+    h = hashes.Hash(hashes.SHA256())
+    for p in parts:
+        h.update(p)
+    return h.finalize().hex()
+
+
 def hash_bytes(data: bytes) -> dict[str, str]:
     """{"blake3": hex, "sha256": hex} of in-memory bytes."""
-    import hashlib
-
-    return {"blake3": blake3_bytes(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"blake3": blake3_bytes(data), "sha256": sha256_hex(data)}
 
 
 def canonical_json(obj) -> bytes:
     """Sorted keys, no whitespace, UTF-8 (not ASCII-escaped): the bytes this project hashes for JSON values."""
+    import json
+
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -91,6 +106,8 @@ def merkle_root(leaves: Iterable[bytes]) -> str:
 
 def tensor_record(name: str, dtype: str, shape: list[int], nbytes: int) -> bytes:
     """The bytes that precede one tensor's data in blake3-tensors-v1 (docs/formats.md)."""
+    import struct
+
     meta = canonical_json({"dtype": dtype, "name": name, "shape": list(shape)})
     return struct.pack("<Q", len(meta)) + meta + struct.pack("<Q", nbytes)
 

@@ -13,22 +13,26 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from pathlib import Path
 
-from ..errors import InputError
-from .hashing import hash_fd
+from .hashing import TYPE_CHECKING, hash_fd
+
+if TYPE_CHECKING:
+    from pathlib import Path
+# pathlib (with urllib and ipaddress) and the rest load while hashing runs: paths here are strings.
 
 
-def scan(model_dir: Path) -> tuple[dict[str, Path], list[str]]:
-    """(regular files by relative POSIX name, entries that may not be in a model dir)."""
-    files: dict[str, Path] = {}
+def scan(model_dir: str | Path) -> tuple[dict[str, str], list[str]]:
+    """(regular files' paths by relative POSIX name, entries that may not be in a model dir)."""
+    files: dict[str, str] = {}
     refused: list[str] = []
-    stack = [(Path(model_dir), "")]
+    stack = [(os.fspath(model_dir), "")]
     while stack:
         d, prefix = stack.pop()
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
         except OSError as e:
+            from ..errors import InputError
+
             raise InputError(f"--model {model_dir}: cannot list {d}: {e.strerror}") from None
         for e in entries:
             rel = prefix + e.name
@@ -40,9 +44,9 @@ def scan(model_dir: Path) -> tuple[dict[str, Path], list[str]]:
                     target = "?"
                 refused.append(f"{rel}: a symlink (-> {target}); a model dir holds only regular files")
             elif stat.S_ISDIR(st.st_mode):
-                stack.append((Path(e.path), rel + "/"))
+                stack.append((e.path, rel + "/"))
             elif stat.S_ISREG(st.st_mode):
-                files[rel] = Path(e.path)
+                files[rel] = e.path
             else:
                 kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
                         else "a device")
@@ -61,13 +65,13 @@ class Prefetch:
     following symlinks) whose device, inode, size, mtime and ctime equal those of the file that
     was hashed, checked before and after hashing; anything else is hashed again."""
 
-    def __init__(self, model_dir: Path, *, sha256: bool) -> None:
+    def __init__(self, model_dir: str | Path, *, sha256: bool) -> None:
         self.sha256 = sha256
         self._done: dict[str, tuple[tuple[int, ...], dict[str, str]]] = {}
-        self._thread = threading.Thread(target=self._run, args=(Path(model_dir),), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(os.fspath(model_dir),), daemon=True)
         self._thread.start()
 
-    def _run(self, model_dir: Path) -> None:
+    def _run(self, model_dir: str) -> None:
         try:
             files, _ = scan(model_dir)
         except Exception:  # noqa: BLE001 - a speculative prefetch; inspect() reports real errors
@@ -118,14 +122,14 @@ def start_from_argv(argv: list[str]) -> None:
     if not model or "\0" in model or not os.path.isdir(model):
         return
     sha256 = "--sha256" in argv
-    _early, _early_key = Prefetch(Path(model), sha256=sha256), (os.path.abspath(model), sha256)
+    _early, _early_key = Prefetch(model, sha256=sha256), (os.path.abspath(model), sha256)
 
 
-def take(model_dir: Path, *, sha256: bool) -> Prefetch:
+def take(model_dir: str | Path, *, sha256: bool) -> Prefetch:
     """The prefetch started from the command line for this dir and digest set, or a new one."""
     global _early, _early_key
     got, key = _early, _early_key
     _early = _early_key = None
     if got is not None and key == (os.path.abspath(model_dir), sha256):
         return got
-    return Prefetch(Path(model_dir), sha256=sha256)
+    return Prefetch(model_dir, sha256=sha256)

@@ -17,8 +17,8 @@ import os
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from . import jsonstrict
 
@@ -32,16 +32,14 @@ class SafetensorsError(ValueError):
     """The file is not a well-formed safetensors file; the message says where."""
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
     dtype: str
     shape: tuple[int, ...]
     start: int  # offsets within the data region
     end: int
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     length: int  # N, the JSON header's byte length
     metadata: dict[str, str]
     tensors: dict[str, TensorInfo]

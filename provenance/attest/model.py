@@ -2,7 +2,7 @@
 
 The writer (attest/statement.py) validates every statement it signs against this model, and
 the verifier (verify/) parses every statement it reads with it, so what is written is exactly
-what is accepted. Plain frozen dataclasses and one parser that collects every problem with its
+what is accepted. Plain named tuples and one parser that collects every problem with its
 dotted path: the verifier's exact path imports no validation framework, which keeps its start-up
 cost small next to hashing (docs/benchmarks.md). in-toto says consumers must ignore unknown
 fields, so the Statement and the predicate's open objects ignore them; SLSA says verifiers should
@@ -16,7 +16,7 @@ from __future__ import annotations
 import posixpath
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -96,8 +96,7 @@ def _digest(v: object, loc: str, p: _Problems) -> dict[str, str] | None:
     return dict(v)
 
 
-@dataclass(frozen=True)
-class ResourceDescriptor:
+class ResourceDescriptor(NamedTuple):
     name: str | None = None
     uri: str | None = None
     digest: dict[str, str] | None = None
@@ -119,8 +118,7 @@ class ResourceDescriptor:
         return cls(name, uri, digest, content, ann) if len(p) == n else None
 
 
-@dataclass(frozen=True)
-class Subject:
+class Subject(NamedTuple):
     """A model file: its path inside the model directory, and its sha256."""
 
     name: str
@@ -142,8 +140,7 @@ class Subject:
         return cls(name, digest) if name is not None and digest is not None else None
 
 
-@dataclass(frozen=True)
-class RecipeParameter:
+class RecipeParameter(NamedTuple):
     path: str
     digest: dict[str, str]
     content: str
@@ -166,33 +163,29 @@ class RecipeParameter:
         return cls(path, digest, content) if len(p) == n else None
 
 
-@dataclass(frozen=True)
-class BuildDefinition:
+class BuildDefinition(NamedTuple):
     buildType: str
     recipe: RecipeParameter  # externalParameters.recipe: SLSA asks verifiers to reject unknown external parameters
     internalParameters: dict
     resolvedDependencies: tuple[ResourceDescriptor, ...]
 
 
-@dataclass(frozen=True)
-class Outputs:
+class Outputs(NamedTuple):
     """runDetails.provenance_outputs: this project's vendor extension (SLSA's `<vendor>_<field>`)."""
 
     files: dict[str, str]  # subject name -> blake3
-    tensors: dict = field(default_factory=dict)
+    tensors: dict  # tensor name -> digests (docs/build-type.md)
     output_license: str | None = None
     fingerprint: dict | None = None
     recitation: dict | None = None
 
 
-@dataclass(frozen=True)
-class RunDetails:
+class RunDetails(NamedTuple):
     builder_id: str
     provenance_outputs: Outputs
 
 
-@dataclass(frozen=True)
-class Statement:
+class Statement(NamedTuple):
     subject: tuple[Subject, ...]
     predicateType: str
     buildDefinition: BuildDefinition

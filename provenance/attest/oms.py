@@ -15,9 +15,9 @@ checks what it signs with it, and the verifier.
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
+from .._internal.hashing import sha256_hex
 from .model import HEX64, STATEMENT_TYPE, subject_name_problem
 
 OMS_PREDICATE_TYPE = "https://model_signing/signature/v1.0"
@@ -30,8 +30,7 @@ OMS_FILE = "model.sig"  # model_signing's default name
 DEFAULT_IGNORE = [".git", ".gitattributes", ".github", ".gitignore", ".provenance"]
 
 
-@dataclass(frozen=True)
-class OmsManifest:
+class OmsManifest(NamedTuple):
     model_name: str
     hash_type: str
     method: str
@@ -42,10 +41,7 @@ class OmsManifest:
 
 def root_digest(resources: dict[str, str]) -> str:
     """sha256 over the raw bytes of every resource digest, in name order (the OMS subject's digest)."""
-    h = hashlib.sha256()
-    for name in sorted(resources):
-        h.update(bytes.fromhex(resources[name]))
-    return h.hexdigest()
+    return sha256_hex(*(bytes.fromhex(resources[name]) for name in sorted(resources)))
 
 
 def oms_statement(model_name: str, files: dict[str, dict], *, signature_name: str = OMS_FILE) -> dict:
@@ -65,7 +61,7 @@ def oms_statement(model_name: str, files: dict[str, dict], *, signature_name: st
 
 def key_hint(public_pem: bytes) -> str:
     """model_signing's key hint: the sha256 of the public key's PEM (SubjectPublicKeyInfo)."""
-    return hashlib.sha256(public_pem).hexdigest()
+    return sha256_hex(public_pem)
 
 
 def is_oms_key(signer) -> bool:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import tempfile
 from pathlib import Path
 
-import blake3
-
+from .._internal.hashing import hash_bytes
 from ..attest.model import PREDICATE_TYPE, STATEMENT_TYPE, Statement, parse_statement
 from ..errors import ProvenanceError
 from .policy import Policy
@@ -48,7 +45,7 @@ def statement_checks(report: Report, obj: object, policy: Policy) -> Statement |
 
 
 def recipe_digests(data: bytes) -> dict[str, str]:
-    return {"blake3": blake3.blake3(data).hexdigest(), "sha256": hashlib.sha256(data).hexdigest()}
+    return hash_bytes(data)
 
 
 def _mismatches(want: dict[str, str], got: dict[str, str]) -> list[str]:
@@ -106,6 +103,8 @@ def inputs_check(report: Report, st: Statement, store_root: Path | None) -> dict
                 report.add("inputs", False, f"input {inp.name!r}: " + "; ".join(bad))
                 return None
             stored.append(s)
+        import tempfile
+
         with tempfile.TemporaryDirectory() as work:
             _, m = select_dataset(recipe.dataset, stored, Path(work), path, recipe.limits)
     except ProvenanceError as e:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .._internal import jsonstrict
 from .._internal.reading import read_regular_file
@@ -66,8 +66,7 @@ def b64decode_any(text: object) -> bytes:
         raise ValueError(f"not base64: {e}") from None
 
 
-@dataclass(frozen=True)
-class Envelope:
+class Envelope(NamedTuple):
     payload: bytes
     payload_type: str
     signatures: tuple[tuple[str | None, bytes], ...]  # (keyid hint, raw signature)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from .._internal.hashing import hash_fd
 from .._internal.prefetch import Prefetch, _identity, scan  # noqa: F401 - re-exported
@@ -39,22 +39,21 @@ def describe(name: str) -> str:
     return "a file"
 
 
-@dataclass
-class FileResult:
+class FileResult(NamedTuple):
     name: str
     digests: dict[str, str]
     matches: bool
     detail: str = ""
 
 
-@dataclass
 class ModelDirResult:
     """What the closed-set inspection found; `exact` when nothing differs from the signed set."""
 
-    files: dict[str, FileResult] = field(default_factory=dict)
-    missing: list[str] = field(default_factory=list)
-    unlisted: list[str] = field(default_factory=list)  # "name: what it is"
-    structure: list[str] = field(default_factory=list)  # "name: problem"
+    def __init__(self) -> None:
+        self.files: dict[str, FileResult] = {}
+        self.missing: list[str] = []
+        self.unlisted: list[str] = []  # "name: what it is"
+        self.structure: list[str] = []  # "name: problem"
 
     @property
     def differing(self) -> list[str]:
@@ -65,8 +64,8 @@ class ModelDirResult:
         return not (self.missing or self.unlisted or self.structure or self.differing)
 
 
-def _inode(path: Path) -> tuple[int, int]:
-    info = path.lstat()
+def _inode(path: str | Path) -> tuple[int, int]:
+    info = os.lstat(path)
     return info.st_dev, info.st_ino
 
 

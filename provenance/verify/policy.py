@@ -2,15 +2,15 @@
 bounds of the `reproduced` question. Every field is optional; the defaults are this verifier's.
 
 The bounds belong to the verifier: a policy file may tighten or loosen them; an attestation's own
-(recipe) tolerances can only tighten them. The defaults are plain dataclasses, so the verifier's
+(recipe) tolerances can only tighten them. The defaults are plain named tuples, so the verifier's
 exact path imports no validation framework; a policy file is validated with pydantic.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from ..attest.model import BUILD_TYPE, LOCAL_BUILDER_ID
 from ..errors import InputError
@@ -18,8 +18,7 @@ from ..errors import InputError
 MAX_POLICY_BYTES = 1 << 20
 
 
-@dataclass(frozen=True)
-class Bounds:
+class Bounds(NamedTuple):
     """[reproduced]: how far a rebuild may be from the attested weights and still count as reproduced.
 
     Defaults are measured in docs/reproducibility.md: cross-hardware rebuilds of the default recipe
@@ -33,7 +32,7 @@ class Bounds:
     max_recitation_rate_diff: float = 0.1
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        return self._asdict()
 
     def tightened_by(self, attested: object) -> tuple[Bounds, list[str]]:
         """These bounds, tightened (never loosened) by an attestation's tolerances. Returns notes."""
@@ -53,11 +52,10 @@ class Bounds:
             elif theirs != mine:
                 notes.append(f"attested {key} {theirs:g} is looser than the verifier's {mine:g}; not applied")
             values[key] = tighter
-        return replace(self, **values), notes
+        return self._replace(**values), notes
 
 
-@dataclass(frozen=True)
-class Policy:
+class Policy(NamedTuple):
     """[policy] in a policy file."""
 
     allowed_builders: tuple[str, ...] = (LOCAL_BUILDER_ID,)
@@ -70,8 +68,7 @@ class Policy:
     licence_compatibility: str = "ignore"
 
 
-@dataclass(frozen=True)
-class AuditPolicy:
+class AuditPolicy(NamedTuple):
     """[audit] in a policy file: what the signed memorization audit beside the attestation must show."""
 
     require: bool = False  # fail when there is no audit
@@ -79,11 +76,10 @@ class AuditPolicy:
     min_extraction_rate: float | None = None
 
 
-@dataclass(frozen=True)
-class PolicyFile:
-    policy: Policy = field(default_factory=Policy)
-    reproduced: Bounds = field(default_factory=Bounds)
-    audit: AuditPolicy = field(default_factory=AuditPolicy)
+class PolicyFile(NamedTuple):
+    policy: Policy = Policy()
+    reproduced: Bounds = Bounds()
+    audit: AuditPolicy = AuditPolicy()
 
 
 def _schema():

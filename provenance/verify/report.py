@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
-@dataclass
-class Check:
+class Check(NamedTuple):
     check: str
     ok: bool
     detail: str
@@ -15,17 +14,20 @@ class Check:
         return {"check": self.check, "ok": self.ok, "detail": self.detail}
 
 
-@dataclass
 class Report:
     """Checks in the order they ran. `question` is "verified" (exact) or "reproduced" (tolerance)."""
 
-    checks: list[Check] = field(default_factory=list)
-    statement: dict | None = None  # the signed payload, as parsed JSON
-    parsed: object | None = None  # the same, as attest.model.Statement
-    question: str = "verified"
-    # the reproduced question's answer: "bitwise" | "within tolerance" | "diverged" | "not established"
-    verdict: str | None = None
-    divergence: dict | None = None
+    def __init__(self) -> None:
+        self.checks: list[Check] = []
+        self.statement: dict | None = None  # the signed payload, as parsed JSON
+        self.parsed: object | None = None  # the same, as attest.model.Statement
+        self.question = "verified"
+        # the reproduced question's answer: "bitwise" | "within tolerance" | "diverged" | "not established"
+        self.verdict: str | None = None
+        self.divergence: dict | None = None
+
+    def __repr__(self) -> str:
+        return f"Report(question={self.question!r}, result={self.result!r}, checks={self.checks!r})"
 
     def add(self, check: str, ok: bool, detail: str) -> bool:
         self.checks.append(Check(check, ok, detail))
