@@ -44,10 +44,6 @@ def statement_checks(report: Report, obj: object, policy: Policy) -> Statement |
     return st if ok else None
 
 
-def recipe_digests(data: bytes) -> dict[str, str]:
-    return hash_bytes(data)
-
-
 def _mismatches(want: dict[str, str], got: dict[str, str]) -> list[str]:
     return [f"{a} recorded {want[a]}, computed {got[a]}" for a in ("blake3", "sha256") if a in want and want[a] != got[a]]
 
@@ -55,7 +51,7 @@ def _mismatches(want: dict[str, str], got: dict[str, str]) -> list[str]:
 def embedded_recipe_check(report: Report, st: Statement) -> bool:
     """The embedded recipe text must hash to every recorded digest this verifier knows."""
     rec = st.recipe
-    bad = _mismatches(rec.digest, recipe_digests(rec.content.encode()))
+    bad = _mismatches(rec.digest, hash_bytes(rec.content.encode()))
     return report.add("recipe-embedded", not bad,
                       "the embedded recipe does not match its recorded digest: " + "; ".join(bad) if bad
                       else f"the embedded recipe {rec.path!r} matches its recorded "
@@ -66,7 +62,7 @@ def recipe_file_check(report: Report, st: Statement, recipe_path: Path) -> None:
     from .._internal.reading import read_regular_file
 
     data = read_regular_file(Path(recipe_path), "recipe", MAX_RECIPE_BYTES)
-    bad = _mismatches(st.recipe.digest, recipe_digests(data))
+    bad = _mismatches(st.recipe.digest, hash_bytes(data))
     report.add("recipe", not bad, "; ".join(bad) or f"{recipe_path} matches externalParameters.recipe")
 
 
