@@ -59,6 +59,9 @@ def run_one(mode: str, recipe_path: str, steps: int) -> dict:
         det = det.model_copy(update={"deterministic_algorithms": False})
     determinism.apply(det)
     r = r.model_copy(update={"stages": [stage], "determinism": det})
+    if mode.startswith("trainer") and r.model.attn_implementation == "small-head":
+        # Trainer gets what a transformers user has: SDPA, with the recipe's backend.
+        r = r.model_copy(update={"model": r.model.model_copy(update={"attn_implementation": "sdpa"})})
     model = build_model(r.model, data.tokenizer.get_vocab_size(), data.special_ids, det.seed)
     pad = data.special_ids["pad_token_id"]
 

@@ -409,6 +409,11 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
     if problem:
         raise InputError(f"{recipe.path}: {problem}")
     check_disk(r, out, store.root)
+    if r.model.attn_implementation == "small-head":
+        from . import small_head_attention
+
+        small_head_attention.configure(store.root)
+        small_head_attention.load()  # compiled now: a missing compiler stops the build before any input is fetched
     t = time.perf_counter()
     stored = fetch_all(recipe, store, offline=offline, handed=handed or {}, reporter=reporter)
     t = lap("fetch", t)
@@ -571,6 +576,8 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
                          "checkpoint_every_steps": every_steps, "checkpoints_kept_for_replay": kept,
                          "stage_cache": cache.record([s.name for s in r.stages], use_cache and log is None),
                          "allocator": allocator.tune(),
+                         **({"attention": small_head_attention.record()}
+                            if r.model.attn_implementation == "small-head" else {}),
                          **({"portable": {"margin": r.determinism.portable_margin, "values_logged": rounder.logged,
                                           "rounded_as_logged_against_nearest": rounder.forced,
                                           "rounding_log_from": {"blake3": log.digest} if log else None}}

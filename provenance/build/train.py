@@ -101,6 +101,10 @@ def build_model(spec: Model, vocab_size: int, special: dict[str, int], seed: int
         use_cache=True,
         **special,
     )
+    if spec.attn_implementation == "small-head":
+        from .small_head_attention import register
+
+        register()
     config._attn_implementation = spec.attn_implementation
     # Seed immediately before construction: LaaM initialised weights before seeding.
     torch.manual_seed(derive_seed(seed, "model-init"))

@@ -173,7 +173,9 @@ class Model(Strict):
     hidden_act: Literal["silu"] = "silu"
     tie_word_embeddings: bool = False
     initializer_range: Annotated[float, Field(allow_inf_nan=False, gt=0)] = 0.02
-    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    # "small-head": our causal attention kernel for heads of dimension <= 8 on the CPU
+    # (build/small_head_attention.py); other bits than SDPA's, so a recipe choice.
+    attn_implementation: Literal["eager", "sdpa", "small-head"] = "sdpa"
     bos_token: str
     eos_token: str
     pad_token: str
@@ -377,9 +379,28 @@ class Recipe(Strict):
                 )
         if self.determinism.portable:
             problems.extend(_portable_problems(self))
+        elif self.model.attn_implementation == "small-head":
+            problems.extend(_small_head_problems(self))
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def _small_head_problems(recipe: Recipe) -> list[str]:
+    """What `attn_implementation = "small-head"` needs, as `field: problem` strings (empty when fine)."""
+    m = recipe.model
+    problems = []
+    head_dim = m.hidden_size // m.num_attention_heads
+    if head_dim > 8:
+        problems.append(f"model.attn_implementation: 'small-head' is for heads of dimension <= 8; this model's are "
+                        f"{head_dim} (hidden_size / num_attention_heads): use 'sdpa'")
+    if recipe.determinism.device != "cpu":
+        problems.append("model.attn_implementation: 'small-head' runs on the CPU; determinism.device is 'cuda'")
+    for i, s in enumerate(recipe.stages):
+        if s.precision != "float32":
+            problems.append(f"stages[{i}].precision: 'small-head' attention computes in float32; {s.precision!r} "
+                            "is not allowed with it")
+    return problems
 
 
 def _portable_problems(recipe: Recipe) -> list[str]:
@@ -392,7 +413,7 @@ def _portable_problems(recipe: Recipe) -> list[str]:
         problems.append("determinism.sdpa_backend: portable mode needs 'math' (float64 attention)")
     if recipe.model.attn_implementation != "sdpa":
         problems.append("model.attn_implementation: portable mode needs 'sdpa' (eager attention's softmax is "
-                        "float32 in transformers)")
+                        "float32 in transformers, and 'small-head' computes in float32)")
     for i, s in enumerate(recipe.stages):
         if s.precision != "float32":
             problems.append(f"stages[{i}].precision: portable mode computes in float64; {s.precision!r} is not "

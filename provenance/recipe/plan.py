@@ -48,7 +48,8 @@ class MemoryEstimate:
 def stage_memory(r: Recipe, stage: Stage, vocab: int | None = None, world_size: int = 1) -> MemoryEstimate:
     """Peak memory of one training step of `stage` in one process, float32 throughout (an upper
     bound for bf16 autocast), float64 in portable mode. Attention: eager attention and SDPA's math backend both materialize
-    the scores, batch × heads × seq × seq, kept per layer for backward; SDPA's flash backend does not.
+    the scores, batch × heads × seq × seq, kept per layer for backward; SDPA's flash backend and
+    `small-head` do not.
     The loss: `cross_entropy = "full"` holds the logits three times over, `"chunked"` one chunk's."""
     m = r.model
     v = vocab or r.tokenizer.vocab_size
@@ -56,7 +57,12 @@ def stage_memory(r: Recipe, stage: Stage, vocab: int | None = None, world_size: 
     t, f = stage.seq_len, 8 if r.determinism.portable else 4
     p = parameter_count(r, v)
     hidden = b * t * (10 * m.hidden_size + 4 * m.intermediate_size) * f
-    if m.attn_implementation == "sdpa" and r.determinism.sdpa_backend == "flash":
+    if m.attn_implementation == "small-head":
+        # Saves the output and two floats per query; keys and values are copied transposed.
+        d = m.hidden_size // m.num_attention_heads
+        scores = b * (m.num_attention_heads * (d + 2) + 4 * m.num_key_value_heads * d) * t * f
+        attention = scores * m.num_hidden_layers
+    elif m.attn_implementation == "sdpa" and r.determinism.sdpa_backend == "flash":
         # The flash kernel keeps only the output and the row log-sum-exp; per thread it holds one
         # block of scores (at most 512 × 512), a few MiB.
         scores = b * m.num_attention_heads * t * f

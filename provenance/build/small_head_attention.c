@@ -1,0 +1,185 @@
+/* Causal attention for heads of small dimension (LaaM's are 2), forward and backward, on the CPU.
+ *
+ * Part of provenance (provenance/build/small_head_attention.py loads it; docs/benchmarks.md has the
+ * measurements). With heads of dimension 2 a general attention kernel spends its time on matrix
+ * products whose inner dimension is 2; here each query's scores, softmax and weighted sum are a few
+ * vector operations over the keys.
+ *
+ * Deterministic by construction: every value is a fixed sequence of IEEE single-precision operations
+ * written out below. Vectors are GCC vector types of a fixed 16 lanes (not the machine's width), sums
+ * over lanes are taken in lane order, the exponential is our own polynomial (not libm's), and the
+ * library is compiled with -ffp-contract=off and without -ffast-math, so no compiler may fuse or
+ * reorder an operation. The bits are therefore the same whatever instruction set the library is
+ * compiled for (x86-64, -v3 or -v4: the tests compare them) and whatever the thread count (each task
+ * below is computed by one thread, in one order).
+ *
+ * Layouts (float32, contiguous): q, o, do: [B*H][S][D]; kt, vt, dkt, dvt: [B*Hkv][D][Sp], keys along
+ * the last axis, zero-padded to Sp = S rounded up to 16; m, l: [B*H][S], each query's largest score
+ * and the sum of its exponentials. Query head h reads key/value head h / (H / Hkv).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define W 16     /* lanes of every vector */
+#define MAX_D 8  /* largest head dimension (small_head_attention.MAX_HEAD_DIM) */
+typedef float vf __attribute__((vector_size(64), aligned(64)));
+typedef int32_t vi __attribute__((vector_size(64), aligned(64)));
+
+static inline vf splat(float x) { vf v; for (int l = 0; l < W; l++) v[l] = x; return v; }
+
+/* exp(x) for x <= 0: x = n ln2 + r with n rounded to nearest (the 1.5 * 2^23 trick) and ln2 split in two
+   (Cody and Waite), then Cephes' expf polynomial for e^r, times 2^n built from its bits. Within about
+   one unit in the last place; 0 below -87 (and for -inf and NaN, which never reach it from a finite
+   score: padded keys are set to -inf before the subtraction). */
+static inline vf vexp(vf x) {
+    const vf log2e = splat(1.44269504088896341f), magic = splat(12582912.0f);
+    const vf c1 = splat(0.693359375f), c2 = splat(-2.12194440e-4f);
+    vf t = x * log2e;
+    t = t + magic;
+    vf n = t - magic;
+    vf a = n * c1;
+    vf r = x - a;
+    vf b = n * c2;
+    r = r - b;
+    vf p = splat(1.9875691500E-4f);
+    p = p * r; p = p + splat(1.3981999507E-3f);
+    p = p * r; p = p + splat(8.3334519073E-3f);
+    p = p * r; p = p + splat(4.1665795894E-2f);
+    p = p * r; p = p + splat(1.6666665459E-1f);
+    p = p * r; p = p + splat(5.0000001201E-1f);
+    vf r2 = r * r;
+    p = p * r2; p = p + r; p = p + splat(1.0f);
+    vi keep = x >= splat(-87.0f);
+    vi ni = __builtin_convertvector(n, vi);
+    ni = (ni + 127) << 23;
+    vf e = p * (vf)ni;
+    return (vf)((vi)e & keep);
+}
+
+/* Scores of keys after query i (lane l of a block starting at key j0 is key j0 + l) set to -inf. */
+static inline vf causal(vf x, int64_t j0, int64_t i) {
+    vi key, ninf = (vi)splat(-__builtin_inff());
+    for (int l = 0; l < W; l++) key[l] = (int32_t)(j0 + l);
+    vi keep = key <= (vi){0} + (int32_t)i;
+    return (vf)(((vi)x & keep) | (ninf & ~keep));
+}
+
+static inline float hsum(vf v) { float s = v[0]; for (int l = 1; l < W; l++) s = s + v[l]; return s; }
+static inline float hmax(vf v) { float s = v[0]; for (int l = 1; l < W; l++) s = v[l] > s ? v[l] : s; return s; }
+
+/* Forward over tasks [t0, t1), task = b*H + h: o, m and l for every query of the task. */
+static inline __attribute__((always_inline)) void fwd(int64_t t0, int64_t t1, int64_t H, int64_t Hkv, int64_t S, int64_t Sp, const int64_t D, float scale,
+                   const float *q, const float *kt, const float *vt, float *o, float *m_out, float *l_out) {
+    vf s[Sp / W];
+    vf acc[MAX_D];
+    for (int64_t task = t0; task < t1; task++) {
+        int64_t b = task / H, h = task % H, kv = b * Hkv + h / (H / Hkv);
+        const float *K = kt + kv * D * Sp, *V = vt + kv * D * Sp;
+        for (int64_t i = 0; i < S; i++) {
+            const float *qi = q + (task * S + i) * D;
+            int64_t nb = i / W + 1;
+            vf vm = splat(-__builtin_inff());
+            for (int64_t jb = 0; jb < nb; jb++) {
+                vf x = splat(qi[0]) * *(const vf *)(K + jb * W);
+                for (int64_t d = 1; d < D; d++) x = x + splat(qi[d]) * *(const vf *)(K + d * Sp + jb * W);
+                x = x * splat(scale);
+                if (jb == nb - 1) x = causal(x, jb * W, i);
+                s[jb] = x;
+                { vi c = x > vm; vm = (vf)(((vi)x & c) | ((vi)vm & ~c)); }
+            }
+            float mx = hmax(vm);
+            vf lsum = splat(0.0f);
+            for (int64_t d = 0; d < D; d++) acc[d] = splat(0.0f);
+            for (int64_t jb = 0; jb < nb; jb++) {
+                vf p = vexp(s[jb] - splat(mx));
+                lsum = lsum + p;
+                for (int64_t d = 0; d < D; d++) acc[d] = acc[d] + p * *(const vf *)(V + d * Sp + jb * W);
+            }
+            float l = hsum(lsum), inv = 1.0f / l;
+            for (int64_t d = 0; d < D; d++) o[(task * S + i) * D + d] = hsum(acc[d]) * inv;
+            m_out[task * S + i] = mx;
+            l_out[task * S + i] = l;
+        }
+    }
+}
+
+/* Backward over key/value groups [g0, g1), g = b*Hkv + kvh: dq for the group's query heads and the
+   group's dkt, dvt, accumulated over its query heads in order, then over queries in order. The
+   probabilities are recomputed exactly as the forward computed them. */
+static inline __attribute__((always_inline)) void bwd(int64_t g0, int64_t g1, int64_t H, int64_t Hkv, int64_t S, int64_t Sp, const int64_t D, float scale,
+                   const float *q, const float *kt, const float *vt, const float *o, const float *m_in,
+                   const float *l_in, const float *do_, float *dq, float *dkt, float *dvt) {
+    int64_t G = H / Hkv;
+    vf acc[MAX_D];
+    for (int64_t g = g0; g < g1; g++) {
+        int64_t b = g / Hkv, kvh = g % Hkv;
+        const float *K = kt + g * D * Sp, *V = vt + g * D * Sp;
+        float *dK = dkt + g * D * Sp, *dV = dvt + g * D * Sp;
+        memset(dK, 0, sizeof(float) * D * Sp);
+        memset(dV, 0, sizeof(float) * D * Sp);
+        for (int64_t hh = 0; hh < G; hh++) {
+            int64_t task = b * H + kvh * G + hh;
+            for (int64_t i = 0; i < S; i++) {
+                const float *qi = q + (task * S + i) * D, *doi = do_ + (task * S + i) * D, *oi = o + (task * S + i) * D;
+                float mx = m_in[task * S + i], inv = 1.0f / l_in[task * S + i];
+                float Di = doi[0] * oi[0];
+                for (int64_t d = 1; d < D; d++) Di = Di + doi[d] * oi[d];
+                float cq[MAX_D];
+                for (int64_t d = 0; d < D; d++) cq[d] = scale * qi[d];
+                for (int64_t d = 0; d < D; d++) acc[d] = splat(0.0f);
+                int64_t nb = i / W + 1;
+                /* every scalar the key loop needs, broadcast once: the stores into dK and dV below
+                   could otherwise alias them, and the compiler would reload them for every block */
+                vf vq[MAX_D], vdo[MAX_D], vcq[MAX_D];
+                for (int64_t d = 0; d < D; d++) {
+                    vq[d] = splat(qi[d]);
+                    vdo[d] = splat(doi[d]);
+                    vcq[d] = splat(cq[d]);
+                }
+                const vf vscale = splat(scale), vmx = splat(mx), vinv = splat(inv), vDi = splat(Di);
+                for (int64_t jb = 0; jb < nb; jb++) {
+                    vf x = vq[0] * *(const vf *)(K + jb * W);
+                    for (int64_t d = 1; d < D; d++) x = x + vq[d] * *(const vf *)(K + d * Sp + jb * W);
+                    x = x * vscale;
+                    if (jb == nb - 1) x = causal(x, jb * W, i);
+                    vf p = vexp(x - vmx) * vinv;
+                    vf dp = vdo[0] * *(const vf *)(V + jb * W);
+                    for (int64_t d = 1; d < D; d++) dp = dp + vdo[d] * *(const vf *)(V + d * Sp + jb * W);
+                    vf ds = p * (dp - vDi);
+                    for (int64_t d = 0; d < D; d++) {
+                        acc[d] = acc[d] + ds * *(const vf *)(K + d * Sp + jb * W);
+                        vf *dk = (vf *)(dK + d * Sp + jb * W), *dv = (vf *)(dV + d * Sp + jb * W);
+                        *dk = *dk + vcq[d] * ds;
+                        *dv = *dv + vdo[d] * p;
+                    }
+                }
+                for (int64_t d = 0; d < D; d++) dq[(task * S + i) * D + d] = hsum(acc[d]) * scale;
+            }
+        }
+    }
+}
+
+/* The entry points: D known at compile time for the common head dimensions. */
+int small_head_attn_fwd(int64_t t0, int64_t t1, int64_t H, int64_t Hkv, int64_t S, int64_t Sp, int64_t D, float scale,
+                        const float *q, const float *kt, const float *vt, float *o, float *m_out, float *l_out) {
+    if (D < 1 || D > MAX_D || Hkv < 1 || H % Hkv || Sp % W || Sp < S) return -1;
+    switch (D) {
+    case 1: fwd(t0, t1, H, Hkv, S, Sp, 1, scale, q, kt, vt, o, m_out, l_out); break;
+    case 2: fwd(t0, t1, H, Hkv, S, Sp, 2, scale, q, kt, vt, o, m_out, l_out); break;
+    case 4: fwd(t0, t1, H, Hkv, S, Sp, 4, scale, q, kt, vt, o, m_out, l_out); break;
+    default: fwd(t0, t1, H, Hkv, S, Sp, D, scale, q, kt, vt, o, m_out, l_out);
+    }
+    return 0;
+}
+int small_head_attn_bwd(int64_t g0, int64_t g1, int64_t H, int64_t Hkv, int64_t S, int64_t Sp, int64_t D, float scale,
+                        const float *q, const float *kt, const float *vt, const float *o, const float *m_in,
+                        const float *l_in, const float *do_, float *dq, float *dkt, float *dvt) {
+    if (D < 1 || D > MAX_D || Hkv < 1 || H % Hkv || Sp % W || Sp < S) return -1;
+    switch (D) {
+    case 1: bwd(g0, g1, H, Hkv, S, Sp, 1, scale, q, kt, vt, o, m_in, l_in, do_, dq, dkt, dvt); break;
+    case 2: bwd(g0, g1, H, Hkv, S, Sp, 2, scale, q, kt, vt, o, m_in, l_in, do_, dq, dkt, dvt); break;
+    case 4: bwd(g0, g1, H, Hkv, S, Sp, 4, scale, q, kt, vt, o, m_in, l_in, do_, dq, dkt, dvt); break;
+    default: bwd(g0, g1, H, Hkv, S, Sp, D, scale, q, kt, vt, o, m_in, l_in, do_, dq, dkt, dvt);
+    }
+    return 0;
+}

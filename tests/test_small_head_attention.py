@@ -1,0 +1,183 @@
+"""`attn_implementation = "small-head"` (provenance/build/small_head_attention.py): our causal attention
+kernel for heads of dimension <= 8. Its values against float64 attention, its bits against the
+compiler's target and the thread count, where it hands over to SDPA, and the recipe rules."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import subprocess
+
+import pytest
+import torch
+
+from provenance.build import small_head_attention as sha
+from provenance.errors import InputError
+from provenance.recipe import parse_recipe
+
+from .conftest import TINY
+
+
+@pytest.fixture(autouse=True)
+def _kernel_store(tmp_path_factory):
+    sha.configure(tmp_path_factory.getbasetemp() / "kernel-store")
+    yield
+    sha.configure(None)
+
+
+def _inputs(b=3, h=8, hkv=2, s=37, d=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, s, d, generator=g, requires_grad=True)
+    k = torch.randn(b, hkv, s, d, generator=g, requires_grad=True)
+    v = torch.randn(b, hkv, s, d, generator=g, requires_grad=True)
+    return q, k, v, torch.randn(b, h, s, d, generator=g)
+
+
+def _run(q, k, v, go, attend=sha.attention):
+    for t in (q, k, v):
+        t.grad = None
+    o = attend(q, k, v)
+    o.backward(go)
+    return [o.detach().clone(), q.grad.clone(), k.grad.clone(), v.grad.clone()]
+
+
+def _digest(ts) -> str:
+    return hashlib.sha256(b"".join(t.contiguous().numpy().tobytes() for t in ts)).hexdigest()
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 2, 37, 2), (2, 4, 4, 16, 1), (1, 6, 3, 70, 4), (2, 2, 1, 5, 8),
+                                   (1, 2, 2, 1, 3)], ids=lambda s: "b{}h{}kv{}s{}d{}".format(*s))
+def test_matches_float64_attention(shape):
+    q, k, v, go = _inputs(*shape)
+    ours = _run(q, k, v, go)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = _run(q64, k64, v64, go.double(), lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
+        a, b, c, is_causal=True, enable_gqa=True))
+    for name, a, b in zip(("output", "dq", "dk", "dv"), ours, ref):
+        err = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+        assert err < 2e-6, (name, err)
+
+
+def test_bits_do_not_depend_on_thread_count():
+    q, k, v, go = _inputs(4, 8, 2, 50, 2, seed=1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _digest(_run(q, k, v, go))
+        torch.set_num_threads(2)
+        two = _digest(_run(q, k, v, go))
+    finally:
+        torch.set_num_threads(before)
+    assert one == two
+
+
+def _levels() -> list[str]:
+    level = sha._x86_level()
+    return {"x86-64-v4": ["x86-64", "x86-64-v3", "x86-64-v4"], "x86-64-v3": ["x86-64", "x86-64-v3"],
+            "x86-64": ["x86-64"]}.get(level, [])
+
+
+def _raw(lib, q, k, v, go, scale):
+    """One forward and backward through a given compiled library, single-threaded."""
+    b, h, s, d = q.shape
+    hkv, sp = k.shape[1], -(-s // sha.LANES) * sha.LANES
+    q = q.detach().contiguous()
+    kt, vt = sha._padded_t(k.detach(), sp), sha._padded_t(v.detach(), sp)
+    o, m, l_ = torch.empty_like(q), torch.empty(b, h, s), torch.empty(b, h, s)
+    assert lib.small_head_attn_fwd(0, b * h, h, hkv, s, sp, d, scale, q.data_ptr(), kt.data_ptr(), vt.data_ptr(),
+                                   o.data_ptr(), m.data_ptr(), l_.data_ptr()) == 0
+    dq, dkt, dvt = torch.empty_like(q), torch.empty_like(kt), torch.empty_like(vt)
+    go = go.contiguous()
+    assert lib.small_head_attn_bwd(0, b * hkv, h, hkv, s, sp, d, scale, q.data_ptr(), kt.data_ptr(), vt.data_ptr(),
+                                   o.data_ptr(), m.data_ptr(), l_.data_ptr(), go.data_ptr(), dq.data_ptr(),
+                                   dkt.data_ptr(), dvt.data_ptr()) == 0
+    return [o, dq, dkt[..., :s], dvt[..., :s]]
+
+
+def test_bits_do_not_depend_on_the_instruction_set(tmp_path):
+    """The library compiled for plain x86-64 (SSE2), -v3 (AVX2, FMA) and -v4 (AVX-512), as far as this CPU
+    runs them, gives the same bits: the C source fixes every operation and its order."""
+    levels = _levels()
+    if len(levels) < 2:
+        pytest.skip(f"this CPU runs only {levels or 'no x86-64 level'}: nothing to compare")
+    cc = sha.compiler()
+    q, k, v, go = _inputs(2, 8, 2, 45, 2, seed=2)
+    digests = {}
+    for level in levels:
+        so = tmp_path / f"{level}.so"
+        subprocess.run([cc, *sha.FLAGS, f"-march={level}", "-o", str(so), str(sha.SOURCE)], check=True)
+        lib = ctypes.CDLL(str(so))
+        i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+        lib.small_head_attn_fwd.argtypes = [i64] * 7 + [f32] + [ptr] * 6
+        lib.small_head_attn_bwd.argtypes = [i64] * 7 + [f32] + [ptr] * 10
+        digests[level] = _digest(_raw(lib, q, k, v, go, 2 ** -0.5))
+    assert len(set(digests.values())) == 1, digests
+    # and the library the build loads gives those bits too
+    assert _digest(_raw(sha.load()[0], q, k, v, go, 2 ** -0.5)) == digests[levels[0]]
+
+
+def test_the_library_refuses_shapes_it_does_not_compute():
+    lib = sha.load()[0]
+    x = torch.zeros(64)
+    for h, hkv, d, sp in ((4, 3, 2, 16), (4, 2, 9, 16), (4, 2, 2, 15)):
+        assert lib.small_head_attn_fwd(0, 0, h, hkv, 8, sp, d, 1.0, *[x.data_ptr()] * 6) == -1
+
+
+def _tiny_llama(attn: str, heads=8, kv=2, hidden=16):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if attn == sha.NAME:
+        sha.register()
+    cfg = LlamaConfig(vocab_size=50, hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).float()
+
+
+def test_in_a_llama_it_is_used_for_causal_calls_and_hands_masked_ones_to_sdpa(monkeypatch):
+    calls = []
+    real = sha.attention
+    monkeypatch.setattr(sha, "attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    ids = torch.randint(0, 50, (3, 20), generator=torch.Generator().manual_seed(3))
+    ours, ref = _tiny_llama(sha.NAME), _tiny_llama("sdpa")
+    out = ours(input_ids=ids, use_cache=False).logits
+    assert len(calls) == 2  # both layers
+    torch.testing.assert_close(out, ref(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+    # a padded batch has a mask: SDPA computes it, bit for bit as under "sdpa"
+    calls.clear()
+    mask = torch.ones_like(ids)
+    mask[0, 15:] = 0
+    masked = ours(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert calls == []
+    assert torch.equal(masked, ref(input_ids=ids, attention_mask=mask, use_cache=False).logits)
+    # the saved config names no implementation: stock transformers loads the weights with its own
+    assert "small-head" not in ours.config.to_json_string()
+
+
+def _recipe(tmp_path, **replace):
+    text = TINY.read_text().replace('attn_implementation = "sdpa"', 'attn_implementation = "small-head"')
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return parse_recipe(tmp_path / "x.toml", text)
+
+
+def test_recipe_rules(tmp_path):
+    # tiny.toml's heads are of dimension 8 (16 / 2): allowed
+    assert _recipe(tmp_path).model.attn_implementation == "small-head"
+    with pytest.raises(InputError) as e:
+        _recipe(tmp_path, **{"hidden_size = 16": "hidden_size = 32",
+                             "seq_len = 64\n": 'seq_len = 64\nprecision = "bf16-autocast"\n'})
+    msg = e.value.diagnostics()
+    assert "'small-head' is for heads of dimension <= 8; this model's are 16" in msg
+    assert "stages[0].precision: 'small-head' attention computes in float32" in msg
+
+
+def test_a_missing_compiler_is_named(monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(InputError, match="no C compiler '/nonexistent/cc' was found"):
+        sha.compiler()
+    monkeypatch.setenv("CC", "gcc -O0")
+    with pytest.raises(InputError, match="expected one compiler executable"):
+        sha.compiler()
