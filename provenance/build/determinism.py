@@ -126,6 +126,27 @@ def pin_numerics(requested: str) -> dict[str, str]:
     return env
 
 
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+def _accepted(wanted: str) -> set[int]:
+    """The branch codes MKL may report for a pin: the pin itself; and on a CPU not made by Intel,
+    where MKL's instruction-set branches (SSE2 ... AVX512) do not exist and MKL runs them as AUTO
+    (measured on an AMD EPYC: AVX2,STRICT reads back as AUTO,STRICT), AUTO with the pin's STRICT
+    flag. build.json records what MKL reports, so such a build is not mistaken for an Intel one."""
+    code = _branch_code(wanted)
+    ok = {code}
+    base = code & ~MKL_STRICT
+    if base not in (0, 1, 2, 3) and _cpu_vendor() != "GenuineIntel":
+        ok.add(2 | (code & MKL_STRICT))
+    return ok
+
+
 def mkl_branch(wanted: str | None) -> str | None:
     """Make sure MKL runs the code path `wanted` (its conditional numerical reproducibility branch)
     and return the branch MKL reports. MKL reads MKL_CBWR when it starts, and its own setter works
@@ -136,10 +157,11 @@ def mkl_branch(wanted: str | None) -> str | None:
     if fns is None:
         return None
     get, setter = fns
-    if wanted is not None and get(-1) != _branch_code(wanted):
+    if wanted is not None and get(-1) not in _accepted(wanted):
         from ..errors import InputError
 
-        if setter(_branch_code(wanted)) != 0 or get(-1) != _branch_code(wanted):
+        setter(_branch_code(wanted))
+        if get(-1) not in _accepted(wanted):
             raise InputError(f"MKL runs its {_branch_name(get(-1))} code path, not the pinned MKL_CBWR={wanted}: "
                              "MKL started before the pin (set it before any matrix product, e.g. in a fresh "
                              "process) or this CPU lacks the branch")
