@@ -104,18 +104,15 @@ def test_mkl_and_onednn_are_pinned_with_the_cpu_level():
     env = {**os.environ, "MKL_CBWR": "AUTO", "ATEN_CPU_CAPABILITY": "avx2"}
     pinned = json.loads(subprocess.run([sys.executable, "-c", MATMUL, "pin"], capture_output=True, text=True,
                                        env=env, check=True).stdout)
-    from provenance.build.determinism import _cpu_vendor
-
-    # MKL's AVX2 branch is Intel's; on another vendor's CPU MKL runs it as AUTO, keeping STRICT (recorded)
-    branch = "AVX2,STRICT" if _cpu_vendor() == "GenuineIntel" else "AUTO,STRICT"
-    assert pinned["numerics"] == {"MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_DYNAMIC": "FALSE",
-                                  "OMP_DYNAMIC": "FALSE", "mkl_branch": branch}
+    # MKL's vendor-independent branch (its AVX2 branch is Intel's alone)
+    assert pinned["numerics"] == {"MKL_CBWR": "COMPATIBLE,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                  "MKL_DYNAMIC": "FALSE", "OMP_DYNAMIC": "FALSE", "mkl_branch": "COMPATIBLE,STRICT"}
     fresh = json.loads(subprocess.run([sys.executable, "-c", MATMUL, "plain"], capture_output=True, text=True,
-                                      env={**env, "MKL_CBWR": "AVX2,STRICT"}, check=True).stdout)
+                                      env={**env, "MKL_CBWR": "COMPATIBLE,STRICT"}, check=True).stdout)
     assert pinned["product"] == fresh["product"]
     late = json.loads(subprocess.run([sys.executable, "-c", MATMUL, "late"], capture_output=True, text=True,
                                      env=env, check=True).stdout)
-    assert "MKL runs its AUTO code path, not the pinned MKL_CBWR=AVX2,STRICT" in late["error"]
+    assert "MKL runs its AUTO code path, not the pinned MKL_CBWR=COMPATIBLE,STRICT" in late["error"]
 
 
 def test_a_rebuild_on_another_vendor_or_other_pins_is_not_held_to_bitwise():

@@ -80,7 +80,9 @@ def pin_cpu_capability(requested: str) -> None:
 # pins both to the same instruction set (docs/reproducibility.md, "Numerics libraries").
 NUMERICS_ENV = {
     "default": {"MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41"},
-    "avx2": {"MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    # MKL's AVX2 branch exists on Intel CPUs only (on an AMD EPYC MKL runs it as AUTO, its own
+    # choice by ISA), so the AVX2 level pins MKL's vendor-independent COMPATIBLE branch, strict.
+    "avx2": {"MKL_CBWR": "COMPATIBLE,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"},
     "avx512": {"MKL_CBWR": "AVX512,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
 }
 # Threads are fixed by the recipe; a library that picks fewer on its own changes a reduction's order.

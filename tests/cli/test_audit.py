@@ -197,7 +197,12 @@ def test_the_default_recipes_reference_fails_a_licence_policy_naming_licences_an
     assert p.returncode == 1 and checks["audit"]["ok"] and not checks["licence-compatibility"]["ok"]
     assert "MIT declared for weights trained on GPL-2.0-only (12 files): incompatible" in \
         checks["licence-compatibility"]["detail"]
-    assert "completes up to 100.0% of sampled training windows verbatim" in checks["licence-compatibility"]["detail"]
+    # the rate named is the signed audit's highest extraction rate (98.9 % for the reference of 2026-12-02)
+    import re
+
+    rate = re.search(r"highest extraction rate (\d+\.\d)%", checks["audit"]["detail"]).group(1)
+    assert float(rate) > 90
+    assert f"completes up to {rate}% of sampled training windows verbatim" in checks["licence-compatibility"]["detail"]
 
 
 def test_the_model_card_parses_with_huggingface_hub(built):
