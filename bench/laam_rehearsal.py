@@ -4,7 +4,7 @@ on uWSGI 2.0.28's C core, a real GPL-2.0 tree pinned by hash on PyPI), built wit
 
 Prints the figures recorded in docs/benchmarks.md: wall time of each phase, tokens/s, peak RSS
 (/usr/bin/time -v), checkpoints kept and their size, replay time and fraction. Not part of
-`make test`: it takes about 20 minutes on 2 cores.
+`make test`: it takes about 10 minutes on 2 cores (18 with the CPU flash kernel).
 
 Usage: python bench/laam_rehearsal.py [--out /tmp/laam-rehearsal] [--seed 0]
 """
