@@ -30,6 +30,32 @@ def store(tmp_path_factory) -> Path:
     return Path(env_store) if env_store else tmp_path_factory.mktemp("store")
 
 
+@pytest.fixture(scope="session")
+def _tiny_pristine(store, signing_key, tmp_path_factory):
+    """The tiny recipe built once for the session (default key, --no-cache: a full build, whatever
+    the store's stage cache holds). Modules get copies from `tiny_build_copy`, never this dir."""
+    out = tmp_path_factory.mktemp("tiny-pristine") / "b"
+    p = run_cli("build", str(TINY), "--out", str(out), "--no-cache", store=store)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, p
+
+
+@pytest.fixture(scope="session")
+def tiny_build_copy(_tiny_pristine, tmp_path_factory):
+    """copy(name) -> (out dir, the build's CompletedProcess): a fresh copy of the session's one
+    plain tiny build, for a module to read or damage without building the recipe again."""
+    import shutil
+
+    src, p = _tiny_pristine
+
+    def copy(name: str):
+        out = tmp_path_factory.mktemp(name) / "b"
+        shutil.copytree(src, out, symlinks=True)
+        return out, p
+
+    return copy
+
+
 def run_cli(*args: str, store: Path | None = None, env: dict | None = None, cwd: Path | None = None,
             module: str = "provenance") -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}

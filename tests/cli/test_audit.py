@@ -13,11 +13,8 @@ from ..conftest import TINY, build_json, run_cli
 
 
 @pytest.fixture(scope="module")
-def built(store, tmp_path_factory):
-    out = tmp_path_factory.mktemp("audit") / "b"
-    p = run_cli("build", str(TINY), "--out", str(out), store=store)
-    assert p.returncode == 0, p.stderr
-    return out, p
+def built(tiny_build_copy):
+    return tiny_build_copy("audit")
 
 
 def _verify(out, *extra, attestation=None):

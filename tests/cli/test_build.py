@@ -13,12 +13,12 @@ from ..conftest import RECIPES, TINY, build_json, last_line, run_cli
 
 
 @pytest.fixture(scope="module")
-def builds(store, tmp_path_factory):
-    """Build the tiny recipe three times: threads 2, threads 1, and threads 2 again with the C
-    allocator left at its defaults (build/allocator.py)."""
+def builds(store, tmp_path_factory, tiny_build_copy):
+    """The tiny recipe three times: threads 2 (the session's plain build, --no-cache), threads 1, and
+    threads 2 again with the C allocator left at its defaults (build/allocator.py)."""
     base = tmp_path_factory.mktemp("tiny")
-    outs = {}
-    for label, extra in (("t2", []), ("t1", ["--threads", "1"]), ("t2-again", [])):
+    outs = {"t2": tiny_build_copy("tiny-t2")}
+    for label, extra in (("t1", ["--threads", "1"]), ("t2-again", [])):
         out = base / label
         env = {"PROVENANCE_MALLOC_DEFAULTS": "1"} if label == "t2-again" else None
         p = run_cli("build", str(TINY), "--out", str(out), "--no-cache", *extra, store=store, env=env)
@@ -271,12 +271,12 @@ def test_gradient_accumulation_is_bitwise_run_to_run_and_across_threads(builds, 
     digests = _bitwise_across_threads(recipe, store, tmp_path)
 
 
-def test_flash_attention_and_chunked_loss_are_bitwise_across_threads(store, tmp_path):
+def test_flash_attention_and_chunked_loss_are_bitwise_across_threads(store, tmp_path, tiny_build_copy):
     """LaaM's fast path (SDPA's flash kernel, the fused chunked loss, float32): the same bits for threads
     1 and 2 and on rebuild, and not the bits of the full-logits path (the choice is the recipe's)."""
     recipe = tmp_path / "fast.toml"
     text = TINY.read_text().replace('seq_len = 64\n', 'seq_len = 64\ncross_entropy = "chunked"\ncross_entropy_chunk = 64\n', 1)
     recipe.write_text(text.replace("threads = 2\n", 'threads = 2\nsdpa_backend = "flash"\n', 1))
     digests = _bitwise_across_threads(recipe, store, tmp_path)
-    p = run_cli("build", str(TINY), "--out", str(tmp_path / "plain"), store=store)
+    _, p = tiny_build_copy("tiny-plain")  # the session's plain tiny build: sdpa default, full logits
     assert p.returncode == 0 and last_line(p.stdout) != digests[0]

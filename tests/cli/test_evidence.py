@@ -16,17 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import ROOT, TINY, build_json, run_cli
+from ..conftest import ROOT, build_json, run_cli
 
 ARTIFACTS = ROOT / "build" / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
-def built(store, tmp_path_factory):
-    out = tmp_path_factory.mktemp("evidence") / "b"
-    p = run_cli("build", str(TINY), "--out", str(out), store=store)
-    assert p.returncode == 0, p.stderr
-    return out
+def built(tiny_build_copy):
+    return tiny_build_copy("evidence")[0]
 
 
 def _pub() -> str:

@@ -18,18 +18,25 @@ VECTORS = ROOT / "tests" / "vectors" / "oms-v1.0"
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory) -> Path:
+def keys(tmp_path_factory, tiny_build_copy) -> Path:
+    """ec: the session's default signing key (made by `provenance build` with keygen's default type,
+    ECDSA P-256), which signed the session's plain tiny build; ed: an ed25519 key of this module."""
+    import os
+
+    tiny_build_copy("oms-key-made")  # the session's build has made the default key by now
     d = tmp_path_factory.mktemp("oms-keys")
-    assert run_cli("keygen", str(d), "--name", "ec").returncode == 0  # ECDSA P-256 is the default
+    default = Path(os.environ["PROVENANCE_KEY"])
+    shutil.copy2(default, d / "ec.key")
+    shutil.copy2(default.with_suffix(".pub"), d / "ec.pub")
+    assert b"BEGIN PUBLIC KEY" in (d / "ec.pub").read_bytes()
     assert run_cli("keygen", str(d), "--name", "ed", "--type", "ed25519").returncode == 0
     return d
 
 
 @pytest.fixture(scope="module")
-def built(store, keys, tmp_path_factory):
-    out = tmp_path_factory.mktemp("oms") / "b"
-    p = run_cli("build", str(TINY), "--out", str(out), "--key", str(keys / "ec.key"), store=store)
-    assert p.returncode == 0, p.stderr
+def built(keys, tiny_build_copy):
+    """The session's plain tiny build, signed with the ECDSA key `ec`."""
+    out, p = tiny_build_copy("oms")
     assert "OMS signature: model.sig" in p.stderr
     return out
 

@@ -12,11 +12,8 @@ from ..conftest import RECIPES, TINY, run_cli
 
 
 @pytest.fixture(scope="module")
-def tiny_build(store, tmp_path_factory):
-    out = tmp_path_factory.mktemp("robust") / "b"
-    p = run_cli("build", str(TINY), "--out", str(out), store=store)
-    assert p.returncode == 0, p.stderr
-    return out
+def tiny_build(tiny_build_copy):
+    return tiny_build_copy("robust")[0]
 
 
 def test_build_refuses_a_filename_that_escapes(store, tmp_path):
