@@ -482,7 +482,8 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build a recipe into a model directory")
     b.add_argument("recipe")
     b.add_argument("--out", help="output directory (default build/<recipe name>)")
-    b.add_argument("--threads", type=int, help="override determinism.threads (does not change the bits)")
+    b.add_argument("--threads", type=int,
+                   help="override determinism.threads (on some CPUs the bits change: docs/recipe.md)")
     b.add_argument("--world-size", type=int, default=1,
                    help="train on N processes with torch.distributed (gloo on the CPU), launched with torchrun")
     b.add_argument("--cpu-capability", choices=["native", "default", "avx2", "avx512"],

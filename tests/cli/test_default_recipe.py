@@ -20,15 +20,15 @@ REF_KEY = RECIPES.parent / "attestations" / "keys" / f"{DEFAULT.stem}.pub"
 
 
 @pytest.fixture(scope="module")
-def default_build(store, tmp_path_factory):
-    """(out dir, the rebuild's JSON result) of `provenance rebuild` of the committed reference; the
-    pinned inputs are fetched into the session's store by their hashes."""
+def default_build(default_rebuild):
+    """(out dir, the rebuild's JSON result) of `provenance rebuild` of the committed reference,
+    started by tests/conftest.py when the session began; the pinned inputs are fetched into the
+    session's store by their hashes."""
     import json
 
-    out = tmp_path_factory.mktemp("default") / "rebuild"
-    p = run_cli("rebuild", str(REF), "--attestation-key", str(REF_KEY), "--out", str(out), "--json", store=store)
-    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
-    return out, json.loads(p.stdout)
+    out, code, stdout, stderr = default_rebuild()
+    assert code == 0, stdout + stderr[-3000:]
+    return out, json.loads(stdout)
 
 
 def test_default_recipe_meets_the_size_floor(default_build):
@@ -235,3 +235,4 @@ def test_rebuilding_the_reference_signs_a_vsa_that_says_whether_it_reproduced(de
     oms = RECIPES.parent / "attestations" / f"{DEFAULT.stem}.model.sig"
     p = run_cli("verify", str(oms), "--key", str(REF_KEY), "--model", str(reb / "model"))
     assert p.returncode == (0 if equal else 1), p.stdout
+
