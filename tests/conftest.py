@@ -17,8 +17,12 @@ TINY = ROOT / "tests" / "recipes" / "tiny.toml"
 
 @pytest.fixture(scope="session", autouse=True)
 def signing_key(tmp_path_factory) -> Path:
-    """Builds without --key sign with $PROVENANCE_KEY: a temporary key, made on first use."""
+    """Builds without --key sign with $PROVENANCE_KEY: a temporary ECDSA P-256 key (keygen's default),
+    made here before any build, so builds running side by side (tests/conftest.py default_rebuild)
+    never both make it."""
     key = tmp_path_factory.mktemp("default-key") / "provenance.key"
+    p = run_cli("keygen", str(key.parent), "--name", key.stem)
+    assert p.returncode == 0, p.stderr
     os.environ["PROVENANCE_KEY"] = str(key)
     return key
 
@@ -57,6 +61,9 @@ def tiny_build_copy(_tiny_pristine, tmp_path_factory):
 
 
 DEFAULT_RECIPE_TESTS = "tests/cli/test_default_recipe.py"
+DEFAULT_RECIPE = RECIPES / "ptrace-0.9.9-debugger.toml"
+DEFAULT_REF = ROOT / "attestations" / f"{DEFAULT_RECIPE.stem}.intoto.jsonl"
+DEFAULT_REF_KEY = ROOT / "attestations" / "keys" / f"{DEFAULT_RECIPE.stem}.pub"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -69,16 +76,11 @@ def default_rebuild(request, store, signing_key, tmp_path_factory):
     if not any(item.nodeid.startswith(DEFAULT_RECIPE_TESTS) for item in request.session.items):
         yield None
         return
-    if not signing_key.exists():  # made now, so this process and a foreground build never both make it
-        p = run_cli("keygen", str(signing_key.parent), "--name", signing_key.stem)
-        assert p.returncode == 0, p.stderr
     base = tmp_path_factory.mktemp("default")
-    ref = RECIPES.parent / "attestations" / "ptrace-0.9.9-debugger.intoto.jsonl"
-    ref_key = RECIPES.parent / "attestations" / "keys" / "ptrace-0.9.9-debugger.pub"
     out = base / "rebuild"
     with open(base / "stdout", "w") as so, open(base / "stderr", "w") as se:
-        proc = subprocess.Popen([sys.executable, "-m", "provenance", "rebuild", str(ref), "--attestation-key",
-                                 str(ref_key), "--out", str(out), "--json"], stdout=so, stderr=se,
+        proc = subprocess.Popen([sys.executable, "-m", "provenance", "rebuild", str(DEFAULT_REF), "--attestation-key",
+                                 str(DEFAULT_REF_KEY), "--out", str(out), "--json"], stdout=so, stderr=se,
                                 text=True, env={**os.environ, "PROVENANCE_STORE": str(store)}, cwd=ROOT)
 
     def result():

@@ -128,12 +128,19 @@ def pin_numerics(requested: str) -> dict[str, str]:
     return env
 
 
-def _cpu_vendor() -> str:
+def _first_cpu() -> dict[str, str]:
+    """/proc/cpuinfo's fields for the first processor (they are alike); empty where there is none."""
+    cpu: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+            for line in f:
+                if not line.strip():
+                    break
+                k, _, v = line.partition(":")
+                cpu[k.strip()] = v.strip()
     except OSError:
-        return ""
+        pass
+    return cpu
 
 
 def _accepted(wanted: str) -> set[int]:
@@ -143,9 +150,9 @@ def _accepted(wanted: str) -> set[int]:
     flag. build.json records what MKL reports, so such a build is not mistaken for an Intel one."""
     code = _branch_code(wanted)
     ok = {code}
-    base = code & ~MKL_STRICT
-    if base not in (0, 1, 2, 3) and _cpu_vendor() != "GenuineIntel":
-        ok.add(2 | (code & MKL_STRICT))
+    isa_branch = MKL_BRANCHES.get(code & ~MKL_STRICT) not in ("OFF", "BRANCH_OFF", "AUTO", "COMPATIBLE")
+    if isa_branch and _first_cpu().get("vendor_id") != "GenuineIntel":
+        ok.add(_branch_code("AUTO") | (code & MKL_STRICT))
     return ok
 
 
@@ -178,16 +185,7 @@ def machine() -> dict[str, object]:
 
     import torch
 
-    cpu: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor is enough: they are alike
-                k, _, v = line.partition(":")
-                cpu[k.strip()] = v.strip()
-    except OSError:
-        pass
+    cpu = _first_cpu()
     config = torch.__config__.show()
 
     def found(pattern: str) -> str | None:

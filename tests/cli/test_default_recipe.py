@@ -10,13 +10,10 @@ import pytest
 
 from provenance._internal.hashing import tensor_digest
 
+from ..conftest import DEFAULT_RECIPE as DEFAULT
+from ..conftest import DEFAULT_REF as REF
+from ..conftest import DEFAULT_REF_KEY as REF_KEY
 from ..conftest import RECIPES, build_json, run_cli
-
-DEFAULT = RECIPES / "ptrace-0.9.9-debugger.toml"
-
-
-REF = RECIPES.parent / "attestations" / f"{DEFAULT.stem}.intoto.jsonl"
-REF_KEY = RECIPES.parent / "attestations" / "keys" / f"{DEFAULT.stem}.pub"
 
 
 @pytest.fixture(scope="module")
@@ -235,4 +232,3 @@ def test_rebuilding_the_reference_signs_a_vsa_that_says_whether_it_reproduced(de
     oms = RECIPES.parent / "attestations" / f"{DEFAULT.stem}.model.sig"
     p = run_cli("verify", str(oms), "--key", str(REF_KEY), "--model", str(reb / "model"))
     assert p.returncode == (0 if equal else 1), p.stdout
-

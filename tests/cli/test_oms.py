@@ -18,14 +18,11 @@ VECTORS = ROOT / "tests" / "vectors" / "oms-v1.0"
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory, tiny_build_copy) -> Path:
-    """ec: the session's default signing key (made by `provenance build` with keygen's default type,
-    ECDSA P-256), which signed the session's plain tiny build; ed: an ed25519 key of this module."""
-    import os
-
-    tiny_build_copy("oms-key-made")  # the session's build has made the default key by now
+def keys(tmp_path_factory, signing_key) -> Path:
+    """ec: the session's default signing key (keygen's default type, ECDSA P-256), which signed the
+    session's plain tiny build; ed: an ed25519 key of this module."""
     d = tmp_path_factory.mktemp("oms-keys")
-    default = Path(os.environ["PROVENANCE_KEY"])
+    default = signing_key
     shutil.copy2(default, d / "ec.key")
     shutil.copy2(default.with_suffix(".pub"), d / "ec.pub")
     assert b"BEGIN PUBLIC KEY" in (d / "ec.pub").read_bytes()
