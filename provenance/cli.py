@@ -567,6 +567,9 @@ def parser() -> argparse.ArgumentParser:
     rb.add_argument("--cpu-capability", choices=("native", "default", "avx2", "avx512"),
                     help="rebuild with another ATen CPU level than the recipe's (another stack: judged within "
                          "tolerance)")
+    rb.add_argument("--threads", type=int,
+                    help="CPU threads (default: the recipe's; bitwise still required on the reference's stack, "
+                         "so use it where the recipe is thread-invariant: docs/recipe.md)")
     rb.add_argument("--policy", help="verifier policy TOML: allowed builders, [reproduced] bounds")
     _signing_args(rb)
     _store_args(rb)
@@ -770,6 +773,7 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
     from .repro.rebuild import judge_build, stack_matches
     from .verify.policy import load_policy
 
+    threads = getattr(args, "threads", None)
     bounds = load_policy(Path(args.policy) if args.policy else None).reproduced
     reporter = Reporter(enabled=not args.json)
     log = _reference_rounding_log(Path(args.attestation), payload, reporter) if recipe.recipe.determinism.portable \
@@ -779,7 +783,7 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
     record = build(recipe, out=out, store=Store(args.store), offline=args.offline,
                    handed=parse_handed(args.input, recipe), reporter=reporter, signing=signing,
                    resume=False, use_cache=False, cpu_capability=getattr(args, "cpu_capability", None),
-                   rounding_log=log)
+                   threads=threads, rounding_log=log)
     match, why = stack_matches(payload, record)
     report = judge_build(st, out / "model", bitwise=match if bitwise is None else bitwise, bounds=bounds,
                          store=Path(args.store) if args.store else None)
@@ -1111,6 +1115,8 @@ def cmd_rebuild(args) -> int:
 
     if not args.attestation_key:
         raise InputError("--attestation-key PUBLIC_KEY is needed to verify the attestation before rebuilding")
+    if args.threads is not None and not 1 <= args.threads <= 4096:
+        raise InputError(f"--threads must be between 1 and 4096, got {args.threads}")
     att = Path(args.attestation)
     payload, st = verified_statement(att, [Path(k) for k in args.attestation_key],
                                      Path(args.policy) if args.policy else None)

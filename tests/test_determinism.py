@@ -97,22 +97,23 @@ def test_mkl_and_onednn_are_pinned_with_the_cpu_level():
 
     import pytest
 
-    from provenance.build.determinism import supported_cpu_levels
+    from provenance.build.determinism import _first_cpu, supported_cpu_levels
 
     if "avx2" not in supported_cpu_levels():
         pytest.skip("this CPU has no AVX2")
     env = {**os.environ, "MKL_CBWR": "AUTO", "ATEN_CPU_CAPABILITY": "avx2"}
     pinned = json.loads(subprocess.run([sys.executable, "-c", MATMUL, "pin"], capture_output=True, text=True,
                                        env=env, check=True).stdout)
-    # MKL's vendor-independent branch (its AVX2 branch is Intel's alone)
-    assert pinned["numerics"] == {"MKL_CBWR": "COMPATIBLE,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                                  "MKL_DYNAMIC": "FALSE", "OMP_DYNAMIC": "FALSE", "mkl_branch": "COMPATIBLE,STRICT"}
+    # MKL's AVX2 branch on Intel; elsewhere its COMPATIBLE branch (the AVX2 one is Intel's alone)
+    branch = "AVX2,STRICT" if _first_cpu().get("vendor_id") == "GenuineIntel" else "COMPATIBLE,STRICT"
+    assert pinned["numerics"] == {"MKL_CBWR": branch, "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                  "MKL_DYNAMIC": "FALSE", "OMP_DYNAMIC": "FALSE", "mkl_branch": branch}
     fresh = json.loads(subprocess.run([sys.executable, "-c", MATMUL, "plain"], capture_output=True, text=True,
-                                      env={**env, "MKL_CBWR": "COMPATIBLE,STRICT"}, check=True).stdout)
+                                      env={**env, "MKL_CBWR": branch}, check=True).stdout)
     assert pinned["product"] == fresh["product"]
     late = json.loads(subprocess.run([sys.executable, "-c", MATMUL, "late"], capture_output=True, text=True,
                                      env=env, check=True).stdout)
-    assert "MKL runs its AUTO code path, not the pinned MKL_CBWR=COMPATIBLE,STRICT" in late["error"]
+    assert f"MKL runs its AUTO code path, not the pinned MKL_CBWR={branch}" in late["error"]
 
 
 def test_a_rebuild_on_another_vendor_or_other_pins_is_not_held_to_bitwise():

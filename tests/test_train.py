@@ -49,3 +49,24 @@ def test_epoch_steps_follow_the_phase_grids():
     s = Stage(name="s", lr=1.0, batch_size=2, epochs=3, seq_len=32, phases=2)
     # phase 0: 4 windows -> 2 batches; phase 1: 5 windows -> 3 batches; epochs cycle 0,1,0
     assert stage_steps(s, seqs) == 2 + 3 + 2
+
+
+def test_vocabulary_padding_rounds_the_model_rows_up_and_only_up():
+    """pad_vocab_to_multiple_of gives the embedding and output layer the tokenizer's size rounded up;
+    the default, 1, leaves it as it is; out-of-range values are refused."""
+    from pydantic import ValidationError
+
+    from provenance.build.train import build_model
+    from provenance.recipe.model import Model
+
+    base = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "max_position_embeddings": 16, "bos_token": "a", "eos_token": "b",
+            "pad_token": "c"}
+    assert Model(**base).padded_vocab(1573) == 1573
+    padded = Model(**base, pad_vocab_to_multiple_of=64)
+    assert [padded.padded_vocab(v) for v in (1573, 1600, 1601, 257)] == [1600, 1600, 1664, 320]
+    model = build_model(padded, 300, {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}, seed=1)
+    assert model.get_input_embeddings().weight.shape[0] == model.lm_head.weight.shape[0] == 320
+    for bad in (0, 4097):
+        with pytest.raises(ValidationError, match="pad_vocab_to_multiple_of"):
+            Model(**base, pad_vocab_to_multiple_of=bad)

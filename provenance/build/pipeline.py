@@ -567,7 +567,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
                                  **hash_bytes(data.manifest_bytes)},
             "tokenizer": {"vocab_size": tok.get_vocab_size(), "tokens": sum(map(len, seqs)),
                           "special_token_ids": ids, "tokenizer.json": data.tokenizer_digest},
-            "model": {"parameters": n_params, "vocab_size": tok.get_vocab_size()},
+            "model": {"parameters": n_params, "vocab_size": r.model.padded_vocab(tok.get_vocab_size())},
             "weights": weights,
             "training": {"stages": [asdict(s) for s in stages], "transcript": hash_bytes(tbytes),
                          "transcript_head": transcript.prev, "steps": len(transcript.lines),

@@ -78,13 +78,14 @@ def lr_factor(stage: Stage, step: int, total: int) -> float:
 
 
 def build_model(spec: Model, vocab_size: int, special: dict[str, int], seed: int, portable: bool = False):
-    """The recipe's LlamaForCausalLM, initialised from the seed: float32, or with `portable` a
+    """The recipe's LlamaForCausalLM for the tokenizer's `vocab_size` (padded as the recipe says),
+    initialised from the seed: float32, or with `portable` a
     float64 model whose weights are not yet rounded (train() rounds and logs them, build/portable.py)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=spec.padded_vocab(vocab_size),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers,

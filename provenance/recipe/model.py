@@ -176,9 +176,18 @@ class Model(Strict):
     # "small-head": our causal attention kernel for heads of dimension <= 8 on the CPU
     # (build/small_head_attention.py); other bits than SDPA's, so a recipe choice.
     attn_implementation: Literal["eager", "sdpa", "small-head"] = "sdpa"
+    # The embedding and output layer get this many rows rounded up from the tokenizer's vocabulary
+    # (the extra rows are never an input; they stay in the softmax and learn to be unlikely). A
+    # multiple of 64 keeps the output layer's gradient thread-invariant under MKL (docs/recipe.md).
+    pad_vocab_to_multiple_of: Annotated[int, Field(ge=1, le=4096)] = 1
     bos_token: str
     eos_token: str
     pad_token: str
+
+    def padded_vocab(self, vocab_size: int) -> int:
+        """The model's vocabulary: the tokenizer's rounded up to `pad_vocab_to_multiple_of`."""
+        m = self.pad_vocab_to_multiple_of
+        return -(-vocab_size // m) * m
 
     @model_validator(mode="after")
     def _heads(self) -> Model:

@@ -28,6 +28,14 @@ def default_build(default_rebuild):
     return out, json.loads(stdout)
 
 
+def test_the_rebuild_ran_on_one_thread_and_refuses_a_bad_thread_count(default_build, tmp_path):
+    out, _ = default_build
+    assert build_json(out)["determinism"]["threads"] == 1
+    p = run_cli("rebuild", str(REF), "--attestation-key", str(REF_KEY), "--out", str(tmp_path / "r"), "--threads", "0")
+    assert p.returncode == 2 and "--threads must be between 1 and 4096, got 0" in p.stderr, p.stdout + p.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_default_recipe_meets_the_size_floor(default_build):
     out, _ = default_build
     m = build_json(out)["dataset_manifest"]
