@@ -29,8 +29,7 @@ def cmd_build(args) -> int:
     from .build.pipeline import check_out_dir
 
     recipe = load_recipe(args.recipe)
-    if args.threads is not None and not 1 <= args.threads <= 4096:
-        raise InputError(f"--threads must be between 1 and 4096, got {args.threads}")
+    _check_threads(args.threads)
     if not 1 <= args.world_size <= 1024:
         raise InputError(f"--world-size must be between 1 and 1024, got {args.world_size}")
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
@@ -475,6 +474,12 @@ def _signing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigstore-staging", action="store_true", help="Sigstore: the public staging instance")
 
 
+def _check_threads(threads: int | None) -> None:
+    """--threads, where a command takes it: absent (the recipe's count) or 1 to 4096."""
+    if threads is not None and not 1 <= threads <= 4096:
+        raise InputError(f"--threads must be between 1 and 4096, got {threads}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="provenance", description="Rebuild model weights from a pinned recipe.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -773,7 +778,6 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
     from .repro.rebuild import judge_build, stack_matches
     from .verify.policy import load_policy
 
-    threads = getattr(args, "threads", None)
     bounds = load_policy(Path(args.policy) if args.policy else None).reproduced
     reporter = Reporter(enabled=not args.json)
     log = _reference_rounding_log(Path(args.attestation), payload, reporter) if recipe.recipe.determinism.portable \
@@ -783,7 +787,7 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
     record = build(recipe, out=out, store=Store(args.store), offline=args.offline,
                    handed=parse_handed(args.input, recipe), reporter=reporter, signing=signing,
                    resume=False, use_cache=False, cpu_capability=getattr(args, "cpu_capability", None),
-                   threads=threads, rounding_log=log)
+                   threads=getattr(args, "threads", None), rounding_log=log)
     match, why = stack_matches(payload, record)
     report = judge_build(st, out / "model", bitwise=match if bitwise is None else bitwise, bounds=bounds,
                          store=Path(args.store) if args.store else None)
@@ -824,8 +828,7 @@ def cmd_replay(args) -> int:
 
     if not 1 <= args.segments <= 10_000:
         raise InputError(f"--segments must be between 1 and 10000, got {args.segments}")
-    if args.threads is not None and not 1 <= args.threads <= 4096:
-        raise InputError(f"--threads must be between 1 and 4096, got {args.threads}")
+    _check_threads(args.threads)
     target = Path(args.build)
     build_dir, att = (target.parent, target) if target.is_file() else (target, target / "attestation.intoto.jsonl")
     if not build_dir.is_dir():
@@ -1115,8 +1118,7 @@ def cmd_rebuild(args) -> int:
 
     if not args.attestation_key:
         raise InputError("--attestation-key PUBLIC_KEY is needed to verify the attestation before rebuilding")
-    if args.threads is not None and not 1 <= args.threads <= 4096:
-        raise InputError(f"--threads must be between 1 and 4096, got {args.threads}")
+    _check_threads(args.threads)
     att = Path(args.attestation)
     payload, st = verified_statement(att, [Path(k) for k in args.attestation_key],
                                      Path(args.policy) if args.policy else None)

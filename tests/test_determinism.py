@@ -97,7 +97,7 @@ def test_mkl_and_onednn_are_pinned_with_the_cpu_level():
 
     import pytest
 
-    from provenance.build.determinism import _first_cpu, supported_cpu_levels
+    from provenance.build.determinism import _intel, supported_cpu_levels
 
     if "avx2" not in supported_cpu_levels():
         pytest.skip("this CPU has no AVX2")
@@ -105,7 +105,7 @@ def test_mkl_and_onednn_are_pinned_with_the_cpu_level():
     pinned = json.loads(subprocess.run([sys.executable, "-c", MATMUL, "pin"], capture_output=True, text=True,
                                        env=env, check=True).stdout)
     # MKL's AVX2 branch on Intel; elsewhere its COMPATIBLE branch (the AVX2 one is Intel's alone)
-    branch = "AVX2,STRICT" if _first_cpu().get("vendor_id") == "GenuineIntel" else "COMPATIBLE,STRICT"
+    branch = "AVX2,STRICT" if _intel() else "COMPATIBLE,STRICT"
     assert pinned["numerics"] == {"MKL_CBWR": branch, "ONEDNN_MAX_CPU_ISA": "AVX2",
                                   "MKL_DYNAMIC": "FALSE", "OMP_DYNAMIC": "FALSE", "mkl_branch": branch}
     fresh = json.loads(subprocess.run([sys.executable, "-c", MATMUL, "plain"], capture_output=True, text=True,

@@ -126,8 +126,7 @@ def _branch_code(name: str) -> int:
 def pin_numerics(requested: str) -> dict[str, str]:
     """Set MKL's branch, oneDNN's ISA ceiling and the threading libraries' dynamic mode for a pinned
     level (environment first, so child processes and oneDNN see it). Returns what was set."""
-    table = NUMERICS_ENV if _first_cpu().get("vendor_id", "GenuineIntel") == "GenuineIntel" \
-        else {**NUMERICS_ENV, **NON_INTEL_NUMERICS_ENV}
+    table = NUMERICS_ENV if _intel() else {**NUMERICS_ENV, **NON_INTEL_NUMERICS_ENV}
     env = {**table.get(requested, {}), **THREADS_ENV}
     os.environ.update(env)
     return env
@@ -148,6 +147,11 @@ def _first_cpu() -> dict[str, str]:
     return cpu
 
 
+def _intel() -> bool:
+    """Whether the CPU is Intel's, the only vendor for which MKL has instruction-set branches."""
+    return _first_cpu().get("vendor_id") == "GenuineIntel"
+
+
 def _accepted(wanted: str) -> set[int]:
     """The branch codes MKL may report for a pin: the pin itself; and on a CPU not made by Intel,
     where MKL's instruction-set branches (SSE2 ... AVX512) do not exist and MKL runs them as AUTO
@@ -156,7 +160,7 @@ def _accepted(wanted: str) -> set[int]:
     code = _branch_code(wanted)
     ok = {code}
     isa_branch = MKL_BRANCHES.get(code & ~MKL_STRICT) not in ("OFF", "BRANCH_OFF", "AUTO", "COMPATIBLE")
-    if isa_branch and _first_cpu().get("vendor_id") != "GenuineIntel":
+    if isa_branch and not _intel():
         ok.add(_branch_code("AUTO") | (code & MKL_STRICT))
     return ok
 

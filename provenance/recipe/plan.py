@@ -22,7 +22,7 @@ HEADROOM = 0.9  # refuse above this fraction of the memory available
 
 def parameter_count(r: Recipe, vocab: int | None = None) -> int:
     m = r.model
-    v = r.model.padded_vocab(vocab or r.tokenizer.vocab_size)
+    v = m.padded_vocab(vocab or r.tokenizer.vocab_size)
     head_dim = m.hidden_size // m.num_attention_heads
     kv = m.num_key_value_heads * head_dim
     per_layer = (2 * m.hidden_size * m.hidden_size + 2 * m.hidden_size * kv  # q, o; k, v
@@ -52,7 +52,7 @@ def stage_memory(r: Recipe, stage: Stage, vocab: int | None = None, world_size: 
     `small-head` do not.
     The loss: `cross_entropy = "full"` holds the logits three times over, `"chunked"` one chunk's."""
     m = r.model
-    v = r.model.padded_vocab(vocab or r.tokenizer.vocab_size)
+    v = m.padded_vocab(vocab or r.tokenizer.vocab_size)
     b = stage.micro_batch_size or -(-stage.batch_size // world_size)
     t, f = stage.seq_len, 8 if r.determinism.portable else 4
     p = parameter_count(r, v)
