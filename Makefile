@@ -55,7 +55,7 @@ gate: $(STAMP)
 	$(BIN)/provenance gate --recipe $(RECIPE) --junit build/gate-junit.xml $(GATEARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,bench]' --config-settings editable_mode=compat

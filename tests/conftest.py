@@ -18,8 +18,7 @@ TINY = ROOT / "tests" / "recipes" / "tiny.toml"
 @pytest.fixture(scope="session", autouse=True)
 def signing_key(tmp_path_factory) -> Path:
     """Builds without --key sign with $PROVENANCE_KEY: a temporary ECDSA P-256 key (keygen's default),
-    made here before any build, so builds running side by side (tests/conftest.py default_rebuild)
-    never both make it."""
+    made here before any build, so builds running side by side never both make it."""
     key = tmp_path_factory.mktemp("default-key") / "provenance.key"
     p = run_cli("keygen", str(key.parent), "--name", key.stem)
     assert p.returncode == 0, p.stderr
@@ -66,34 +65,87 @@ DEFAULT_REF = ROOT / "attestations" / f"{DEFAULT_RECIPE.stem}.intoto.jsonl"
 DEFAULT_REF_KEY = ROOT / "attestations" / "keys" / f"{DEFAULT_RECIPE.stem}.pub"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def default_rebuild(request, store, signing_key, tmp_path_factory):
-    """`provenance rebuild` of the default recipe's committed reference, started in the background
-    when the session begins, so its minutes of training overlap the other tests (which keep about
-    one of two cores busy). tests/cli/test_default_recipe.py waits for it. None when no
-    default-recipe test was collected. It runs on one thread (the recipe says two), leaving the other
-    core to the tests: the recipe is thread-invariant (its vocabulary is padded to a multiple of 64,
+# The default recipe's rebuild runs once per session, in the background, in the process that leads
+# the session: pytest itself, or pytest-xdist's controller when `make test` spreads the tests over
+# two workers (-n 2). The workers find it through `config.workerinput`.
+_REBUILD_KEY = "provenance_default_rebuild"
+_REBUILD_WRAPPER = ("import os, subprocess, sys\n"
+                    "rc = subprocess.call(sys.argv[2:])\n"
+                    "open(sys.argv[1] + '.tmp', 'w').write(str(rc))\n"
+                    "os.replace(sys.argv[1] + '.tmp', sys.argv[1])\n")
+
+
+def _start_default_rebuild(config, nodeids) -> None:
+    """`provenance rebuild` of the default recipe's committed reference, started when the session's
+    tests are known (if any default-recipe test is among them), so its minutes of training overlap
+    the other tests. It runs on one thread (the recipe says two), leaving the other core to the
+    tests: the recipe is thread-invariant (its vocabulary is padded to a multiple of 64,
     docs/reproducibility.md, "The thread count"), which the bitwise check on the reference's stack
-    then tests too."""
-    if not any(item.nodeid.startswith(DEFAULT_RECIPE_TESTS) for item in request.session.items):
-        yield None
+    then tests too. It writes its exit code to `rc` when it ends; it signs its VSA with a key of its
+    own."""
+    if getattr(config, "_provenance_rebuild", None) is not None or \
+            not any(n.startswith(DEFAULT_RECIPE_TESTS) for n in nodeids):
         return
-    base = tmp_path_factory.mktemp("default")
-    out = base / "rebuild"
+    base = config._tmp_path_factory.getbasetemp() / "default-rebuild"
+    base.mkdir()
+    p = run_cli("keygen", str(base / "key"), "--name", "vsa")
+    assert p.returncode == 0, p.stderr
+    env = {**os.environ, "PROVENANCE_STORE": str(base / "store"), "PROVENANCE_KEY": str(base / "key" / "vsa.key")}
+    cmd = [sys.executable, "-m", "provenance", "rebuild", str(DEFAULT_REF), "--attestation-key", str(DEFAULT_REF_KEY),
+           "--out", str(base / "rebuild"), "--threads", "1", "--json"]
     with open(base / "stdout", "w") as so, open(base / "stderr", "w") as se:
-        proc = subprocess.Popen([sys.executable, "-m", "provenance", "rebuild", str(DEFAULT_REF), "--attestation-key",
-                                 str(DEFAULT_REF_KEY), "--out", str(out), "--threads", "1", "--json"], stdout=so, stderr=se,
-                                text=True, env={**os.environ, "PROVENANCE_STORE": str(store)}, cwd=ROOT)
+        proc = subprocess.Popen([sys.executable, "-c", _REBUILD_WRAPPER, str(base / "rc"), *cmd], stdout=so, stderr=se,
+                                text=True, env=env, cwd=ROOT, start_new_session=True)
+    config._provenance_rebuild = (base, proc)
+
+
+def pytest_collection_finish(session):
+    if not hasattr(session.config, "workerinput"):  # without xdist, this process leads the session
+        _start_default_rebuild(session.config, [item.nodeid for item in session.items])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    _start_default_rebuild(node.config, ids)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """Tell each xdist worker where the session's default rebuild will be."""
+    node.workerinput[_REBUILD_KEY] = str(node.config._tmp_path_factory.getbasetemp() / "default-rebuild")
+
+
+def pytest_unconfigure(config):
+    """The session leader stops a rebuild still running (an interrupted or failed session)."""
+    started = getattr(config, "_provenance_rebuild", None)
+    if started is not None and started[1].poll() is None:
+        import signal
+
+        os.killpg(started[1].pid, signal.SIGKILL)
+        started[1].wait()
+
+
+@pytest.fixture(scope="session")
+def default_rebuild(request):
+    """result() -> (out dir, returncode, stdout, stderr, store) of the session's default rebuild,
+    once it has ended (tests/cli/test_default_recipe.py waits for it)."""
+    import time
+
+    config = request.config
+    if hasattr(config, "workerinput"):
+        base = Path(config.workerinput[_REBUILD_KEY])
+    else:
+        base = config._provenance_rebuild[0]
 
     def result():
-        """(out dir, returncode, stdout, stderr) once the rebuild has ended."""
-        code = proc.wait()
-        return out, code, (base / "stdout").read_text(), (base / "stderr").read_text()
+        deadline = time.monotonic() + 3600
+        while not (base / "rc").exists():
+            assert time.monotonic() < deadline, f"the default rebuild in {base} did not end within an hour"
+            time.sleep(0.5)
+        code = int((base / "rc").read_text())
+        return base / "rebuild", code, (base / "stdout").read_text(), (base / "stderr").read_text(), base / "store"
 
-    yield result
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    return result
 
 
 def run_cli(*args: str, store: Path | None = None, env: dict | None = None, cwd: Path | None = None,
@@ -121,9 +173,14 @@ MS_VENV = ROOT / ".venv-model-signing"
 def model_signing() -> Path:
     """OpenSSF's `model_signing` 1.1.1 in a venv of its own, as a user has it (with pyOpenSSL, which it
     needs and does not declare), pinned by constraints.txt."""
+    import fcntl
+
     exe = MS_VENV / "bin" / "model_signing"
-    if not exe.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(MS_VENV)], check=True)
-        subprocess.run([str(MS_VENV / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", "-c",
-                        str(ROOT / "constraints.txt"), "model-signing==1.1.1", "pyOpenSSL"], check=True, timeout=900)
+    with open(ROOT / ".venv-model-signing.lock", "w") as lock:  # xdist workers may both ask at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not exe.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(MS_VENV)], check=True)
+            subprocess.run([str(MS_VENV / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", "-c",
+                            str(ROOT / "constraints.txt"), "model-signing==1.1.1", "pyOpenSSL"], check=True,
+                           timeout=900)
     return exe

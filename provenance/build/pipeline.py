@@ -304,19 +304,31 @@ def attest_and_sign(staging: Path, recipe: LoadedRecipe, record: dict, manifest_
     return st
 
 
-def judge_licences(r, m: dict, mode: str, reporter: Reporter) -> dict:
-    """The licence compatibility verdict, before training: with mode "fail", an incompatible
-    declared licence stops the build here."""
+def judge_licences(r, m: dict, mode: str, reporter: Reporter):
+    """Start the licence compatibility verdict; the returned function waits for it (flict runs as
+    a separate program, about 1.5 s a call, so it runs while the model is made) and, with mode
+    "fail", stops the build when the declared licence is not compatible. The build calls it before
+    its first training step."""
     if mode == "ignore":
-        return {"outbound": r.output.license, "verdict": "not judged", "inbound": []}
+        verdict = {"outbound": r.output.license, "verdict": "not judged", "inbound": []}
+        return lambda: verdict
+    from concurrent.futures import ThreadPoolExecutor
+
     from ..audit.licences import compatibility, describe
     from ..errors import CheckFailed
 
-    c = compatibility(r.output.license, m["licenses"])
-    if mode == "fail" and c["verdict"] != "compatible":
-        raise CheckFailed(describe(c) + " (--licence-compatibility fail; checked before training)")
-    reporter.log(describe(c) + ("; warning" if c["verdict"] != "compatible" else ""))
-    return c
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flict")
+    pending = pool.submit(compatibility, r.output.license, m["licenses"])
+    pool.shutdown(wait=False)
+
+    def finish() -> dict:
+        c = pending.result()
+        if mode == "fail" and c["verdict"] != "compatible":
+            raise CheckFailed(describe(c) + " (--licence-compatibility fail; checked before training)")
+        reporter.log(describe(c) + ("; warning" if c["verdict"] != "compatible" else ""))
+        return c
+
+    return finish
 
 
 def run_audit(model_dir: Path, data: PreparedData, r) -> dict:
@@ -441,7 +453,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         data = prepare_data(recipe, stored, work, reporter=reporter, timings=timings)
         m, tok, seqs, ids = data.manifest, data.tokenizer, data.seqs, data.special_ids
         check_data(recipe, seqs, dist.world_size)
-        licence = judge_licences(r, m, licence_compatibility, reporter) if dist.rank == 0 else None
+        licence_verdict = judge_licences(r, m, licence_compatibility, reporter) if dist.rank == 0 else (lambda: None)
         atomic_write_bytes(staging / "dataset-manifest.json", data.manifest_bytes)
         t = time.perf_counter()
 
@@ -500,6 +512,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             if found is not None:
                 reporter.log(f"resuming from {found.path} (after optimizer step {found.state.global_step})")
             start = found or cached
+            licence = licence_verdict()  # the verdict, before the first step (--licence-compatibility fail stops here)
             with reporter.task("train", total=sum(totals)) as advance:
                 if start is not None:
                     advance(start.state.global_step, "resumed" if found is not None else "cached")

@@ -19,13 +19,19 @@ from ..conftest import RECIPES, build_json, run_cli
 @pytest.fixture(scope="module")
 def default_build(default_rebuild):
     """(out dir, the rebuild's JSON result) of `provenance rebuild` of the committed reference,
-    started by tests/conftest.py when the session began; the pinned inputs are fetched into the
-    session's store by their hashes."""
+    started by tests/conftest.py when the session's tests were known; the pinned inputs are fetched
+    by their hashes into a store of its own (`default_store`)."""
     import json
 
-    out, code, stdout, stderr = default_rebuild()
+    out, code, stdout, stderr, _ = default_rebuild()
     assert code == 0, stdout + stderr[-3000:]
     return out, json.loads(stdout)
+
+
+@pytest.fixture(scope="module")
+def default_store(default_build, default_rebuild):
+    """The store the rebuild fetched the pinned inputs into."""
+    return default_rebuild()[4]
 
 
 def test_the_rebuild_ran_on_one_thread_and_refuses_a_bad_thread_count(default_build, tmp_path):
@@ -184,33 +190,33 @@ def _reproduced(model, *extra, store=None):
     return p.returncode, obj, {c["check"]: c for c in obj["checks"]}
 
 
-def test_steered_weights_pass_the_fingerprint_but_not_the_evidence_the_signer_cannot_foresee(default_build, store,
+def test_steered_weights_pass_the_fingerprint_but_not_the_evidence_the_signer_cannot_foresee(default_build, default_store,
                                                                                             tmp_path):
     out, _ = default_build
     steered = _attack(out / "model", tmp_path / "steered", "steered")
     code, obj, checks = _reproduced(steered)
     assert code == 1 and obj["result"] == "not established", obj  # every public estimate matches
     assert "within tolerance" in checks["reproduced"]["detail"] and "can be steered" in checks["reproduced"]["detail"]
-    code, obj, checks = _reproduced(steered, "--inputs", store=store)
+    code, obj, checks = _reproduced(steered, "--inputs", store=default_store)
     assert code == 1 and obj["result"] == "diverged" and not checks["recitation"]["ok"], obj
     code, obj, checks = _reproduced(steered, "--reference-model", str(out / "model"))
     assert code == 1 and not checks["reference-weights"]["ok"], obj
     assert "model.embed_tokens.weight" in checks["reference-weights"]["detail"]
 
 
-def test_permuted_embeddings_and_null_space_changes_are_diverged(default_build, store, tmp_path):
+def test_permuted_embeddings_and_null_space_changes_are_diverged(default_build, default_store, tmp_path):
     out, _ = default_build
     for kind in ("permute", "nullspace"):
         bad = _attack(out / "model", tmp_path / kind, kind)
-        code, obj, checks = _reproduced(bad, "--inputs", store=store)
+        code, obj, checks = _reproduced(bad, "--inputs", store=default_store)
         assert code == 1 and obj["result"] == "diverged" and not checks["recitation"]["ok"], (kind, obj)
         code, obj, checks = _reproduced(bad, "--reference-model", str(out / "model"))
         assert code == 1 and not checks["reference-weights"]["ok"], (kind, obj)
 
 
-def test_a_real_rebuild_is_reproduced_with_the_strong_evidence(default_build, store):
+def test_a_real_rebuild_is_reproduced_with_the_strong_evidence(default_build, default_store):
     out, _ = default_build
-    code, obj, checks = _reproduced(out / "model", "--inputs", "--reference-model", str(out / "model"), store=store)
+    code, obj, checks = _reproduced(out / "model", "--inputs", "--reference-model", str(out / "model"), store=default_store)
     assert code == 0 and obj["result"] == "reproduced (bitwise)", obj
 
 
