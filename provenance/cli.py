@@ -874,6 +874,7 @@ def cmd_audit(args) -> int:
     from .repro.rebuild import embedded_recipe
 
     build_dir = Path(args.build)
+    _check_threads(args.threads)
     if not args.key:
         raise InputError("--key PUBLIC_KEY is needed to verify the build's attestation first")
     _, st, [(ajson, _)] = signed_byproducts(build_dir, args.key, ["audit.json"], "re-runs a signed build's audit")

@@ -110,3 +110,13 @@ def test_laam_recipe_plan_fits_with_its_micro_batches():
     # (eager attention and full logits needed about 37 GiB at once, 5.4 GiB at micro-batches of 8).
     assert s1["batch_size"] == 64 and s1["micro_batch"] == 16 and s1["memory_bytes"] < 2 << 30
     assert plan["fits"] and plan["parameters"] == 4_662_336
+
+
+@pytest.mark.parametrize("command", ["build", "replay", "audit"])
+@pytest.mark.parametrize("threads", ["0", "5000"])
+def test_a_thread_count_out_of_range_is_refused_before_any_work(command, threads, tiny_build, tmp_path):
+    target = [str(TINY), "--out", str(tmp_path / "o")] if command == "build" else [str(tiny_build), "--key",
+                                                                                   str(tmp_path / "none.pub")]
+    p = run_cli(command, *target, "--threads", threads)
+    assert p.returncode == 2 and f"--threads must be between 1 and 4096, got {threads}" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "o").exists()
