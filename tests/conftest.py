@@ -26,6 +26,16 @@ def signing_key(tmp_path_factory) -> Path:
     return key
 
 
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    """A key pair of the module's own, KEYS/k.key and KEYS/k.pub (keygen's default type); a module
+    that needs other keys defines its own `keys`."""
+    d = tmp_path_factory.mktemp("keys")
+    p = run_cli("keygen", str(d), "--name", "k")
+    assert p.returncode == 0, p.stderr
+    return d
+
+
 @pytest.fixture(scope="session")
 def store(tmp_path_factory) -> Path:
     """One store for the whole session: the pinned sdist is downloaded into it once."""

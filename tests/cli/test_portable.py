@@ -19,13 +19,6 @@ LEVELS = ["default", "avx2"] + (["avx512"] if NATIVE == "AVX512" else [])
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("portable-keys")
-    assert run_cli("keygen", str(d), "--name", "k").returncode == 0
-    return d
-
-
-@pytest.fixture(scope="module")
 def builds(store, keys, tmp_path_factory):
     """The portable tiny recipe under every level (the first one makes the log, the others follow
     it), and the ordinary tiny recipe under the first two."""

@@ -20,13 +20,6 @@ OTHER = "default" if NATIVE != "default" else None
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("repro-keys")
-    assert run_cli("keygen", str(d), "--name", "k").returncode == 0
-    return d
-
-
-@pytest.fixture(scope="module")
 def builds(store, keys, tmp_path_factory):
     base = tmp_path_factory.mktemp("repro")
     lr_recipe = base / "tiny-lr.toml"
