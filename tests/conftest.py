@@ -79,6 +79,7 @@ DEFAULT_REF_KEY = ROOT / "attestations" / "keys" / f"{DEFAULT_RECIPE.stem}.pub"
 # the session: pytest itself, or pytest-xdist's controller when `make test` spreads the tests over
 # two workers (-n 2). The workers find it through `config.workerinput`.
 _REBUILD_KEY = "provenance_default_rebuild"
+_REBUILD_PROC = pytest.StashKey[subprocess.Popen]()
 _REBUILD_WRAPPER = ("import os, subprocess, sys\n"
                     "rc = subprocess.call(sys.argv[2:])\n"
                     "open(sys.argv[1] + '.tmp', 'w').write(str(rc))\n"
@@ -93,10 +94,9 @@ def _start_default_rebuild(config, nodeids) -> None:
     docs/reproducibility.md, "The thread count"), which the bitwise check on the reference's stack
     then tests too. It writes its exit code to `rc` when it ends; it signs its VSA with a key of its
     own."""
-    if getattr(config, "_provenance_rebuild", None) is not None or \
-            not any(n.startswith(DEFAULT_RECIPE_TESTS) for n in nodeids):
+    if _REBUILD_PROC in config.stash or not any(n.startswith(DEFAULT_RECIPE_TESTS) for n in nodeids):
         return
-    base = config._tmp_path_factory.getbasetemp() / "default-rebuild"
+    base = _rebuild_dir(config)
     base.mkdir()
     p = run_cli("keygen", str(base / "key"), "--name", "vsa")
     assert p.returncode == 0, p.stderr
@@ -106,7 +106,15 @@ def _start_default_rebuild(config, nodeids) -> None:
     with open(base / "stdout", "w") as so, open(base / "stderr", "w") as se:
         proc = subprocess.Popen([sys.executable, "-c", _REBUILD_WRAPPER, str(base / "rc"), *cmd], stdout=so, stderr=se,
                                 text=True, env=env, cwd=ROOT, start_new_session=True)
-    config._provenance_rebuild = (base, proc)
+    config.stash[_REBUILD_PROC] = proc
+
+
+def _rebuild_dir(config) -> Path:
+    """Where the session's default rebuild runs: in the leader's base temp dir, which an xdist
+    worker learns from its `workerinput`."""
+    if hasattr(config, "workerinput"):
+        return Path(config.workerinput[_REBUILD_KEY])
+    return config._tmp_path_factory.getbasetemp() / "default-rebuild"
 
 
 def pytest_collection_finish(session):
@@ -122,17 +130,17 @@ def pytest_xdist_node_collection_finished(node, ids):
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node):
     """Tell each xdist worker where the session's default rebuild will be."""
-    node.workerinput[_REBUILD_KEY] = str(node.config._tmp_path_factory.getbasetemp() / "default-rebuild")
+    node.workerinput[_REBUILD_KEY] = str(_rebuild_dir(node.config))
 
 
 def pytest_unconfigure(config):
     """The session leader stops a rebuild still running (an interrupted or failed session)."""
-    started = getattr(config, "_provenance_rebuild", None)
-    if started is not None and started[1].poll() is None:
+    proc = config.stash.get(_REBUILD_PROC, None)
+    if proc is not None and proc.poll() is None:
         import signal
 
-        os.killpg(started[1].pid, signal.SIGKILL)
-        started[1].wait()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -141,11 +149,7 @@ def default_rebuild(request):
     once it has ended (tests/cli/test_default_recipe.py waits for it)."""
     import time
 
-    config = request.config
-    if hasattr(config, "workerinput"):
-        base = Path(config.workerinput[_REBUILD_KEY])
-    else:
-        base = config._provenance_rebuild[0]
+    base = _rebuild_dir(request.config)
 
     def result():
         deadline = time.monotonic() + 3600
