@@ -130,8 +130,27 @@ def test_a_rebuild_on_another_vendor_or_other_pins_is_not_held_to_bitwise():
     amd = {**rec, "machine": {**machine, "cpu_vendor": "AuthenticAMD"}}
     same, why = stack_matches(st, amd)
     assert not same and "CPU vendor AuthenticAMD vs reference GenuineIntel" in why
-    loose = {**rec, "determinism": {**det, "numerics": {"MKL_CBWR": "AVX2", "mkl_branch": "AVX2"}}}
-    assert not stack_matches(st, loose)[0] and "numerics libraries" in stack_matches(st, loose)[1]
+    loose = {**rec, "determinism": {**det, "numerics": {"mkl_branch": "AVX2", "MKL_CBWR": "AVX2"}}}
+    assert stack_matches(st, loose) == (False, "numerics libraries MKL_CBWR=AVX2, mkl_branch=AVX2 vs reference "
+                                               "MKL_CBWR=AVX2,STRICT, mkl_branch=AVX2,STRICT")
+    # Under MKL's AVX2 branch the thread count does not change the bits; under COMPATIBLE it may.
+    strict = {**det, "threads": 2}
+    st2 = {"predicate": {"buildDefinition": {**st["predicate"]["buildDefinition"],
+                                             "internalParameters": {"determinism": strict, "machine": machine}}}}
+    assert stack_matches(st2, {**rec, "determinism": {**strict, "threads": 1}})[0]
+    compat = {**strict, "numerics": {"MKL_CBWR": "COMPATIBLE,STRICT", "mkl_branch": "COMPATIBLE,STRICT"}}
+    st3 = {"predicate": {"buildDefinition": {**st["predicate"]["buildDefinition"],
+                                             "internalParameters": {"determinism": compat, "machine": machine}}}}
+    assert stack_matches(st3, {**rec, "determinism": compat})[0]
+    assert stack_matches(st3, {**rec, "determinism": {**compat, "threads": 1}}) == (
+        False, "threads 1 vs reference 2 (under MKL's COMPATIBLE branch some products' bits depend on the thread "
+               "count, docs/reproducibility.md)")
+    bf16 = {"predicate": {"buildDefinition": {**st2["predicate"]["buildDefinition"], "externalParameters": {
+        "recipe": {"content": '[[stages]]\nname = "a"\nprecision = "float32"\n[[stages]]\nname = "b"\n'
+                              'precision = "bf16-autocast"\n'}}}}}
+    assert stack_matches(bf16, {**rec, "determinism": {**strict, "threads": 1}}) == (
+        False, "threads 1 vs reference 2 (bf16 autocast's bits on the CPU depend on the thread count, "
+               "docs/reproducibility.md)")
     old = {"predicate": {"buildDefinition": {"internalParameters": {"determinism": {"cpu_capability": "AVX2"}},
                                              "resolvedDependencies": []}}}
     assert stack_matches(old, rec) == (False, "the reference does not record its MKL and oneDNN pins; CPU vendor "

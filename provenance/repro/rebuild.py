@@ -121,10 +121,36 @@ def sign_vsa(vsa: dict, signers, path: Path) -> None:
     atomic_write_bytes(path, envelope_line(sign_envelope(canonical(vsa), PAYLOAD_TYPE, signers)))
 
 
+def _pins(these: dict | None, other: dict | None) -> str:
+    """The numerics pins of `these` that differ from `other`, as sorted KEY=value pairs."""
+    these, other = these or {}, other or {}
+    keys = sorted(k for k in set(these) | set(other) if these.get(k) != other.get(k))
+    return ", ".join(f"{k}={these.get(k, '(unset)')}" for k in keys) or "(none)"
+
+
+def _threads_matter(st: dict, numerics: dict | None) -> str | None:
+    """Why the thread count may change the reference's bits, or None where it was measured not to:
+    MKL's COMPATIBLE branch (the `default` level anywhere; `avx2` on a CPU not Intel's) splits some
+    products by it, and so does bfloat16 autocast on the CPU."""
+    if str((numerics or {}).get("mkl_branch") or "").startswith("COMPATIBLE"):
+        return "under MKL's COMPATIBLE branch some products' bits depend on the thread count"
+    import tomllib
+
+    content = st["predicate"]["buildDefinition"].get("externalParameters", {}).get("recipe", {}).get("content")
+    try:
+        stages = tomllib.loads(content).get("stages", []) if isinstance(content, str) else []
+    except tomllib.TOMLDecodeError:
+        stages = []
+    if any(isinstance(x, dict) and x.get("precision") == "bf16-autocast" for x in stages):
+        return "bf16 autocast's bits on the CPU depend on the thread count"
+    return None
+
+
 def stack_matches(st: dict, record: dict) -> tuple[bool, str]:
     """Whether a rebuild ran on the reference's stack: same CPU capability, the same MKL and oneDNN
     pins, the same CPU vendor (MKL's code paths are chosen by vendor as well as by ISA) and the same
-    toolchain versions. Bitwise equality is required only then (docs/reproducibility.md).
+    toolchain versions, and, where MKL ran its COMPATIBLE branch, the same thread count. Bitwise
+    equality is required only then (docs/reproducibility.md).
 
     A portable build (both the reference's and this one, build/portable.py) is bitwise by design
     across CPU capabilities, vendors and numerics libraries: only the toolchain must match."""
@@ -141,7 +167,11 @@ def stack_matches(st: dict, record: dict) -> tuple[bool, str]:
     elif ref_num is None:
         diffs.append("the reference does not record its MKL and oneDNN pins")
     elif ref_num != num:
-        diffs.append(f"numerics libraries {num} vs reference {ref_num}")
+        diffs.append(f"numerics libraries {_pins(num, ref_num)} vs reference {_pins(ref_num, num)}")
+    why_threads = None if portable else _threads_matter(st, ref_num)
+    if why_threads and ref_det.get("threads") not in (None, det.get("threads")):
+        diffs.append(f"threads {det.get('threads')} vs reference {ref_det.get('threads')} ({why_threads}, "
+                     "docs/reproducibility.md)")
     if not portable and ref_machine.get("cpu_vendor") != mach.get("cpu_vendor"):
         diffs.append(f"CPU vendor {mach.get('cpu_vendor')} vs reference {ref_machine.get('cpu_vendor')} "
                      "(not measured to give the same bits)")

@@ -57,10 +57,23 @@ def test_default_recipe_recites_its_inputs(default_build):
     assert build_json(out)["weights"]["tensors"]["digest"] == tensor_digest(out / "model" / "model.safetensors")
 
 
-def test_default_build_matches_the_committed_reference(default_build):
+def _bitwise(out) -> bool:
+    """Whether the rebuild's weights are the reference's, bit for bit (on the reference's stack they
+    must be; on another CPU vendor, whose MKL runs another branch, they are not)."""
+    import base64
+    import json
+
+    st = json.loads(base64.b64decode(json.loads(REF.read_text())["payload"]))
+    return st["predicate"]["runDetails"]["provenance_outputs"]["tensors"]["digest"] == \
+        build_json(out)["weights"]["tensors"]["digest"]
+
+
+def test_default_build_matches_the_committed_reference(default_build, default_store):
     """The reference attestation in attestations/ verifies this build's files bit for bit on the
     reference's stack (CPU vendor, capability, MKL/oneDNN pins, toolchain); on another stack the
-    build is judged reproduced within tolerance, and the exact question names the weights."""
+    exact question names the weights, the signed fingerprint alone does not establish a rebuild
+    (anyone can steer weights to it), and with recitation on windows drawn now it is reproduced
+    within tolerance."""
     import base64
     import json
 
@@ -71,8 +84,7 @@ def test_default_build_matches_the_committed_reference(default_build):
     same, why = stack_matches(st, build_json(out))
     # On the reference's stack the bits must be equal; elsewhere (another CPU vendor: MKL's strict
     # branches are not measured across vendors) they may be, and are otherwise within tolerance.
-    equal = st["predicate"]["runDetails"]["provenance_outputs"]["tensors"]["digest"] == \
-        build_json(out)["weights"]["tensors"]["digest"]
+    equal = _bitwise(out)
     assert equal or not same, why
     p = run_cli("verify", str(REF), "--key", str(REF_KEY),
                 "--model", str(out / "model"), "--recipe", str(DEFAULT), "--sha256")
@@ -83,8 +95,15 @@ def test_default_build_matches_the_committed_reference(default_build):
         assert p.returncode == 1 and "model.safetensors" in p.stdout, (why, p.stdout)
     p = run_cli("verify", str(REF), "--key", str(REF_KEY),
                 "--model", str(out / "model"), "--reproduced")
-    expected = "reproduced (bitwise)" if equal else "reproduced (within tolerance)"
-    assert p.returncode == 0 and p.stdout.strip().endswith(f"verdict: {expected}"), (why, p.stdout + p.stderr)
+    if equal:
+        assert p.returncode == 0 and p.stdout.strip().endswith("verdict: reproduced (bitwise)"), p.stdout + p.stderr
+        return
+    assert p.returncode == 1 and p.stdout.strip().endswith("verdict: not established"), (why, p.stdout + p.stderr)
+    assert "within tolerance" in p.stdout and "can be steered" in p.stdout, p.stdout
+    p = run_cli("verify", str(REF), "--key", str(REF_KEY), "--model", str(out / "model"), "--reproduced",
+                "--inputs", "--store", str(default_store))
+    assert p.returncode == 0 and p.stdout.strip().endswith("verdict: reproduced (within tolerance)"), (
+        why, p.stdout + p.stderr)
 
 
 BLOCK_HEAVY = """
@@ -106,8 +125,9 @@ sys.exit(rc)
 
 
 def test_verifier_stands_alone_without_torch(default_build):
-    """With torch and transformers unimportable, the reference verifies against the rebuilt model dir,
-    and the exact path loads nothing of the builder or of the reproducibility tools."""
+    """With torch and transformers unimportable, the reference verifies against the rebuilt model dir
+    (or, on another CPU vendor, fails on the weights), and the exact path loads nothing of the builder
+    or of the reproducibility tools."""
     import subprocess
     import sys
 
@@ -116,8 +136,10 @@ def test_verifier_stands_alone_without_torch(default_build):
                         "--key", str(REF_KEY),
                         "--model", str(out / "model"), "--recipe", str(DEFAULT), "--sha256"],
                        capture_output=True, text=True)
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "LOADED []" in p.stdout and "verdict: verified" in p.stdout
+    equal = _bitwise(out)
+    assert p.returncode == (0 if equal else 1), p.stdout + p.stderr
+    assert "LOADED []" in p.stdout and f"verdict: {'verified' if equal else 'FAILED'}" in p.stdout, p.stdout
+    assert equal or "FAIL  model-files      README.md" in p.stdout and "model.safetensors: blake3 expected" in p.stdout
 
 
 # ---- the fingerprint can be steered; the evidence a signer cannot foresee cannot ----------------------
@@ -201,7 +223,10 @@ def test_steered_weights_pass_the_fingerprint_but_not_the_evidence_the_signer_ca
     assert code == 1 and obj["result"] == "diverged" and not checks["recitation"]["ok"], obj
     code, obj, checks = _reproduced(steered, "--reference-model", str(out / "model"))
     assert code == 1 and not checks["reference-weights"]["ok"], obj
-    assert "model.embed_tokens.weight" in checks["reference-weights"]["detail"]
+    if _bitwise(out):  # the rebuild is the attested model: the measured distance names the tensor
+        assert "model.embed_tokens.weight" in checks["reference-weights"]["detail"]
+    else:  # not the attested files, so not accepted as the reference (the attested ones are not here)
+        assert "is not exactly the attested model" in checks["reference-weights"]["detail"]
 
 
 def test_permuted_embeddings_and_null_space_changes_are_diverged(default_build, default_store, tmp_path):
@@ -215,9 +240,18 @@ def test_permuted_embeddings_and_null_space_changes_are_diverged(default_build, 
 
 
 def test_a_real_rebuild_is_reproduced_with_the_strong_evidence(default_build, default_store):
+    """On the reference's stack, with recitation and the reference weights (the rebuild is the
+    attested model); elsewhere, with recitation (the attested weights exist only where the
+    reference was built), within tolerance."""
     out, _ = default_build
-    code, obj, checks = _reproduced(out / "model", "--inputs", "--reference-model", str(out / "model"), store=default_store)
-    assert code == 0 and obj["result"] == "reproduced (bitwise)", obj
+    if _bitwise(out):
+        code, obj, checks = _reproduced(out / "model", "--inputs", "--reference-model", str(out / "model"),
+                                        store=default_store)
+        assert code == 0 and obj["result"] == "reproduced (bitwise)", obj
+        return
+    code, obj, checks = _reproduced(out / "model", "--inputs", store=default_store)
+    assert code == 0 and obj["result"] == "reproduced (within tolerance)", obj
+    assert checks["recitation"]["ok"] and "within tolerance" in checks["reproduced"]["detail"], obj
 
 
 def test_rebuilding_the_reference_signs_a_vsa_that_says_whether_it_reproduced(default_build):
