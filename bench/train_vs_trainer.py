@@ -7,8 +7,9 @@ training steps are timed. Prints medians and ratios against the named baselines:
     ours / trainer           goal <= 0.9
     deterministic / default  goal <= 1.03
 
-and, for honesty, ours / trainer-tuned: Trainer after the same C-allocator setting our loop makes
-(provenance/build/allocator.py), which a Trainer user could make too.
+and, for honesty, ours / trainer-tuned: Trainer after the same memory settings our loop makes (the
+C allocator's thresholds, PyTorch's NaN fill of new tensors off: provenance/build/allocator.py),
+which a Trainer user could make too.
 
 Usage: python bench/train_vs_trainer.py [--recipe R] [--steps N] [--repeats K]
 """
@@ -132,7 +133,7 @@ def main() -> None:
     for m in modes:
         print(f"  {m:8s} {med[m]:.2f}  (min {min(times[m]):.2f}, max {max(times[m]):.2f})")
     print(f"ours / trainer          = {med['ours'] / med['trainer']:.3f}  (goal <= 0.9)")
-    print(f"ours / trainer-tuned    = {med['ours'] / med['trainer-tuned']:.3f}  (Trainer with our allocator setting)")
+    print(f"ours / trainer-tuned    = {med['ours'] / med['trainer-tuned']:.3f}  (Trainer with our memory settings)")
     print(f"deterministic / default = {med['ours'] / med['default']:.3f}  (goal <= 1.03)")
 
 

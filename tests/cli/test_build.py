@@ -15,12 +15,13 @@ from ..conftest import RECIPES, TINY, build_json, last_line, run_cli
 @pytest.fixture(scope="module")
 def builds(store, tmp_path_factory, tiny_build_copy):
     """The tiny recipe three times: threads 2 (the session's plain build, --no-cache), threads 1, and
-    threads 2 again with the C allocator left at its defaults (build/allocator.py)."""
+    threads 2 again with the C allocator and PyTorch's NaN fill of new tensors left at their defaults
+    (build/allocator.py)."""
     base = tmp_path_factory.mktemp("tiny")
     outs = {"t2": tiny_build_copy("tiny-t2")}
     for label, extra in (("t1", ["--threads", "1"]), ("t2-again", [])):
         out = base / label
-        env = {"PROVENANCE_MALLOC_DEFAULTS": "1"} if label == "t2-again" else None
+        env = {"PROVENANCE_MALLOC_DEFAULTS": "1", "PROVENANCE_NAN_FILL": "1"} if label == "t2-again" else None
         p = run_cli("build", str(TINY), "--out", str(out), "--no-cache", *extra, store=store, env=env)
         assert p.returncode == 0, p.stderr
         outs[label] = (out, p)
@@ -48,8 +49,10 @@ def test_rebuild_thread_count_and_allocator_give_identical_bits(builds):
     digests = {k: last_line(p.stdout) for k, (out, p) in builds.items()}
     assert len(set(digests.values())) == 1, digests
     allocator = {k: build_json(out)["training"]["allocator"] for k, (out, _) in builds.items()}
-    assert allocator["t2"] == {"malloc": "glibc", "mmap_threshold": 256 << 20, "trim_threshold": 1 << 30}, allocator
-    assert allocator["t2-again"] == {"malloc": "unchanged (PROVENANCE_MALLOC_DEFAULTS=1)"}, allocator
+    assert allocator["t2"] == {"malloc": "glibc", "mmap_threshold": 256 << 20, "trim_threshold": 1 << 30,
+                               "nan_fill": "off"}, allocator
+    assert allocator["t2-again"] == {"malloc": "unchanged (PROVENANCE_MALLOC_DEFAULTS=1)",
+                                     "nan_fill": "unchanged (PROVENANCE_NAN_FILL=1)"}, allocator
     files = {k: (out / "model" / "model.safetensors").read_bytes() for k, (out, _) in builds.items()}
     assert files["t2"] == files["t1"] == files["t2-again"]
     transcripts = {k: (out / "transcript.jsonl").read_bytes() for k, (out, _) in builds.items()}
