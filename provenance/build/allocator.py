@@ -19,7 +19,7 @@ Under `torch.use_deterministic_algorithms(True)` PyTorch also fills every tensor
 NaN rather than whatever was there. That is a pass over every new tensor, 200 fills a default-recipe
 step, 7-14 % of its time (docs/benchmarks.md). Training turns it off: a kernel that read such memory
 into arithmetic would turn the build's loss into NaN with the fill on, and the suite builds both ways
-and compares the bits; the equality of rebuilds is what this project checks, on every build.
+and compares the bits.
 """
 
 from __future__ import annotations

@@ -149,8 +149,9 @@ def _threads_matter(st: dict, numerics: dict | None) -> str | None:
 def stack_matches(st: dict, record: dict) -> tuple[bool, str]:
     """Whether a rebuild ran on the reference's stack: same CPU capability, the same MKL and oneDNN
     pins, the same CPU vendor (MKL's code paths are chosen by vendor as well as by ISA) and the same
-    toolchain versions, and, where MKL ran its COMPATIBLE branch, the same thread count. Bitwise
-    equality is required only then (docs/reproducibility.md).
+    toolchain versions, and, where the thread count was measured to change bits (MKL's COMPATIBLE
+    branch, bf16 autocast: _threads_matter), the same thread count. Bitwise equality is required only
+    then (docs/reproducibility.md).
 
     A portable build (both the reference's and this one, build/portable.py) is bitwise by design
     across CPU capabilities, vendors and numerics libraries: only the toolchain must match."""
