@@ -146,6 +146,31 @@ def _threads_matter(st: dict, numerics: dict | None) -> str | None:
     return None
 
 
+def _native_diffs(st: dict, ref_det: dict, ref_machine: dict, det: dict, mach: dict) -> list[str]:
+    """How a native (not portable) rebuild's stack differs from the reference's, beyond the toolchain:
+    CPU capability, MKL and oneDNN pins, the thread count where it changes bits, CPU vendor, and the
+    MKL and oneDNN versions (stack_matches)."""
+    diffs = []
+    if ref_det.get("cpu_capability") != det.get("cpu_capability"):
+        diffs.append(f"cpu capability {det.get('cpu_capability')} vs reference {ref_det.get('cpu_capability')}")
+    ref_num, num = ref_det.get("numerics"), det.get("numerics")
+    if ref_num is None:
+        diffs.append("the reference does not record its MKL and oneDNN pins")
+    elif ref_num != num:
+        diffs.append(f"numerics libraries {_pins(num, ref_num)} vs reference {_pins(ref_num, num)}")
+    why_threads = _threads_matter(st, ref_num)
+    if why_threads and ref_det.get("threads") not in (None, det.get("threads")):
+        diffs.append(f"threads {det.get('threads')} vs reference {ref_det.get('threads')} ({why_threads}, "
+                     "docs/reproducibility.md)")
+    if ref_machine.get("cpu_vendor") != mach.get("cpu_vendor"):
+        diffs.append(f"CPU vendor {mach.get('cpu_vendor')} vs reference {ref_machine.get('cpu_vendor')} "
+                     "(not measured to give the same bits)")
+    for lib in ("mkl", "onednn"):
+        if ref_machine.get(lib) != mach.get(lib):
+            diffs.append(f"{lib} {mach.get(lib)} vs reference {ref_machine.get(lib)}")
+    return diffs
+
+
 def stack_matches(st: dict, record: dict) -> tuple[bool, str]:
     """Whether a rebuild ran on the reference's stack: same CPU capability, the same MKL and oneDNN
     pins, the same CPU vendor (MKL's code paths are chosen by vendor as well as by ISA) and the same
@@ -158,27 +183,9 @@ def stack_matches(st: dict, record: dict) -> tuple[bool, str]:
     internal = st["predicate"]["buildDefinition"].get("internalParameters", {})
     ref_det, ref_machine = internal.get("determinism", {}), internal.get("machine", {})
     det, mach = record["determinism"], record.get("machine", {})
-    diffs = []
     portable = bool(ref_det.get("portable")) and bool(det.get("portable"))
-    if not portable and ref_det.get("cpu_capability") != det.get("cpu_capability"):
-        diffs.append(f"cpu capability {det.get('cpu_capability')} vs reference {ref_det.get('cpu_capability')}")
-    ref_num, num = ref_det.get("numerics"), det.get("numerics")
-    if portable:
-        pass  # pins and versions of MKL and oneDNN do not decide a portable build's bits
-    elif ref_num is None:
-        diffs.append("the reference does not record its MKL and oneDNN pins")
-    elif ref_num != num:
-        diffs.append(f"numerics libraries {_pins(num, ref_num)} vs reference {_pins(ref_num, num)}")
-    why_threads = None if portable else _threads_matter(st, ref_num)
-    if why_threads and ref_det.get("threads") not in (None, det.get("threads")):
-        diffs.append(f"threads {det.get('threads')} vs reference {ref_det.get('threads')} ({why_threads}, "
-                     "docs/reproducibility.md)")
-    if not portable and ref_machine.get("cpu_vendor") != mach.get("cpu_vendor"):
-        diffs.append(f"CPU vendor {mach.get('cpu_vendor')} vs reference {ref_machine.get('cpu_vendor')} "
-                     "(not measured to give the same bits)")
-    for lib in ("mkl", "onednn") if not portable else ():
-        if ref_machine.get(lib) != mach.get(lib):
-            diffs.append(f"{lib} {mach.get(lib)} vs reference {ref_machine.get(lib)}")
+    # The CPU, its numerics libraries and the thread count do not decide a portable build's bits.
+    diffs = [] if portable else _native_diffs(st, ref_det, ref_machine, det, mach)
     versions = {d["name"].removeprefix("toolchain:"): d.get("uri", "").rsplit("@", 1)[-1]
                 for d in st["predicate"]["buildDefinition"].get("resolvedDependencies", [])
                 if str(d.get("name", "")).startswith("toolchain:")}
