@@ -100,8 +100,8 @@ def choose(points: list[int], k: int, seed: int, available: set[int]) -> list[tu
     """k seeded random segments among those whose start point can be loaded (0 always can)."""
     segs = [(a, b) for a, b in zip(points, points[1:]) if a == 0 or a in available]
     if k > len(segs):
-        raise InputError(f"--segments {k}: this build has only {len(segs)} replayable segments "
-                         f"({len(points) - 1} in all)")
+        raise InputError(f"--segments {k}: this build has only {len(segs)} replayable "
+                         f"segment{'' if len(segs) == 1 else 's'} ({len(points) - 1} in all)")
     return sorted(random.Random(seed).sample(segs, k))
 
 
@@ -136,6 +136,10 @@ def replay(build_dir: Path, payload: dict, st, *, segments: int, seed: int, stor
                          "--checkpoint-every N --keep-checkpoints (or [checkpoint] every_steps, keep_for_replay)")
     rdir = build_dir / "replay"
     available = {int(p.stem.removeprefix("step-")) for p in rdir.glob("step-*.safetensors")} if rdir.is_dir() else set()
+    if not available and segments > 1:
+        raise InputError(f"--segments {segments}: {build_dir}'s checkpoints were not kept for replay ({rdir} holds "
+                         "none), so only its first segment, from step 0, can be re-executed; build it with "
+                         "--keep-checkpoints (or [checkpoint] keep_for_replay = true), or ask for --segments 1")
     chosen = choose(points, segments, seed, available)
 
     work = Path(tempfile.mkdtemp(prefix="provenance-replay-"))

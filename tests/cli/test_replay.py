@@ -143,6 +143,17 @@ def test_a_build_without_kept_checkpoints_says_how_to_keep_them(store, tmp_path,
     assert code == 2 and "not a build directory" in err
 
 
+def test_a_build_whose_checkpoints_were_not_kept_says_so(kept, store, tmp_path):
+    """Scheduled checkpoints in the transcript, none kept: only the first segment can be re-executed."""
+    b = _copy(kept, tmp_path)
+    shutil.rmtree(b / "replay")
+    code, _, err = _replay(b, store, "--segments", "2")
+    assert code == 2 and "were not kept for replay" in err and "--keep-checkpoints" in err and "Traceback" not in err
+    code, rep, err = _replay(b, store, "--segments", "1")
+    assert code == 0, err
+    assert [s["start"] for s in rep["segments"]] == [0]
+
+
 def test_scheduled_checkpoints_of_an_interrupted_run_are_kept_for_replay(tmp_path):
     """A resumed build keeps the scheduled checkpoints its killed predecessor wrote (the rehearsal
     lost 32 of 131 before this was fixed), and prunes only the others."""
