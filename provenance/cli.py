@@ -493,10 +493,11 @@ def parser() -> argparse.ArgumentParser:
                    help="train on N processes with torch.distributed (gloo on the CPU), launched with torchrun")
     b.add_argument("--cpu-capability", choices=["native", "default", "avx2", "avx512"],
                    help="override determinism.cpu_capability (ATen kernel instruction set; recorded)")
-    b.add_argument("--resume", action="store_true", default=None,
-                   help="require a checkpoint of this build in --out and continue from it (by default a matching "
-                        "checkpoint is used when there is one)")
-    b.add_argument("--no-resume", dest="resume", action="store_false", help="ignore checkpoints; start afresh")
+    resume = b.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", default=None,
+                        help="require a checkpoint of this build in --out and continue from it (by default a "
+                             "matching checkpoint is used when there is one)")
+    resume.add_argument("--no-resume", dest="resume", action="store_false", help="ignore checkpoints; start afresh")
     b.add_argument("--rounding-log", metavar="TRANSCRIPT",
                    help="portable recipes: follow the rounding log in this transcript.jsonl of an earlier build of "
                         "the same recipe, so that values near a float32 rounding boundary round the same way")

@@ -402,6 +402,15 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
     if keep_for_replay and not every_steps:
         raise InputError(f"{recipe.path}: keeping checkpoints for replay needs scheduled ones: set "
                          "[checkpoint] every_steps or --checkpoint-every")
+    if resume:
+        from .checkpoint import DIRNAME
+
+        # Before fetching and preparing anything: which of the checkpoints is this build's is checked
+        # once its identity (inputs, toolchain) is known, but a dir with none at all fails here.
+        if not any((out / DIRNAME).glob("step-*.safetensors")):
+            raise InputError(f"--resume: no checkpoint of this build in {out / DIRNAME} (there is none at all; "
+                             "a build writes them on its [checkpoint] schedule, --checkpoint-every, and when "
+                             "interrupted)")
     started = _now()
     t_start = time.perf_counter()
     timings: dict[str, float] = {}

@@ -85,6 +85,11 @@ def test_interrupt_writes_a_checkpoint_and_says_how_to_resume(uninterrupted, sto
 def test_resume_requires_a_checkpoint_and_ignores_another_builds(store, tmp_path):
     p = run_cli("build", str(TINY), "--out", str(tmp_path / "none"), "--resume", store=store)
     assert p.returncode == 2 and "--resume: no checkpoint of this build" in p.stderr
+    # refused before the inputs are fetched or the data prepared, and nothing is written
+    assert "input ethtool" not in p.stderr and "tokenizer:" not in p.stderr, p.stderr
+    assert not (tmp_path / "none").exists()
+    p = run_cli("build", str(TINY), "--out", str(tmp_path / "none"), "--resume", "--no-resume", store=store)
+    assert p.returncode == 2 and "not allowed with argument" in p.stderr and "Traceback" not in p.stderr
     out = tmp_path / "b"
     proc = _start(out, store)
     assert _wait_for_step(out, 2, proc)
