@@ -503,12 +503,18 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
                 raise InputError(f"--resume: no checkpoint of this build in {cdir}")
             from .stagecache import StageCache, stage_keys
 
+            # The cache holds each stage's output, not the checkpoints between: a build that keeps them for
+            # replay trains every stage (and still stores what it trained).
+            read_cache = use_cache and dist.world_size == 1 and log is None and not keep_for_replay
+            if use_cache and keep_for_replay:
+                reporter.log("stage cache: not read, since this build keeps its checkpoints for replay "
+                             "(--keep-checkpoints, [checkpoint] keep_for_replay): every stage is trained")
             cache = StageCache(store.root, stage_keys(
                 r, inputs=[s.digests for s in stored], manifest_root=m["merkle_root"],
                 tokenizer_digest=data.tokenizer_digest, seqs=seqs, special_ids=ids, determinism=det_record,
                 toolchain=tc["installed"], world_size=dist.world_size,
                 checkpoint_every=checkpoint_every or r.checkpoint.every_steps),
-                read=use_cache and dist.world_size == 1 and log is None, log=reporter.log)
+                read=read_cache, log=reporter.log)
             cached = cache.lookup()
             if cached is not None and (found is None or cached.state.global_step >= found.state.global_step):
                 found = None
@@ -596,7 +602,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
                          "resumed_after_step": found.state.global_step if found is not None else None,
                          "checkpoints_written": len(checkpointer.written),
                          "checkpoint_every_steps": every_steps, "checkpoints_kept_for_replay": kept,
-                         "stage_cache": cache.record([s.name for s in r.stages], use_cache and log is None),
+                         "stage_cache": cache.record([s.name for s in r.stages], read_cache),
                          "allocator": allocator.tune(),
                          **({"attention": small_head_attention.record()}
                             if r.model.attn_implementation == "small-head" else {}),

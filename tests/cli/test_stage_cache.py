@@ -96,3 +96,24 @@ def test_a_damaged_entry_is_removed_and_rebuilt_not_served(variants, cache_store
     assert _hits(out) == [True, False]  # stage one from the cache, stage two trained again
     assert (out / "model/model.safetensors").read_bytes() == (first / "model/model.safetensors").read_bytes()
     assert entries[1].is_file()  # rewritten by the build
+
+
+def test_a_build_kept_for_replay_trains_every_stage(cache_store, tmp_path):
+    """The cache holds each stage's output, not the checkpoints between: a build asked to keep them for
+    replay trains every stage (one that came from the cache kept none, silently)."""
+    first = tmp_path / "first"
+    p = run_cli("build", str(TINY), "--out", str(first), "--checkpoint-every", "2", store=cache_store)
+    assert p.returncode == 0, p.stderr
+    kept = tmp_path / "kept"
+    p = run_cli("build", str(TINY), "--out", str(kept), "--checkpoint-every", "2", "--keep-checkpoints",
+                store=cache_store)
+    assert p.returncode == 0, p.stderr
+    assert "stage cache: not read" in p.stderr
+    rec = build_json(kept)["training"]
+    assert rec["stage_cache"]["read"] is False and _hits(kept) == [False, False]
+    assert rec["checkpoints_kept_for_replay"] == len(list((kept / "replay").glob("step-*.safetensors"))) == 6
+    assert (kept / "model/model.safetensors").read_bytes() == (first / "model/model.safetensors").read_bytes()
+    again = tmp_path / "again"  # the entries are there: a build that does not keep checkpoints reads them
+    p = run_cli("build", str(TINY), "--out", str(again), "--checkpoint-every", "2", store=cache_store)
+    assert p.returncode == 0, p.stderr
+    assert _hits(again) == [True, True] and build_json(again)["training"]["stage_cache"]["read"] is True
