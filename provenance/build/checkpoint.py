@@ -212,6 +212,23 @@ class IdentityMismatch(ValueError):
     pass
 
 
+def schedule_conflict(lines: list[bytes], global_step: int, every_steps: int | None) -> str | None:
+    """Why a checkpoint whose transcript is `lines` (after `global_step` optimizer steps) cannot be
+    resumed on the schedule `every_steps`, or None when it can. Scheduled checkpoints are in the
+    transcript, so a resumed build must keep the interrupted one's schedule to give its bits; that
+    schedule is read from the transcript: the step of its first scheduled checkpoint."""
+    earlier = next((i + 1 for i, line in enumerate(lines) if b'"checkpoint"' in line
+                    and "checkpoint" in json.loads(line)), None)
+    asked = f"one every {every_steps} steps" if every_steps else "none"
+    if earlier is not None and earlier != every_steps:
+        return (f"written by a build with a checkpoint every {earlier} steps (its transcript records them), but "
+                f"this build asks for {asked}; resume with --checkpoint-every {earlier} (the interrupted run's schedule)")
+    if earlier is None and every_steps is not None and every_steps <= global_step:
+        return (f"written by a build with no scheduled checkpoint in its first {global_step} steps, but this build "
+                f"asks for one every {every_steps} steps; resume with the interrupted command's --checkpoint-every")
+    return None
+
+
 def latest(directory: Path, ident: str, log=None) -> Resume | None:
     """The newest readable checkpoint of this identity, or None (others are reported and skipped)."""
     for path in sorted(Path(directory).glob("step-*.safetensors"), reverse=True):

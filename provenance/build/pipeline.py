@@ -524,6 +524,9 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             else:
                 cache.hits = [False] * len(cache.hits)
                 cached = None
+            why = found and ckpt.schedule_conflict(found.transcript_lines, found.state.global_step, every_steps)
+            if why:  # resumed on another schedule, the transcript would be neither build's
+                raise InputError(f"{found.path}: {why}, or start afresh with --no-resume")
             if found is not None:
                 reporter.log(f"resuming from {found.path} (after optimizer step {found.state.global_step})")
             start = found or cached

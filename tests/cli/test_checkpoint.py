@@ -102,6 +102,38 @@ def test_resume_requires_a_checkpoint_and_ignores_another_builds(store, tmp_path
     assert build_json(out)["training"]["resumed_after_step"] is None
 
 
+def test_resume_keeps_the_interrupted_schedule(uninterrupted, store, tmp_path):
+    """Scheduled checkpoints are in the transcript: resumed on another --checkpoint-every, the transcript
+    would match neither schedule's build (and replay would refuse it), so that is refused, nothing lost."""
+    out = tmp_path / "b"
+    proc = _start(out, store)  # a checkpoint every step
+    assert _wait_for_step(out, 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    kept = sorted((out / "checkpoint").glob("step-*.safetensors"))
+    p = run_cli("build", str(TINY), "--out", str(out), "--checkpoint-every", "2", "--no-cache", store=store)
+    assert p.returncode == 2 and "with a checkpoint every 1 steps" in p.stderr and "--checkpoint-every 1" in p.stderr
+    assert "--no-resume" in p.stderr and "Traceback" not in p.stderr
+    assert sorted((out / "checkpoint").glob("step-*.safetensors")) == kept
+    p = run_cli("build", str(TINY), "--out", str(out), "--checkpoint-every", "1", "--no-cache", store=store)
+    assert p.returncode == 0, p.stderr
+    assert build_json(out)["training"]["resumed_after_step"] is not None
+    _same_as_uninterrupted(out, uninterrupted)
+
+
+def test_schedule_conflict_cases():
+    from provenance.build.checkpoint import schedule_conflict
+
+    every2 = [b'{"step":0}', b'{"checkpoint":"ab","step":1}', b'{"step":2}', b'{"checkpoint":"cd","step":3}']
+    assert schedule_conflict(every2, 4, 2) is None
+    assert "every 2 steps" in schedule_conflict(every2, 4, 3) and "--checkpoint-every 2" in schedule_conflict(every2, 4, 3)
+    assert "asks for none" in schedule_conflict(every2, 4, None)
+    plain = [b'{"step":0}', b'{"step":1}', b'{"step":2}']  # no schedule (or one longer than 3 steps)
+    assert schedule_conflict(plain, 3, None) is None and schedule_conflict(plain, 3, 10) is None
+    assert "no scheduled checkpoint in its first 3 steps" in schedule_conflict(plain, 3, 3)
+    assert schedule_conflict([], 0, 5) is None
+
+
 def test_checkpoints_never_change_the_bits(uninterrupted, store, tmp_path):
     p = run_cli("build", str(TINY), "--out", str(tmp_path / "plain"), "--no-resume", "--no-cache", store=store)
     assert p.returncode == 0, p.stderr
