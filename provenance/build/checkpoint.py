@@ -212,13 +212,18 @@ class IdentityMismatch(ValueError):
     pass
 
 
+def scheduled_steps(records):
+    """The global steps after which scheduled checkpoints were written, from transcript records (dicts),
+    lazily: a scheduled checkpoint's digest is in its step's line (`checkpoint`)."""
+    return (i + 1 for i, rec in enumerate(records) if "checkpoint" in rec)
+
+
 def schedule_conflict(lines: list[bytes], global_step: int, every_steps: int | None) -> str | None:
     """Why a checkpoint whose transcript is `lines` (after `global_step` optimizer steps) cannot be
     resumed on the schedule `every_steps`, or None when it can. Scheduled checkpoints are in the
     transcript, so a resumed build must keep the interrupted one's schedule to give its bits; that
     schedule is read from the transcript: the step of its first scheduled checkpoint."""
-    earlier = next((i + 1 for i, line in enumerate(lines) if b'"checkpoint"' in line
-                    and "checkpoint" in json.loads(line)), None)
+    earlier = next(scheduled_steps(json.loads(line) for line in lines), None)
     asked = f"one every {every_steps} steps" if every_steps else "none"
     if earlier is not None and earlier != every_steps:
         return (f"written by a build with a checkpoint every {earlier} steps (its transcript records them), but "

@@ -87,7 +87,9 @@ def verdict_line(r: ReplayReport) -> str:
 
 def points_of(lines: list[dict], total: int) -> tuple[list[int], int | None]:
     """The replay points (0, every scheduled checkpoint, the end) and the checkpoint interval."""
-    marks = [i + 1 for i, rec in enumerate(lines) if "checkpoint" in rec]
+    from ..build.checkpoint import scheduled_steps
+
+    marks = list(scheduled_steps(lines))
     every = marks[0] if marks else None
     if every is not None and marks != list(range(every, every * len(marks) + 1, every)):
         raise CheckFailed("the transcript's checkpoints are not on a regular schedule: "
@@ -99,6 +101,10 @@ def points_of(lines: list[dict], total: int) -> tuple[list[int], int | None]:
 def choose(points: list[int], k: int, seed: int, available: set[int]) -> list[tuple[int, int]]:
     """k seeded random segments among those whose start point can be loaded (0 always can)."""
     segs = [(a, b) for a, b in zip(points, points[1:]) if a == 0 or a in available]
+    if k > len(segs) and not available:
+        raise InputError(f"--segments {k}: this build's checkpoints were not kept for replay (its replay/ holds "
+                         "none), so only its first segment, from step 0, can be re-executed; build it with "
+                         "--keep-checkpoints (or [checkpoint] keep_for_replay = true), or ask for --segments 1")
     if k > len(segs):
         raise InputError(f"--segments {k}: this build has only {len(segs)} replayable "
                          f"segment{'' if len(segs) == 1 else 's'} ({len(points) - 1} in all)")
@@ -136,10 +142,6 @@ def replay(build_dir: Path, payload: dict, st, *, segments: int, seed: int, stor
                          "--checkpoint-every N --keep-checkpoints (or [checkpoint] every_steps, keep_for_replay)")
     rdir = build_dir / "replay"
     available = {int(p.stem.removeprefix("step-")) for p in rdir.glob("step-*.safetensors")} if rdir.is_dir() else set()
-    if not available and segments > 1:
-        raise InputError(f"--segments {segments}: {build_dir}'s checkpoints were not kept for replay ({rdir} holds "
-                         "none), so only its first segment, from step 0, can be re-executed; build it with "
-                         "--keep-checkpoints (or [checkpoint] keep_for_replay = true), or ask for --segments 1")
     chosen = choose(points, segments, seed, available)
 
     work = Path(tempfile.mkdtemp(prefix="provenance-replay-"))
