@@ -125,7 +125,8 @@ class Checkpointer:
     def write(self, tensors: dict, state: State, transcript, digest: str) -> Path:
         """Write one checkpoint atomically. Returns its path."""
         path = self.dir / f"step-{state.global_step:09d}.safetensors"
-        write_file(path, tensors, state, transcript, digest, self.identity)
+        write_file(path, tensors, state, transcript, digest, self.identity,
+                   kept_for_replay=bool(self.keep_scheduled and self.every_steps))
         self._last = time.monotonic()
         self.written.append(path)
         for old in sorted(self.dir.glob("step-*.safetensors"))[:-self.keep]:
@@ -144,8 +145,10 @@ class Checkpointer:
             return False
 
 
-def write_file(path: Path, tensors: dict, state: State, transcript, digest: str, ident: str) -> None:
-    """One checkpoint file, written atomically (also the stage cache's entry format)."""
+def write_file(path: Path, tensors: dict, state: State, transcript, digest: str, ident: str,
+               kept_for_replay: bool | None = None) -> None:
+    """One checkpoint file, written atomically (also the stage cache's entry format). `kept_for_replay`:
+    whether the writing build keeps its scheduled checkpoints for replay (None: not a build's checkpoint)."""
     import torch
     from safetensors.torch import save
 
@@ -156,6 +159,8 @@ def write_file(path: Path, tensors: dict, state: State, transcript, digest: str,
             "state": json.dumps({**state.__dict__, "first": float(state.first).hex(),
                                  "last": float(state.last).hex()}, sort_keys=True),
             "transcript_head": transcript.prev}
+    if kept_for_replay is not None:
+        meta["kept_for_replay"] = "true" if kept_for_replay else "false"
     blob = {**tensors, "transcript": torch.frombuffer(bytearray(tbytes or b"\n"), dtype=torch.uint8)}
     atomic_write_bytes(path, save(blob, metadata=meta))
 
@@ -168,6 +173,7 @@ class Resume:
     transcript_lines: list[bytes]
     transcript_prev: str
     digest: str = ""
+    kept_for_replay: bool | None = None  # whether the build that wrote it kept its scheduled ones (None: not said)
 
 
 def read_file(path: Path, ident: str | None) -> Resume:
@@ -205,7 +211,8 @@ def read_file(path: Path, ident: str | None) -> Resume:
     head = blake3.blake3(lines[-1]).hexdigest() if lines else GENESIS
     if head != meta.get("transcript_head"):
         raise ValueError("its transcript head does not match its transcript")
-    return Resume(Path(path), state, tensors, lines, meta["transcript_head"], meta["digest"])
+    kept = {"true": True, "false": False}.get(meta.get("kept_for_replay", ""))
+    return Resume(Path(path), state, tensors, lines, meta["transcript_head"], meta["digest"], kept)
 
 
 class IdentityMismatch(ValueError):
@@ -232,6 +239,29 @@ def schedule_conflict(lines: list[bytes], global_step: int, every_steps: int | N
         return (f"written by a build with no scheduled checkpoint in its first {global_step} steps, but this build "
                 f"asks for one every {every_steps} steps; resume with the interrupted command's --checkpoint-every")
     return None
+
+
+def replay_conflict(found: Resume, directory: Path, keep_for_replay: bool) -> tuple[str | None, str | None]:
+    """Resuming `found` (in `directory`) with or without keeping the scheduled checkpoints for replay:
+    (why it is refused, what to tell), either None. A build that kept them and is resumed without
+    keeping them would delete them, so that is refused; one that did not keep them and is resumed
+    keeping them has lost the earlier ones, which replay then cannot start from: said."""
+    files = {int(f.stem.removeprefix("step-")) for f in Path(directory).glob("step-*.safetensors")
+             if f.stem.removeprefix("step-").isdigit()}
+    steps = list(scheduled_steps(json.loads(line) for line in found.transcript_lines))
+    if found.kept_for_replay and not keep_for_replay:
+        here = sum(1 for s in steps if s in files)
+        return (f"written by a build that keeps its scheduled checkpoints for replay ({here} of them in "
+                f"{directory}), and resuming without keeping them would delete them; resume with "
+                "--keep-checkpoints (or [checkpoint] keep_for_replay = true), or start afresh with --no-resume "
+                "(which deletes them too)"), None
+    gone = [s for s in steps if s not in files]
+    if keep_for_replay and gone:
+        first = min((s for s in steps if s in files), default=found.state.global_step)
+        return None, (f"checkpoints: the interrupted run did not keep its scheduled checkpoints for replay: "
+                      f"{len(gone)} of the {len(steps)} up to step {found.state.global_step} are gone, so replay "
+                      f"can re-execute the first segment and those from step {first} on, not the ones between")
+    return None, None
 
 
 def latest(directory: Path, ident: str, log=None) -> Resume | None:

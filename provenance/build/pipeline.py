@@ -501,6 +501,12 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             found = ckpt.latest(cdir, ident, reporter.log) if resume is not False else None
             if resume and found is None:
                 raise InputError(f"--resume: no checkpoint of this build in {cdir}")
+            if found is not None:  # before the stage cache, which would end the build and delete them too
+                why, note = ckpt.replay_conflict(found, cdir, keep_for_replay)
+                if why:
+                    raise InputError(f"{found.path}: {why}")
+                if note:
+                    reporter.log(note)
             from .stagecache import StageCache, stage_keys
 
             # The cache holds each stage's output, not the checkpoints between: a build that keeps them for

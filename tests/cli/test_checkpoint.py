@@ -143,3 +143,38 @@ def test_checkpoints_never_change_the_bits(uninterrupted, store, tmp_path):
 
     lines = [json.loads(x) for x in (uninterrupted / "transcript.jsonl").read_text().splitlines()]
     assert all("checkpoint" in x for x in lines)  # every scheduled checkpoint is in the hash chain
+
+
+def test_resume_keeps_what_was_kept_for_replay(uninterrupted, store, tmp_path):
+    """A build that keeps its scheduled checkpoints for replay, resumed without keeping them, would delete
+    them: refused, nothing deleted. One that did not keep them, resumed keeping them, says which are gone."""
+    out = tmp_path / "kept"
+    proc = _start(out, store, ["--keep-checkpoints"])
+    assert _wait_for_step(out, 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    kept = sorted((out / "checkpoint").glob("step-*.safetensors"))
+    assert len(kept) >= 3
+    p = run_cli("build", str(TINY), "--out", str(out), "--checkpoint-every", "1", "--no-cache", store=store)
+    assert p.returncode == 2 and "keeps its scheduled checkpoints for replay" in p.stderr, p.stderr
+    assert "would delete them" in p.stderr and "--keep-checkpoints" in p.stderr and "Traceback" not in p.stderr
+    assert sorted((out / "checkpoint").glob("step-*.safetensors")) == kept
+    p = run_cli("build", str(TINY), "--out", str(out), "--checkpoint-every", "1", "--no-cache", "--keep-checkpoints",
+                store=store)
+    assert p.returncode == 0, p.stderr
+    assert len(list((out / "replay").glob("step-*.safetensors"))) == 12
+    assert build_json(out)["training"]["checkpoints_kept_for_replay"] == 12
+    _same_as_uninterrupted(out, uninterrupted)
+
+    out = tmp_path / "not-kept"
+    proc = _start(out, store)
+    assert _wait_for_step(out, 5, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    p = run_cli("build", str(TINY), "--out", str(out), "--checkpoint-every", "1", "--no-cache", "--keep-checkpoints",
+                store=store)
+    assert p.returncode == 0, p.stderr
+    assert "did not keep its scheduled checkpoints for replay" in p.stderr and "are gone" in p.stderr, p.stderr
+    n = build_json(out)["training"]["checkpoints_kept_for_replay"]
+    assert 2 <= n <= 12 - 3 and len(list((out / "replay").glob("step-*.safetensors"))) == n
+    _same_as_uninterrupted(out, uninterrupted)
