@@ -264,6 +264,30 @@ def replay_conflict(found: Resume, directory: Path, keep_for_replay: bool) -> tu
     return None, None
 
 
+TRANSCRIPT_LINE_BYTES = 512  # a transcript line is about 400 bytes; a checkpoint holds the transcript so far
+FIXED_BYTES = 64 << 10  # the two RNG states (5,056 bytes each), the header, the counters
+
+
+def bytes_needed(n_params: int, n_tensors: int, windows: int, total: int, done: int, every: int | None,
+                 keep: int, replay: bool) -> tuple[int, int, int]:
+    """The disk a build's checkpoints will still take once it has done `done` of its `total` optimizer
+    steps: the `keep` newest ones (one more while the next is written) and, when the scheduled ones are
+    kept for replay, each of those from here on. A checkpoint holds the model and AdamW's two moments
+    (float32: 12 bytes a parameter), the epoch's data order (8 bytes a window) and the transcript so far.
+    Returns (bytes, how many will be kept for replay, the largest one's bytes)."""
+    def size(step: int) -> int:
+        return 12 * n_params + 3 * 128 * n_tensors + 8 * windows + FIXED_BYTES + TRANSCRIPT_LINE_BYTES * step
+
+    need = (keep + 1) * size(total)
+    if not (replay and every):
+        return need, 0, size(total)
+    first = (done // every + 1) * every
+    n = max(0, (total - first) // every + 1)
+    last = first + (n - 1) * every
+    need += n * size(0) + TRANSCRIPT_LINE_BYTES * (first + last) * n // 2
+    return need, n, size(total)
+
+
 def latest(directory: Path, ident: str, log=None) -> Resume | None:
     """The newest readable checkpoint of this identity, or None (others are reported and skipped)."""
     for path in sorted(Path(directory).glob("step-*.safetensors"), reverse=True):

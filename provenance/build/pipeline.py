@@ -38,6 +38,15 @@ OUTPUT_NAMES = frozenset({"model", "dataset-manifest.json", "transcript.jsonl", 
                           "replay"})  # scheduled checkpoints kept for `provenance replay`
 
 
+def _leftover(name: str) -> bool:
+    """A build's own temporary in its output dir, left by one that was killed: its staging dir, or an
+    earlier output being replaced (`_install`)."""
+    if name.startswith(".staging-"):
+        return True
+    base, _, tag = name.removeprefix(".old-").rpartition("-")
+    return name.startswith(".old-") and base in OUTPUT_NAMES and len(tag) == 8 and all(c in "0123456789abcdef" for c in tag)
+
+
 def check_out_dir(out: Path) -> None:
     """Preflight: `out` is a directory this tool may write (new, empty, or holding only an earlier
     build's outputs, which the new build replaces). Raises InputError before any work."""
@@ -48,7 +57,7 @@ def check_out_dir(out: Path) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise InputError(f"--out {out}: {probe} is not writable")
     if out.is_dir():
-        foreign = sorted(n for n in os.listdir(out) if n not in OUTPUT_NAMES and not n.startswith(".staging-")
+        foreign = sorted(n for n in os.listdir(out) if n not in OUTPUT_NAMES and not _leftover(n)
                          and not (n.endswith(".toml") and (out / n).is_file()))
         if foreign:
             raise InputError(f"--out {out}: holds files this tool did not write ({', '.join(foreign[:5])}"
@@ -119,16 +128,11 @@ def _seal_model_dir(d: Path, card: bytes) -> dict:
 def _install(staging: Path, out: Path) -> None:
     """Move staged outputs into `out`: drop the old build.json first, write the new one last, and
     remove every output of an earlier build that this one does not replace (a stale Sigstore
-    bundle or VSA must not sit beside new weights)."""
+    bundle or VSA must not sit beside new weights). The staged outputs go in before anything is
+    removed, the checkpoints included: killed in between, the build can still be resumed."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "build.json").unlink(missing_ok=True)
     staged = set(os.listdir(staging))
-    for name in sorted(OUTPUT_NAMES - staged):
-        stale = out / name
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale)
-        else:
-            stale.unlink(missing_ok=True)
     for name in sorted(staged):
         if name == "build.json":
             continue
@@ -140,17 +144,28 @@ def _install(staging: Path, out: Path) -> None:
             shutil.rmtree(old)
         else:
             os.replace(staging / name, target)
+    for name in sorted(OUTPUT_NAMES - staged):
+        stale = out / name
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink(missing_ok=True)
     os.replace(staging / "build.json", out / "build.json")
 
 
 def _keep_for_replay(cdir: Path, dest: Path, every_steps: int) -> int:
-    """Move the scheduled checkpoints (step a multiple of every_steps) into `dest`. Returns how many."""
+    """Link (or copy) the scheduled checkpoints (step a multiple of every_steps) into `dest`, the
+    staged replay dir. Returns how many. They stay in `cdir` too until the build is installed: a
+    build that fails or is interrupted after training (its staging removed) can still be resumed."""
     dest.mkdir()
     n = 0
     for f in sorted(cdir.glob("step-*.safetensors")):
         step = int(f.stem.removeprefix("step-"))
         if step % every_steps == 0:
-            os.replace(f, dest / f.name)
+            try:
+                os.link(f, dest / f.name)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(f, dest / f.name)
             n += 1
     return n
 
@@ -166,6 +181,29 @@ def check_disk(r, out: Path, store_root: Path) -> None:
         if free < need:
             raise InputError(f"{where}: {free >> 20} MiB free on its file system; this build needs at least "
                              f"{need >> 20} MiB")
+
+
+def check_checkpoint_disk(out: Path, n_params: int, n_tensors: int, windows: int, total: int, done: int,
+                          every: int | None, keep: int, replay: bool, free: int | None = None) -> None:
+    """Preflight, once the steps are known: room on `out`'s file system for the checkpoints still to be
+    written (checkpoint.bytes_needed). Raises InputError saying what to change."""
+    from .checkpoint import bytes_needed
+
+    need, kept, each = bytes_needed(n_params, n_tensors, windows, total, done, every, keep, replay)
+    free = shutil.disk_usage(out).free if free is None else free
+    if need <= free:
+        return
+
+    def mib(n: int) -> str:  # rounded up
+        return f"{-(-n >> 20):,} MiB"
+
+    if kept:
+        raise InputError(f"--out {out}: {mib(free)} free on its file system, but this build's checkpoints need "
+                         f"about {mib(need)}: {kept:,} kept for replay (one every {every} steps, up to {mib(each)} "
+                         "each) and the newest few; free some space, keep them less often (--checkpoint-every), "
+                         "or do not keep them for replay")
+    raise InputError(f"--out {out}: {mib(free)} free on its file system, but this build's newest {keep + 1} "
+                     f"checkpoints need about {mib(need)} (up to {mib(each)} each); free some space")
 
 
 @dataclass
@@ -452,7 +490,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
     t = lap("setup", t)
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        for old in out.glob(".staging-*"):  # left by a build that was killed
+        for old in [p for p in out.glob(".*") if _leftover(p.name)]:  # left by a build that was killed
             shutil.rmtree(old, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
     else:
@@ -536,6 +574,13 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             if found is not None:
                 reporter.log(f"resuming from {found.path} (after optimizer step {found.state.global_step})")
             start = found or cached
+            if dist.rank == 0:  # before the first step: a build of days must not stop for its checkpoints' disk
+                from .train import count_windows
+
+                check_checkpoint_disk(out, n_params, len(list(model.parameters())),
+                                      max(count_windows(seqs, s, p) for s in r.stages for p in range(s.phases)),
+                                      sum(totals), start.state.global_step if start else 0, every_steps,
+                                      r.checkpoint.keep, keep_for_replay)
             licence = licence_verdict()  # the verdict, before the first step (--licence-compatibility fail stops here)
             with reporter.task("train", total=sum(totals)) as advance:
                 if start is not None:

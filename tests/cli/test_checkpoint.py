@@ -178,3 +178,32 @@ def test_resume_keeps_what_was_kept_for_replay(uninterrupted, store, tmp_path):
     n = build_json(out)["training"]["checkpoints_kept_for_replay"]
     assert 2 <= n <= 12 - 3 and len(list((out / "replay").glob("step-*.safetensors"))) == n
     _same_as_uninterrupted(out, uninterrupted)
+
+
+def test_interrupted_after_training_loses_no_checkpoint(uninterrupted, store, tmp_path):
+    """The scheduled checkpoints kept for replay stay in OUT/checkpoint/ until the build is installed:
+    interrupted while it evaluates, audits or signs (its staging removed), the build resumes after its
+    last step, not from the start. A build killed inside the install leaves `.old-*` outputs, which the
+    next build removes (they are not 'files this tool did not write')."""
+    out = tmp_path / "b"
+    proc = _start(out, store, ["--keep-checkpoints"])
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and not any(out.glob(".staging-*/replay")):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the build finished before the signal arrived")
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert not list(out.glob(".staging-*")) and not (out / "build.json").exists()
+    assert len(list((out / "checkpoint").glob("step-*.safetensors"))) == 12
+    (out / ".old-model-0123abcd").mkdir()
+    (out / ".old-model-0123abcd" / "model.safetensors").write_bytes(b"left by a killed install")
+    p = run_cli("build", str(TINY), "--out", str(out), "--checkpoint-every", "1", "--no-cache", "--keep-checkpoints",
+                store=store)
+    assert p.returncode == 0, p.stderr
+    assert build_json(out)["training"]["resumed_after_step"] == 12
+    assert build_json(out)["training"]["checkpoints_kept_for_replay"] == 12
+    assert len(list((out / "replay").glob("step-*.safetensors"))) == 12
+    assert not (out / ".old-model-0123abcd").exists()
+    _same_as_uninterrupted(out, uninterrupted)

@@ -173,3 +173,39 @@ def test_scheduled_checkpoints_of_an_interrupted_run_are_kept_for_replay(tmp_pat
     cp.keep_scheduled = False
     cp.write({"t": torch.zeros(2)}, ckpt.State(0, 6, 6, 1, 0, 1.0, 1.0, 0, 0, 0.0, []), Transcript(), "digest")
     assert sorted(p.name for p in d.iterdir()) == ["step-000000006.safetensors"]
+
+
+def test_checkpoint_disk_preflight_bounds_what_a_build_keeps(kept, tmp_path):
+    """The disk a build's checkpoints will take is judged before its first step: the estimate covers
+    the files a real build kept for replay (and not by much more), and too little room is refused
+    with what to change."""
+    from safetensors import safe_open
+
+    from provenance.build.checkpoint import bytes_needed
+    from provenance.build.pipeline import check_checkpoint_disk
+    from provenance.errors import InputError
+
+    files = sorted((kept / "replay").glob("step-*.safetensors"))
+    record = build_json(kept)
+    n_params, total = record["model"]["parameters"], record["training"]["steps"]
+    with safe_open(str(files[-1]), "pt") as f:
+        names = f.keys()
+        n_tensors = sum(k.startswith("model/") for k in names)
+        windows = max(f.get_slice("data/order").get_shape()[0], 1)
+    need, n, each = bytes_needed(n_params, n_tensors, windows, total, 0, 2, keep=2, replay=True)
+    rolling = 3 * each
+    actual = sum(f.stat().st_size for f in files)
+    assert n == len(files) == 6
+    assert actual <= need - rolling <= 1.5 * actual, (actual, need - rolling)
+    assert max(f.stat().st_size for f in files) <= each
+    # resumed after step 7: only the scheduled ones after it (8, 10, 12) are still to come
+    assert bytes_needed(n_params, n_tensors, windows, total, 7, 2, keep=2, replay=True)[1] == 3
+    assert bytes_needed(n_params, n_tensors, windows, total, 0, 2, keep=2, replay=False)[1] == 0
+
+    check_checkpoint_disk(tmp_path, n_params, n_tensors, windows, total, 0, 2, 2, True, free=need)
+    with pytest.raises(InputError) as e:
+        check_checkpoint_disk(tmp_path, n_params, n_tensors, windows, total, 0, 2, 2, True, free=need - 1)
+    assert "6 kept for replay (one every 2 steps" in str(e.value) and "--checkpoint-every" in str(e.value)
+    with pytest.raises(InputError) as e:
+        check_checkpoint_disk(tmp_path, n_params, n_tensors, windows, total, 0, 2, 2, False, free=rolling - 1)
+    assert "newest 3 checkpoints need about" in str(e.value) and "replay" not in str(e.value)
