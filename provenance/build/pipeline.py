@@ -495,6 +495,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
     else:
         staging = Path(tempfile.mkdtemp(prefix=f"provenance-rank{dist.rank}-"))
+    trained: int | None = None  # optimizer steps, once training is done
     try:
         work = staging / "work"
         data = prepare_data(recipe, stored, work, reporter=reporter, timings=timings)
@@ -602,6 +603,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
                 reporter.log(f"stage {s.name}: {s.steps} steps, loss {s.first_loss:.4f} -> {s.final_loss:.4f} "
                              f"in {s.seconds:.1f} s")
             t = lap("train", t)
+            trained = len(transcript.lines)
             recite = recitation(model, seqs, r.evaluate, ids["pad_token_id"])
             t = lap("evaluate", t)
 
@@ -706,6 +708,25 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             sign_audit(staging, st, audit_doc, hash_bytes(data.manifest_bytes), hash_bytes(abytes), signing)
         _install(staging, out)
         return record
+    except BaseException:
+        if trained is not None and dist.rank == 0:
+            _say_what_is_kept(out, trained, dist.world_size == 1 and log is None, reporter)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _say_what_is_kept(out: Path, trained: int, cached: bool, reporter: Reporter) -> None:
+    """A build that failed or was interrupted after training: say where its training is kept
+    (`cached`: its stages were written to the stage cache)."""
+    from .checkpoint import DIRNAME
+
+    newest = max((out / DIRNAME).glob("step-*.safetensors"), default=None)
+    if newest is not None:
+        step = newest.stem.removeprefix("step-").lstrip("0") or "0"
+        reporter.log(f"the build stopped after training; its newest checkpoint, {newest} (after optimizer step "
+                     f"{step} of {trained}), is kept: the same command resumes from it")
+    elif cached:
+        reporter.log("the build stopped after training; the same command takes its trained stages from the stage "
+                     "cache (unless it is given --no-cache or keeps its checkpoints for replay)")
 

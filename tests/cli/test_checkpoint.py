@@ -195,6 +195,7 @@ def test_interrupted_after_training_loses_no_checkpoint(uninterrupted, store, tm
     if proc.returncode == 0:
         pytest.skip("the build finished before the signal arrived")
     assert proc.returncode == 143 and "Traceback" not in err, err
+    assert "the build stopped after training; its newest checkpoint" in err and "(after optimizer step 12 of 12)" in err
     assert not list(out.glob(".staging-*")) and not (out / "build.json").exists()
     assert len(list((out / "checkpoint").glob("step-*.safetensors"))) == 12
     (out / ".old-model-0123abcd").mkdir()
