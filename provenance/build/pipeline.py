@@ -62,6 +62,14 @@ def check_out_dir(out: Path) -> None:
         if foreign:
             raise InputError(f"--out {out}: holds files this tool did not write ({', '.join(foreign[:5])}"
                              f"{', …' if len(foreign) > 5 else ''}); choose a new or empty directory")
+        # Outputs are replaced only where they are a build's: its build.json, or what an unfinished
+        # one leaves (checkpoints, staging). A directory of someone's own model/ is not replaced.
+        names = set(os.listdir(out))
+        ours = sorted(names & OUTPUT_NAMES)
+        if ours and "build.json" not in names and "checkpoint" not in names and not any(map(_leftover, names)):
+            raise InputError(f"--out {out}: holds {', '.join(ours[:5])}{', …' if len(ours) > 5 else ''} but no "
+                             "build.json, so it is not the output of a build of this tool, which it would replace; "
+                             "choose a new or empty directory (or remove them)")
 
 
 def _now() -> str:

@@ -196,6 +196,14 @@ def test_output_dir_holds_exactly_one_build(store, tmp_path):
     p = run_cli("build", str(TINY), "--out", str(foreign), store=store)
     assert p.returncode == 2 and "did not write (thesis.tex)" in p.stderr, p.stderr
     assert sorted(x.name for x in foreign.iterdir()) == ["thesis.tex"]
+    # names this tool writes, but no build.json: someone's own model dir, not replaced
+    mine = tmp_path / "mine"
+    (mine / "model").mkdir(parents=True)
+    (mine / "model" / "model.safetensors").write_bytes(b"my own weights")
+    p = run_cli("build", str(TINY), "--out", str(mine), store=store)
+    assert p.returncode == 2 and "holds model but no build.json" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert (mine / "model" / "model.safetensors").read_bytes() == b"my own weights"
+    assert sorted(x.name for x in mine.iterdir()) == ["model"]
 
 
 def test_out_or_store_that_cannot_be_written_is_refused_first(store, tmp_path):
