@@ -423,7 +423,11 @@ def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkp
                                   0.0 if done else round(time.perf_counter() - t0, 3),
                                   [asdict(r) for r in results + done])
 
-            if checkpointer is not None and (checkpointer.scheduled(global_step) or checkpointer.by_clock() or stop):
+            # The last step's checkpoint (not in the transcript): a build interrupted after training, while
+            # it evaluates, audits or signs, resumes after its last step whatever its schedule or cache.
+            last_step = bool(done) and si == len(recipe.stages) - 1 and checkpointer is not None and checkpointer.enabled
+            if checkpointer is not None and (checkpointer.scheduled(global_step) or checkpointer.by_clock() or stop
+                                             or last_step):
                 state = boundary_state()
                 tensors = ckpt.state_tensors(model, opt, gen, order)
                 digest = ckpt.state_digest(tensors, state)

@@ -134,15 +134,50 @@ def test_schedule_conflict_cases():
     assert schedule_conflict([], 0, 5) is None
 
 
-def test_checkpoints_never_change_the_bits(uninterrupted, store, tmp_path):
-    p = run_cli("build", str(TINY), "--out", str(tmp_path / "plain"), "--no-resume", "--no-cache", store=store)
+@pytest.fixture(scope="module")
+def unscheduled(store, tmp_path_factory):
+    """The tiny recipe built with no checkpoint schedule (it has no [checkpoint])."""
+    out = tmp_path_factory.mktemp("ckpt") / "plain"
+    p = run_cli("build", str(TINY), "--out", str(out), "--no-resume", "--no-cache", store=store)
     assert p.returncode == 0, p.stderr
-    a = (tmp_path / "plain" / "model" / "model.safetensors").read_bytes()
+    return out
+
+
+def test_checkpoints_never_change_the_bits(uninterrupted, unscheduled):
+    a = (unscheduled / "model" / "model.safetensors").read_bytes()
     assert a == (uninterrupted / "model" / "model.safetensors").read_bytes()
     import json
 
     lines = [json.loads(x) for x in (uninterrupted / "transcript.jsonl").read_text().splitlines()]
     assert all("checkpoint" in x for x in lines)  # every scheduled checkpoint is in the hash chain
+    lines = [json.loads(x) for x in (unscheduled / "transcript.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and not any("checkpoint" in x for x in lines)  # the last step's is not
+    assert build_json(unscheduled)["training"]["checkpoints_written"] == 1  # after the last step
+
+
+def test_interrupted_after_training_resumes_after_the_last_step(uninterrupted, unscheduled, store, tmp_path):
+    """With no schedule and no stage cache read (--no-cache), a build interrupted after training still
+    resumes after its last step: every build checkpoints that step (not in the transcript)."""
+    out = tmp_path / "b"
+    env = {**os.environ, "PROVENANCE_STORE": str(store)}
+    cmd = [sys.executable, "-m", "provenance", "build", str(TINY), "--out", str(out), "--no-cache"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and not any(out.glob(".staging-*/transcript.jsonl")):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the build finished before the signal arrived")
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert "its newest checkpoint" in err and "(after optimizer step 12 of 12)" in err, err
+    assert [f.name for f in (out / "checkpoint").glob("step-*.safetensors")] == ["step-000000012.safetensors"]
+    p = run_cli("build", str(TINY), "--out", str(out), "--no-cache", store=store)
+    assert p.returncode == 0, p.stderr
+    assert "resuming from" in p.stderr and build_json(out)["training"]["resumed_after_step"] == 12
+    assert (out / "model" / "model.safetensors").read_bytes() == (uninterrupted / "model" / "model.safetensors").read_bytes()
+    assert (out / "transcript.jsonl").read_bytes() == (unscheduled / "transcript.jsonl").read_bytes()
+    assert not (out / "checkpoint").exists()
 
 
 def test_resume_keeps_what_was_kept_for_replay(uninterrupted, store, tmp_path):
@@ -176,7 +211,9 @@ def test_resume_keeps_what_was_kept_for_replay(uninterrupted, store, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "did not keep its scheduled checkpoints for replay" in p.stderr and "are gone" in p.stderr, p.stderr
     n = build_json(out)["training"]["checkpoints_kept_for_replay"]
-    assert 2 <= n <= 12 - 3 and len(list((out / "replay").glob("step-*.safetensors"))) == n
+    # killed at step k >= 5: the keep=2 newest survive (3 if the kill came between a write and the pruning
+    # of the oldest), then the resume keeps steps k+1..12
+    assert 2 <= n <= 3 + 12 - 5 and len(list((out / "replay").glob("step-*.safetensors"))) == n
     _same_as_uninterrupted(out, uninterrupted)
 
 
