@@ -125,10 +125,10 @@ def _signing(args, reporter):
     if not args.key and not keys[0].exists():
         priv, pub = keygen(keys[0].parent, name=keys[0].stem)
         reporter.log(f"created a signing key pair: {priv} (private, 0600) and {pub}")
+    signing = Signing(signers=[load_signer(k) for k in keys])  # a public key given here fails first
     for k in keys:
         if k.exists() and not key_is_private_enough(k):
             reporter.log(f"warning: private key {k} is readable by group or others")
-    signing = Signing(signers=[load_signer(k) for k in keys])
     for k, signer in zip(keys, signing.signers):
         try:  # preflight: a key that loads but cannot sign fails now, not after training
             signer.sign(b"provenance preflight")
@@ -545,8 +545,8 @@ def parser() -> argparse.ArgumentParser:
     cp.set_defaults(func=cmd_compare)
 
     dv = sub.add_parser("diverge", help="the first step where two transcripts differ")
-    dv.add_argument("a", help="a transcript.jsonl (with --layers: a build dir)")
-    dv.add_argument("b", help="a transcript.jsonl (with --layers: a build dir)")
+    dv.add_argument("a", help="a transcript.jsonl or the build dir holding it (with --layers: a build dir)")
+    dv.add_argument("b", help="a transcript.jsonl or the build dir holding it (with --layers: a build dir)")
     dv.add_argument("--layers", action="store_true",
                     help="re-run the first divergent step here under both builds' stacks and name the first module "
                          "and operation whose output differs")
@@ -1119,7 +1119,8 @@ def cmd_rebuild(args) -> int:
     from .verify import render
 
     if not args.attestation_key:
-        raise InputError("--attestation-key PUBLIC_KEY is needed to verify the attestation before rebuilding")
+        raise InputError("--attestation-key PUBLIC_KEY is needed to verify the attestation before rebuilding"
+                         + (" (--key is the private key that signs the verification summary)" if args.key else ""))
     _check_threads(args.threads)
     att = Path(args.attestation)
     payload, st = verified_statement(att, [Path(k) for k in args.attestation_key],

@@ -91,6 +91,9 @@ def load_signer(path: Path):
     from .._internal.reading import read_regular_file
 
     data = read_regular_file(Path(path), "private key", 64 << 10)
+    if b"-----BEGIN PUBLIC KEY-----" in data and b"PRIVATE KEY-----" not in data:
+        raise InputError(f"{path}: a public key, where the private key that signs was expected "
+                         "(keygen writes NAME.key to sign with and NAME.pub to verify with)")
     try:
         key = load_pem_private_key(data, password=None)
         return CryptoSigner(key)

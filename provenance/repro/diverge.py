@@ -19,8 +19,19 @@ def _float(v: object) -> float | None:
         return None
 
 
+def _transcript(path: Path) -> Path:
+    if not path.is_dir():
+        return path
+    if not (path / "transcript.jsonl").is_file():
+        raise InputError(f"{path}: a directory without transcript.jsonl (expected a transcript or a build's "
+                         "output dir)")
+    return path / "transcript.jsonl"
+
+
 def diverge(path_a: Path, path_b: Path) -> dict:
-    """The first step where two transcripts differ. Raises InputError for unreadable transcripts."""
+    """The first step where two transcripts differ; a build's output dir stands for its
+    transcript.jsonl. Raises InputError for unreadable transcripts."""
+    path_a, path_b = (_transcript(Path(p)) for p in (path_a, path_b))
     a, b = read(path_a), read(path_b)
     for path, t in ((path_a, a), (path_b, b)):
         if not t:

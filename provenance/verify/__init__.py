@@ -54,6 +54,7 @@ def verify(attestation: Path, *, keys: list[Path], threshold: int = 1, model: Pa
     pf = load_policy(policy_path)
     kind, items = read_attestation(attestation)
     report = Report()
+    report.model_checked = model is not None
     loaded = load_keys(keys, threshold) if kind in ("dsse", "key-bundle") else []
     if kind == "dsse":
         payload = verify_dsse(report, items, loaded, threshold)

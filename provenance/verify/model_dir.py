@@ -54,6 +54,7 @@ class ModelDirResult:
         self.missing: list[str] = []
         self.unlisted: list[str] = []  # "name: what it is"
         self.structure: list[str] = []  # "name: problem"
+        self.hint = ""  # said after the missing files when the signed set lies one directory down
 
     @property
     def differing(self) -> list[str]:
@@ -107,6 +108,14 @@ def inspect_digests(expected: dict[str, dict[str, str]], model_dir: Path, *, pre
     res.unlisted = refused + [f"{n}: {describe(n)}, not among the signed subjects"
                               for n in sorted(set(present) - set(expected))]
     res.missing = sorted(set(expected) - set(present))
+    extra = set(present) - set(expected)
+    if not published and extra and any(n.startswith(RECEIPTS_DIR + "/") for n in extra) and all(
+            n == PUBLISHED_SIGNATURE or (n.startswith(RECEIPTS_DIR + "/") and n[len(RECEIPTS_DIR) + 1:] in RECEIPT_NAMES)
+            for n in extra):
+        res.unlisted.append(f"every file beyond the signed set is a published folder's receipt ({RECEIPTS_DIR}/, "
+                            f"{PUBLISHED_SIGNATURE}): to verify a folder from `provenance publish`, add --published")
+    if res.missing and len(res.missing) == len(expected):
+        res.hint = _one_level_down(model_dir, set(expected), set(present))
     for name in sorted(set(expected) & set(present)):
         want = expected[name]
         need_sha = "sha256" in want
@@ -136,6 +145,17 @@ def inspect_digests(expected: dict[str, dict[str, str]], model_dir: Path, *, pre
     return res
 
 
+def _one_level_down(model_dir: Path, expected: set[str], present: set[str]) -> str:
+    """When none of the signed files is in the directory but all of them are in one of its
+    subdirectories (a build's output dir given for its model/), say which --model was meant."""
+    tops = {n.split("/", 1)[0] for n in present if "/" in n}
+    for top in sorted(tops):
+        if all(f"{top}/{name}" in present for name in expected):
+            return (f"every signed file is in {top}/ inside it: did you mean --model {model_dir / top}? "
+                    "(the closed set is that directory)")
+    return ""
+
+
 def report_exact(report, res: ModelDirResult, *, sha256: bool, judged_elsewhere: frozenset[str] = frozenset(),
                  algos: str | None = None) -> None:
     """The `verified` question: every file exact, nothing else in the directory.
@@ -144,6 +164,8 @@ def report_exact(report, res: ModelDirResult, *, sha256: bool, judged_elsewhere:
     algos = algos or ("blake3 and sha256" if sha256 else "blake3")
     bad = [f"{n}: missing" for n in res.missing] + [f"{n}: {res.files[n].detail}" for n in res.differing
                                                    if n not in judged_elsewhere]
+    if res.hint:
+        bad.append(res.hint)
     same = sum(1 for f in res.files.values() if f.matches)
     other = len(res.files) - same
     report.add("model-files", not bad, "; ".join(bad) or f"{same} file(s) match the signed digests ({algos})"

@@ -22,6 +22,8 @@ class Report:
         self.statement: dict | None = None  # the signed payload, as parsed JSON
         self.parsed: object | None = None  # the same, as attest.model.Statement
         self.question = "verified"
+        # whether a model dir was checked: without one, "verified" covers the attestation alone
+        self.model_checked = False
         # the reproduced question's answer: "bitwise" | "within tolerance" | "diverged" | "not established"
         self.verdict: str | None = None
         self.divergence: dict | None = None
@@ -50,7 +52,7 @@ class Report:
 
     def as_dict(self) -> dict:
         out = {"ok": self.ok, "question": self.question, "result": self.result,
-               "checks": [c.as_dict() for c in self.checks]}
+               "model_checked": self.model_checked, "checks": [c.as_dict() for c in self.checks]}
         if self.verdict is not None:
             out["verdict"] = self.verdict
         if self.divergence:
@@ -61,8 +63,14 @@ class Report:
 def render(report: Report) -> str:
     width = max((len(c.check) for c in report.checks), default=5)
     lines = [f"{'PASS' if c.ok else 'FAIL'}  {c.check:<{width}}  {c.detail}" for c in report.checks]
-    asked = ("question: is this a rebuild of the attested model? (--reproduced)" if report.question == "reproduced"
-             else "question: are these exactly the attested files?")
+    if report.question == "reproduced":
+        asked = "question: is this a rebuild of the attested model? (--reproduced)"
+    elif report.model_checked:
+        asked = "question: are these exactly the attested files?"
+    else:
+        asked = "question: is the attestation itself genuine? (no --model: no file was checked against it)"
     lines.append(asked)
-    lines.append(f"verdict: {report.result}")
+    scope = "" if report.model_checked or report.question == "reproduced" or not report.ok else \
+        " (the attestation only; add --model DIR to check the files)"
+    lines.append(f"verdict: {report.result}{scope}")
     return "\n".join(lines)

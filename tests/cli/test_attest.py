@@ -76,6 +76,24 @@ def test_threshold_of_two_keys(signed, keys):
     assert code == 1 and failing(obj) == ["signature"]
 
 
+def test_without_a_model_dir_the_verdict_says_no_file_was_checked(signed, keys):
+    """`verified` without --model covers the attestation alone, and says so in both forms; a build's
+    output dir given as --model fails (it is not the closed set) and names the model dir meant."""
+    out = signed["main"]
+    att, pub = str(out / "attestation.intoto.jsonl"), str(keys / "signer.pub")
+    code, obj = vjson(att, "--key", pub)
+    assert code == 0 and obj["result"] == "verified" and obj["model_checked"] is False, obj
+    p = run_cli("verify", att, "--key", pub)
+    assert p.returncode == 0 and p.stdout.strip().endswith(
+        "verdict: verified (the attestation only; add --model DIR to check the files)"), p.stdout
+    code, obj = vjson(att, "--key", pub, "--model", str(out / "model"))
+    assert code == 0 and obj["model_checked"] is True, obj
+    code, obj = vjson(att, "--key", pub, "--model", str(out))
+    assert code == 1 and failing(obj) == ["model-files", "unlisted-files"], obj
+    detail = next(c["detail"] for c in obj["checks"] if c["check"] == "model-files")
+    assert f"did you mean --model {out / 'model'}?" in detail, detail
+
+
 def test_independent_check_with_securesystemslib_alone(signed, keys):
     """Verify the envelope without this project's verifier, then check the field rules by hand."""
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -280,3 +298,14 @@ def test_keygen_refuses_the_repo_and_overwrites(keys):
     p = run_cli("keygen", str(keys), "--name", "signer")
     assert p.returncode == 2 and "already exists" in p.stderr
     assert oct((keys / "signer.key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_public_key_given_to_sign_is_named_as_such_before_any_work(store, keys, tmp_path):
+    """--key signs: handed the .pub (an easy slip), the build and the rebuild say so, exit 2,
+    before anything is fetched or written, and without first warning that a public key is readable."""
+    out = tmp_path / "out"
+    p = run_cli("build", str(TINY), "--out", str(out), "--key", str(keys / "p256.pub"), store=store)
+    assert p.returncode == 2 and f"{keys / 'p256.pub'}: a public key, where the private key" in p.stderr, p.stderr
+    assert "readable by group" not in p.stderr and not out.exists()
+    p = run_cli("rebuild", str(tmp_path / "missing.intoto.jsonl"), "--key", str(keys / "p256.pub"))
+    assert p.returncode == 2 and "--key is the private key that signs the verification summary" in p.stderr

@@ -194,9 +194,12 @@ def test_publish_lays_out_a_folder_that_verifies_as_published(built, keys, model
     assert code == 0, obj
     code, obj = _verify(att, "--key", str(keys / "ec.pub"), "--model", str(out))
     assert code == 1 and "model.sig" in _checks(obj)["unlisted-files"]["detail"]
+    assert "add --published" in _checks(obj)["unlisted-files"]["detail"]  # it names the flag meant
     (out / ".provenance" / "modeling_llama.py").write_text("import os")
     code, obj = _verify(att, "--key", str(keys / "ec.pub"), "--model", str(out), "--published")
     assert code == 1 and ".provenance/modeling_llama.py" in _checks(obj)["unlisted-files"]["detail"]
+    code, obj = _verify(att, "--key", str(keys / "ec.pub"), "--model", str(out))
+    assert code == 1 and "add --published" not in _checks(obj)["unlisted-files"]["detail"]  # not only receipts
     p = run_cli("publish", str(built), "--out", str(out), "--key", str(keys / "ec.pub"))
     assert p.returncode == 2 and "not an empty directory" in p.stderr
     p = run_cli("publish", str(built), "--out", str(tmp_path / "other"), "--key", str(keys / "ed.pub"))

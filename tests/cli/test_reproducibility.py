@@ -130,6 +130,10 @@ def test_diverge_on_unreadable_or_broken_transcripts(builds, tmp_path):
     assert p.returncode == 2 and "hash chain broken" in p.stderr
     p = run_cli("diverge", str(out / "transcript.jsonl"), str(tmp_path / "missing.jsonl"))
     assert p.returncode == 2
+    p = run_cli("diverge", str(out), str(out / "transcript.jsonl"), "--json")  # a build dir stands for its transcript
+    assert p.returncode == 0 and json.loads(p.stdout)["identical"] is True, p.stdout + p.stderr
+    p = run_cli("diverge", str(out), str(tmp_path))
+    assert p.returncode == 2 and f"{tmp_path}: a directory without transcript.jsonl" in p.stderr, p.stderr
 
 
 def test_matrix_groups_cells_and_skips_missing_levels(store, tmp_path):
