@@ -37,7 +37,7 @@ def cmd_build(args) -> int:
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     out = Path(args.out) if args.out else Path("build") / recipe.name
     # Preflight, before any key is made, input fetched or step trained.
-    check_out_dir(out)
+    check_out_dir(out, Store(args.store).root)
     Store(args.store).check_writable()
     if args.rounding_log is not None:
         if not recipe.recipe.determinism.portable:

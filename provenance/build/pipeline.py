@@ -47,10 +47,16 @@ def _leftover(name: str) -> bool:
     return name.startswith(".old-") and base in OUTPUT_NAMES and len(tag) == 8 and all(c in "0123456789abcdef" for c in tag)
 
 
-def check_out_dir(out: Path) -> None:
+def check_out_dir(out: Path, store_root: Path | None = None) -> None:
     """Preflight: `out` is a directory this tool may write (new, empty, or holding only an earlier
-    build's outputs, which the new build replaces). Raises InputError before any work."""
+    build's outputs, which the new build replaces), and not inside the input store `store_root`,
+    whose entries are named by their content. Raises InputError before any work."""
     out = Path(out)
+    if store_root is not None:
+        here, store = out.resolve(), Path(store_root).resolve()
+        if here == store or store in here.parents:
+            raise InputError(f"--out {out}: inside the input store {store_root}, which holds only entries named by "
+                             "their content; choose a directory outside it")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a directory")
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
@@ -433,7 +439,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
 
     reporter = reporter or Reporter(enabled=False)
     r = recipe.recipe
-    check_out_dir(out)
+    check_out_dir(out, store.root)
     log = None
     if rounding_log is not None:
         if not r.determinism.portable:
@@ -607,9 +613,12 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
                 if dist.rank != 0:
                     return None  # rank 0 evaluates and writes the outputs
             model = model.to("cpu")  # evaluation, fingerprint and saving run on the CPU everywhere
-            for s in stages:
+            earlier = len(start.state.results) if start is not None else 0  # stages done before this run
+            for i, s in enumerate(stages):
+                when = (" (trained before the resume)" if found is not None else " (from the stage cache)") \
+                    if i < earlier else ""
                 reporter.log(f"stage {s.name}: {s.steps} steps, loss {s.first_loss:.4f} -> {s.final_loss:.4f} "
-                             f"in {s.seconds:.1f} s")
+                             f"in {s.seconds:.1f} s{when}")
             t = lap("train", t)
             trained = len(transcript.lines)
             recite = recitation(model, seqs, r.evaluate, ids["pad_token_id"])

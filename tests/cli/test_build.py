@@ -176,6 +176,14 @@ def test_plain_output_has_no_progress_bar_escapes(builds):
     assert "\x1b[" not in p.stdout + p.stderr
 
 
+def test_output_dir_inside_the_input_store_is_refused(store):
+    """The store holds only entries named by their content (its fsck would not look at a build there)."""
+    for out in (store / "mybuild", store, store / "stages" / "x"):
+        p = run_cli("build", str(TINY), "--out", str(out), store=store)
+        assert p.returncode == 2 and f"--out {out}: inside the input store {store}" in p.stderr, p.stderr
+    assert not (store / "mybuild").exists() and not (store / "stages" / "x").exists()
+
+
 def test_output_dir_holds_exactly_one_build(store, tmp_path):
     """An earlier build's Sigstore bundle and VSA do not survive beside new weights; a directory
     holding files this tool did not write is refused before any work; model files are 0644."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -175,6 +176,7 @@ def test_interrupted_after_training_resumes_after_the_last_step(uninterrupted, u
     p = run_cli("build", str(TINY), "--out", str(out), "--no-cache", store=store)
     assert p.returncode == 0, p.stderr
     assert "resuming from" in p.stderr and build_json(out)["training"]["resumed_after_step"] == 12
+    assert re.search(r"^stage one: 8 steps, .* \(trained before the resume\)$", p.stderr, re.M), p.stderr
     assert (out / "model" / "model.safetensors").read_bytes() == (uninterrupted / "model" / "model.safetensors").read_bytes()
     assert (out / "transcript.jsonl").read_bytes() == (unscheduled / "transcript.jsonl").read_bytes()
     assert not (out / "checkpoint").exists()

@@ -53,6 +53,8 @@ def test_changing_the_last_stage_reuses_the_first_and_equals_a_full_build(varian
     cached, p = variants["last-changed"]
     full, _ = variants["last-changed-full"]
     assert _hits(cached) == [True, False] and "stage cache: reusing the output of stages up to 'one'" in p.stderr
+    said = {line.split(":")[0]: line for line in p.stderr.splitlines() if line.startswith("stage ")}
+    assert said["stage one"].endswith("(from the stage cache)") and "cache" not in said["stage two"], said
     assert _hits(full) == [False, False]
     for name in ("model/model.safetensors", "transcript.jsonl", "fingerprint.json"):
         assert (cached / name).read_bytes() == (full / name).read_bytes(), name
