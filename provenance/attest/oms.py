@@ -24,10 +24,12 @@ OMS_PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 BUNDLE_MEDIA_TYPES = ("application/vnd.dev.sigstore.bundle.v0.3+json",
                       "application/vnd.dev.sigstore.bundle+json;version=0.3")
 OMS_FILE = "model.sig"  # model_signing's default name
-# The paths model_signing ignores by default when it signs, and the receipts folder of a published
-# model (docs/receipts.md), so that `model_signing verify` passes over them in a published folder.
-# This project's verifier excuses none of them but the receipts it knows (verify/model_dir.py).
-DEFAULT_IGNORE = [".git", ".gitattributes", ".github", ".gitignore", ".provenance"]
+# The paths model_signing ignores by default when it signs, the receipts folder of a published
+# model (docs/receipts.md), and huggingface_hub's bookkeeping in a `--local-dir` download, so that
+# `model_signing verify` passes over them in a published folder that went to the hub and back.
+# This project's verifier excuses none of them but the receipts and hub files it knows, in exact
+# shapes and only with --published (verify/model_dir.py).
+DEFAULT_IGNORE = [".git", ".gitattributes", ".github", ".gitignore", ".provenance", ".cache/huggingface"]
 
 
 class OmsManifest(NamedTuple):

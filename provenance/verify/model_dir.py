@@ -55,6 +55,7 @@ class ModelDirResult:
         self.unlisted: list[str] = []  # "name: what it is"
         self.structure: list[str] = []  # "name: problem"
         self.hint = ""  # said after the missing files when the signed set lies one directory down
+        self.passed_over = ""  # a published folder's receipts and hub files, named in the report
 
     @property
     def differing(self) -> list[str]:
@@ -77,6 +78,31 @@ PUBLISHED_SIGNATURE = "model.sig"
 RECEIPTS_DIR = ".provenance"
 RECEIPT_NAMES = frozenset({"attestation.intoto.jsonl", "attestation.sigstore.json", "audit.intoto.jsonl",
                            "vsa.intoto.jsonl", "sbom.spdx3.json", "sbom.cdx.json", "signing-key.pub"})
+# A published folder that went to the Hugging Face Hub and back also holds the hub's own files: the
+# `.gitattributes` every hub repository is created with (read by git alone), and what
+# huggingface_hub writes into a `--local-dir` download (`.cache/huggingface/`: a `.gitignore`, a
+# CACHEDIR.TAG, and per downloaded file NAME `download/NAME.metadata` and `download/NAME.lock`).
+# No loader reads them as the model. With `published` exactly these shapes are passed over, and
+# named; a `.metadata` or `.lock` for a file that is not in the folder, or anything else under
+# `.cache/`, still fails.
+HUB_ATTRIBUTES = ".gitattributes"
+HUB_BOOKKEEPING = ".cache/huggingface/"
+_HUB_FIXED = frozenset({".gitignore", ".gitignore.lock", "CACHEDIR.TAG"})
+
+
+def _hub_bookkeeping(name: str, folder: set[str]) -> bool:
+    """Whether `name` is hub bookkeeping of a folder whose other files are `folder`."""
+    if name == HUB_ATTRIBUTES:
+        return True
+    if not name.startswith(HUB_BOOKKEEPING):
+        return False
+    rest = name[len(HUB_BOOKKEEPING):]
+    if rest in _HUB_FIXED:
+        return True
+    if not rest.startswith("download/"):
+        return False
+    rest = rest[len("download/"):]
+    return any(rest.endswith(suffix) and rest[:-len(suffix)] in folder for suffix in (".metadata", ".lock"))
 
 
 def inspect(st: Statement, model_dir: Path, *, sha256: bool, prefetch: Prefetch | None = None,
@@ -99,21 +125,32 @@ def inspect_digests(expected: dict[str, dict[str, str]], model_dir: Path, *, pre
     if not model_dir.is_dir():
         raise InputError(f"--model {model_dir}: not a directory")
     present, refused = scan(model_dir)
+    folder = {n for n in present if not n.startswith(HUB_BOOKKEEPING)}  # the signature being verified included
     if skip:
         present = {n: p for n, p in present.items() if _inode(p) not in skip}
-    if published:
-        present = {n: p for n, p in present.items() if n != PUBLISHED_SIGNATURE
-                   and not (n.startswith(RECEIPTS_DIR + "/") and n[len(RECEIPTS_DIR) + 1:] in RECEIPT_NAMES)}
     res = ModelDirResult()
+    if published:
+        receipts = {n for n in present if n == PUBLISHED_SIGNATURE
+                    or (n.startswith(RECEIPTS_DIR + "/") and n[len(RECEIPTS_DIR) + 1:] in RECEIPT_NAMES)}
+        hub = {n for n in present if _hub_bookkeeping(n, folder)}
+        present = {n: p for n, p in present.items() if n not in receipts and n not in hub}
+        booked = sum(1 for n in hub if n != HUB_ATTRIBUTES)
+        under = sum(1 for n in receipts if n != PUBLISHED_SIGNATURE)
+        res.passed_over = ", ".join(
+            [PUBLISHED_SIGNATURE] * (PUBLISHED_SIGNATURE in receipts)
+            + [f"{under} receipt(s) under {RECEIPTS_DIR}/"] * bool(under)
+            + [f"the hub's {HUB_ATTRIBUTES}"] * (HUB_ATTRIBUTES in hub)
+            + [f"{booked} file(s) of huggingface_hub's download bookkeeping ({HUB_BOOKKEEPING})"] * bool(booked))
     res.unlisted = refused + [f"{n}: {describe(n)}, not among the signed subjects"
                               for n in sorted(set(present) - set(expected))]
     res.missing = sorted(set(expected) - set(present))
     extra = set(present) - set(expected)
     if not published and extra and any(n.startswith(RECEIPTS_DIR + "/") for n in extra) and all(
             n == PUBLISHED_SIGNATURE or (n.startswith(RECEIPTS_DIR + "/") and n[len(RECEIPTS_DIR) + 1:] in RECEIPT_NAMES)
-            for n in extra):
+            or _hub_bookkeeping(n, folder) for n in extra):
         res.unlisted.append(f"every file beyond the signed set is a published folder's receipt ({RECEIPTS_DIR}/, "
-                            f"{PUBLISHED_SIGNATURE}): to verify a folder from `provenance publish`, add --published")
+                            f"{PUBLISHED_SIGNATURE}) or the hub's ({HUB_ATTRIBUTES}, {HUB_BOOKKEEPING}): to verify "
+                            "a folder from `provenance publish`, add --published")
     if res.missing and len(res.missing) == len(expected):
         res.hint = _one_level_down(model_dir, set(expected), set(present))
     for name in sorted(set(expected) & set(present)):
@@ -171,7 +208,8 @@ def report_exact(report, res: ModelDirResult, *, sha256: bool, judged_elsewhere:
     report.add("model-files", not bad, "; ".join(bad) or f"{same} file(s) match the signed digests ({algos})"
                + (f"; {other} weight file(s) differ and are judged below" if other else ""))
     report.add("unlisted-files", not res.unlisted,
-               "; ".join(res.unlisted) or "the directory holds the signed files and nothing else")
+               "; ".join(res.unlisted) or "the directory holds the signed files and nothing else"
+               + (f" (passed over as a published folder's: {res.passed_over})" if res.passed_over else ""))
     n_st = sum(1 for n in res.files if n.lower().endswith(".safetensors"))
     report.add("safetensors", not res.structure,
                "; ".join(res.structure) or f"{n_st} safetensors file(s) well formed: tensors tile the data exactly")

@@ -204,3 +204,36 @@ def test_publish_lays_out_a_folder_that_verifies_as_published(built, keys, model
     assert p.returncode == 2 and "not an empty directory" in p.stderr
     p = run_cli("publish", str(built), "--out", str(tmp_path / "other"), "--key", str(keys / "ed.pub"))
     assert p.returncode == 1 and not (tmp_path / "other").exists()  # the build does not verify with that key
+
+
+def test_a_published_folder_verifies_after_a_round_trip_through_the_hub(built, keys, model_signing, tmp_path):
+    """What a hub user downloads with `hf download REPO --local-dir DIR`: the folder as published, the
+    .gitattributes every hub repository has, and huggingface_hub's bookkeeping under .cache/huggingface/
+    (written here by huggingface_hub's own code). --published passes over exactly those, by name, and
+    model_signing does too; anything else there still fails."""
+    from huggingface_hub._local_folder import write_download_metadata
+
+    out = tmp_path / "hub"
+    p = run_cli("publish", str(built), "--out", str(out), "--key", str(keys / "ec.pub"))
+    assert p.returncode == 0, p.stderr
+    names = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
+    (out / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    for n in [*names, ".gitattributes"]:
+        write_download_metadata(out, n, "0" * 40, "e" * 64)
+    assert (out / ".cache" / "huggingface" / "download" / "model.safetensors.metadata").is_file()
+    pub, att, sig = str(keys / "ec.pub"), out / ".provenance" / "attestation.intoto.jsonl", out / "model.sig"
+    for receipt in (att, sig):
+        code, obj = _verify(receipt, "--key", pub, "--model", str(out), "--published")
+        assert code == 0, obj
+        assert "the hub's .gitattributes" in _checks(obj)["unlisted-files"]["detail"]
+        assert "huggingface_hub's download bookkeeping" in _checks(obj)["unlisted-files"]["detail"]
+    p = _ms_verify(model_signing, out, sig, out / ".provenance" / "signing-key.pub")
+    assert p.returncode == 0, p.stdout + p.stderr
+    code, obj = _verify(att, "--key", pub, "--model", str(out))
+    assert code == 1 and "add --published" in _checks(obj)["unlisted-files"]["detail"], obj
+    for planted in (".cache/huggingface/download/modeling_llama.py.metadata", ".cache/modeling_llama.py",
+                    ".cache/huggingface/download/model.safetensors.incomplete"):
+        (out / planted).write_text("import os")
+        code, obj = _verify(att, "--key", pub, "--model", str(out), "--published")
+        assert code == 1 and planted in _checks(obj)["unlisted-files"]["detail"], (planted, obj)
+        (out / planted).unlink()
