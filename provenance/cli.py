@@ -770,7 +770,7 @@ def cmd_matrix(args) -> int:
     return 1 if diverged else 0
 
 
-def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool | None):
+def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool | None, signing=None):
     """Build `recipe` into `out` (signed with --key or the default key) and answer the reproduced
     question against the verified statement: bitwise required on the reference's stack."""
     from ._internal.progress import Reporter
@@ -783,7 +783,7 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
     reporter = Reporter(enabled=not args.json)
     log = _reference_rounding_log(Path(args.attestation), payload, reporter) if recipe.recipe.determinism.portable \
         else None
-    signing = _signing(args, reporter)
+    signing = signing or _signing(args, reporter)
     # An independent rebuild trains every step: no stage cache, no checkpoint from an earlier run.
     record = build(recipe, out=out, store=Store(args.store), offline=args.offline,
                    handed=parse_handed(args.input, recipe), reporter=reporter, signing=signing,
@@ -1126,8 +1126,16 @@ def cmd_rebuild(args) -> int:
     payload, st = verified_statement(att, [Path(k) for k in args.attestation_key],
                                      Path(args.policy) if args.policy else None)
     out = Path(args.out) if args.out else Path("build") / f"rebuild-{Path(recipe_file_name(st)).stem}"
+    from ._internal.progress import Reporter
+    from .build.pipeline import check_out_dir
+    from .inputs.store import Store
+
+    # Before the recipe is written into it: the output dir and the key that signs the VSA.
+    check_out_dir(out, Store(args.store).root)
+    signing = _signing(args, Reporter(enabled=not args.json))
     recipe = load_recipe(embedded_recipe(st, out))
-    record, report, signing, match, why = _judged_build(args, recipe, out, payload, st, bitwise=args.bitwise or None)
+    record, report, signing, match, why = _judged_build(args, recipe, out, payload, st, bitwise=args.bitwise or None,
+                                                        signing=signing)
     vsa = vsa_statement(payload, att, report, record, "bitwise" if (args.bitwise or match) else "tolerance")
     sign_vsa(vsa, signing.signers, out / "vsa.intoto.jsonl")
     if args.json:

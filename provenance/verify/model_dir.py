@@ -144,6 +144,10 @@ def inspect_digests(expected: dict[str, dict[str, str]], model_dir: Path, *, pre
     res.unlisted = refused + [f"{n}: {describe(n)}, not among the signed subjects"
                               for n in sorted(set(present) - set(expected))]
     res.missing = sorted(set(expected) - set(present))
+    if refused and any(": a symlink (-> " in r for r in refused) and model_dir.resolve().parent.name == "snapshots":
+        res.unlisted.insert(0, "this is a snapshot in huggingface_hub's cache (symlinks into its blobs/), and a model dir "
+                            "holds only regular files: fetch a copy with `hf download REPO --revision REV --local-dir "
+                            "DIR` and verify DIR (with --published for a folder from `provenance publish`)")
     extra = set(present) - set(expected)
     if not published and extra and any(n.startswith(RECEIPTS_DIR + "/") for n in extra) and all(
             n == PUBLISHED_SIGNATURE or (n.startswith(RECEIPTS_DIR + "/") and n[len(RECEIPTS_DIR) + 1:] in RECEIPT_NAMES)

@@ -300,12 +300,24 @@ def test_keygen_refuses_the_repo_and_overwrites(keys):
     assert oct((keys / "signer.key").stat().st_mode & 0o777) == "0o600"
 
 
-def test_a_public_key_given_to_sign_is_named_as_such_before_any_work(store, keys, tmp_path):
+def test_a_public_key_given_to_sign_is_named_as_such_before_any_work(signed, store, keys, tmp_path):
     """--key signs: handed the .pub (an easy slip), the build and the rebuild say so, exit 2,
-    before anything is fetched or written, and without first warning that a public key is readable."""
+    before anything is fetched or written, and without first warning that a public key is readable.
+    A rebuild refused for its key or its output dir has not written its recipe there either."""
     out = tmp_path / "out"
     p = run_cli("build", str(TINY), "--out", str(out), "--key", str(keys / "p256.pub"), store=store)
     assert p.returncode == 2 and f"{keys / 'p256.pub'}: a public key, where the private key" in p.stderr, p.stderr
     assert "readable by group" not in p.stderr and not out.exists()
     p = run_cli("rebuild", str(tmp_path / "missing.intoto.jsonl"), "--key", str(keys / "p256.pub"))
     assert p.returncode == 2 and "--key is the private key that signs the verification summary" in p.stderr
+    att = str(signed["main"] / "attestation.intoto.jsonl")
+    p = run_cli("rebuild", att, "--attestation-key", str(keys / "signer.pub"), "--key", str(keys / "p256.pub"),
+                "--out", str(out), store=store)
+    assert p.returncode == 2 and "a public key, where the private key" in p.stderr and not out.exists(), p.stderr
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    p = run_cli("rebuild", att, "--attestation-key", str(keys / "signer.pub"), "--key", str(keys / "p256.key"),
+                "--out", str(mine), store=store)
+    assert p.returncode == 2 and "holds files this tool did not write" in p.stderr, p.stderr
+    assert sorted(f.name for f in mine.iterdir()) == ["notes.txt"]

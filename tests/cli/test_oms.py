@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -237,3 +238,18 @@ def test_a_published_folder_verifies_after_a_round_trip_through_the_hub(built, k
         code, obj = _verify(att, "--key", pub, "--model", str(out), "--published")
         assert code == 1 and planted in _checks(obj)["unlisted-files"]["detail"], (planted, obj)
         (out / planted).unlink()
+    # huggingface_hub's cache instead (from_pretrained's default): a snapshot of symlinks into blobs/.
+    # Refused, as every symlink is, and the message says how to get a folder that verifies.
+    repo = tmp_path / "cache" / "models--me--tiny"
+    snap = repo / "snapshots" / ("a" * 40)
+    for n in names:
+        blob = repo / "blobs" / f"{len(n)}-{n.replace('/', '_')}"
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes((out / n).read_bytes())
+        (snap / n).parent.mkdir(parents=True, exist_ok=True)
+        (snap / n).symlink_to(os.path.relpath(blob, (snap / n).parent))
+    code, obj = _verify(snap / ".provenance" / "attestation.intoto.jsonl", "--key", pub, "--model", str(snap),
+                        "--published")
+    detail = _checks(obj)["unlisted-files"]["detail"]
+    assert code == 1 and detail.startswith("this is a snapshot in huggingface_hub's cache"), detail
+    assert "hf download REPO --revision REV --local-dir DIR" in detail
