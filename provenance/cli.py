@@ -1110,6 +1110,11 @@ def cmd_publish(args) -> int:
             print("no model.sig: the build was signed with ed25519 only, and OMS accepts ECDSA keys only")
         print(f"verify-attestation {out / RECEIPTS_DIR / 'attestation.intoto.jsonl'} --key "
               f"{out / RECEIPTS_DIR / 'signing-key.pub'} --model {out} --published")
+        from .verify.keys import load_public_key
+
+        kid = load_public_key(keys[0]).keyid[:16]
+        print(f"signing key id {kid}: announce it where your users can check it; the copy in "
+              f"{RECEIPTS_DIR}/signing-key.pub travels with the files and proves nothing by itself")
     return 0 if ok else 1
 
 

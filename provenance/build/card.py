@@ -113,9 +113,23 @@ can reproduce their training files verbatim at the rates above; a licence review
 
 ## Rebuild and verify
 
+In the build's output directory:
+
 ```sh
 verify-attestation attestation.intoto.jsonl --key PUBLIC_KEY --model model/
 provenance rebuild attestation.intoto.jsonl --attestation-key PUBLIC_KEY
 ```
+
+In a folder laid out by `provenance publish`, as published or as `hf download REPO --local-dir DIR`
+brings it back:
+
+```sh
+verify-attestation DIR/.provenance/attestation.intoto.jsonl --key PUBLIC_KEY --model DIR --published
+provenance rebuild DIR/.provenance/attestation.intoto.jsonl --attestation-key PUBLIC_KEY
+```
+
+`PUBLIC_KEY` is the publisher's key as the publisher announces it. The copy in
+`.provenance/signing-key.pub` travels with the files, so whoever can change the files can change
+it too: compare the key id the verifier prints with the announced one.
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))

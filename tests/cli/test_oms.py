@@ -217,6 +217,8 @@ def test_a_published_folder_verifies_after_a_round_trip_through_the_hub(built, k
     out = tmp_path / "hub"
     p = run_cli("publish", str(built), "--out", str(out), "--key", str(keys / "ec.pub"))
     assert p.returncode == 0, p.stderr
+    kid = next(x for x in p.stdout.splitlines() if x.startswith("signing key id ")).split()[3].rstrip(":")
+    assert "proves nothing by itself" in p.stdout
     names = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
     (out / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
     for n in [*names, ".gitattributes"]:
@@ -230,6 +232,12 @@ def test_a_published_folder_verifies_after_a_round_trip_through_the_hub(built, k
         assert "huggingface_hub's download bookkeeping" in _checks(obj)["unlisted-files"]["detail"]
     p = _ms_verify(model_signing, out, sig, out / ".provenance" / "signing-key.pub")
     assert p.returncode == 0, p.stdout + p.stderr
+    # The model card's own command for such a folder, as a hub user would copy it.
+    line = next(x for x in (out / "README.md").read_text().splitlines() if x.startswith("verify-attestation DIR/"))
+    argv = [a.replace("DIR", str(out)).replace("PUBLIC_KEY", pub) for a in line.split()[1:]]
+    p = run_cli("verify", *argv)
+    assert p.returncode == 0 and p.stdout.strip().endswith("verdict: verified"), line + "\n" + p.stdout
+    assert f"ecdsa {kid}" in p.stdout  # the key id publish told the publisher to announce
     code, obj = _verify(att, "--key", pub, "--model", str(out))
     assert code == 1 and "add --published" in _checks(obj)["unlisted-files"]["detail"], obj
     for planted in (".cache/huggingface/download/modeling_llama.py.metadata", ".cache/modeling_llama.py",
