@@ -3,7 +3,7 @@
 An entry is the state at the end of stage i: the model's tensors, the torch RNG state, the
 transcript so far and the counters, in the checkpoint format (build/checkpoint.py), stored as
 `STORE/stages/<key>.safetensors`. Its key is the blake3 of the canonical JSON of everything the
-bits of stages 0..i depend on: this project's own code, the inputs, the dataset manifest root, the
+bits of stages 0..i depend on: this project's own code (its Python and C sources), the inputs, the dataset manifest root, the
 layout, the tokenizer, the token sequences, the model config and special token ids, the stages up
 to and including i, the determinism settings (not the thread count), the installed toolchain, the
 world size and the checkpoint schedule (scheduled checkpoints' digests are in the transcript).
@@ -30,11 +30,16 @@ DIRNAME = "stages"
 
 @cache
 def code_digest() -> str:
-    """blake3 over this package's Python sources (names and bytes): any change to the code that
-    trains invalidates every entry, however small."""
-    root = Path(__file__).resolve().parent.parent
+    """blake3 over this package's sources, Python and C (names and bytes): any change to the code
+    that trains invalidates every entry, however small. The C source is the small-head attention
+    kernel (build/small_head_attention.c), whose operations are a recipe's numerics."""
+    return tree_digest(Path(__file__).resolve().parent.parent)
+
+
+def tree_digest(root: Path) -> str:
+    """code_digest's hash over the .py and .c files under `root`."""
     h = blake3.blake3()
-    for p in sorted(root.rglob("*.py")):
+    for p in sorted([*root.rglob("*.py"), *root.rglob("*.c")]):
         rel = p.relative_to(root).as_posix().encode()
         data = p.read_bytes()
         h.update(len(rel).to_bytes(8, "little") + rel + len(data).to_bytes(8, "little") + data)

@@ -5,6 +5,7 @@ damaged entry is never served; --no-cache trains everything."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +120,19 @@ def test_a_build_kept_for_replay_trains_every_stage(cache_store, tmp_path):
     p = run_cli("build", str(TINY), "--out", str(again), "--checkpoint-every", "2", store=cache_store)
     assert p.returncode == 0, p.stderr
     assert _hits(again) == [True, True] and build_json(again)["training"]["stage_cache"]["read"] is True
+
+
+def test_the_code_digest_covers_the_c_kernel(tmp_path):
+    """The small-head kernel's C source is a recipe's numerics: an edit to it must miss the cache,
+    as an edit to any Python source does (before, only *.py files were hashed)."""
+    import shutil
+
+    from provenance.build import stagecache
+
+    pkg = Path(stagecache.__file__).resolve().parent.parent
+    copy = tmp_path / "provenance"
+    shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert stagecache.tree_digest(copy) == stagecache.code_digest()
+    kernel = copy / "build" / "small_head_attention.c"
+    kernel.write_text(kernel.read_text().replace("#define W 16", "#define W 8"))
+    assert stagecache.tree_digest(copy) != stagecache.code_digest()
