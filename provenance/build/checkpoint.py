@@ -158,11 +158,19 @@ def write_file(path: Path, tensors: dict, state: State, transcript, digest: str,
     meta = {"format": FORMAT, "identity": ident, "digest": digest, "transcript_blake3": blake3.blake3(tbytes).hexdigest(),
             "state": json.dumps({**state.__dict__, "first": float(state.first).hex(),
                                  "last": float(state.last).hex()}, sort_keys=True),
-            "transcript_head": transcript.prev}
+            "transcript_head": transcript.prev, "code": _code()}
     if kept_for_replay is not None:
         meta["kept_for_replay"] = "true" if kept_for_replay else "false"
     blob = {**tensors, "transcript": torch.frombuffer(bytearray(tbytes or b"\n"), dtype=torch.uint8)}
     atomic_write_bytes(path, save(blob, metadata=meta))
+
+
+def _code() -> str:
+    """The writing build's own code (stagecache.code_digest): the identity leaves it out, so that
+    an edit does not throw away days of training, and a resume by other code is said and recorded."""
+    from .stagecache import code_digest
+
+    return code_digest()
 
 
 @dataclass
@@ -174,6 +182,7 @@ class Resume:
     transcript_prev: str
     digest: str = ""
     kept_for_replay: bool | None = None  # whether the build that wrote it kept its scheduled ones (None: not said)
+    code: str | None = None  # the writing build's code digest (None: not recorded)
 
 
 def read_file(path: Path, ident: str | None) -> Resume:
@@ -212,7 +221,8 @@ def read_file(path: Path, ident: str | None) -> Resume:
     if head != meta.get("transcript_head"):
         raise ValueError("its transcript head does not match its transcript")
     kept = {"true": True, "false": False}.get(meta.get("kept_for_replay", ""))
-    return Resume(Path(path), state, tensors, lines, meta["transcript_head"], meta["digest"], kept)
+    return Resume(Path(path), state, tensors, lines, meta["transcript_head"], meta["digest"], kept,
+                  meta.get("code"))
 
 
 class IdentityMismatch(ValueError):

@@ -25,6 +25,7 @@ from ..recipe import LoadedRecipe
 from ..audit.memorization import summary_line
 from .._internal.atomic import atomic_write_bytes
 from ..inputs.store import Store, fetch_input
+from .stagecache import code_digest
 
 BUILD_FORMAT = "provenance-build-v1"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -588,6 +589,11 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
                 raise InputError(f"{found.path}: {why}, or start afresh with --no-resume")
             if found is not None:
                 reporter.log(f"resuming from {found.path} (after optimizer step {found.state.global_step})")
+                if found.code != code_digest():
+                    reporter.log(f"warning: {found.path.name} was written by other code of this tool (code digest "
+                                 f"{(found.code or 'not recorded')[:16]}, this run's {code_digest()[:16]}): the "
+                                 "steps before and after the resume ran different code; build.json records both "
+                                 "(training.resumed_from_code)")
             start = found or cached
             if dist.rank == 0:  # before the first step: a build of days must not stop for its checkpoints' disk
                 from .train import count_windows
@@ -673,6 +679,9 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             "training": {"stages": [asdict(s) for s in stages], "transcript": hash_bytes(tbytes),
                          "transcript_head": transcript.prev, "steps": len(transcript.lines),
                          "resumed_after_step": found.state.global_step if found is not None else None,
+                         "code": code_digest(),
+                         **({"resumed_from_code": found.code} if found is not None and found.code != code_digest()
+                            else {}),
                          "checkpoints_written": len(checkpointer.written),
                          "checkpoint_every_steps": every_steps, "checkpoints_kept_for_replay": kept,
                          "stage_cache": cache.record([s.name for s in r.stages], read_cache),

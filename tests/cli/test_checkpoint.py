@@ -176,7 +176,8 @@ def test_interrupted_after_training_resumes_after_the_last_step(uninterrupted, u
     p = run_cli("build", str(TINY), "--out", str(out), "--no-cache", store=store)
     assert p.returncode == 0, p.stderr
     assert "resuming from" in p.stderr and build_json(out)["training"]["resumed_after_step"] == 12
-    assert re.search(r"^stage one: 8 steps, .* \(trained before the resume\)$", p.stderr, re.M), p.stderr
+    assert re.search(r"^stage one: 8 steps, .* \(trained before the resume\)$", p.stderr, re.MULTILINE), p.stderr
+    assert "written by other code" not in p.stderr and "resumed_from_code" not in build_json(out)["training"]
     assert (out / "model" / "model.safetensors").read_bytes() == (uninterrupted / "model" / "model.safetensors").read_bytes()
     assert (out / "transcript.jsonl").read_bytes() == (unscheduled / "transcript.jsonl").read_bytes()
     assert not (out / "checkpoint").exists()
@@ -246,4 +247,34 @@ def test_interrupted_after_training_loses_no_checkpoint(uninterrupted, store, tm
     assert build_json(out)["training"]["checkpoints_kept_for_replay"] == 12
     assert len(list((out / "replay").glob("step-*.safetensors"))) == 12
     assert not (out / ".old-model-0123abcd").exists()
+    _same_as_uninterrupted(out, uninterrupted)
+
+
+def test_a_resume_by_other_code_is_said_and_recorded(uninterrupted, store, tmp_path):
+    """The resume identity leaves out this tool's own code (an edit must not throw away days of
+    training), so a checkpoint written by other code is resumed, with a warning, and build.json
+    (signed by the attestation) records both code digests. The other code is simulated by
+    rewriting the checkpoint's recorded code digest; its tensors and state are untouched."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    code = build_json(uninterrupted)["training"]["code"]
+    assert len(code) == 64 and "resumed_from_code" not in build_json(uninterrupted)["training"]
+    out = tmp_path / "b"
+    proc = _start(out, store)
+    reached = _wait_for_step(out, 4, proc)
+    proc.send_signal(signal.SIGKILL) if proc.poll() is None else None
+    proc.communicate(timeout=60)
+    if not reached or (out / "build.json").exists():
+        pytest.fail("the build finished or stalled before step 4")
+    newest = max((out / "checkpoint").glob("step-*.safetensors"))
+    with safe_open(str(newest), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["code"] == code
+    save_file(tensors, str(newest), metadata={**meta, "code": "0" * 64})
+    p = run_cli("build", str(TINY), "--out", str(out), "--checkpoint-every", "1", "--no-cache", store=store)
+    assert p.returncode == 0, p.stderr
+    assert f"{newest.name} was written by other code of this tool (code digest {'0' * 16}" in p.stderr, p.stderr
+    rec = build_json(out)["training"]
+    assert rec["resumed_from_code"] == "0" * 64 and rec["code"] == code and rec["resumed_after_step"] is not None
     _same_as_uninterrupted(out, uninterrupted)
