@@ -37,8 +37,9 @@ def cmd_build(args) -> int:
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     out = Path(args.out) if args.out else Path("build") / recipe.name
     # Preflight, before any key is made, input fetched or step trained.
-    check_out_dir(out, Store(args.store).root)
-    Store(args.store).check_writable()
+    store = Store(args.store)
+    check_out_dir(out, store.root)
+    store.check_writable()
     if args.rounding_log is not None:
         if not recipe.recipe.determinism.portable:
             raise InputError(f"--rounding-log {args.rounding_log}: {recipe.path} is not a portable recipe "
@@ -53,7 +54,7 @@ def cmd_build(args) -> int:
     if args.world_size != world:
         raise InputError(f"--world-size {args.world_size} but this process runs in a world of "
                          f"{os.environ.get('WORLD_SIZE', '1')}")
-    record = build(recipe, out=out, store=Store(args.store), threads=args.threads, offline=args.offline,
+    record = build(recipe, out=out, store=store, threads=args.threads, offline=args.offline,
                    handed=parse_handed(args.input, recipe), allow_toolchain_mismatch=args.allow_toolchain_mismatch,
                    reporter=reporter, signing=signing, cpu_capability=args.cpu_capability,
                    resume=args.resume, checkpoint_every=args.checkpoint_every, use_cache=args.cache,

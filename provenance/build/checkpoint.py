@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .._internal.atomic import atomic_write_bytes
 from .._internal.hashing import canonical_json, tensors_digest
+from .stagecache import code_digest
 
 FORMAT = "provenance-checkpoint-v1"
 DIRNAME = "checkpoint"
@@ -158,19 +159,13 @@ def write_file(path: Path, tensors: dict, state: State, transcript, digest: str,
     meta = {"format": FORMAT, "identity": ident, "digest": digest, "transcript_blake3": blake3.blake3(tbytes).hexdigest(),
             "state": json.dumps({**state.__dict__, "first": float(state.first).hex(),
                                  "last": float(state.last).hex()}, sort_keys=True),
-            "transcript_head": transcript.prev, "code": _code()}
+            # the writing build's own code: the identity leaves it out (an edit must not throw away
+            # days of training), so a resume by other code is said and recorded instead
+            "transcript_head": transcript.prev, "code": code_digest()}
     if kept_for_replay is not None:
         meta["kept_for_replay"] = "true" if kept_for_replay else "false"
     blob = {**tensors, "transcript": torch.frombuffer(bytearray(tbytes or b"\n"), dtype=torch.uint8)}
     atomic_write_bytes(path, save(blob, metadata=meta))
-
-
-def _code() -> str:
-    """The writing build's own code (stagecache.code_digest): the identity leaves it out, so that
-    an edit does not throw away days of training, and a resume by other code is said and recorded."""
-    from .stagecache import code_digest
-
-    return code_digest()
 
 
 @dataclass

@@ -620,11 +620,10 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
                     return None  # rank 0 evaluates and writes the outputs
             model = model.to("cpu")  # evaluation, fingerprint and saving run on the CPU everywhere
             earlier = len(start.state.results) if start is not None else 0  # stages done before this run
+            origin = " (trained before the resume)" if found is not None else " (from the stage cache)"
             for i, s in enumerate(stages):
-                when = (" (trained before the resume)" if found is not None else " (from the stage cache)") \
-                    if i < earlier else ""
                 reporter.log(f"stage {s.name}: {s.steps} steps, loss {s.first_loss:.4f} -> {s.final_loss:.4f} "
-                             f"in {s.seconds:.1f} s{when}")
+                             f"in {s.seconds:.1f} s{origin if i < earlier else ''}")
             t = lap("train", t)
             trained = len(transcript.lines)
             recite = recitation(model, seqs, r.evaluate, ids["pad_token_id"])

@@ -90,6 +90,12 @@ HUB_BOOKKEEPING = ".cache/huggingface/"
 _HUB_FIXED = frozenset({".gitignore", ".gitignore.lock", "CACHEDIR.TAG"})
 
 
+def _is_receipt(name: str) -> bool:
+    """Whether `name` is one of a published folder's receipts (model.sig or a known .provenance/ file)."""
+    return name == PUBLISHED_SIGNATURE or (name.startswith(RECEIPTS_DIR + "/")
+                                           and name[len(RECEIPTS_DIR) + 1:] in RECEIPT_NAMES)
+
+
 def _hub_bookkeeping(name: str, folder: set[str]) -> bool:
     """Whether `name` is hub bookkeeping of a folder whose other files are `folder`."""
     if name == HUB_ATTRIBUTES:
@@ -130,8 +136,7 @@ def inspect_digests(expected: dict[str, dict[str, str]], model_dir: Path, *, pre
         present = {n: p for n, p in present.items() if _inode(p) not in skip}
     res = ModelDirResult()
     if published:
-        receipts = {n for n in present if n == PUBLISHED_SIGNATURE
-                    or (n.startswith(RECEIPTS_DIR + "/") and n[len(RECEIPTS_DIR) + 1:] in RECEIPT_NAMES)}
+        receipts = {n for n in present if _is_receipt(n)}
         hub = {n for n in present if _hub_bookkeeping(n, folder)}
         present = {n: p for n, p in present.items() if n not in receipts and n not in hub}
         booked = sum(1 for n in hub if n != HUB_ATTRIBUTES)
@@ -149,9 +154,8 @@ def inspect_digests(expected: dict[str, dict[str, str]], model_dir: Path, *, pre
                             "holds only regular files: fetch a copy with `hf download REPO --revision REV --local-dir "
                             "DIR` and verify DIR (with --published for a folder from `provenance publish`)")
     extra = set(present) - set(expected)
-    if not published and extra and any(n.startswith(RECEIPTS_DIR + "/") for n in extra) and all(
-            n == PUBLISHED_SIGNATURE or (n.startswith(RECEIPTS_DIR + "/") and n[len(RECEIPTS_DIR) + 1:] in RECEIPT_NAMES)
-            or _hub_bookkeeping(n, folder) for n in extra):
+    if not published and any(n.startswith(RECEIPTS_DIR + "/") for n in extra) and all(
+            _is_receipt(n) or _hub_bookkeeping(n, folder) for n in extra):
         res.unlisted.append(f"every file beyond the signed set is a published folder's receipt ({RECEIPTS_DIR}/, "
                             f"{PUBLISHED_SIGNATURE}) or the hub's ({HUB_ATTRIBUTES}, {HUB_BOOKKEEPING}): to verify "
                             "a folder from `provenance publish`, add --published")
