@@ -687,6 +687,7 @@ def run(argv: list[str] | None, p: argparse.ArgumentParser) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     debug, as_json = getattr(args, "debug", False), getattr(args, "json", False)
     try:
+        _check_written_paths(args)
         return args.func(args)
     except ProvenanceError as e:
         if debug:
@@ -709,6 +710,20 @@ def run(argv: list[str] | None, p: argparse.ArgumentParser) -> int:
             _emit_json({"ok": False, "error": msg, "exit_code": 2})
         print(f"error: {msg}", file=sys.stderr)
         return 2
+
+
+# The options naming a place this tool writes (and prints, in the commands it suggests).
+WRITTEN_PATHS = (("out", "--out"), ("store", "--store"), ("junit", "--junit"), ("dir", "keygen DIR"))
+
+
+def _check_written_paths(args) -> None:
+    """A path this tool writes to holds no control character: a newline in `--out` made a directory whose
+    name breaks every line that prints it (the resume hint, a copied command, the logs)."""
+    for attr, flag in WRITTEN_PATHS:
+        value = getattr(args, attr, None)
+        if isinstance(value, str) and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise InputError(f"{flag} {value!r}: contains a control character (a newline, a tab or the like); "
+                             "choose a path without one")
 
 
 def _print_traceback() -> None:

@@ -79,6 +79,15 @@ def check_out_dir(out: Path, store_root: Path | None = None) -> None:
                              "choose a new or empty directory (or remove them)")
 
 
+def _refuse_schedule_conflict(found, every_steps) -> None:
+    """A resume on another checkpoint schedule would make a transcript that is neither build's."""
+    from .checkpoint import schedule_conflict
+
+    why = schedule_conflict(found.transcript_lines, found.state.global_step, every_steps)
+    if why:
+        raise InputError(f"{found.path}: {why}, or start afresh with --no-resume")
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -503,6 +512,31 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
 
         tdist.init_process_group(backend=dist.backend)
     t = lap("setup", t)
+    # Which checkpoint this build resumes from, before the data is prepared (minutes for a large tree) and
+    # before anything is written: its identity needs only the recipe, the inputs, the toolchain and the
+    # determinism as applied.
+    from . import checkpoint as ckpt
+
+    ident_det = det_record
+    if log is not None:  # a build that follows a rounding log is another build than one that makes its own
+        ident_det = {**det_record, "rounding_log": log.digest}
+    ident = ckpt.identity(recipe.digests["blake3"], [s.digests for s in stored], tc["installed"], ident_det,
+                          dist.world_size)
+    cdir = out / ckpt.DIRNAME
+    found = ckpt.latest(cdir, ident, reporter.log) if resume is not False else None
+    if resume and found is None:
+        raise InputError(f"--resume: no checkpoint of this build in {cdir}")
+    if found is not None:  # before the stage cache, which would end the build and delete them too
+        why, note = ckpt.replay_conflict(found, cdir, keep_for_replay)
+        if why:
+            raise InputError(f"{found.path}: {why}")
+        if note:
+            reporter.log(note)
+    # The cache holds each stage's output, not the checkpoints between: a build that keeps them for
+    # replay trains every stage (and still stores what it trained).
+    read_cache = use_cache and dist.world_size == 1 and log is None and not keep_for_replay
+    if found is not None and not read_cache:  # else a stage cache hit may yet replace the checkpoint
+        _refuse_schedule_conflict(found, every_steps)
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for old in [p for p in out.glob(".*") if _leftover(p.name)]:  # left by a build that was killed
@@ -536,36 +570,16 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             reporter.log(f"model: LlamaForCausalLM, {n_params} parameters")
             transcript = Transcript()
             totals = [stage_steps(s, seqs) for s in r.stages]
-            from . import checkpoint as ckpt
-
             rounder = None
-            ident_det = det_record
             if r.determinism.portable:
                 from .portable import Rounder
 
                 rounder = Rounder(r.determinism.portable_margin, log)
-                if log is not None:  # a build that follows a log is another build than one that makes its own
-                    ident_det = {**det_record, "rounding_log": log.digest}
-            ident = ckpt.identity(recipe.digests["blake3"], [s.digests for s in stored], tc["installed"], ident_det,
-                                  dist.world_size)
-            cdir = out / ckpt.DIRNAME
             checkpointer = ckpt.Checkpointer(cdir, ident, every_steps=every_steps,
                                              every_minutes=r.checkpoint.every_minutes, keep=r.checkpoint.keep,
                                              enabled=dist.rank == 0, keep_scheduled=keep_for_replay)
-            found = ckpt.latest(cdir, ident, reporter.log) if resume is not False else None
-            if resume and found is None:
-                raise InputError(f"--resume: no checkpoint of this build in {cdir}")
-            if found is not None:  # before the stage cache, which would end the build and delete them too
-                why, note = ckpt.replay_conflict(found, cdir, keep_for_replay)
-                if why:
-                    raise InputError(f"{found.path}: {why}")
-                if note:
-                    reporter.log(note)
             from .stagecache import StageCache, stage_keys
 
-            # The cache holds each stage's output, not the checkpoints between: a build that keeps them for
-            # replay trains every stage (and still stores what it trained).
-            read_cache = use_cache and dist.world_size == 1 and log is None and not keep_for_replay
             if use_cache and keep_for_replay:
                 reporter.log("stage cache: not read, since this build keeps its checkpoints for replay "
                              "(--keep-checkpoints, [checkpoint] keep_for_replay): every stage is trained")
@@ -584,10 +598,8 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
             else:
                 cache.hits = [False] * len(cache.hits)
                 cached = None
-            why = found and ckpt.schedule_conflict(found.transcript_lines, found.state.global_step, every_steps)
-            if why:  # resumed on another schedule, the transcript would be neither build's
-                raise InputError(f"{found.path}: {why}, or start afresh with --no-resume")
             if found is not None:
+                _refuse_schedule_conflict(found, every_steps)
                 reporter.log(f"resuming from {found.path} (after optimizer step {found.state.global_step})")
                 if found.code != code_digest():
                     reporter.log(f"warning: {found.path.name} was written by other code of this tool (code digest "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import blake3
 import pytest
@@ -182,6 +183,19 @@ def test_output_dir_inside_the_input_store_is_refused(store):
         p = run_cli("build", str(TINY), "--out", str(out), store=store)
         assert p.returncode == 2 and f"--out {out}: inside the input store {store}" in p.stderr, p.stderr
     assert not (store / "mybuild").exists() and not (store / "stages" / "x").exists()
+
+
+def test_a_written_path_with_a_control_character_is_refused(store, tmp_path):
+    """A newline in --out made a directory whose name broke every line that printed it."""
+    cases = [("build", str(TINY), "--out", str(tmp_path / "a\nb")),
+             ("publish", str(tmp_path), "--key", "k.pub", "--out", str(tmp_path / "p\tq")),
+             ("keygen", str(tmp_path / "k\x7fz")),
+             ("gate", "--recipe", str(TINY), "--junit", str(tmp_path / "j\rk.xml"))]
+    for argv in cases:
+        p = run_cli(*argv, store=store)
+        assert p.returncode == 2 and "contains a control character" in p.stderr, (argv, p.stderr)
+        assert "Traceback" not in p.stderr
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_output_dir_holds_exactly_one_build(store, tmp_path):

@@ -98,6 +98,12 @@ def test_resume_requires_a_checkpoint_and_ignores_another_builds(store, tmp_path
     proc.communicate(timeout=60)
     other = tmp_path / "other.toml"
     other.write_text(TINY.read_text().replace("seed = 1234", "seed = 1235"))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    p = run_cli("build", str(other), "--out", str(out), "--resume", store=store)
+    assert p.returncode == 2 and "--resume: no checkpoint of this build" in p.stderr, p.stderr
+    # the checkpoints' identity is judged before the data is prepared, and nothing is touched
+    assert "belongs to another recipe" in p.stderr and "tokenizer:" not in p.stderr, p.stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     p = run_cli("build", str(other), "--out", str(out), store=store)
     assert p.returncode == 0 and "belongs to another recipe" in p.stderr, p.stderr
     assert build_json(out)["training"]["resumed_after_step"] is None
@@ -115,6 +121,7 @@ def test_resume_keeps_the_interrupted_schedule(uninterrupted, store, tmp_path):
     p = run_cli("build", str(TINY), "--out", str(out), "--checkpoint-every", "2", "--no-cache", store=store)
     assert p.returncode == 2 and "with a checkpoint every 1 steps" in p.stderr and "--checkpoint-every 1" in p.stderr
     assert "--no-resume" in p.stderr and "Traceback" not in p.stderr
+    assert "tokenizer:" not in p.stderr, p.stderr  # refused before the data is prepared
     assert sorted((out / "checkpoint").glob("step-*.safetensors")) == kept
     p = run_cli("build", str(TINY), "--out", str(out), "--checkpoint-every", "1", "--no-cache", store=store)
     assert p.returncode == 0, p.stderr
