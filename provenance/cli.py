@@ -352,15 +352,26 @@ def cmd_store_fsck(args) -> int:
     from .inputs.store import Store
 
     store = Store(args.store)
+    counts = store.census()
+    if counts["other"] and not any((store.root / n).is_dir() for n in Store.HASHED + Store.NAMED):
+        raise InputError(f"{store.root}: not an input store (it holds {counts['other']} other name(s) and none of "
+                         f"{', '.join(n + '/' for n in Store.HASHED + Store.NAMED)}); nothing was checked")
     problems = store.fsck(repair=args.repair)
+    checked = (f"{counts['blobs']} blob(s), {counts['sha256']} sha256 index entr"
+               f"{'y' if counts['sha256'] == 1 else 'ies'} and {counts['trees']} directory snapshot(s) re-hashed")
+    unchecked = (f"{counts['stages']} stage-cache entr{'y' if counts['stages'] == 1 else 'ies'} (each checked when a "
+                 f"build reads it) and {counts['kernels']} compiled kernel(s) are named by what made them, not by "
+                 "their content, and were not")
     if args.json:
-        _emit_json({"ok": not problems, "store": str(store.root), "problems": problems, "repaired": args.repair})
+        _emit_json({"ok": not problems, "store": str(store.root), "problems": problems, "repaired": args.repair,
+                    "entries": counts})
     else:
         for line in problems:
             print(line)
         print(f"store {store.root}: " + (f"{len(problems)} bad entr{'y' if len(problems) == 1 else 'ies'}"
                                          + (" removed" if args.repair else " (rerun with --repair to remove)")
-                                         if problems else "every entry matches its name"))
+                                         if problems else "every entry matches its name")
+              + f"; {checked}; {unchecked}")
     return 1 if problems and not args.repair else 0
 
 
@@ -726,6 +737,15 @@ def _check_written_paths(args) -> None:
                              "choose a path without one")
 
 
+def _check_output_file(flag: str, value: str | None) -> None:
+    """Preflight for a file the user names: a place a file can be put, not a directory, link or device."""
+    from ._internal.atomic import output_file_problem
+
+    problem = output_file_problem(Path(value)) if value else None
+    if problem:
+        raise InputError(f"{flag} {value}: {problem}")
+
+
 def _print_traceback() -> None:
     import traceback  # only with --debug: ~5 ms of every start-up otherwise
 
@@ -968,6 +988,7 @@ def cmd_sbom(args) -> int:
     from .build.sbom import FORMATS, validate
     from .errors import CheckFailed
 
+    _check_output_file("--out", args.out)
     build_dir = Path(args.build)
     name = FORMATS[args.format]
     if args.key:
@@ -1009,6 +1030,7 @@ def cmd_report(args) -> int:
     from ._internal.atomic import atomic_write_bytes
     from .audit.html_report import render
 
+    _check_output_file("--out", args.out)
     build_dir = Path(args.build)
     names = ["build.json", "audit.json", "transcript.jsonl"]
     verification = None
@@ -1072,6 +1094,9 @@ def cmd_publish(args) -> int:
         raise InputError("--key: publish ships one public key (signing-key.pub); pass exactly one")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out}: exists and is not an empty directory; publish writes a new folder")
+    probe = next((p for p in out.parents if p.exists()), Path("."))
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: {probe} is not a writable directory")
     att = build_dir / "attestation.intoto.jsonl"
     if not att.is_file():
         raise InputError(f"{build_dir}: no attestation.intoto.jsonl; publish lays out a signed build")
@@ -1085,8 +1110,11 @@ def cmd_publish(args) -> int:
     receipts = [n for n in ("attestation.intoto.jsonl", "attestation.sigstore.json", "audit.intoto.jsonl",
                             "vsa.intoto.jsonl", "sbom.spdx3.json", "sbom.cdx.json") if (build_dir / n).is_file()]
     assert set(receipts) <= RECEIPT_NAMES
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot write a folder there ({e.strerror})") from None
     try:
         files, _ = scan(build_dir / "model")
         for rel, src in files.items():
@@ -1215,6 +1243,7 @@ def cmd_gate(args) -> int:
     from .verify.checks import recipe_file_check
 
     t0 = time.perf_counter()
+    _check_output_file("--junit", args.junit)  # written after a rebuild of minutes
     recipe_path = Path(args.recipe)
     name = recipe_path.stem
     ref = Path(args.reference) if args.reference else Path("attestations") / f"{name}.intoto.jsonl"

@@ -142,6 +142,7 @@ def test_fsck_finds_and_repairs_bad_entries(tmp_path):
     fetch_input(Input(name="src", kind="path", path=str(f), blake3=b3), store, recipe_dir=tmp_path)
     p = run_cli("store", "fsck", "--store", str(store.root))
     assert p.returncode == 0 and "every entry matches" in p.stdout
+    assert "1 blob(s), 1 sha256 index entry and 0 directory snapshot(s) re-hashed" in p.stdout, p.stdout
     blob = store.root / "blobs" / b3
     os.chmod(blob, 0o644)
     blob.write_bytes(b"tampered")
@@ -232,3 +233,19 @@ def test_a_symlink_loop_is_named_as_such(tmp_path):
     with pytest.raises(FetchError, match="symlink whose target does not exist or loops"):
         fetch_input(Input(name="src", kind="path", path=str(loop), blake3="0" * 64), Store(tmp_path / "store"),
                     recipe_dir=tmp_path)
+
+
+def test_fsck_says_when_there_is_no_store_to_check(tmp_path):
+    """A mistyped --store said "every entry matches its name" of a directory it had not looked into."""
+    from .conftest import run_cli
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    for root, why in ((tmp_path / "missing", "no such directory"), (tmp_path / "notes" / "a.txt", "not a directory"),
+                      (tmp_path / "notes", "not an input store (it holds 1 other name(s)")):
+        p = run_cli("store", "fsck", "--store", str(root))
+        assert p.returncode == 2 and why in p.stderr and "every entry matches" not in p.stdout, (root, p.stderr)
+        assert "Traceback" not in p.stderr
+    p = run_cli("store", "fsck", "--store", str(tmp_path / "notes"), "--repair")
+    assert p.returncode == 2 and (tmp_path / "notes" / "a.txt").read_text() == "mine"
+    assert not (tmp_path / "missing").exists()

@@ -1,9 +1,10 @@
 """The content-addressed input store, and fetching inputs into it by their pins.
 
 Layout under the root: blobs/<blake3> (the bytes), sha256/<sha256> (holds the blake3 name),
-trees/<blake3> (snapshots of directory inputs), tmp/ (work in progress). A blob enters only after
-the copy's digest matched the pin, and is re-hashed on every use; a corrupt entry is removed,
-never served. `provenance store fsck` re-hashes everything.
+trees/<blake3> (snapshots of directory inputs), tmp/ (work in progress); beside them the builder's
+stages/ (the stage cache, named by their keys) and kernels/ (compiled libraries). A blob enters only
+after the copy's digest matched the pin, and is re-hashed on every use; a corrupt entry is removed,
+never served. `provenance store fsck` re-hashes everything named by its content.
 """
 
 from __future__ import annotations
@@ -176,6 +177,25 @@ class Store:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    # What a store's root holds: the entries named by their content, which fsck re-hashes, and the ones
+    # named by what made them (the stage cache's keys, the compiled kernels), which it can only count.
+    HASHED = ("blobs", "sha256", "trees")
+    NAMED = ("stages", "kernels", "tmp")
+
+    def census(self) -> dict[str, int]:
+        """How many entries each of the store's directories holds, and `other`: names at the root that
+        are none of them (a directory that is not a store holds only those). Raises InputError where
+        the root is missing or not a directory."""
+        if not self.root.is_dir():
+            raise InputError(f"{self.root}: no input store there ("
+                             + ("no such directory" if not self.root.exists() else "not a directory")
+                             + "; the store is --store, $PROVENANCE_STORE or ~/.cache/provenance)")
+        known = self.HASHED + self.NAMED
+        counts = {name: sum(1 for _ in (self.root / name).iterdir()) if (self.root / name).is_dir() else 0
+                  for name in known}
+        counts["other"] = sum(1 for n in os.listdir(self.root) if n not in known)
+        return counts
 
     def fsck(self, *, repair: bool = False) -> list[str]:
         """Re-hash every entry. Returns one line per problem; with `repair`, removes bad entries."""

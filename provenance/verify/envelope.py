@@ -28,7 +28,13 @@ def read_attestation(path: Path) -> tuple[str, list[str]]:
     """("dsse", [non-empty lines]), ("sigstore", [bundle text]) for a certificate-signed Sigstore bundle, or
     ("key-bundle", [bundle text]) for a bundle signed with a bare key (OMS `sign key`) or one that lacks its
     verification material. Raises InputError if unreadable."""
-    data = read_regular_file(Path(path), "attestation", MAX_ATTESTATION_BYTES)
+    path = Path(path)
+    if path.is_dir():
+        inside = [n for n in ("attestation.intoto.jsonl", ".provenance/attestation.intoto.jsonl", "model.sig")
+                  if (path / n).is_file()]
+        hint = f" (did you mean {path / inside[0]}?)" if inside else ""
+        raise InputError(f"{path}: attestation is a directory, not a file{hint}")
+    data = read_regular_file(path, "attestation", MAX_ATTESTATION_BYTES)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

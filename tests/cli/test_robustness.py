@@ -120,3 +120,33 @@ def test_a_thread_count_out_of_range_is_refused_before_any_work(command, threads
     p = run_cli(command, *target, "--threads", threads)
     assert p.returncode == 2 and f"--threads must be between 1 and 4096, got {threads}" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "o").exists()
+
+
+def test_a_named_output_file_that_is_not_a_regular_file_is_never_replaced(tiny_build, store, tmp_path):
+    """A file is written by a rename, which replaces whatever has the name: run as root, `report --out
+    /dev/full` had replaced the device with a regular file. A FIFO, a directory or a link is refused."""
+    import os
+    import stat
+
+    fifo, d, target, link, afile = (tmp_path / n for n in ("fifo", "dir", "target.html", "link.html", "afile"))
+    os.mkfifo(fifo)
+    d.mkdir()
+    target.write_text("mine")
+    link.symlink_to(target)
+    afile.write_text("x")
+    cases = {fifo: "exists and is a device, FIFO or socket", d: "exists and is a directory",
+             link: "exists and is a symbolic link", afile / "x.html": "a component of the path is a file"}
+    for out, why in cases.items():
+        for argv in (("report", str(tiny_build), "--out", str(out)),
+                     ("sbom", str(tiny_build), "--format", "spdx3", "--out", str(out))):
+            p = run_cli(*argv)
+            assert p.returncode == 2 and f"--out {out}: {why}" in p.stderr, (argv, p.stderr)
+            assert "Traceback" not in p.stderr and "internal error" not in p.stderr
+    # refused before the rebuild, not after it
+    p = run_cli("gate", "--recipe", str(TINY), "--junit", str(fifo), "--out", str(tmp_path / "g"), store=store)
+    assert p.returncode == 2 and f"--junit {fifo}: exists and is a device, FIFO or socket" in p.stderr, p.stderr
+    p = run_cli("publish", str(tiny_build), "--key", str(tmp_path / "k.pub"), "--out", str(afile / "pub"))
+    assert p.returncode == 2 and f"--out {afile / 'pub'}: {afile} is not a writable directory" in p.stderr, p.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and d.is_dir() and not any(d.iterdir())
+    assert link.is_symlink() and target.read_text() == "mine" and afile.read_text() == "x"
+    assert sorted(os.listdir(tmp_path)) == ["afile", "dir", "fifo", "link.html", "target.html"]
