@@ -21,10 +21,42 @@ if TYPE_CHECKING:
 # pathlib (with urllib and ipaddress) and the rest load while hashing runs: paths here are strings.
 
 
+def hub_blobs(model_dir: str | Path) -> str | None:
+    """The blobs/ directory of huggingface_hub's cache repository whose snapshot `model_dir` is
+    (`models--ORG--NAME/snapshots/REV/`, beside `models--ORG--NAME/blobs/`), or None."""
+    snap = os.path.realpath(model_dir)
+    snapshots = os.path.dirname(snap)
+    blobs = os.path.join(os.path.dirname(snapshots), "blobs")
+    if os.path.basename(snapshots) == "snapshots" and os.path.isdir(blobs) and not os.path.islink(blobs):
+        return os.path.realpath(blobs)
+    return None
+
+
+def _hub_blob(link: str, blobs: str) -> str | None:
+    """The blob a snapshot's symlink names, if it is one: a relative link straight to a regular file
+    directly in the repository's blobs/ (as huggingface_hub writes them; through no other link), else None."""
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return None
+    blob = os.path.realpath(link)
+    lexical = os.path.normpath(os.path.join(os.path.realpath(os.path.dirname(link)), target))
+    if os.path.isabs(target) or blob != lexical or os.path.dirname(blob) != blobs:
+        return None
+    try:
+        return blob if stat.S_ISREG(os.lstat(blob).st_mode) else None
+    except OSError:
+        return None
+
+
 def scan(model_dir: str | Path) -> tuple[dict[str, str], list[str]]:
-    """(regular files' paths by relative POSIX name, entries that may not be in a model dir)."""
+    """(regular files' paths by relative POSIX name, entries that may not be in a model dir).
+
+    In a snapshot of huggingface_hub's cache (hub_blobs), a symlink into the repository's blobs/ is
+    read through: its path is the blob's. Every other symlink is refused, as anywhere else."""
     files: dict[str, str] = {}
     refused: list[str] = []
+    blobs = hub_blobs(model_dir)
     stack = [(os.fspath(model_dir), "")]
     while stack:
         d, prefix = stack.pop()
@@ -38,11 +70,17 @@ def scan(model_dir: str | Path) -> tuple[dict[str, str], list[str]]:
             rel = prefix + e.name
             st = e.stat(follow_symlinks=False)
             if stat.S_ISLNK(st.st_mode):
+                blob = _hub_blob(e.path, blobs) if blobs else None
+                if blob is not None:
+                    files[rel] = blob
+                    continue
                 try:
                     target = os.readlink(e.path)
                 except OSError:
                     target = "?"
-                refused.append(f"{rel}: a symlink (-> {target}); a model dir holds only regular files")
+                refused.append(f"{rel}: a symlink (-> {target}); a model dir holds only regular files"
+                               + ("" if blobs is None else ", and in huggingface_hub's cache only a relative "
+                                  "link to a file in the repository's blobs/"))
             elif stat.S_ISDIR(st.st_mode):
                 stack.append((e.path, rel + "/"))
             elif stat.S_ISREG(st.st_mode):

@@ -6,6 +6,10 @@ following symlinks: a regular file must be a subject whose signed blake3 (and sh
 loaders read more than weights (`transformers` loads a `chat_template.jinja`, and with
 `trust_remote_code` runs a `modeling_*.py`). Every `.safetensors` file must also be well formed
 (see _internal/safetensors.py), checked on the same open file that is hashed.
+
+The one kind of symlink read through is huggingface_hub's cache's own: in a snapshot
+(`models--ORG--NAME/snapshots/REV/`, what `from_pretrained("ORG/NAME")` loads), a relative link
+straight to a regular file in the repository's `blobs/` is that file (_internal/prefetch.py, scan).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .._internal.hashing import hash_fd
-from .._internal.prefetch import Prefetch, _identity, scan  # noqa: F401 - re-exported
+from .._internal.prefetch import Prefetch, _identity, hub_blobs, scan  # noqa: F401 - re-exported
 from .._internal.safetensors import SafetensorsError, check_fd
 from ..attest.model import Statement
 from ..errors import InputError
@@ -56,6 +60,7 @@ class ModelDirResult:
         self.structure: list[str] = []  # "name: problem"
         self.hint = ""  # said after the missing files when the signed set lies one directory down
         self.passed_over = ""  # a published folder's receipts and hub files, named in the report
+        self.through_blobs = 0  # files of a huggingface_hub cache snapshot, read through their symlinks
 
     @property
     def differing(self) -> list[str]:
@@ -131,6 +136,7 @@ def inspect_digests(expected: dict[str, dict[str, str]], model_dir: Path, *, pre
     if not model_dir.is_dir():
         raise InputError(f"--model {model_dir}: not a directory")
     present, refused = scan(model_dir)
+    blobs = hub_blobs(model_dir)
     folder = {n for n in present if not n.startswith(HUB_BOOKKEEPING)}  # the signature being verified included
     if skip:
         present = {n: p for n, p in present.items() if _inode(p) not in skip}
@@ -149,10 +155,8 @@ def inspect_digests(expected: dict[str, dict[str, str]], model_dir: Path, *, pre
     res.unlisted = refused + [f"{n}: {describe(n)}, not among the signed subjects"
                               for n in sorted(set(present) - set(expected))]
     res.missing = sorted(set(expected) - set(present))
-    if refused and any(": a symlink (-> " in r for r in refused) and model_dir.resolve().parent.name == "snapshots":
-        res.unlisted.insert(0, "this is a snapshot in huggingface_hub's cache (symlinks into its blobs/), and a model dir "
-                            "holds only regular files: fetch a copy with `hf download REPO --revision REV --local-dir "
-                            "DIR` and verify DIR (with --published for a folder from `provenance publish`)")
+    if blobs is not None:
+        res.through_blobs = sum(1 for p in present.values() if os.path.dirname(p) == blobs)
     extra = set(present) - set(expected)
     if not published and any(n.startswith(RECEIPTS_DIR + "/") for n in extra) and all(
             _is_receipt(n) or _hub_bookkeeping(n, folder) for n in extra):
@@ -217,7 +221,9 @@ def report_exact(report, res: ModelDirResult, *, sha256: bool, judged_elsewhere:
                + (f"; {other} weight file(s) differ and are judged below" if other else ""))
     report.add("unlisted-files", not res.unlisted,
                "; ".join(res.unlisted) or "the directory holds the signed files and nothing else"
-               + (f" (passed over as a published folder's: {res.passed_over})" if res.passed_over else ""))
+               + (f" (passed over as a published folder's: {res.passed_over})" if res.passed_over else "")
+               + (f"; {res.through_blobs} of them, a snapshot in huggingface_hub's cache, read through their "
+                  "links into its blobs/, as a loader reads them" if res.through_blobs else ""))
     n_st = sum(1 for n in res.files if n.lower().endswith(".safetensors"))
     report.add("safetensors", not res.structure,
                "; ".join(res.structure) or f"{n_st} safetensors file(s) well formed: tensors tile the data exactly")

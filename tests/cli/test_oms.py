@@ -39,9 +39,9 @@ def built(keys, tiny_build_copy):
     return out
 
 
-def _ms_verify(model_signing, model: Path, sig: Path, pub: Path) -> subprocess.CompletedProcess:
+def _ms_verify(model_signing, model: Path, sig: Path, pub: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(model_signing), "verify", "key", str(model), "--signature", str(sig),
-                           "--public_key", str(pub)], capture_output=True, text=True)
+                           "--public_key", str(pub), *extra], capture_output=True, text=True)
 
 
 def _verify(sig: Path, *args: str) -> tuple[int, dict]:
@@ -246,18 +246,76 @@ def test_a_published_folder_verifies_after_a_round_trip_through_the_hub(built, k
         code, obj = _verify(att, "--key", pub, "--model", str(out), "--published")
         assert code == 1 and planted in _checks(obj)["unlisted-files"]["detail"], (planted, obj)
         (out / planted).unlink()
-    # huggingface_hub's cache instead (from_pretrained's default): a snapshot of symlinks into blobs/.
-    # Refused, as every symlink is, and the message says how to get a folder that verifies.
-    repo = tmp_path / "cache" / "models--me--tiny"
-    snap = repo / "snapshots" / ("a" * 40)
-    for n in names:
-        blob = repo / "blobs" / f"{len(n)}-{n.replace('/', '_')}"
+
+
+def test_a_snapshot_in_huggingface_hubs_cache_verifies_through_its_links(built, keys, model_signing, tmp_path):
+    """What from_pretrained("org/name") loads: a snapshot in huggingface_hub's cache, relative symlinks
+    into the repository's blobs/ (named by their etags). The closed set is the snapshot's names, each read
+    through its link as a loader reads it; any other link still fails. huggingface_hub finds the files in
+    this layout, model_signing (--allow_symlinks) accepts it, and transformers loads the verified bytes."""
+    import hashlib
+
+    from huggingface_hub import try_to_load_from_cache
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pub"
+    p = run_cli("publish", str(built), "--out", str(out), "--key", str(keys / "ec.pub"))
+    assert p.returncode == 0, p.stderr
+    (out / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    names = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
+    cache, rev = tmp_path / "cache", "a" * 40
+    repo = cache / "models--me--tiny"
+    snap = repo / "snapshots" / rev
+
+    def link(name: str, data: bytes) -> Path:
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
         blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes((out / n).read_bytes())
-        (snap / n).parent.mkdir(parents=True, exist_ok=True)
-        (snap / n).symlink_to(os.path.relpath(blob, (snap / n).parent))
-    code, obj = _verify(snap / ".provenance" / "attestation.intoto.jsonl", "--key", pub, "--model", str(snap),
-                        "--published")
-    detail = _checks(obj)["unlisted-files"]["detail"]
-    assert code == 1 and detail.startswith("this is a snapshot in huggingface_hub's cache"), detail
-    assert "hf download REPO --revision REV --local-dir DIR" in detail
+        blob.write_bytes(data)
+        (snap / name).parent.mkdir(parents=True, exist_ok=True)
+        (snap / name).symlink_to(os.path.relpath(blob, (snap / name).parent))
+        return blob
+
+    blobs = {n: link(n, (out / n).read_bytes()) for n in names}
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    assert try_to_load_from_cache("me/tiny", "model.safetensors", cache_dir=cache) == str(snap / "model.safetensors")
+    pub = str(keys / "ec.pub")
+    att = snap / ".provenance" / "attestation.intoto.jsonl"
+    for receipt in (att, snap / "model.sig"):
+        code, obj = _verify(receipt, "--key", pub, "--model", str(snap), "--published")
+        assert code == 0, obj
+        detail = _checks(obj)["unlisted-files"]["detail"]
+        signed_files = [n for n in names if not n.startswith(".provenance/") and n not in ("model.sig", ".gitattributes")]
+        assert f"{len(signed_files)} of them, a snapshot in huggingface_hub's cache, read through their links" in detail
+    p = _ms_verify(model_signing, snap, snap / "model.sig", Path(pub), "--allow_symlinks")
+    assert p.returncode == 0, p.stdout + p.stderr
+    loaded = AutoModelForCausalLM.from_pretrained("me/tiny", cache_dir=cache, local_files_only=True)
+    signed = load_file(str(out / "model.safetensors"))
+    assert all(loaded.state_dict()[k].equal(v) for k, v in signed.items())
+    # A changed blob is a changed file.
+    weights = blobs["model.safetensors"]
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    code, obj = _verify(att, "--key", pub, "--model", str(snap), "--published")
+    assert code == 1 and "model.safetensors: blake3 expected" in _checks(obj)["model-files"]["detail"], obj
+    weights.write_bytes(good)
+    # Links that are not the cache's own: out of blobs/ (to the same bytes), absolute, to a link, and one
+    # the signer never listed.
+    config = snap / "config.json"
+    elsewhere = tmp_path / "config.json"
+    elsewhere.write_bytes((out / "config.json").read_bytes())
+    odd = repo / "blobs" / "odd"
+    odd.symlink_to(blobs["config.json"].name)
+    for target in (os.path.relpath(elsewhere, snap), str(blobs["config.json"]), "../../blobs/odd"):
+        config.unlink()
+        config.symlink_to(target)
+        code, obj = _verify(att, "--key", pub, "--model", str(snap), "--published")
+        detail = _checks(obj)["unlisted-files"]["detail"]
+        assert code == 1 and f"config.json: a symlink (-> {target})" in detail, (target, obj)
+        assert "only a relative link to a file in the repository's blobs/" in detail
+    config.unlink()
+    config.symlink_to(os.path.relpath(blobs["config.json"], snap))
+    link("modeling_llama.py", b"import os\n")
+    code, obj = _verify(att, "--key", pub, "--model", str(snap), "--published")
+    assert code == 1 and "modeling_llama.py: " in _checks(obj)["unlisted-files"]["detail"], obj
