@@ -120,8 +120,9 @@ verify-attestation attestation.intoto.jsonl --key PUBLIC_KEY --model model/
 provenance rebuild attestation.intoto.jsonl --attestation-key PUBLIC_KEY
 ```
 
-In a folder laid out by `provenance publish`, as published or as `hf download REPO --local-dir DIR`
-brings it back:
+In a folder laid out by `provenance publish`: as published, as `hf download REPO --local-dir DIR`
+brings it back, or where `from_pretrained` finds it in huggingface_hub's cache
+(`DIR` = `~/.cache/huggingface/hub/models--ORG--NAME/snapshots/REV`):
 
 ```sh
 verify-attestation DIR/.provenance/attestation.intoto.jsonl --key PUBLIC_KEY --model DIR --published

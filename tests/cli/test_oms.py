@@ -288,6 +288,11 @@ def test_a_snapshot_in_huggingface_hubs_cache_verifies_through_its_links(built, 
         detail = _checks(obj)["unlisted-files"]["detail"]
         signed_files = [n for n in names if not n.startswith(".provenance/") and n not in ("model.sig", ".gitattributes")]
         assert f"{len(signed_files)} of them, a snapshot in huggingface_hub's cache, read through their links" in detail
+    card = (snap / "README.md").read_text()  # read through its link too
+    assert "where `from_pretrained` finds it in huggingface_hub's cache" in card
+    line = next(x for x in card.splitlines() if x.startswith("verify-attestation DIR/"))
+    p = run_cli("verify", *[a.replace("DIR", str(snap)).replace("PUBLIC_KEY", pub) for a in line.split()[1:]])
+    assert p.returncode == 0 and p.stdout.strip().endswith("verdict: verified"), line + "\n" + p.stdout
     p = _ms_verify(model_signing, snap, snap / "model.sig", Path(pub), "--allow_symlinks")
     assert p.returncode == 0, p.stdout + p.stderr
     loaded = AutoModelForCausalLM.from_pretrained("me/tiny", cache_dir=cache, local_files_only=True)
