@@ -599,7 +599,8 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
                 cache.hits = [False] * len(cache.hits)
                 cached = None
             if found is not None:
-                _refuse_schedule_conflict(found, every_steps)
+                if read_cache:  # without the cache it was judged before the data was prepared
+                    _refuse_schedule_conflict(found, every_steps)
                 reporter.log(f"resuming from {found.path} (after optimizer step {found.state.global_step})")
                 if found.code != code_digest():
                     reporter.log(f"warning: {found.path.name} was written by other code of this tool (code digest "
