@@ -11,6 +11,7 @@ import subprocess
 import pytest
 import torch
 
+from provenance.build import clib
 from provenance.build import small_head_attention as sha
 from provenance.errors import InputError
 from provenance.recipe import parse_recipe
@@ -20,9 +21,9 @@ from .conftest import TINY
 
 @pytest.fixture(autouse=True)
 def _kernel_store(tmp_path_factory):
-    sha.configure(tmp_path_factory.getbasetemp() / "kernel-store")
+    clib.configure(tmp_path_factory.getbasetemp() / "kernel-store")
     yield
-    sha.configure(None)
+    clib.configure(None)
 
 
 def _inputs(b=3, h=8, hkv=2, s=37, d=2, seed=0):
@@ -72,7 +73,7 @@ def test_bits_do_not_depend_on_thread_count():
 
 
 def _levels() -> list[str]:
-    level = sha._x86_level()
+    level = clib.x86_level()
     return {"x86-64-v4": ["x86-64", "x86-64-v3", "x86-64-v4"], "x86-64-v3": ["x86-64", "x86-64-v3"],
             "x86-64": ["x86-64"]}.get(level, [])
 
@@ -100,12 +101,12 @@ def test_bits_do_not_depend_on_the_instruction_set(tmp_path):
     levels = _levels()
     if len(levels) < 2:
         pytest.skip(f"this CPU runs only {levels or 'no x86-64 level'}: nothing to compare")
-    cc = sha.compiler()
+    cc = clib.compiler()
     q, k, v, go = _inputs(2, 8, 2, 45, 2, seed=2)
     digests = {}
     for level in levels:
         so = tmp_path / f"{level}.so"
-        subprocess.run([cc, *sha.FLAGS, f"-march={level}", "-o", str(so), str(sha.SOURCE)], check=True)
+        subprocess.run([cc, *clib.FLAGS, f"-march={level}", "-o", str(so), str(sha.SOURCE)], check=True)
         lib = ctypes.CDLL(str(so))
         i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
         lib.small_head_attn_fwd.argtypes = [i64] * 7 + [f32] + [ptr] * 6
@@ -177,7 +178,7 @@ def test_recipe_rules(tmp_path):
 def test_a_missing_compiler_is_named(monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     with pytest.raises(InputError, match="no C compiler '/nonexistent/cc' was found"):
-        sha.compiler()
+        clib.compiler()
     monkeypatch.setenv("CC", "gcc -O0")
     with pytest.raises(InputError, match="expected one compiler executable"):
-        sha.compiler()
+        clib.compiler()

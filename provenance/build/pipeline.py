@@ -492,11 +492,12 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
     if problem:
         raise InputError(f"{recipe.path}: {problem}")
     check_disk(r, out, store.root)
-    if r.model.attn_implementation == "small-head":
-        from . import small_head_attention
+    from . import clib
 
-        small_head_attention.configure(store.root)
-        small_head_attention.load()  # compiled now: a missing compiler stops the build before any input is fetched
+    kernel = clib.attention_module(r.model.attn_implementation)
+    if kernel is not None:
+        clib.configure(store.root)
+        kernel.load()  # compiled now: a missing compiler stops the build before any input is fetched
     t = time.perf_counter()
     stored = fetch_all(recipe, store, offline=offline, handed=handed or {}, reporter=reporter)
     t = lap("fetch", t)
@@ -698,8 +699,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
                          "checkpoint_every_steps": every_steps, "checkpoints_kept_for_replay": kept,
                          "stage_cache": cache.record([s.name for s in r.stages], read_cache),
                          "allocator": allocator.tune(),
-                         **({"attention": small_head_attention.record()}
-                            if r.model.attn_implementation == "small-head" else {}),
+                         **({"attention": kernel.record()} if kernel is not None else {}),
                          **({"portable": {"margin": r.determinism.portable_margin, "values_logged": rounder.logged,
                                           "rounded_as_logged_against_nearest": rounder.forced,
                                           "rounding_log_from": {"blake3": log.digest} if log else None}}

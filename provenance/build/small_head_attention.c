@@ -7,7 +7,7 @@
  *
  * Deterministic by construction: every value is a fixed sequence of IEEE single-precision operations
  * written out below. Vectors are GCC vector types of a fixed 16 lanes (not the machine's width), sums
- * over lanes are taken in lane order, the exponential is our own polynomial (not libm's), and the
+ * over lanes are taken in lane order, the exponential is our own polynomial (not libm's; kernel_exp.h), and the
  * library is compiled with -ffp-contract=off and without -ffast-math, so no compiler may fuse or
  * reorder an operation. The bits are therefore the same whatever instruction set the library is
  * compiled for (x86-64, -v3 or -v4: the tests compare them) and whatever the thread count (each task
@@ -27,34 +27,7 @@ typedef int32_t vi __attribute__((vector_size(64), aligned(64)));
 
 static inline vf splat(float x) { vf v; for (int l = 0; l < W; l++) v[l] = x; return v; }
 
-/* exp(x) for x <= 0: x = n ln2 + r with n rounded to nearest (the 1.5 * 2^23 trick) and ln2 split in two
-   (Cody and Waite), then Cephes' expf polynomial for e^r, times 2^n built from its bits. Within about
-   one unit in the last place; 0 below -87 (and for -inf and NaN, which never reach it from a finite
-   score: padded keys are set to -inf before the subtraction). */
-static inline vf vexp(vf x) {
-    const vf log2e = splat(1.44269504088896341f), magic = splat(12582912.0f);
-    const vf c1 = splat(0.693359375f), c2 = splat(-2.12194440e-4f);
-    vf t = x * log2e;
-    t = t + magic;
-    vf n = t - magic;
-    vf a = n * c1;
-    vf r = x - a;
-    vf b = n * c2;
-    r = r - b;
-    vf p = splat(1.9875691500E-4f);
-    p = p * r; p = p + splat(1.3981999507E-3f);
-    p = p * r; p = p + splat(8.3334519073E-3f);
-    p = p * r; p = p + splat(4.1665795894E-2f);
-    p = p * r; p = p + splat(1.6666665459E-1f);
-    p = p * r; p = p + splat(5.0000001201E-1f);
-    vf r2 = r * r;
-    p = p * r2; p = p + r; p = p + splat(1.0f);
-    vi keep = x >= splat(-87.0f);
-    vi ni = __builtin_convertvector(n, vi);
-    ni = (ni + 127) << 23;
-    vf e = p * (vf)ni;
-    return (vf)((vi)e & keep);
-}
+#include "kernel_exp.h"  /* vexp(): our exponential, shared with tiled_attention.c */
 
 /* Scores of keys after query i (lane l of a block starting at key j0 is key j0 + l) set to -inf. */
 static inline vf causal(vf x, int64_t j0, int64_t i) {

@@ -16,150 +16,39 @@ float32 on the CPU, no dropout. Training with right padding (the recipes' layout
 case. Anything else (a padded batch in evaluation, a decoding step with a cache) goes to PyTorch's
 SDPA with the recipe's `sdpa_backend`, as `attn_implementation = "sdpa"` would.
 
-The library is compiled once per machine by the C compiler (`$CC`, else `cc`) into the input store
-(`<store>/kernels/`), named by the digest of its source, compiler and flags, written atomically.
+The library is compiled once per machine into the input store (build/clib.py).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import itertools
-import os
-import platform
-import subprocess
 from pathlib import Path
 
-from .._internal.atomic import atomic_write_bytes
-from .._internal.hashing import sha256_hex
-from ..errors import InputError
+from . import clib
 
 NAME = "small-head"
 MAX_HEAD_DIM = 8  # MAX_D in the C source
 MAX_SEQ = 1 << 16  # the forward keeps one query's scores on the thread's stack (4 bytes per key)
 LANES = 16  # W in the C source: keys are padded to a multiple of it
 SOURCE = Path(__file__).with_name("small_head_attention.c")
-# Never -ffast-math or -ffp-contract=fast: the source's order of IEEE operations is the numerics.
-FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-Wno-psabi")
-
-_state: dict = {"root": None}
-
-
-def _x86_level() -> str | None:
-    """The x86-64 micro-architecture level to compile for (speed only: the bits are the same)."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return "x86-64"
-    have = set(flags)
-    if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2"} <= have:
-        return "x86-64-v4"
-    if {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"} <= have:
-        return "x86-64-v3"
-    return "x86-64"
-
-
-def compiler() -> str:
-    """The C compiler to use: $CC (one executable, no arguments) or `cc`, resolved on $PATH."""
-    import shutil
-
-    cc = os.environ.get("CC") or "cc"
-    if not cc.strip() or any(c.isspace() for c in cc) or "\0" in cc:
-        raise InputError(f"$CC = {cc!r}: expected one compiler executable (no arguments), for "
-                         f"model.attn_implementation = {NAME!r}")
-    found = shutil.which(cc)
-    if found is None:
-        raise InputError(f"model.attn_implementation = {NAME!r} compiles a small C library, but no C compiler "
-                         f"{cc!r} was found (install one, e.g. `apt-get install gcc`, or set $CC); "
-                         "or choose 'sdpa'")
-    return found
-
-
-def configure(store_root: Path | None) -> None:
-    """Where the compiled library is kept: `<store_root>/kernels/` (the build's input store)."""
-    _state["root"] = Path(store_root) if store_root is not None else None
-
-
-@functools.cache
-def _build(root: str) -> tuple[ctypes.CDLL, dict]:
-    cc = compiler()
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60,
-                                 check=True).stdout.splitlines()[0].strip()
-    except (OSError, subprocess.SubprocessError, IndexError) as e:
-        raise InputError(f"the C compiler {cc} did not report its version ({e})") from None
-    level = _x86_level()
-    flags = list(FLAGS) + ([f"-march={level}"] if level else [])
-    source = SOURCE.read_bytes()
-    key = sha256_hex(b"\0".join([source, version.encode(), " ".join(flags).encode()]))
-    kernels = Path(root) / "kernels"
-    lib = kernels / f"small-head-attention-{key[:32]}.so"
-    if not lib.is_file():
-        import tempfile
-
-        try:
-            kernels.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=kernels, prefix="tmp.") as tmp:
-                out = Path(tmp) / "lib.so"
-                run = subprocess.run([cc, *flags, "-o", str(out), str(SOURCE)], capture_output=True, text=True,
-                                     timeout=600, check=False)
-                if run.returncode != 0:
-                    raise InputError(f"compiling {SOURCE.name} with {cc} failed (exit {run.returncode}): "
-                                     f"{run.stderr.strip()[-2000:]}")
-                atomic_write_bytes(lib, out.read_bytes())
-        except OSError as e:
-            raise InputError(f"cannot write the compiled attention library under {kernels} ({e.strerror}); "
-                             "set --store or $PROVENANCE_STORE to a writable directory") from None
-    data = lib.read_bytes()
-    try:
-        handle = ctypes.CDLL(str(lib))
-    except OSError as e:
-        raise InputError(f"cannot load {lib} ({e}); delete it to have it compiled again") from None
-    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    handle.small_head_attn_fwd.argtypes = [i64] * 7 + [f32] + [ptr] * 6
-    handle.small_head_attn_bwd.argtypes = [i64] * 7 + [f32] + [ptr] * 10
-    handle.small_head_attn_fwd.restype = handle.small_head_attn_bwd.restype = ctypes.c_int
-    record = {"implementation": NAME, "source": {"sha256": sha256_hex(source)}, "compiler": version,
-              "flags": flags, "library": {"sha256": sha256_hex(data)}}
-    return handle, record
 
 
 def load() -> tuple[ctypes.CDLL, dict]:
     """The compiled library and what build.json records of it; compiled on first use."""
-    from ..inputs.store import default_root
-
-    return _build(str(_state["root"] or default_root()))
+    handle, record = clib.build(NAME, SOURCE)
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    handle.small_head_attn_fwd.argtypes = [i64] * 7 + [f32] + [ptr] * 6
+    handle.small_head_attn_bwd.argtypes = [i64] * 7 + [f32] + [ptr] * 10
+    handle.small_head_attn_fwd.restype = handle.small_head_attn_bwd.restype = ctypes.c_int
+    return handle, record
 
 
 def record() -> dict:
     return load()[1]
 
 
-_pool: dict = {}
-
-
-def _run(fn, n: int, *args) -> None:
-    """fn(start, stop, *args) over [0, n) split into one contiguous range per torch thread. Each
-    range's values do not depend on the split (the C functions compute each task alone); ctypes
-    releases the GIL for the call."""
-    import torch
-
-    threads = max(1, min(torch.get_num_threads(), n))
-    cuts = [n * t // threads for t in range(threads + 1)]
-    if threads == 1:
-        rc = [fn(0, n, *args)]
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = _pool.get(threads)
-        if pool is None:
-            pool = _pool[threads] = ThreadPoolExecutor(threads, thread_name_prefix="small-head-attention")
-        rc = list(pool.map(lambda ab: fn(ab[0], ab[1], *args), itertools.pairwise(cuts)))
-    if any(rc):
-        raise RuntimeError("small-head attention: the library refused the shapes")  # guarded by applies()
+_run = clib.run_in_threads
 
 
 def _padded_t(x, sp: int):

@@ -102,10 +102,11 @@ def build_model(spec: Model, vocab_size: int, special: dict[str, int], seed: int
         use_cache=True,
         **special,
     )
-    if spec.attn_implementation == "small-head":
-        from .small_head_attention import register
+    from .clib import attention_module
 
-        register()
+    kernel = attention_module(spec.attn_implementation)
+    if kernel is not None:
+        kernel.register()
     config._attn_implementation = spec.attn_implementation
     # Seed immediately before construction: LaaM initialised weights before seeding.
     torch.manual_seed(derive_seed(seed, "model-init"))

@@ -173,9 +173,10 @@ class Model(Strict):
     hidden_act: Literal["silu"] = "silu"
     tie_word_embeddings: bool = False
     initializer_range: Annotated[float, Field(allow_inf_nan=False, gt=0)] = 0.02
-    # "small-head": our causal attention kernel for heads of dimension <= 8 on the CPU
-    # (build/small_head_attention.py); other bits than SDPA's, so a recipe choice.
-    attn_implementation: Literal["eager", "sdpa", "small-head"] = "sdpa"
+    # "small-head" and "tiled": our causal attention kernels on the CPU, for heads of dimension <= 8
+    # (build/small_head_attention.py) and of a multiple of 16 (build/tiled_attention.py); other bits
+    # than SDPA's, so a recipe choice.
+    attn_implementation: Literal["eager", "sdpa", "small-head", "tiled"] = "sdpa"
     # The embedding and output layer get this many rows rounded up from the tokenizer's vocabulary
     # (the extra rows are never an input; they stay in the softmax and learn to be unlikely). A
     # multiple of 64 keeps the output layer's gradient thread-invariant under MKL (docs/recipe.md).
@@ -388,27 +389,36 @@ class Recipe(Strict):
                 )
         if self.determinism.portable:
             problems.extend(_portable_problems(self))
-        elif self.model.attn_implementation == "small-head":
-            problems.extend(_small_head_problems(self))
+        elif self.model.attn_implementation in ("small-head", "tiled"):
+            problems.extend(_kernel_problems(self))
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
 
-def _small_head_problems(recipe: Recipe) -> list[str]:
-    """What `attn_implementation = "small-head"` needs, as `field: problem` strings (empty when fine)."""
+def _kernel_problems(recipe: Recipe) -> list[str]:
+    """What our attention kernels ("small-head", "tiled") need, as `field: problem` strings (empty when fine)."""
     m = recipe.model
+    name = m.attn_implementation
     problems = []
     head_dim = m.hidden_size // m.num_attention_heads
-    if head_dim > 8:
+    if name == "small-head" and head_dim > 8:
         problems.append(f"model.attn_implementation: 'small-head' is for heads of dimension <= 8; this model's are "
-                        f"{head_dim} (hidden_size / num_attention_heads): use 'sdpa'")
+                        f"{head_dim} (hidden_size / num_attention_heads): use 'sdpa'"
+                        + (", or 'tiled'" if head_dim % 16 == 0 else ""))
+    if name == "tiled" and (head_dim % 16 or head_dim > 1024):
+        problems.append(f"model.attn_implementation: 'tiled' is for heads of dimension 16, 32, 48, ... (a multiple of "
+                        f"16, at most 1024); this model's are {head_dim} (hidden_size / num_attention_heads): use "
+                        + ("'small-head' or 'sdpa'" if head_dim <= 8 else "'sdpa'"))
     if recipe.determinism.device != "cpu":
-        problems.append("model.attn_implementation: 'small-head' runs on the CPU; determinism.device is 'cuda'")
+        problems.append(f"model.attn_implementation: {name!r} runs on the CPU; determinism.device is 'cuda'")
     for i, s in enumerate(recipe.stages):
         if s.precision != "float32":
-            problems.append(f"stages[{i}].precision: 'small-head' attention computes in float32; {s.precision!r} "
+            problems.append(f"stages[{i}].precision: {name!r} attention computes in float32; {s.precision!r} "
                             "is not allowed with it")
+        if name == "tiled" and s.seq_len > 4096:
+            problems.append(f"stages[{i}].seq_len: 'tiled' attention takes sequences of at most 4096 positions "
+                            f"(it keeps two seq_len x seq_len matrices per thread); this stage's are {s.seq_len}")
     return problems
 
 
@@ -422,7 +432,7 @@ def _portable_problems(recipe: Recipe) -> list[str]:
         problems.append("determinism.sdpa_backend: portable mode needs 'math' (float64 attention)")
     if recipe.model.attn_implementation != "sdpa":
         problems.append("model.attn_implementation: portable mode needs 'sdpa' (eager attention's softmax is "
-                        "float32 in transformers, and 'small-head' computes in float32)")
+                        "float32 in transformers, and 'small-head' and 'tiled' compute in float32)")
     for i, s in enumerate(recipe.stages):
         if s.precision != "float32":
             problems.append(f"stages[{i}].precision: portable mode computes in float64; {s.precision!r} is not "

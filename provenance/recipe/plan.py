@@ -48,8 +48,8 @@ class MemoryEstimate:
 def stage_memory(r: Recipe, stage: Stage, vocab: int | None = None, world_size: int = 1) -> MemoryEstimate:
     """Peak memory of one training step of `stage` in one process, float32 throughout (an upper
     bound for bf16 autocast), float64 in portable mode. Attention: eager attention and SDPA's math backend both materialize
-    the scores, batch × heads × seq × seq, kept per layer for backward; SDPA's flash backend and
-    `small-head` do not.
+    the scores, batch × heads × seq × seq, kept per layer for backward; SDPA's flash backend,
+    `small-head` and `tiled` do not (`tiled` holds two seq × seq matrices per thread while it runs).
     The loss: `cross_entropy = "full"` holds the logits three times over, `"chunked"` one chunk's."""
     m = r.model
     v = m.padded_vocab(vocab or r.tokenizer.vocab_size)
@@ -62,6 +62,13 @@ def stage_memory(r: Recipe, stage: Stage, vocab: int | None = None, world_size: 
         d = m.hidden_size // m.num_attention_heads
         scores = b * (m.num_attention_heads * (d + 2) + 4 * m.num_key_value_heads * d) * t * f
         attention = scores * m.num_hidden_layers
+    elif m.attn_implementation == "tiled":
+        # Saves its inputs' output and two floats per query (the inputs are saved by the projections);
+        # per thread, while it runs, keys and values transposed and two seq × seq matrices.
+        d = m.hidden_size // m.num_attention_heads
+        scores = b * m.num_attention_heads * (d + 2) * t * f
+        sp = -(-t // 8) * 8
+        attention = scores * m.num_hidden_layers + r.determinism.threads * 4 * (2 * d * sp + 2 * t * sp)
     elif m.attn_implementation == "sdpa" and r.determinism.sdpa_backend == "flash":
         # The flash kernel keeps only the output and the row log-sum-exp; per thread it holds one
         # block of scores (at most 512 × 512), a few MiB.

@@ -123,8 +123,8 @@ def test_a_build_kept_for_replay_trains_every_stage(cache_store, tmp_path):
 
 
 def test_the_code_digest_covers_the_c_kernel(tmp_path):
-    """The small-head kernel's C source is a recipe's numerics: an edit to it must miss the cache,
-    as an edit to any Python source does (before, only *.py files were hashed)."""
+    """Our kernels' C sources are a recipe's numerics: an edit to one, or to the header they share,
+    must miss the cache, as an edit to any Python source does (before, only *.py files were hashed)."""
     import shutil
 
     from provenance.build import stagecache
@@ -135,4 +135,9 @@ def test_the_code_digest_covers_the_c_kernel(tmp_path):
     assert stagecache.tree_digest(copy) == stagecache.code_digest()
     kernel = copy / "build" / "small_head_attention.c"
     kernel.write_text(kernel.read_text().replace("#define W 16", "#define W 8"))
-    assert stagecache.tree_digest(copy) != stagecache.code_digest()
+    edited = stagecache.tree_digest(copy)
+    assert edited != stagecache.code_digest()
+    # and the header both kernels include (their exponential)
+    header = copy / "build" / "kernel_exp.h"
+    header.write_text(header.read_text().replace("splat(-87.0f)", "splat(-88.0f)"))
+    assert stagecache.tree_digest(copy) != edited

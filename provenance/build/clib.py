@@ -1,0 +1,158 @@
+"""Our C kernels (the attention implementations "small-head" and "tiled"): compiled once per machine by
+the C compiler (`$CC`, else `cc`) into the input store (`<store>/kernels/`), named by the digest of
+their source, the headers it includes, the compiler and the flags, written atomically.
+
+Their numerics are the C source's: every value is a fixed sequence of IEEE single-precision operations
+over vectors of a fixed lane count, compiled with -ffp-contract=off and without -ffast-math, so no
+compiler may fuse or reorder an operation (a fused multiply-add is only ever one the source asks for,
+which is exact on every target). The instruction set the library is compiled for is a matter of speed
+only; the tests compare x86-64, -v3 and -v4 builds bit for bit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from .._internal.atomic import atomic_write_bytes
+from .._internal.hashing import sha256_hex
+from ..errors import InputError
+
+# Never -ffast-math or -ffp-contract=fast: the source's order of IEEE operations is the numerics.
+FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-Wno-psabi")
+HEADER = Path(__file__).with_name("kernel_exp.h")  # the exponential both kernels share
+
+_state: dict = {"root": None}
+
+
+def x86_level() -> str | None:
+    """The x86-64 micro-architecture level to compile for (speed only: the bits are the same)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "x86-64"
+    have = set(flags)
+    if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2"} <= have:
+        return "x86-64-v4"
+    if {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"} <= have:
+        return "x86-64-v3"
+    return "x86-64"
+
+
+def compiler(what: str = "our attention kernels") -> str:
+    """The C compiler to use: $CC (one executable, no arguments) or `cc`, resolved on $PATH."""
+    import shutil
+
+    cc = os.environ.get("CC") or "cc"
+    if not cc.strip() or any(c.isspace() for c in cc) or "\0" in cc:
+        raise InputError(f"$CC = {cc!r}: expected one compiler executable (no arguments), for {what}")
+    found = shutil.which(cc)
+    if found is None:
+        raise InputError(f"{what} compile a small C library, but no C compiler {cc!r} was found (install one, "
+                         "e.g. `apt-get install gcc`, or set $CC); or choose 'sdpa'")
+    return found
+
+
+def configure(store_root: Path | None) -> None:
+    """Where compiled libraries are kept: `<store_root>/kernels/` (the build's input store)."""
+    _state["root"] = Path(store_root) if store_root is not None else None
+
+
+def flags_for(extra: tuple[str, ...] = ()) -> list[str]:
+    """The flags a library is compiled with on this machine."""
+    level = x86_level()
+    return [*FLAGS, *extra, *([f"-march={level}"] if level else [])]
+
+
+def build(name: str, source: Path, extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL, dict]:
+    """The compiled library of `source` and what build.json records of it; compiled on first use."""
+    from ..inputs.store import default_root
+
+    return _build(str(_state["root"] or default_root()), name, str(source), tuple(extra_flags))
+
+
+@functools.cache
+def _build(root: str, name: str, source_path: str, extra: tuple[str, ...]) -> tuple[ctypes.CDLL, dict]:
+    source = Path(source_path)
+    cc = compiler(f"model.attn_implementation = {name!r}")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60,
+                                 check=True).stdout.splitlines()[0].strip()
+    except (OSError, subprocess.SubprocessError, IndexError) as e:
+        raise InputError(f"the C compiler {cc} did not report its version ({e})") from None
+    flags = flags_for(extra)
+    text, header = source.read_bytes(), HEADER.read_bytes()
+    key = sha256_hex(b"\0".join([text, header, version.encode(), " ".join(flags).encode()]))
+    kernels = Path(root) / "kernels"
+    lib = kernels / f"{source.stem.replace('_', '-')}-{key[:32]}.so"
+    if not lib.is_file():
+        import tempfile
+
+        try:
+            kernels.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=kernels, prefix="tmp.") as tmp:
+                out = Path(tmp) / "lib.so"
+                run = subprocess.run([cc, *flags, "-o", str(out), str(source)], capture_output=True, text=True,
+                                     timeout=600, check=False)
+                if run.returncode != 0:
+                    raise InputError(f"compiling {source.name} with {cc} failed (exit {run.returncode}): "
+                                     f"{run.stderr.strip()[-2000:]}")
+                atomic_write_bytes(lib, out.read_bytes())
+        except OSError as e:
+            raise InputError(f"cannot write the compiled attention library under {kernels} ({e.strerror}); "
+                             "set --store or $PROVENANCE_STORE to a writable directory") from None
+    data = lib.read_bytes()
+    try:
+        handle = ctypes.CDLL(str(lib))
+    except OSError as e:
+        raise InputError(f"cannot load {lib} ({e}); delete it to have it compiled again") from None
+    record = {"implementation": name, "source": {"sha256": sha256_hex(text)},
+              "header": {"name": HEADER.name, "sha256": sha256_hex(header)}, "compiler": version,
+              "flags": flags, "library": {"sha256": sha256_hex(data)}}
+    return handle, record
+
+
+def attention_module(name: str):
+    """The module of an attention implementation of ours ("small-head", "tiled"), or None for PyTorch's."""
+    if name == "small-head":
+        from . import small_head_attention
+
+        return small_head_attention
+    if name == "tiled":
+        from . import tiled_attention
+
+        return tiled_attention
+    return None
+
+
+def run_in_threads(fn, n: int, *args) -> None:
+    """fn(start, stop, *args) over [0, n) split into one contiguous range per torch thread (for a library
+    without OpenMP). Each range's values do not depend on the split (the C functions compute each task
+    alone); ctypes releases the GIL for the call."""
+    import itertools
+
+    import torch
+
+    threads = max(1, min(torch.get_num_threads(), n))
+    cuts = [n * t // threads for t in range(threads + 1)]
+    if threads == 1:
+        rc = [fn(0, n, *args)]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = _pool.get(threads)
+        if pool is None:
+            pool = _pool[threads] = ThreadPoolExecutor(threads, thread_name_prefix="attention-kernel")
+        rc = list(pool.map(lambda ab: fn(ab[0], ab[1], *args), itertools.pairwise(cuts)))
+    if any(rc):
+        raise RuntimeError("attention kernel: the library refused the shapes")  # guarded by applies()
+
+
+_pool: dict = {}
