@@ -127,8 +127,9 @@ def test_the_library_refuses_shapes_it_does_not_compute():
 def _tiny_llama(attn: str, heads=8, kv=2, hidden=16):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if attn == sha.NAME:
-        sha.register()
+    kernel = clib.attention_module(attn)
+    if kernel is not None:
+        kernel.register()
     cfg = LlamaConfig(vocab_size=50, hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64)
     cfg._attn_implementation = attn
@@ -136,24 +137,35 @@ def _tiny_llama(attn: str, heads=8, kv=2, hidden=16):
     return LlamaForCausalLM(cfg).float()
 
 
-def test_in_a_llama_it_is_used_for_causal_calls_and_hands_masked_ones_to_sdpa(monkeypatch):
+def check_in_a_llama(kernel, monkeypatch, **shape):
+    """`kernel` (a module of ours) computes a Llama's causal calls, within float32 rounding of SDPA, forward
+    and backward; calls with a mask go to SDPA, bit for bit; the saved config names no implementation."""
     calls = []
-    real = sha.attention
-    monkeypatch.setattr(sha, "attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = kernel.attention
+    monkeypatch.setattr(kernel, "attention", lambda *a: calls.append(a[0].shape) or real(*a))
     ids = torch.randint(0, 50, (3, 20), generator=torch.Generator().manual_seed(3))
-    ours, ref = _tiny_llama(sha.NAME), _tiny_llama("sdpa")
+    ours, ref = _tiny_llama(kernel.NAME, **shape), _tiny_llama("sdpa", **shape)
     out = ours(input_ids=ids, use_cache=False).logits
     assert len(calls) == 2  # both layers
     torch.testing.assert_close(out, ref(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+    ours(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    ref(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
     # a padded batch has a mask: SDPA computes it, bit for bit as under "sdpa"
     calls.clear()
     mask = torch.ones_like(ids)
     mask[0, 15:] = 0
-    masked = ours(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    assert calls == []
-    assert torch.equal(masked, ref(input_ids=ids, attention_mask=mask, use_cache=False).logits)
+    with torch.no_grad():
+        masked = ours(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        assert calls == []
+        assert torch.equal(masked, ref(input_ids=ids, attention_mask=mask, use_cache=False).logits)
     # the saved config names no implementation: stock transformers loads the weights with its own
-    assert "small-head" not in ours.config.to_json_string()
+    assert f'"{kernel.NAME}"' not in ours.config.to_json_string()
+
+
+def test_in_a_llama_it_is_used_for_causal_calls_and_hands_masked_ones_to_sdpa(monkeypatch):
+    check_in_a_llama(sha, monkeypatch)
 
 
 def _recipe(tmp_path, **replace):

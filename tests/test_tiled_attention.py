@@ -17,7 +17,7 @@ from provenance.errors import InputError
 from provenance.recipe import parse_recipe
 
 from .conftest import TINY
-from .test_small_head_attention import _digest, _levels, _run
+from .test_small_head_attention import _digest, _levels, _run, check_in_a_llama
 
 
 @pytest.fixture(autouse=True)
@@ -125,42 +125,8 @@ def test_the_library_refuses_shapes_it_does_not_compute():
         assert lib.tiled_attn_fwd(0, 0, h, hkv, s, d, 1.0, *args) == -1, (h, hkv, s, d)
 
 
-def _tiny_llama(attn: str, heads=4, kv=2, hidden=64):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if attn == ta.NAME:
-        ta.register()
-    cfg = LlamaConfig(vocab_size=50, hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64)
-    cfg._attn_implementation = attn
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).float()
-
-
 def test_in_a_llama_it_is_used_for_causal_calls_and_hands_masked_ones_to_sdpa(monkeypatch):
-    calls = []
-    real = ta.attention
-    monkeypatch.setattr(ta, "attention", lambda *a: calls.append(a[0].shape) or real(*a))
-    ids = torch.randint(0, 50, (3, 20), generator=torch.Generator().manual_seed(3))
-    ours, ref = _tiny_llama(ta.NAME), _tiny_llama("sdpa")
-    out = ours(input_ids=ids, use_cache=False).logits
-    assert len(calls) == 2  # both layers
-    torch.testing.assert_close(out, ref(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
-    # and its gradients are SDPA's, to float32 rounding
-    ours(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    ref(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
-    # a padded batch has a mask: SDPA computes it, bit for bit as under "sdpa"
-    calls.clear()
-    mask = torch.ones_like(ids)
-    mask[0, 15:] = 0
-    with torch.no_grad():
-        masked = ours(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        assert calls == []
-        assert torch.equal(masked, ref(input_ids=ids, attention_mask=mask, use_cache=False).logits)
-    # the saved config names no implementation: stock transformers loads the weights with its own
-    assert '"tiled"' not in ours.config.to_json_string()
+    check_in_a_llama(ta, monkeypatch, heads=4, kv=2, hidden=64)
 
 
 def _recipe(tmp_path, **replace):

@@ -132,6 +132,45 @@ def attention_module(name: str):
     return None
 
 
+def causal_call(module, query, key, value, attention_mask, dropout: float, is_causal, kwargs: dict, *,
+                head_dim_ok, max_seq: int) -> bool:
+    """Whether a transformers attention call is one our kernels compute: causal without a mask, no dropout,
+    queries and keys of one length (at most `max_seq`), float32 on the CPU, a head dimension `head_dim_ok`
+    accepts, query heads a multiple of key/value heads, and none of the extras we do not implement."""
+    import torch
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return (attention_mask is None and bool(causal) and not dropout
+            and query.shape[2] == key.shape[2] == value.shape[2] and 0 < query.shape[2] <= max_seq
+            and head_dim_ok(query.shape[-1]) and query.shape[1] % key.shape[1] == 0
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (query, key, value))
+            and all(kwargs.get(k) is None for k in ("softcap", "sliding_window", "position_bias", "cache",
+                                                     "s_aux", "sinks")))
+
+
+def forward_or_sdpa(applies, attention, module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                    kwargs):
+    """transformers' attention-function interface for one of our kernels ("small-head", "tiled"): its
+    `attention` where it `applies`, else PyTorch's SDPA with the recipe's backend, as
+    `attn_implementation = "sdpa"` would."""
+    if applies(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
+        return attention(query, key, value, scaling).transpose(1, 2).contiguous(), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def register_attention(name: str, forward) -> None:
+    """Make `name` an attention implementation transformers knows; its masks are SDPA's (None where a call
+    is plainly causal, which is where our kernels apply)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
 def run_in_threads(fn, n: int, *args) -> None:
     """fn(start, stop, *args) over [0, n) split into one contiguous range per torch thread (for a library
     without OpenMP). Each range's values do not depend on the split (the C functions compute each task

@@ -111,34 +111,18 @@ def attention(q, k, v, scale: float | None = None):
 
 def applies(module, query, key, value, attention_mask, dropout: float, is_causal, kwargs: dict) -> bool:
     """Whether a call is one this kernel computes (else it goes to SDPA)."""
-    import torch
-
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    return (attention_mask is None and bool(causal) and not dropout
-            and query.shape[2] == key.shape[2] == value.shape[2] and 0 < query.shape[2] <= MAX_SEQ
-            and 0 < query.shape[-1] <= MAX_HEAD_DIM and query.shape[1] % key.shape[1] == 0
-            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (query, key, value))
-            and all(kwargs.get(k) is None for k in ("softcap", "sliding_window", "position_bias", "cache",
-                                                     "s_aux", "sinks")))
+    return clib.causal_call(module, query, key, value, attention_mask, dropout, is_causal, kwargs,
+                            head_dim_ok=lambda d: 0 < d <= MAX_HEAD_DIM, max_seq=MAX_SEQ)
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                       is_causal=None, **kwargs):
     """transformers' attention-function interface (what `sdpa_attention_forward` is for "sdpa")."""
-    if applies(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
-        return attention(query, key, value, scaling).transpose(1, 2).contiguous(), None
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  is_causal=is_causal, **kwargs)
+    return clib.forward_or_sdpa(applies, attention, module, query, key, value, attention_mask, dropout, scaling,
+                                is_causal, kwargs)
 
 
 @functools.lru_cache(maxsize=1)
 def register() -> None:
-    """Make "small-head" an attention implementation transformers knows; its masks are SDPA's (None
-    where a call is plainly causal, which is where this kernel applies)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(NAME, attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    """Make this kernel an attention implementation transformers knows (build/clib.py)."""
+    clib.register_attention(NAME, attention_forward)
