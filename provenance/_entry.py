@@ -1,10 +1,9 @@
 """The `verify-attestation` console script, kept light: it starts hashing `--model` before the
 command-line parser and the verifier are imported (see _internal/prefetch.py), then runs the CLI
-and leaves without the interpreter's teardown."""
+and leaves as any Python program does (sys.exit: the interpreter's own teardown, no shortcut)."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -17,13 +16,4 @@ def verify_entry() -> None:
         pass
     from .cli import verify_main
 
-    code = verify_main()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):  # a closed or broken stream: let the interpreter report it as usual
-        sys.exit(code)
-    # The verdict is printed and flushed, every file is closed and nothing is registered to run at
-    # exit: skip the interpreter's teardown, ~15 ms of module finalisation and OpenSSL clean-up
-    # after the answer, one sixth of what verification costs beyond hashing (docs/benchmarks.md).
-    os._exit(code)
+    sys.exit(verify_main())

@@ -183,12 +183,13 @@ def cmd_verify(args) -> int:
             bounds = load_policy(Path(args.policy) if args.policy else None).reproduced
             check_reproduced(report, report.parsed, Path(args.model), bounds, sha256=args.sha256, prefetch=prefetch,
                              reference=Path(args.reference_model) if args.reference_model else None,
-                             store=Path(args.store) if args.store else None, inputs=args.inputs)
+                             store=Path(args.store) if args.store else None, inputs=args.inputs,
+                             published=args.published)
     if args.json:
         _emit_json(report.as_dict())
     else:
         print(render(report))
-    return 0 if report.ok else 1
+    return report.exit_code
 
 
 def add_verify_args(p: argparse.ArgumentParser) -> None:
@@ -596,7 +597,7 @@ def parser() -> argparse.ArgumentParser:
 
     au = sub.add_parser("audit", help="re-run a signed build's memorization audit and compare it with the signed one")
     au.add_argument("build", metavar="BUILD_DIR")
-    au.add_argument("--key", action="append", default=[], metavar="PUBLIC_KEY",
+    au.add_argument("--key", action="append", required=True, metavar="PUBLIC_KEY",
                     help="public key that verifies the build's attestation (repeatable)")
     au.add_argument("--threads", type=int, help="CPU threads (default: the recipe's)")
     _store_args(au)
@@ -618,7 +619,7 @@ def parser() -> argparse.ArgumentParser:
                                          "nothing is uploaded) and check it verifies as published")
     pb.add_argument("build", metavar="BUILD_DIR")
     pb.add_argument("--out", required=True, metavar="DIR", help="the folder to write (new or empty)")
-    pb.add_argument("--key", action="append", default=[], metavar="PUBLIC_KEY",
+    pb.add_argument("--key", action="append", required=True, metavar="PUBLIC_KEY",
                     help="the public key that verifies the build; shipped as .provenance/signing-key.pub")
     _common(pb)
     pb.set_defaults(func=cmd_publish)
@@ -633,10 +634,11 @@ def parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("replay", help="spot-check a build: re-execute seeded random segments between its checkpoints")
     rp.add_argument("build", metavar="BUILD_DIR_OR_ATTESTATION")
-    rp.add_argument("--key", action="append", default=[], metavar="PUBLIC_KEY",
+    rp.add_argument("--key", action="append", required=True, metavar="PUBLIC_KEY",
                     help="public key that verifies the build's attestation (repeatable)")
     rp.add_argument("--segments", type=int, default=3, metavar="K", help="segments to re-execute (default 3)")
-    rp.add_argument("--seed", type=int, default=0, help="seed of the segment choice (default 0)")
+    rp.add_argument("--seed", type=int, help="seed of the segment choice (default: drawn now, so a builder cannot "
+                                             "know which segments will be checked; printed, to repeat a replay)")
     rp.add_argument("--threads", type=int, help="CPU threads (default: the recipe's)")
     rp.add_argument("--policy", help="verifier policy TOML: allowed builders, [reproduced] bounds")
     _store_args(rp)
@@ -691,11 +693,11 @@ def run(argv: list[str] | None, p: argparse.ArgumentParser) -> int:
 
     if threading_is_main():
         signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
-        return int(e.code or 0)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(p, argv)
+    if isinstance(args, int):
+        return args
+    args.argv = argv
     debug, as_json = getattr(args, "debug", False), getattr(args, "json", False)
     try:
         _check_written_paths(args)
@@ -721,6 +723,27 @@ def run(argv: list[str] | None, p: argparse.ArgumentParser) -> int:
             _emit_json({"ok": False, "error": msg, "exit_code": 2})
         print(f"error: {msg}", file=sys.stderr)
         return 2
+
+
+def _parse(p: argparse.ArgumentParser, argv: list[str]):
+    """The parsed arguments, or the exit code of a usage error (2) or --help (0). A usage error under
+    --json also prints one JSON object on stdout, as every other error does."""
+    import contextlib
+    import io
+
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            return p.parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
+        code = int(e.code or 0)
+        return code
+    finally:
+        sys.stderr.write(said.getvalue())
+        lines = said.getvalue().strip().splitlines()
+        wants_json = "--json" in argv[:argv.index("--")] if "--" in argv else "--json" in argv
+        if lines and wants_json and "error: " in lines[-1]:
+            _emit_json({"ok": False, "error": lines[-1].split("error: ", 1)[1], "exit_code": 2})
 
 
 # The options naming a place this tool writes (and prints, in the commands it suggests).
@@ -873,8 +896,6 @@ def cmd_replay(args) -> int:
     if not att.is_file():
         raise InputError(f"{att}: no attestation beside the build; replay checks the build against its signed "
                          "transcript")
-    if not args.key:
-        raise InputError("--key PUBLIC_KEY is needed to verify the attestation before replaying")
     payload, st = verified_statement(att, [Path(k) for k in args.key], Path(args.policy) if args.policy else None)
     import tempfile
 
@@ -882,6 +903,11 @@ def cmd_replay(args) -> int:
         handed = parse_handed(args.input, load_recipe(embedded_recipe(st, Path(tmp))))
     bounds = load_policy(Path(args.policy) if args.policy else None).reproduced
     log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
+    if args.seed is None:
+        import secrets
+
+        args.seed = secrets.randbits(31)
+    log(f"segment seed {args.seed}" + ("" if "--seed" in args.argv else " (drawn now; --seed repeats this choice)"))
     report = replay(build_dir, payload, st, segments=args.segments, seed=args.seed, store=Store(args.store),
                     handed=handed, offline=args.offline, threads=args.threads, bounds=bounds, log=log)
     if args.json:
@@ -912,8 +938,6 @@ def cmd_audit(args) -> int:
 
     build_dir = Path(args.build)
     _check_threads(args.threads)
-    if not args.key:
-        raise InputError("--key PUBLIC_KEY is needed to verify the build's attestation first")
     _, st, [(ajson, _)] = signed_byproducts(build_dir, args.key, ["audit.json"], "re-runs a signed build's audit")
     from .verify.model_dir import inspect, report_exact
     from .verify.report import Report
@@ -1005,8 +1029,11 @@ def cmd_sbom(args) -> int:
                              f"this build wrote no {args.format} SBOM") from None
         path = build_dir / name
         data = _read_bounded(path)
-        if data is None or blake3.blake3(data).hexdigest() != recorded.get("blake3"):
-            raise CheckFailed(f"{path}: missing, or not the SBOM build.json records")
+        if data is None:
+            raise CheckFailed(f"{path}: missing (or not a regular file); build.json records an SBOM there")
+        if (got := blake3.blake3(data).hexdigest()) != recorded.get("blake3"):
+            raise CheckFailed(f"{path}: not the SBOM build.json records: blake3 {got}, recorded "
+                              f"{recorded.get('blake3')}")
         bound = "its digest matches build.json (unsigned: pass --key to check the signature)"
     problems = validate(args.format, data.decode("utf-8", "replace"))
     if problems:
@@ -1041,8 +1068,8 @@ def cmd_report(args) -> int:
         audit_file = build_dir / "audit.intoto.jsonl"
         rep = verify(build_dir / "attestation.intoto.jsonl", keys=[Path(k) for k in args.key],
                      model=build_dir / "model", audit=audit_file if audit_file.is_file() else None)
-        verification = {"ok": rep.ok, "verdict": rep.result, "checks": [c.as_dict() for c in rep.checks],
-                        "keys": [Path(k).name for k in args.key]}
+        verification = {"ok": rep.exit_code == 0, "verdict": rep.result, "exit_code": rep.exit_code,
+                        "checks": [c.as_dict() for c in rep.checks], "keys": [Path(k).name for k in args.key]}
     else:
         read = []
         for n in names:
@@ -1069,11 +1096,18 @@ def cmd_report(args) -> int:
     out = Path(args.out) if args.out else build_dir / "report.html"
     atomic_write_bytes(out, page.encode())
     state = verification["verdict"] if verification else "not verified (no --key)"
+    # The page is written either way (it says what failed), but a verification that was asked for
+    # and failed is the command's answer: a CI step must not publish a report of tampered weights.
+    code = verification["exit_code"] if verification else 0
     if args.json:
-        _emit_json({"ok": True, "report": str(out), "verification": state, "bytes": len(page.encode())})
+        _emit_json({"ok": code == 0, "report": str(out), "verification": state, "bytes": len(page.encode()),
+                    **({"exit_code": code} if code else {})})
     else:
         print(f"report: {out} ({len(page.encode()):,} bytes; verification: {state})")
-    return 0
+        if code:
+            print(f"error: the build does not verify with --key ({state}); the page says which check failed, "
+                  "and is written so it can be read, not published", file=sys.stderr)
+    return code
 
 
 def cmd_publish(args) -> int:
@@ -1087,9 +1121,6 @@ def cmd_publish(args) -> int:
     from .verify.model_dir import RECEIPT_NAMES, RECEIPTS_DIR, scan
 
     build_dir, out = Path(args.build), Path(args.out)
-    if not args.key:
-        raise InputError("--key PUBLIC_KEY is needed: the build is verified before it is laid out, and the "
-                         "folder after")
     if len(args.key) > 1:
         raise InputError("--key: publish ships one public key (signing-key.pub); pass exactly one")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -1137,7 +1168,7 @@ def cmd_publish(args) -> int:
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    ok = all(r.ok for _, r in reports)
+    ok = all(r.exit_code == 0 for _, r in reports)
     if args.json:
         _emit_json({"ok": ok, "out": str(out), "files": sorted(files), "receipts": receipts + ["signing-key.pub"],
                     "oms": has_oms, "checks": {what: r.as_dict() for what, r in reports}})
@@ -1147,18 +1178,20 @@ def cmd_publish(args) -> int:
         for what, r in reports:
             failed = [c for c in r.checks if not c.ok]
             print(f"{what}: {r.result}" + "".join(f"\n  FAIL {c.check}: {c.detail}" for c in failed))
+        # PUBLIC_KEY, not the copy in the folder: whoever can change the files can change that copy too.
         if has_oms:
             print(f"model_signing users: model_signing verify key {out} --signature {out / 'model.sig'} "
-                  f"--public_key {out / RECEIPTS_DIR / 'signing-key.pub'}")
+                  "--public_key PUBLIC_KEY")
         else:
             print("no model.sig: the build was signed with ed25519 only, and OMS accepts ECDSA keys only")
-        print(f"verify-attestation {out / RECEIPTS_DIR / 'attestation.intoto.jsonl'} --key "
-              f"{out / RECEIPTS_DIR / 'signing-key.pub'} --model {out} --published")
+        print(f"verify-attestation {out / RECEIPTS_DIR / 'attestation.intoto.jsonl'} --key PUBLIC_KEY "
+              f"--model {out} --published")
         from .verify.keys import load_public_key
 
         kid = load_public_key(keys[0]).keyid[:16]
-        print(f"signing key id {kid}: announce it where your users can check it; the copy in "
-              f"{RECEIPTS_DIR}/signing-key.pub travels with the files and proves nothing by itself")
+        print(f"signing key id {kid}: announce it where your users can check it; they verify with the key "
+              f"you announce as PUBLIC_KEY (the copy in {RECEIPTS_DIR}/signing-key.pub travels with the files "
+              "and proves nothing by itself)")
     return 0 if ok else 1
 
 

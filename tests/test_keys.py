@@ -3,6 +3,8 @@ which the builder records in build.json and which DSSE signatures carry as hints
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -39,17 +41,27 @@ def test_unsupported_and_malformed_keys_are_refused(tmp_path):
         load_public_key(tmp_path / "junk.pub")
 
 
-def test_the_light_pem_loader_is_cryptographys_own():
-    """keys.pem_loader skips cryptography's serialization package for start-up time; the objects it
-    returns must be the very ones that package exports, or the fallback must be taken."""
-    from provenance.verify.keys import pem_loader
+def test_a_key_file_with_two_pem_blocks_is_refused(tmp_path):
+    """Two keys in one file: the first was used silently; which key vouches must never be a guess."""
+    pems = [ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo) for _ in range(2)]
+    (tmp_path / "two.pub").write_bytes(pems[0] + pems[1])
+    with pytest.raises(InputError, match="holds 2 PEM blocks"):
+        load_public_key(tmp_path / "two.pub")
+    (tmp_path / "one.pub").write_bytes(pems[0])
+    assert load_public_key(tmp_path / "one.pub").keytype == "ecdsa"
 
-    assert pem_loader() == (serialization.load_pem_public_key, serialization.Encoding,
-                            serialization.PublicFormat)
+
+def test_the_verifier_uses_cryptographys_public_api_only():
+    """No private module of cryptography (`_rust`, `_serialization`, ...) is imported by the verifier."""
+    import re
+
+    src = "\n".join(p.read_text() for p in (Path(__file__).parents[1] / "provenance" / "verify").glob("*.py"))
+    assert not re.search(r"cryptography[\w.]*\._", src), "a private cryptography module is used"
 
 
 def test_ecdsa_verification_honours_the_schemes_hash(tmp_path):
-    """The verifying ECDSA (keys._ecdsa) must hash with the scheme's digest: a P-256 signature over
+    """Verification must hash with the scheme's digest: a P-256 signature over
     SHA-384 is valid under ec.ECDSA(SHA384) but not under ecdsa-sha2-nistp256."""
     from cryptography.hazmat.primitives import hashes
 

@@ -117,7 +117,9 @@ def stall(h):
     (lambda h: big(h, announce=False), "max_download_bytes = 1048576", "limits.max_download_bytes"),
     (trickle, "download_deadline_seconds = 1.5", "limits.download_deadline_seconds"),
     (stall, "download_stall_seconds = 1", "limits.download_stall_seconds"),
-], ids=["announced-too-big", "too-big-unannounced", "one-byte-at-a-time", "stalls"])
+    (trickle, "download_min_bytes_per_second = 100\ndownload_rate_window_seconds = 1.5",
+     "limits.download_min_bytes_per_second"),
+], ids=["announced-too-big", "too-big-unannounced", "one-byte-at-a-time", "stalls", "under-the-minimum-rate"])
 def test_download_limits(tmp_path, behaviour, limits, limit):
     srv = Server(behaviour)
     try:

@@ -28,6 +28,11 @@ def test_laam_recipe_is_faithful():
     # Its CPU numerics (docs/benchmarks.md, "LaaM's shape"): recorded in the recipe, so in the attestation.
     assert [(s.precision, s.cross_entropy) for s in r.stages] == [("float32", "chunked")] * 2
     assert (r.model.attn_implementation, r.determinism.sdpa_backend) == ("small-head", "flash")
+    # Its audit has a control: files of the tree its suffix selection leaves out (Makefiles have no suffix).
+    from fnmatch import fnmatch
+
+    assert r.audit.control_include == ["**/Makefile"]
+    assert not any(fnmatch("linux/kernel/makefile", pat.lower()) for pat in r.dataset.include)
 
 
 BAD = """

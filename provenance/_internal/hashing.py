@@ -7,7 +7,6 @@ construction byte for byte.
 
 from __future__ import annotations
 
-import mmap
 import os
 
 import blake3
@@ -22,15 +21,20 @@ if TYPE_CHECKING:
 
 TENSOR_DIGEST = "blake3-tensors-v1"
 MERKLE = "blake3-merkle-v1"
-WINDOW = 128 << 20  # bytes mapped at a time; a multiple of mmap.ALLOCATIONGRANULARITY
-CHUNK = 1 << 20
+CHUNK = 32 << 20  # bytes read at a time: blake3 spreads each chunk over its threads
+
+
+class FileChanged(OSError):
+    """The file shrank or grew while it was being hashed: its digest describes no version of it."""
 
 
 def hash_fd(fd: int, *, sha256: bool = True, progress: Callable[[int], None] | None = None) -> dict[str, str]:
     """blake3 (multi-threaded) and optionally sha256 of an open file, from offset 0 to its size.
 
-    The file is mapped WINDOW bytes at a time and each window unmapped after hashing: memory
-    stays bounded whatever the size, and no byte is copied into a Python buffer.
+    The file is read CHUNK bytes at a time into one buffer: memory stays bounded whatever the size.
+    It is read, not mapped: a file truncated while it is hashed gives a short read and FileChanged,
+    where a mapping would kill the process with SIGBUS. `progress(n)` is called after each chunk
+    (and may raise to stop). Raises OSError (FileChanged when the size changed underneath).
     """
     b3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
     sha = None
@@ -39,16 +43,22 @@ def hash_fd(fd: int, *, sha256: bool = True, progress: Callable[[int], None] | N
 
         sha = hashlib.sha256()
     size = os.fstat(fd).st_size
+    buf = bytearray(min(CHUNK, size))
+    view = memoryview(buf)
     offset = 0
     while offset < size:
-        n = min(WINDOW, size - offset)
-        with mmap.mmap(fd, n, access=mmap.ACCESS_READ, offset=offset) as window:
-            b3.update(window)
-            if sha is not None:
-                sha.update(window)
-        offset += n
+        want = min(CHUNK, size - offset)
+        got = os.preadv(fd, [view[:want]], offset)
+        if got <= 0:
+            raise FileChanged(f"the file shrank from {size} bytes to {offset + got} while being read")
+        b3.update(view[:got])
+        if sha is not None:
+            sha.update(view[:got])
+        offset += got
         if progress is not None:
-            progress(n)
+            progress(got)
+    if os.fstat(fd).st_size != size:
+        raise FileChanged(f"the file's size changed from {size} bytes while being read")
     out = {"blake3": b3.hexdigest()}
     if sha is not None:
         out["sha256"] = sha.hexdigest()

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 # pathlib (with urllib and ipaddress) and the rest load while hashing runs: paths here are strings.
 
 
+PATH_MAX = 4096  # Linux's: a longer path cannot be opened by name
+
+
 def hub_blobs(model_dir: str | Path) -> str | None:
     """The blobs/ directory of huggingface_hub's cache repository whose snapshot `model_dir` is
     (`models--ORG--NAME/snapshots/REV/`, beside `models--ORG--NAME/blobs/`), or None."""
@@ -34,14 +37,15 @@ def hub_blobs(model_dir: str | Path) -> str | None:
 
 def _hub_blob(link: str, blobs: str) -> str | None:
     """The blob a snapshot's symlink names, if it is one: a relative link straight to a regular file
-    directly in the repository's blobs/ (as huggingface_hub writes them; through no other link), else None."""
+    directly in the repository's blobs/ (as huggingface_hub writes them; through no other link, and not
+    ending in "/", which no loader can open as a file), else None."""
     try:
         target = os.readlink(link)
     except OSError:
         return None
     blob = os.path.realpath(link)
     lexical = os.path.normpath(os.path.join(os.path.realpath(os.path.dirname(link)), target))
-    if os.path.isabs(target) or blob != lexical or os.path.dirname(blob) != blobs:
+    if os.path.isabs(target) or target.endswith("/") or blob != lexical or os.path.dirname(blob) != blobs:
         return None
     try:
         return blob if stat.S_ISREG(os.lstat(blob).st_mode) else None
@@ -68,7 +72,15 @@ def scan(model_dir: str | Path) -> tuple[dict[str, str], list[str]]:
             raise InputError(f"--model {model_dir}: cannot list {d}: {e.strerror}") from None
         for e in entries:
             rel = prefix + e.name
-            st = e.stat(follow_symlinks=False)
+            if len(os.fsencode(e.path)) >= PATH_MAX:
+                refused.append(f"{rel[:60]}…{rel[-20:]}: a path of {len(os.fsencode(e.path))} bytes, longer than the "
+                               f"system opens ({PATH_MAX}); a model dir holds no such path")
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError as err:
+                refused.append(f"{rel}: cannot be examined ({err.strerror})")
+                continue
             if stat.S_ISLNK(st.st_mode):
                 blob = _hub_blob(e.path, blobs) if blobs else None
                 if blob is not None:
@@ -96,18 +108,35 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+class _Abandoned(Exception):
+    """The file being hashed is not one the statement lists: stop reading it."""
+
+
 class Prefetch:
     """Hash a model dir's regular files in a background thread, started before the signature is
     checked, so that start-up and hashing overlap (blake3 releases the GIL). Nothing is trusted
     from it blindly: `inspect` reuses a digest only for a file it has itself opened (without
     following symlinks) whose device, inode, size, mtime and ctime equal those of the file that
-    was hashed, checked before and after hashing; anything else is hashed again."""
+    was hashed, checked before and after hashing; anything else is hashed again.
+
+    Once the statement is known, `limit_to` names the files it lists: any other file is left
+    unread from then on, and one being hashed is abandoned within a chunk (an unlisted file fails
+    by its name alone, so a 15 TB sparse file beside the model costs nothing)."""
 
     def __init__(self, model_dir: str | Path, *, sha256: bool) -> None:
         self.sha256 = sha256
         self._done: dict[str, tuple[tuple[int, ...], dict[str, str]]] = {}
+        self._wanted: frozenset[str] | None = None
         self._thread = threading.Thread(target=self._run, args=(os.fspath(model_dir),), daemon=True)
         self._thread.start()
+
+    def limit_to(self, names) -> None:
+        """Hash only these names from now on."""
+        self._wanted = frozenset(names)
+
+    def _unwanted(self, rel: str) -> bool:
+        wanted = self._wanted
+        return wanted is not None and rel not in wanted
 
     def _run(self, model_dir: str) -> None:
         try:
@@ -115,6 +144,8 @@ class Prefetch:
         except Exception:  # noqa: BLE001 - a speculative prefetch; inspect() reports real errors
             return
         for rel, path in files.items():
+            if self._unwanted(rel):
+                continue
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             except OSError:
@@ -123,13 +154,17 @@ class Prefetch:
                 before = os.fstat(fd)
                 if not stat.S_ISREG(before.st_mode):
                     continue
-                digests = hash_fd(fd, sha256=self.sha256)
+                digests = hash_fd(fd, sha256=self.sha256, progress=lambda _n, rel=rel: self._check(rel))
                 if _identity(os.fstat(fd)) == _identity(before):
                     self._done[rel] = (_identity(before), digests)
-            except OSError:
+            except (OSError, _Abandoned):
                 continue
             finally:
                 os.close(fd)
+
+    def _check(self, rel: str) -> None:
+        if self._unwanted(rel):
+            raise _Abandoned(rel)
 
     def get(self, rel: str, identity: tuple[int, ...], sha256: bool) -> dict[str, str] | None:
         self._thread.join()

@@ -11,7 +11,6 @@ between tensors or shared by two of them. (The `safetensors` library refuses suc
 
 from __future__ import annotations
 
-import math
 import mmap
 import os
 import struct
@@ -23,6 +22,7 @@ from typing import NamedTuple
 from . import jsonstrict
 
 MAX_HEADER = 100 << 20
+MAX_RANK = 64  # numpy's limit; a header may not make the element count's product a quadratic-time job
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4"}
@@ -82,11 +82,16 @@ def parse_header(head: bytes, size: int) -> Header:
         if dtype not in DTYPE_SIZES:
             raise SafetensorsError(f"tensor {name!r}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise SafetensorsError(f"tensor {name!r}: shape {shape!r} must be a list of non-negative integers")
+            raise SafetensorsError(f"tensor {name!r}: shape must be a list of non-negative integers")
+        if len(shape) > MAX_RANK:
+            raise SafetensorsError(f"tensor {name!r}: {len(shape)} dimensions, more than {MAX_RANK}")
         if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
                 or not 0 <= offs[0] <= offs[1]):
             raise SafetensorsError(f"tensor {name!r}: data_offsets {offs!r} must be [begin, end] with 0 <= begin <= end")
-        want = math.prod(shape) * DTYPE_SIZES[dtype]
+        want = _nbytes(shape, DTYPE_SIZES[dtype], size)
+        if want is None:
+            raise SafetensorsError(f"tensor {name!r}: shape of {len(shape)} dimension(s) holds more bytes than the "
+                                   f"{size}-byte file")
         if offs[1] - offs[0] != want:
             raise SafetensorsError(f"tensor {name!r}: {offs[1] - offs[0]} bytes for {dtype} {shape}, expected {want}")
         tensors[name] = TensorInfo(dtype, tuple(shape), offs[0], offs[1])
@@ -102,6 +107,19 @@ def parse_header(head: bytes, size: int) -> Header:
             raise SafetensorsError(f"tensors end at data offset {pos}, past the end of the file ({data_len} data bytes)")
         raise SafetensorsError(f"{data_len - pos} byte(s) after the last tensor: the tensors must cover the file exactly")
     return Header(n, metadata, tensors)
+
+
+def _nbytes(shape: list[int], itemsize: int, limit: int) -> int | None:
+    """The byte length of a tensor of `shape`, or None once it passes `limit` (then no tensor of it
+    fits the file, and the product is not carried on: its digits would grow with every dimension)."""
+    if 0 in shape:
+        return 0
+    n = itemsize
+    for d in shape:
+        n *= d
+        if n > limit:
+            return None
+    return n
 
 
 def check_fd(fd: int) -> Header:

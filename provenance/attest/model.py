@@ -61,6 +61,10 @@ class _Problems(list):
         self.append(f"{loc}: {msg}")
 
 
+def _is_size(v: object) -> bool:
+    return type(v) is int and 0 <= v <= (1 << 53) - 1
+
+
 def _is_obj(v: object, loc: str, p: _Problems) -> bool:
     if not isinstance(v, dict):
         p.add(loc, "must be an object" if v is not None else "required field is missing")
@@ -178,6 +182,7 @@ class Outputs(NamedTuple):
     output_license: str | None = None
     fingerprint: dict | None = None
     recitation: dict | None = None
+    sizes: dict | None = None  # subject name -> byte size, where the statement signs one
 
 
 class RunDetails(NamedTuple):
@@ -245,19 +250,23 @@ def _run_details(v: object, loc: str, p: _Problems) -> RunDetails | None:
     if _is_obj(out, oloc, p):
         files = out.get("files")
         names: dict[str, str] = {}
+        sizes: dict[str, int] = {}
         if _is_obj(files, f"{oloc}.files", p):
             for name, d in files.items():
-                if not isinstance(d, dict) or set(d) != {"blake3"} or not isinstance(d["blake3"], str) \
-                        or not HEX64.fullmatch(d["blake3"]):
-                    p.add(f"{oloc}.files.{name}", "must be exactly {\"blake3\": <64 hex digits>}")
+                if not isinstance(d, dict) or set(d) - {"size"} != {"blake3"} or not isinstance(d["blake3"], str) \
+                        or not HEX64.fullmatch(d["blake3"]) or ("size" in d and not _is_size(d["size"])):
+                    p.add(f"{oloc}.files.{name}", "must be exactly {\"blake3\": <64 hex digits>} and optionally "
+                          "\"size\": <bytes, a non-negative integer>")
                 else:
                     names[name] = d["blake3"]
+                    if "size" in d:
+                        sizes[name] = d["size"]
         lic = out.get("output_license")
         if lic is not None and not isinstance(lic, str):
             p.add(f"{oloc}.output_license", "must be a string")
         tensors, fp, rec = out.get("tensors", {}), out.get("fingerprint"), out.get("recitation")
         outputs = Outputs(names, tensors if isinstance(tensors, dict) else {}, lic,
-                          fp if isinstance(fp, dict) else None, rec if isinstance(rec, dict) else None)
+                          fp if isinstance(fp, dict) else None, rec if isinstance(rec, dict) else None, sizes or None)
     return RunDetails(bid, outputs) if len(p) == n else None
 
 

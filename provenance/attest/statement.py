@@ -95,7 +95,7 @@ def input_uri(inp) -> str:
 
 def statement(*, recipe, record: dict, manifest: dict, model_files: dict[str, dict[str, str]],
               byproducts: dict[str, dict[str, str]], invocation_id: str,
-              fingerprint: dict | None = None) -> dict:
+              fingerprint: dict | None = None, model_sizes: dict[str, int] | None = None) -> dict:
     """Assemble the Statement for a finished build (its build.json content is `record`)."""
     r = recipe.recipe
     specs = {i.name: i for i in r.inputs}
@@ -129,7 +129,8 @@ def statement(*, recipe, record: dict, manifest: dict, model_files: dict[str, di
     ]
     outputs = {
         "tensors": record["weights"]["tensors"],
-        "files": {name: {"blake3": d["blake3"]} for name, d in sorted(model_files.items())},
+        "files": {name: {"blake3": d["blake3"], **({"size": model_sizes[name]} if model_sizes else {})}
+                  for name, d in sorted(model_files.items())},
         "recitation": record["recitation"],
         "output_license": r.output.license,
         "input_licenses": sorted({lic for s in per_input.values() for lic in s["licenses"]}),

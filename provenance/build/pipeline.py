@@ -355,8 +355,10 @@ def attest_and_sign(staging: Path, recipe: LoadedRecipe, record: dict, manifest_
     from ..attest.statement import PAYLOAD_TYPE, canonical, statement
     from ..attest.sign import envelope_line, sign_envelope, sign_sigstore
 
+    sizes = {name: (staging / "model" / name).stat().st_size for name in record["weights"]["files"]}
     st = statement(recipe=recipe, record=record, manifest=manifest_doc, model_files=record["weights"]["files"],
-                   byproducts=byproducts, invocation_id=record["invocation_id"], fingerprint=fingerprint)
+                   byproducts=byproducts, invocation_id=record["invocation_id"], fingerprint=fingerprint,
+                   model_sizes=sizes)
     payload = canonical(st)
     atomic_write_bytes(staging / "attestation.intoto.jsonl",
                        envelope_line(sign_envelope(payload, PAYLOAD_TYPE, signing.signers)))

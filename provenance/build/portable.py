@@ -116,6 +116,14 @@ def _neighbours_ok(x64, r32, idx, forced):
     return (forced == flat_r) | (forced == other)
 
 
+def _outside(idx, wide):
+    """Position in `idx` of the first index not among `wide` (this build's own near values), or None."""
+    import torch
+
+    inside = torch.isin(idx, wide)
+    return None if bool(inside.all()) else int((~inside).nonzero()[0])
+
+
 def _round_grid(y, margin: float):
     """(round(y) to integers, half to even; flat indices of y within `margin` of a half-integer)."""
     import torch
@@ -236,6 +244,15 @@ class Rounder:
         if given is not None:
             idx, bits = given
             forced = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+            # A log decides only values this build also finds near a boundary (twice the margin: the
+            # leader's value and this one differ by far less than the margin, never by a whole band).
+            j = _outside(idx, _round(t.detach(), 2 * self.margin)[1])
+            if j is not None:
+                raise CheckFailed(
+                    f"{self.log.source}: the rounding log does not fit this build: {name}[{int(idx[j])}] "
+                    f"({_where(phase)}) is logged, but this build computed "
+                    f"{float(t.detach().reshape(-1)[idx[j]])!r}, farther than twice the margin "
+                    f"({self.margin:g} ulp) from a rounding boundary: a log may only decide values near one")
             ok = _neighbours_ok(t.detach(), r32, idx, forced)
             if not bool(ok.all()):
                 j = int((~ok).nonzero()[0])
@@ -307,6 +324,13 @@ class Rounder:
             idx, bits = given
             forced = torch.tensor([_bits_to_float(b) for b in bits], dtype=torch.float64) / q
             yy = y.reshape(-1)[idx]
+            j = _outside(idx, _round_grid(y, 2 * self.margin)[1])
+            if j is not None:
+                raise CheckFailed(
+                    f"{self.log.source}: the rounding log does not fit this build: {gname}[{int(idx[j])}] "
+                    f"({_where(phase)}) is logged, but this build computed {float(yy[j] * q)!r}, farther than "
+                    f"twice the margin ({self.margin:g} grid steps) from a midpoint: a log may only decide values "
+                    "near one")
             ok = (forced == torch.floor(yy)) | (forced == torch.ceil(yy))
             if not bool(ok.all()):
                 j = int((~ok).nonzero()[0])

@@ -249,14 +249,39 @@ def tree_digest(root: Path) -> dict[str, str]:
     return {"blake3": merkle_root(leaves)}
 
 
+class _RateFloor:
+    """Stops a download slower than `floor` bytes per second over each window of `window` seconds."""
+
+    def __init__(self, url: str, floor: int, window: float) -> None:
+        import time
+
+        self.url, self.floor, self.window = url, floor, window
+        self.start, self.bytes = time.monotonic(), 0
+
+    def add(self, n: int) -> None:
+        import time
+
+        self.bytes += n
+        elapsed = time.monotonic() - self.start
+        if elapsed < self.window:
+            return
+        if self.bytes < self.floor * elapsed:
+            raise FetchError(f"cannot fetch {self.url}: {self.bytes / elapsed:.0f} bytes/s over the last "
+                             f"{elapsed:.0f} s, under limits.download_min_bytes_per_second ({self.floor}); stopped")
+        self.start, self.bytes = time.monotonic(), 0
+
+
 def _download_url(url: str, dest: Path, progress=None, limits=None) -> None:
     """Download with the recipe's [limits]: at most max_download_bytes, no read that stalls longer
     than download_stall_seconds, done within download_deadline_seconds. Raises FetchError."""
     import time
 
-    max_bytes = limits.max_download_bytes if limits else 4 << 30
-    stall = limits.download_stall_seconds if limits else 60.0
-    deadline = time.monotonic() + (limits.download_deadline_seconds if limits else 3600.0)
+    from ..recipe import Limits
+
+    limits = limits or Limits()
+    max_bytes, stall = limits.max_download_bytes, limits.download_stall_seconds
+    deadline = time.monotonic() + limits.download_deadline_seconds
+    rate = _RateFloor(url, limits.download_min_bytes_per_second, limits.download_rate_window_seconds)
     got = 0
     try:
         with urllib.request.urlopen(url, timeout=stall) as resp, open(dest, "wb") as out:
@@ -272,6 +297,7 @@ def _download_url(url: str, dest: Path, progress=None, limits=None) -> None:
                                      "arrived; stopped")
                 if time.monotonic() > deadline:
                     raise FetchError(f"cannot fetch {url}: not done within limits.download_deadline_seconds; stopped")
+                rate.add(len(chunk))
                 out.write(chunk)
                 if progress is not None:
                     progress(len(chunk))

@@ -319,6 +319,10 @@ class Limits(Strict):
     max_download_bytes: Annotated[int, Field(gt=0, le=1 << 44)] = 4 << 30
     download_stall_seconds: Annotated[float, Field(allow_inf_nan=False, gt=0, le=86400)] = 60.0
     download_deadline_seconds: Annotated[float, Field(allow_inf_nan=False, gt=0, le=7 * 86400)] = 3600.0
+    # curl's --speed-limit / --speed-time: slower than this many bytes per second over a whole window
+    # stops the download (a server that trickles a byte every few seconds never trips the stall limit)
+    download_min_bytes_per_second: Annotated[int, Field(ge=0, le=1 << 30)] = 1024
+    download_rate_window_seconds: Annotated[float, Field(allow_inf_nan=False, gt=0, le=86400)] = 60.0
     max_extracted_bytes: Annotated[int, Field(gt=0, le=1 << 44)] = 8 << 30
     max_extracted_files: Annotated[int, Field(gt=0, le=1 << 24)] = 500_000
 
@@ -458,12 +462,13 @@ def _loc(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def format_errors(path: Path, err: ValidationError) -> str:
-    lines = [f"{path}: {err.error_count()} problem(s) in the recipe:"]
+def format_errors(path: Path, err: ValidationError, *, what: str = "recipe", doc: str = "docs/recipe.md") -> str:
+    """Every problem pydantic found in `path`, a `what` file whose format `doc` documents."""
+    lines = [f"{path}: {err.error_count()} problem(s) in the {what}:"]
     for e in err.errors(include_url=False):
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (not part of the recipe format, see docs/recipe.md)"
+            msg = f"unknown field (not part of the {what} format, see {doc})"
         elif e["type"] == "missing":
             msg = "required field is missing"
         got = "" if e["type"] in ("missing", "value_error") else f" (got {e.get('input')!r})"

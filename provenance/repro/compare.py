@@ -177,8 +177,13 @@ def compare(dir_a: Path, dir_b: Path, *, bounds: Bounds | None = None, functiona
     bounds, notes = (bounds or Bounds()).tightened_by((fp or {}).get("tolerances"))
     metrics: dict = {"tensors": tm["tensors"], "overall": tm["overall"], "bounds": bounds.as_dict(),
                      "bounds_notes": notes}
-    if tm["problems"]:
-        return Verdict(DIVERGED, tm["problems"], metrics)
+    if tm["problems"]:  # other tensors, not other values: there is no distance to judge
+        from ..errors import InputError
+
+        raise InputError(f"{dir_a} and {dir_b}: not comparable: their models have different tensors ("
+                         + "; ".join(tm["problems"][:3]) + (f"; and {len(tm['problems']) - 3} more"
+                                                            if len(tm["problems"]) > 3 else "")
+                         + "); compare judges rebuilds of one architecture")
     if weights_digest(ma / "model.safetensors") == weights_digest(mb / "model.safetensors"):
         return Verdict(BITWISE, [], metrics)
     m = {"rel_l2": tm["overall"]["rel_l2"], "cosine": tm["overall"]["cosine"]}

@@ -21,6 +21,9 @@ def _float(v: object) -> float | None:
 
 def _transcript(path: Path) -> Path:
     if not path.is_dir():
+        if path.suffix == ".json":  # build.json, audit.json, ...: one JSON document, not a transcript
+            raise InputError(f"{path}: not a transcript; diverge expects two transcripts (transcript.jsonl) or two "
+                             "build directories")
         return path
     if not (path / "transcript.jsonl").is_file():
         raise InputError(f"{path}: a directory without transcript.jsonl (expected a transcript or a build's "
@@ -28,9 +31,28 @@ def _transcript(path: Path) -> Path:
     return path / "transcript.jsonl"
 
 
+def _same_architecture(a: Path, b: Path) -> None:
+    """Two build dirs whose models differ in shape (parameters, vocabulary) never ran the same steps:
+    'diverged at step 0' would be a comparison that was never possible. Raises InputError."""
+    from .._internal import jsonstrict
+
+    models = []
+    for d in (a, b):
+        try:
+            record = jsonstrict.loads((d / "build.json").read_bytes()) if d.is_dir() else None
+        except (OSError, ValueError):
+            record = None
+        m = record.get("model") if isinstance(record, dict) else None
+        models.append({k: m.get(k) for k in ("parameters", "vocab_size")} if isinstance(m, dict) else None)
+    if None not in models and models[0] != models[1]:
+        raise InputError(f"{a} and {b}: not comparable: their models differ ({models[0]} vs {models[1]}); diverge "
+                         "finds where builds of one model part")
+
+
 def diverge(path_a: Path, path_b: Path) -> dict:
     """The first step where two transcripts differ; a build's output dir stands for its
     transcript.jsonl. Raises InputError for unreadable transcripts."""
+    _same_architecture(Path(path_a), Path(path_b))
     path_a, path_b = (_transcript(Path(p)) for p in (path_a, path_b))
     a, b = read(path_a), read(path_b)
     for path, t in ((path_a, a), (path_b, b)):

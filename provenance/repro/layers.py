@@ -25,11 +25,25 @@ from pathlib import Path
 from ..errors import InputError
 
 
-def _stack(build_dir: Path) -> dict:
+def _record(build_dir: Path) -> dict:
+    """build.json as strict JSON whose top level and sections are objects. Raises InputError."""
+    from .._internal import jsonstrict
+
     try:
-        record = json.loads((build_dir / "build.json").read_text())
+        record = jsonstrict.loads((build_dir / "build.json").read_bytes())
     except (OSError, ValueError) as e:
         raise InputError(f"{build_dir}: no readable build.json ({e}); --layers compares two build dirs") from None
+    bad = [k for k in ("determinism", "distributed", "recipe") if not isinstance(record, dict)
+           or not isinstance(record.get(k, {}), dict)]
+    if not isinstance(record, dict) or bad:
+        raise InputError(f"{build_dir}/build.json: not a build record of this tool ("
+                         + (f"{', '.join(bad)} must be objects" if isinstance(record, dict) else "not a JSON object")
+                         + "); --layers compares two build dirs")
+    return record
+
+
+def _stack(build_dir: Path) -> dict:
+    record = _record(build_dir)
     det = record.get("determinism", {})
     level = str(det.get("cpu_capability_requested") or det.get("cpu_capability") or "native").lower()
     return {"cpu_capability": level, "world_size": record.get("distributed", {}).get("world_size", 1),
@@ -49,7 +63,7 @@ def _embedded_recipe(build_dir: Path, dest: Path) -> Path:
         text = rec["content"]
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise InputError(f"{build_dir}: no attestation with an embedded recipe ({e})") from None
-    want = json.loads((build_dir / "build.json").read_text())["recipe"]["blake3"]
+    want = _record(build_dir)["recipe"].get("blake3")
     if blake3.blake3(text.encode()).hexdigest() != want:
         raise InputError(f"{build_dir}: the embedded recipe is not the one build.json records")
     dest.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,7 @@ class ReplayReport:
     same_stack: bool
     seconds: float = 0.0
     build_train_seconds: float | None = None
+    seed: int | None = None  # the segment choice's seed (drawn at verification time unless given)
 
     @property
     def ok(self) -> bool:
@@ -71,7 +72,7 @@ class ReplayReport:
         return {"ok": self.ok, "verdict": verdict_line(self), "segments": [s.as_dict() for s in self.segments],
                 "replayed_steps": self.replayed_steps, "total_steps": self.total_steps,
                 "fraction_replayed": self.replayed_steps / self.total_steps if self.total_steps else 0.0,
-                "points": self.points, "stack": self.stack, "same_stack": self.same_stack,
+                "points": self.points, "seed": self.seed, "stack": self.stack, "same_stack": self.same_stack,
                 "seconds": round(self.seconds, 3), "build_train_seconds": self.build_train_seconds}
 
 
@@ -133,7 +134,7 @@ def replay(build_dir: Path, payload: dict, st, *, segments: int, seed: int, stor
     want = signed.get("transcript.jsonl", {}).get("blake3")
     if want != blake3.blake3(raw).hexdigest():
         raise CheckFailed(f"{tpath}: its digest is not the one the attestation signs (blake3 {want})")
-    lines = read_transcript(tpath)
+    lines = read_transcript(tpath, raw)  # the bytes whose digest was just checked, not a second read
     raw_lines = raw.splitlines()
     total = len(lines)
     points, every = points_of(lines, total)
@@ -160,7 +161,7 @@ def replay(build_dir: Path, payload: dict, st, *, segments: int, seed: int, stor
         if tok is not None and dict(tok.digest or {}).get("blake3") != data.tokenizer_digest["blake3"]:
             raise CheckFailed("the tokenizer trained here differs from the signed one; the inputs or the "
                               "tokenizers library differ, so the build cannot be replayed on this stack")
-        report = ReplayReport([Segment(a, b) for a, b in chosen], total, points, why, same)
+        report = ReplayReport([Segment(a, b) for a, b in chosen], total, points, why, same, seed=seed)
         for seg in report.segments:
             t0 = time.perf_counter()
             log(f"segment {seg.start} -> {seg.end} ({seg.steps} steps)")
@@ -245,7 +246,7 @@ def _run_segment(seg, recipe, data, lines, raw_lines, rdir, every, work, same, b
         seg.verdict = "failed"
         seg.reasons = [f"step {bad_order[0] if bad_order else first}: the data order differs from the signed one"]
         return
-    seg.verdict, seg.reasons = _judge_end(seg, model, rdir, build_dir, bounds, ckpt)
+    seg.verdict, seg.reasons = _judge_end(seg, model, rdir, build_dir, bounds, ckpt, lines)
 
 
 def _line_diff(got: bytes, want: bytes) -> str:
@@ -259,19 +260,36 @@ def _line_diff(got: bytes, want: bytes) -> str:
     return "fields " + ", ".join(keys) if keys else "only the chain (an earlier line differs)"
 
 
-def _judge_end(seg, model, rdir, build_dir, bounds, ckpt) -> tuple[str, list[str]]:
+def _judge_end(seg, model, rdir, build_dir, bounds, ckpt, lines) -> tuple[str, list[str]]:
+    """Another stack: the segment's end, as the signed transcript records it, against the re-executed
+    weights. The end is a kept checkpoint (its digest must be the transcript's for that step) or the
+    final weights (their tensor digest must be the transcript's last parameter digest): the weights
+    measured against are the signed ones, not whatever lies in the build dir."""
     import numpy as np
 
+    from .._internal.hashing import tensor_digest
     from ..build.train import saved_state
     from .compare import judge, load_tensors, tensor_metrics
 
     mine = {k: v.detach().float().numpy() for k, v in saved_state(model).items()}
     end = rdir / f"step-{seg.end:09d}.safetensors"
+    recorded = lines[seg.end - 1]
     if end.is_file():
-        ref = {k.removeprefix("model/"): v.float().numpy() for k, v in ckpt.read_file(end, None).tensors.items()
-               if k.startswith("model/")}
+        state = ckpt.read_file(end, None)
+        if state.digest != recorded.get("checkpoint"):
+            return "failed", [f"ending checkpoint {end.name}: digest {state.digest[:16]}… is not the one the signed "
+                              f"transcript records for step {seg.end} ({str(recorded.get('checkpoint'))[:16]}…)"]
+        ref = {k.removeprefix("model/"): v.float().numpy() for k, v in state.tensors.items() if k.startswith("model/")}
     else:
-        ref = {k: np.asarray(v, dtype=np.float32) for k, v in load_tensors(build_dir / "model" / "model.safetensors").items()}
+        weights = build_dir / "model" / "model.safetensors"
+        try:
+            got = tensor_digest(weights)
+        except (OSError, ValueError) as e:
+            return "failed", [f"the final weights {weights}: {e}"]
+        if recorded.get("params") is None or got != recorded.get("params"):
+            return "failed", [f"the final weights {weights}: tensor digest {got[:16]}… is not the signed transcript's "
+                              f"last parameter digest ({str(recorded.get('params'))[:16]}…)"]
+        ref = {k: np.asarray(v, dtype=np.float32) for k, v in load_tensors(weights).items()}
     m = tensor_metrics(ref, mine)
     if m["problems"]:
         return "failed", m["problems"]

@@ -16,6 +16,7 @@ Three sources of evidence, from weakest to strongest (docs/threat-model.md):
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..verify.model_dir import inspect, report_exact
@@ -32,22 +33,34 @@ MODEL_CARD = "README.md"
 
 def check_reproduced(report: Report, st, model_dir: Path, bounds: Bounds, *, sha256: bool = False,
                      prefetch=None, reference: Path | None = None, store: Path | None = None,
-                     inputs: bool = False) -> None:
+                     inputs: bool = False, published: bool = False) -> None:
     """Add the model-dir checks and the `reproduced` check to `report` (st: attest.model.Statement);
-    with `reference` and `inputs`, also the `reference-weights` and `recitation` checks."""
+    with `reference` and `inputs`, also the `reference-weights` and `recitation` checks. Every path
+    out of here sets `report.verdict` or fails a check: a report that is ok has an answer."""
     report.question = "reproduced"
-    res = inspect(st, Path(model_dir), sha256=sha256, prefetch=prefetch)
-    # The model card (README.md) states the weights' digest and their audit's rates, so it differs
-    # exactly when the weights do: the weights' judgement covers it.
-    judged = frozenset({WEIGHTS, MODEL_CARD}) if WEIGHTS in res.differing else frozenset()
+    res = inspect(st, Path(model_dir), sha256=sha256, prefetch=prefetch, published=published)
+    weights_differ = WEIGHTS in res.differing and WEIGHTS not in {n.split(":")[0] for n in res.structure}
+    tensors_equal = weights_differ and _same_tensors(st, Path(model_dir))
+    # The model card (README.md) states the weights' tensor digest and their audit's rates: a rebuild
+    # whose tensors differ has its own card, which the weights' judgement covers (model-card below
+    # says what is and is not vouched for). Tensors bitwise equal leave the card nothing to differ in.
+    judged = frozenset({WEIGHTS, MODEL_CARD}) if weights_differ and not tensors_equal else \
+        frozenset({WEIGHTS}) if tensors_equal else frozenset()
     report_exact(report, res, sha256=sha256, judged_elsewhere=judged)
     if not report.ok:
-        report.verdict = DIVERGED if res.differing else None
+        report.verdict = None  # a file beside the weights is not the attested one: FAILED, not a distance
         return
-    if not judged:
+    if not weights_differ:
         report.verdict = BITWISE
         report.add("reproduced", True, "every file is bitwise equal to the attested one")
         return
+    if tensors_equal:
+        report.verdict = BITWISE
+        report.add("reproduced", True, f"{WEIGHTS} differs from the attested file, but its tensors are bitwise "
+                   "equal (blake3-tensors-v1): only the header or metadata differs; every other file is exact")
+        return
+    if MODEL_CARD in res.differing:
+        _card_check(report, Path(model_dir), Path(reference) if reference is not None else None)
     if reference is not None:
         _against_reference(report, st, Path(model_dir), Path(reference), bounds)
     if inputs:
@@ -60,10 +73,6 @@ def check_reproduced(report: Report, st, model_dir: Path, bounds: Bounds, *, sha
     nums = (f"rel_l2~{f['rel_l2']:.3g}, worst tensor~{fpm.get('max_tensor_rel_l2_est', float('nan')):.3g} "
             f"(from {fp.get('projections')} projections), eval loss diff {f['eval_loss_diff']:.3g}, "
             f"greedy agreement {f['greedy_agreement']:.4f}") if f else ""
-    if v.verdict == BITWISE:
-        report.add("reproduced", True, f"{WEIGHTS} differs from the attested file, but its tensors are bitwise equal "
-                   "(blake3-tensors-v1): only the header or metadata differs")
-        return
     ok = v.verdict == WITHIN
     notes = list(v.metrics.get("bounds_notes") or [])
     detail = f"{WEIGHTS} is not bitwise equal; judged against the signed fingerprint: {v.verdict}"
@@ -80,6 +89,51 @@ def check_reproduced(report: Report, st, model_dir: Path, bounds: Bounds, *, sha
         return
     report.add("reproduced", ok, detail)
     report.verdict = v.verdict if report.ok else DIVERGED
+
+
+def _same_tensors(st, model_dir: Path) -> bool:
+    """Whether the candidate's tensors are bitwise the attested ones (blake3-tensors-v1)."""
+    from .._internal.hashing import tensor_digest
+
+    fp = st.runDetails.provenance_outputs.fingerprint
+    want = fp.get("tensor_digest") if isinstance(fp, dict) else None
+    try:
+        return isinstance(want, str) and tensor_digest(model_dir / WEIGHTS) == want
+    except (OSError, ValueError):
+        return False
+
+
+# What a rebuild's model card may differ in from the attested one: the figures that describe its own
+# weights (their tensor digest, the audit's rates and token counts). Everything else is the recipe's.
+_FIGURES = re.compile(r"[0-9a-f]{64}|\d+(?:[.,]\d+)*%?")
+
+
+def card_skeleton(text: str) -> str:
+    """The card with every figure replaced by `#`: what a rebuild's card shares with the attested one."""
+    return _FIGURES.sub("#", text)
+
+
+def _card_check(report: Report, model_dir: Path, reference: Path | None) -> None:
+    """The candidate's model card, when the weights differ: with the attested model at hand
+    (`--reference-model`, verified exactly before this is reported) it must be the attested card with
+    only its figures changed; without it, it is reported as the rebuilder's own, vouched for by no one."""
+    try:
+        mine = (model_dir / MODEL_CARD).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        report.add("model-card", False, f"{MODEL_CARD} cannot be read as UTF-8 text: {e}")
+        return
+    if reference is None:
+        report.add("model-card", True, f"{MODEL_CARD} differs from the attested card, as a rebuild's does (it states "
+                   "the rebuild's own weights digest and audit rates); its text is the rebuilder's and not "
+                   "vouched for by the attestation: add --reference-model DIR to compare it with the attested card")
+        return
+    try:
+        theirs = (reference / MODEL_CARD).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        theirs = ""
+    same = card_skeleton(mine) == card_skeleton(theirs)
+    report.add("model-card", same, f"{MODEL_CARD} is the attested card with only its figures changed" if same else
+               f"{MODEL_CARD} differs from the attested card in more than its figures (weights digest, rates, counts)")
 
 
 def _against_reference(report: Report, st, model_dir: Path, reference: Path, bounds: Bounds) -> None:

@@ -46,6 +46,7 @@ def verify(attestation: Path, *, keys: list[Path], threshold: int = 1, model: Pa
     checked when present, and required by a policy with `[audit] require = true`. `published`: the
     model dir is a published folder whose `.provenance/` receipts are not part of it."""
     from .checks import inputs_check, policy_check, recipe_file_check, statement_checks
+    from ..attest.audit import AUDIT_PREDICATE_TYPE
     from ..attest.model import VSA_TYPE
     from ..attest.oms import OMS_PREDICATE_TYPE
     from .envelope import read_attestation, sigstore_bundle_shape, verify_bundle, verify_dsse, verify_key_bundle
@@ -67,25 +68,25 @@ def verify(attestation: Path, *, keys: list[Path], threshold: int = 1, model: Pa
         payload = None
     if not report.ok:
         return report
-    if isinstance(payload, dict) and payload.get("predicateType") == VSA_TYPE:
-        from .vsa import vsa_checks
-
+    if isinstance(payload, dict) and payload.get("predicateType") == AUDIT_PREDICATE_TYPE:
+        raise InputError(f"{attestation}: this is the signed memorization audit (audit.intoto.jsonl), not the "
+                         "build's attestation: pass attestation.intoto.jsonl, with this file as --audit (it is "
+                         "read from beside the attestation by default)")
+    if isinstance(payload, dict) and payload.get("predicateType") in (VSA_TYPE, OMS_PREDICATE_TYPE):
+        what = "a VSA summarises another verification" if payload["predicateType"] == VSA_TYPE else \
+            "an OMS signature names files only"
+        _refuse_for_files_only(what, recipe=recipe, inputs=inputs, audit=audit, policy_path=policy_path,
+                               reproduced=model is not None and not check_model)
         report.statement = payload
-        if recipe is not None or inputs or audit is not None:
-            raise InputError("a VSA summarises another verification: --recipe, --inputs and --audit need the SLSA "
-                             "provenance attestation")
-        vsa_checks(report, payload, Path(model) if model is not None and check_model else None, prefetch=prefetch,
-                   published=published)
-        return report
-    if isinstance(payload, dict) and payload.get("predicateType") == OMS_PREDICATE_TYPE:
-        from .oms import oms_checks
+        mdir = Path(model) if model is not None else None
+        if payload["predicateType"] == VSA_TYPE:
+            from .vsa import vsa_checks
 
-        report.statement = payload
-        oms_checks(report, payload, Path(model) if model is not None and check_model else None, Path(attestation),
-                   prefetch=prefetch, published=published)
-        if recipe is not None or inputs or audit is not None:
-            raise InputError("an OMS signature names files only: --recipe, --inputs and --audit need the SLSA "
-                             "attestation (attestation.intoto.jsonl)")
+            vsa_checks(report, payload, mdir, prefetch=prefetch, published=published)
+        else:
+            from .oms import oms_checks
+
+            oms_checks(report, payload, mdir, Path(attestation), prefetch=prefetch, published=published)
         return report
     st = statement_checks(report, payload, pf.policy)
     if st is None:
@@ -108,3 +109,15 @@ def verify(attestation: Path, *, keys: list[Path], threshold: int = 1, model: Pa
     if policy_path is not None:
         policy_check(report, st, pf.policy, derived)
     return report
+
+
+def _refuse_for_files_only(what: str, *, recipe, inputs: bool, audit, policy_path, reproduced: bool) -> None:
+    """An OMS signature or a VSA says which files, not how they were built: the options that judge a
+    build cannot be applied to it, and are refused (exit 2) rather than silently passed over."""
+    asked = [flag for flag, given in (("--recipe", recipe is not None), ("--inputs", inputs),
+                                      ("--audit", audit is not None), ("--policy", policy_path is not None),
+                                      ("--reproduced", reproduced)) if given]
+    if asked:
+        raise InputError(f"{what}: {', '.join(asked)} cannot be applied to it (no builder, recipe, inputs, licences, "
+                         "audit or fingerprint to judge); pass the SLSA attestation (attestation.intoto.jsonl) for "
+                         "that")

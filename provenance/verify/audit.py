@@ -16,8 +16,11 @@ def audit_checks(report: Report, attestation: Path, explicit: Path | None, keys:
 
     path = explicit or Path(attestation).parent / AUDIT_FILE
     if not path.is_file():
-        if explicit is not None or policy.require:
-            report.add("audit", False, f"no signed memorization audit at {path}")
+        bounds = [f"{k} {v:g}" for k, v in (("max_extraction_rate", policy.max_extraction_rate),
+                                            ("min_extraction_rate", policy.min_extraction_rate)) if v is not None]
+        if explicit is not None or policy.require or bounds:
+            report.add("audit", False, f"no signed memorization audit at {path}"
+                       + (f": the policy's {' and '.join(bounds)} cannot be checked without it" if bounds else ""))
         if licence_policy == "fail":
             report.add("licence-compatibility", False, f"no signed licence verdict: no audit at {path}")
         return

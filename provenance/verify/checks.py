@@ -44,8 +44,8 @@ def statement_checks(report: Report, obj: object, policy: Policy) -> Statement |
     return st if ok else None
 
 
-def _mismatches(want: dict[str, str], got: dict[str, str]) -> list[str]:
-    return [f"{a} recorded {want[a]}, computed {got[a]}" for a in ("blake3", "sha256") if a in want and want[a] != got[a]]
+def _mismatches(want: dict[str, str], got: dict[str, str], got_is: str = "computed") -> list[str]:
+    return [f"{a} attested {want[a]}, {got_is} {got[a]}" for a in ("blake3", "sha256") if a in want and want[a] != got[a]]
 
 
 def embedded_recipe_check(report: Report, st: Statement) -> bool:
@@ -62,8 +62,10 @@ def recipe_file_check(report: Report, st: Statement, recipe_path: Path) -> None:
     from .._internal.reading import read_regular_file
 
     data = read_regular_file(Path(recipe_path), "recipe", MAX_RECIPE_BYTES)
-    bad = _mismatches(st.recipe.digest, hash_bytes(data))
-    report.add("recipe", not bad, "; ".join(bad) or f"{recipe_path} matches externalParameters.recipe")
+    bad = _mismatches(st.recipe.digest, hash_bytes(data), "this file")
+    report.add("recipe", not bad, f"{recipe_path} is not the attested recipe ({st.recipe.path!r}, embedded in the "
+               f"attestation): their contents differ; {'; '.join(bad)}" if bad else
+               f"{recipe_path} matches externalParameters.recipe ({st.recipe.path!r})")
 
 
 def inputs_check(report: Report, st: Statement, store_root: Path | None) -> dict[str, int] | None:
@@ -106,7 +108,10 @@ def inputs_check(report: Report, st: Statement, store_root: Path | None) -> dict
     except ProvenanceError as e:
         msg = e.diagnostics().replace("--offline forbids fetching it", "verify-attestation never fetches")
         msg = msg.split("\n  Obtain the file elsewhere")[0]
-        report.add("inputs", False, msg + " (run `provenance fetch RECIPE` first)" if "not in the store" in msg else msg)
+        if "not in the store" in msg:  # a missing prerequisite, not a finding against the attestation
+            report.could_not_check("inputs", msg + " (run `provenance fetch RECIPE` first)")
+        else:
+            report.add("inputs", False, msg)
         return None
     root = m["merkle_root"]["digest"]
     report.add("inputs", root == want_root,

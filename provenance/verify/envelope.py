@@ -53,7 +53,29 @@ def read_attestation(path: Path) -> tuple[str, list[str]]:
             if isinstance(material, dict) and "publicKey" in material or not isinstance(material, dict):
                 return "key-bundle", [stripped]  # signed with a key (as OMS `sign key`), or not a bundle at all
             return "sigstore", [stripped]
+        if isinstance(whole, dict) and not set(whole) & {"payload", "payloadType", "signatures"}:
+            raise InputError(f"{path}: not an attestation: a JSON object that is neither a DSSE envelope nor a "
+                             f"Sigstore bundle{_what_it_is(whole, path)}")
     return "dsse", [line for line in text.splitlines() if line.strip()]
+
+
+# The JSON files a build writes beside its attestation, by their `format` field (docs/formats.md).
+OUR_FILES = {"provenance-build-v1": "the build record (build.json), which the attestation signs as a byproduct",
+             "provenance-memorization-audit-v1": "the memorization audit (audit.json); its signed form is "
+                                                 "audit.intoto.jsonl, checked with --audit",
+             "provenance-dataset-manifest-v1": "the dataset manifest (dataset-manifest.json)",
+             "provenance-fingerprint-v1": "the weights' fingerprint (fingerprint.json)"}
+
+
+def _what_it_is(obj: dict, path: Path) -> str:
+    """'; it is X: pass Y instead' for a file of ours given as the attestation, else ''."""
+    what = OUR_FILES.get(obj.get("format")) if isinstance(obj.get("format"), str) else None
+    if what is None and ("bomFormat" in obj or "@graph" in obj):
+        what = "an SBOM, which the attestation signs as a byproduct"
+    if what is None:
+        return ""
+    att = Path(path).parent / "attestation.intoto.jsonl"
+    return f"; it is {what}. The attestation is {att}" if att.is_file() else f"; it is {what}"
 
 
 def b64decode_any(text: object) -> bytes:

@@ -2,13 +2,11 @@
 
 Key ids are computed exactly as securesystemslib computes them (sha256 of the OLPC canonical JSON
 of keytype, scheme and keyval), so the ids shown here are the ones `provenance build` records;
-a test holds the two to the same value. Keeping securesystemslib off the verifier's exact path
-keeps its start-up small next to hashing (docs/benchmarks.md).
+a test holds the two to the same value. Only cryptography's public, documented API is used.
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,59 +40,26 @@ class PublicKey(NamedTuple):
                 self.key.verify(sig, data)
             else:
                 from cryptography.hazmat.primitives import hashes
+                from cryptography.hazmat.primitives.asymmetric import ec
 
-                self.key.verify(sig, data, _ecdsa()(getattr(hashes, self.hash_name.upper())()))
+                self.key.verify(sig, data, ec.ECDSA(getattr(hashes, self.hash_name.upper())()))
         except (InvalidSignature, ValueError, TypeError):
             return False
         return True
 
 
-@functools.cache
-def _ecdsa() -> type:
-    """`ec.ECDSA` for verifying, built without its constructor's check for deterministic *signing*,
-    which imports cryptography's whole legacy OpenSSL backend (cffi, RSA, ciphers: ~8 ms of CPU at
-    every verification's start-up, docs/benchmarks.md). `verify` reads only `algorithm`, and the
-    class is still an ECDSA, which is what cryptography checks; a test verifies and rejects real
-    signatures through it."""
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    class VerifyingECDSA(ec.ECDSA):
-        def __init__(self, algorithm) -> None:  # ec.ECDSA's, minus the check for signing
-            self._hash = algorithm
-
-        @property
-        def algorithm(self):
-            return self._hash
-
-    return VerifyingECDSA
-
-
-def pem_loader():
-    """(load_pem_public_key, Encoding, PublicFormat) of `cryptography`, taken from the modules that
-    define them: `cryptography.hazmat.primitives.serialization` only re-exports them, and importing
-    it loads its SSH and cipher modules too, ~23 ms of CPU at the verifier's start-up (docs/benchmarks.md).
-    They are the same objects (a test holds it); should a later release move them, the public
-    module is used."""
-    try:
-        from cryptography.hazmat.bindings._rust import openssl as rust_openssl
-        from cryptography.hazmat.primitives._serialization import Encoding, PublicFormat
-
-        return rust_openssl.keys.load_pem_public_key, Encoding, PublicFormat
-    except (ImportError, AttributeError):  # pragma: no cover - another cryptography release
-        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
-
-        return load_pem_public_key, Encoding, PublicFormat
-
-
 def load_public_key(path: Path) -> PublicKey:
     """An ed25519 or ECDSA (P-256/384/521) PEM SubjectPublicKeyInfo key. Raises InputError."""
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-
-    load_pem_public_key, Encoding, PublicFormat = pem_loader()
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
 
     from .._internal.reading import read_regular_file
 
     data = read_regular_file(Path(path), "public key", MAX_KEY_BYTES)
+    blocks = data.count(b"-----BEGIN ")
+    if blocks > 1:
+        raise InputError(f"{path}: holds {blocks} PEM blocks; a key file holds exactly one public key (pass each "
+                         "key with its own --key)")
     try:
         key = load_pem_public_key(data)
     except (ValueError, TypeError) as e:

@@ -48,6 +48,7 @@ class FileResult(NamedTuple):
     digests: dict[str, str]
     matches: bool
     detail: str = ""
+    unreadable: bool = False  # could not be opened or read: not checked, rather than found different
 
 
 class ModelDirResult:
@@ -69,11 +70,6 @@ class ModelDirResult:
     @property
     def exact(self) -> bool:
         return not (self.missing or self.unlisted or self.structure or self.differing)
-
-
-def _inode(path: str | Path) -> tuple[int, int]:
-    info = os.lstat(path)
-    return info.st_dev, info.st_ino
 
 
 # A published model folder (`provenance publish`, docs/receipts.md) keeps its receipts here, and its
@@ -122,15 +118,18 @@ def inspect(st: Statement, model_dir: Path, *, sha256: bool, prefetch: Prefetch 
     `sha256`). Raises InputError if the directory cannot be read at all."""
     expected = {s.name: {"blake3": st.files[s.name], **({"sha256": s.digest.get("sha256")} if sha256 else {})}
                 for s in st.subject}
-    return inspect_digests(expected, model_dir, prefetch=prefetch, published=published)
+    sizes = st.runDetails.provenance_outputs.sizes or {}
+    return inspect_digests(expected, model_dir, prefetch=prefetch, published=published, sizes=sizes)
 
 
 def inspect_digests(expected: dict[str, dict[str, str]], model_dir: Path, *, prefetch: Prefetch | None = None,
-                    skip: frozenset[tuple[int, int]] = frozenset(), published: bool = False) -> ModelDirResult:
+                    skip: frozenset[str] = frozenset(), published: bool = False,
+                    sizes: dict[str, int] | None = None) -> ModelDirResult:
     """The closed-set check against `expected` (name -> {algorithm: hex}, every algorithm given is
-    checked; blake3 and sha256 are known). `skip`: (device, inode) pairs of files that are not part
-    of the set, e.g. the detached signature being verified when it lies inside the directory.
+    checked; blake3 and sha256 are known). `skip`: names (relative, POSIX) of files that are not part
+    of the set: the detached signature being verified, when it lies inside the directory.
     `published`: the receipts of a published folder (RECEIPTS_DIR/RECEIPT_NAMES) are not part of it.
+    `sizes`: signed byte sizes; a file of another size fails without being read.
     Raises InputError if the directory cannot be read at all."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -138,8 +137,7 @@ def inspect_digests(expected: dict[str, dict[str, str]], model_dir: Path, *, pre
     present, refused = scan(model_dir)
     blobs = hub_blobs(model_dir)
     folder = {n for n in present if not n.startswith(HUB_BOOKKEEPING)}  # the signature being verified included
-    if skip:
-        present = {n: p for n, p in present.items() if _inode(p) not in skip}
+    present = {n: p for n, p in present.items() if n not in skip}
     res = ModelDirResult()
     if published:
         receipts = {n for n in present if _is_receipt(n)}
@@ -165,18 +163,25 @@ def inspect_digests(expected: dict[str, dict[str, str]], model_dir: Path, *, pre
                             "a folder from `provenance publish`, add --published")
     if res.missing and len(res.missing) == len(expected):
         res.hint = _one_level_down(model_dir, set(expected), set(present))
+    if prefetch is not None:  # an unlisted file fails by name, unread; a listed one of another size, by its size
+        prefetch.limit_to({n for n in set(expected) & set(present) if not sizes or n not in sizes
+                           or _size(present[n]) == sizes[n]})
     for name in sorted(set(expected) & set(present)):
         want = expected[name]
         need_sha = "sha256" in want
         try:
             fd = os.open(present[name], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as e:
-            res.files[name] = FileResult(name, {}, False, f"cannot open: {e.strerror}")
+            res.files[name] = FileResult(name, {}, False, f"cannot open: {e.strerror} (not checked)", unreadable=True)
             continue
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 res.unlisted.append(f"{name}: changed into a non-regular file while being checked")
+                continue
+            if sizes and name in sizes and info.st_size != sizes[name]:
+                res.files[name] = FileResult(name, {}, False, f"{info.st_size} bytes, signed {sizes[name]}: not "
+                                             "read (a file of another size cannot have the signed digest)")
                 continue
             if name.lower().endswith(".safetensors"):
                 try:
@@ -186,12 +191,22 @@ def inspect_digests(expected: dict[str, dict[str, str]], model_dir: Path, *, pre
             got = prefetch.get(name, _identity(info), need_sha) if prefetch else None
             if got is None:
                 got = hash_fd(fd, sha256=need_sha)
+        except OSError as e:  # FileChanged: truncated or grown while read; or a read error
+            res.files[name] = FileResult(name, {}, False, f"could not be read whole: {e}")
+            continue
         finally:
             os.close(fd)
         problems = [f"{algo} expected {digest}, got {got.get(algo)}" for algo, digest in want.items()
                     if got.get(algo) != digest]
         res.files[name] = FileResult(name, got, not problems, "; ".join(problems))
     return res
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return None
 
 
 def _one_level_down(model_dir: Path, expected: set[str], present: set[str]) -> str:
@@ -211,14 +226,19 @@ def report_exact(report, res: ModelDirResult, *, sha256: bool, judged_elsewhere:
 
     `judged_elsewhere` names files whose difference another check judges (the reproduced question)."""
     algos = algos or ("blake3 and sha256" if sha256 else "blake3")
+    unread = [f"{n}: {res.files[n].detail}" for n in res.differing if res.files[n].unreadable]
     bad = [f"{n}: missing" for n in res.missing] + [f"{n}: {res.files[n].detail}" for n in res.differing
-                                                   if n not in judged_elsewhere]
+                                                   if n not in judged_elsewhere and not res.files[n].unreadable]
     if res.hint:
-        bad.append(res.hint)
+        bad.insert(0, res.hint)
     same = sum(1 for f in res.files.values() if f.matches)
-    other = len(res.files) - same
-    report.add("model-files", not bad, "; ".join(bad) or f"{same} file(s) match the signed digests ({algos})"
-               + (f"; {other} weight file(s) differ and are judged below" if other else ""))
+    other = len(res.files) - same - len(unread)
+    if unread and not bad:
+        report.could_not_check("model-files", "; ".join(unread))
+    else:
+        report.add("model-files", not (bad or unread), "; ".join(bad + unread)
+                   or f"{same} file(s) match the signed digests ({algos})"
+                   + (f"; {other} weight file(s) differ and are judged below" if other else ""))
     report.add("unlisted-files", not res.unlisted,
                "; ".join(res.unlisted) or "the directory holds the signed files and nothing else"
                + (f" (passed over as a published folder's: {res.passed_over})" if res.passed_over else "")

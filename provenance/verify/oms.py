@@ -5,8 +5,8 @@ of exactly the shape attest/oms.py documents (one subject whose digest is the sh
 resources' digests, `files` serialization with sha256, resources sorted, unique and safe as
 names), and, with --model, the directory must hold exactly the listed files with those sha256s:
 any other file, symlink or special file fails by name, as for a SLSA attestation. The one file
-allowed to be there unlisted is the signature being verified, when it lies inside the directory
-(model_signing's own default); the predicate's `ignore_paths` otherwise excuse nothing, since
+allowed to be there unlisted is the signature being verified, by its own path, when it lies
+inside the directory (model_signing's own default); the predicate's `ignore_paths` otherwise excuse nothing, since
 loaders read whatever is in the directory.
 """
 
@@ -34,13 +34,18 @@ def oms_checks(report: Report, payload: object, model: Path | None, signature: P
         return
     from .model_dir import inspect_digests, report_exact
 
-    skip = frozenset()
-    try:
-        sig = os.stat(signature)
-        skip = frozenset({(sig.st_dev, sig.st_ino)})
-    except OSError:
-        pass
     expected = {name: {"sha256": digest} for name, digest in man.resources.items()}
-    report_exact(report, inspect_digests(expected, Path(model), prefetch=prefetch, skip=skip,
-                                                 published=published), sha256=True,
-                 algos="sha256, as the OMS signature lists them")
+    report_exact(report, inspect_digests(expected, Path(model), prefetch=prefetch,
+                                         skip=signature_name(signature, Path(model)), published=published),
+                 sha256=True, algos="sha256, as the OMS signature lists them")
+
+
+def signature_name(signature: Path, model: Path) -> frozenset[str]:
+    """The signature's own name inside the model dir, if it lies there: the one file left out of the
+    closed set, by its path alone. Another name for the same bytes or the same inode (a hard link, or a
+    hub cache blob shared by two names) is a file of the directory like any other, and must be signed."""
+    sig = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(signature))), os.path.basename(signature))
+    rel = os.path.relpath(sig, os.path.realpath(model))
+    if rel.startswith(os.pardir) or os.path.isabs(rel) or rel == os.curdir:
+        return frozenset()
+    return frozenset({rel.replace(os.sep, "/")})

@@ -93,7 +93,9 @@ def _schema():
     d, b = Policy(), Bounds()
 
     class Strict(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
+        # strict: TOML has real booleans and numbers, so `require = "false"` or `max_rel_l2 = "1e308"` is a
+        # mistake to name, not a string to convert (an int is still a float)
+        model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     class PolicyModel(Strict):
         allowed_builders: list[str] = list(d.allowed_builders)
@@ -148,8 +150,7 @@ def load_policy(path: Path | None) -> PolicyFile:
     try:
         m = _schema().model_validate(obj)
     except ValidationError as e:
-        raise InputError(format_errors(Path(path), e).replace("in the recipe", "in the policy")
-                         .replace("see docs/recipe.md", "see README.md, 'A policy file'")) from None
+        raise InputError(format_errors(Path(path), e, what="policy", doc="docs/policy.md")) from None
     p = m.policy
     return PolicyFile(
         Policy(tuple(p.allowed_builders), tuple(p.allowed_build_types), tuple(p.required_licenses),

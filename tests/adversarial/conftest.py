@@ -78,7 +78,10 @@ class Case:
             for s in st["subject"]:
                 d = hash_file(self.model / s["name"])
                 s["digest"]["sha256"] = d["sha256"]
-                st["predicate"]["runDetails"]["provenance_outputs"]["files"][s["name"]]["blake3"] = d["blake3"]
+                entry = st["predicate"]["runDetails"]["provenance_outputs"]["files"][s["name"]]
+                entry["blake3"] = d["blake3"]
+                if "size" in entry:
+                    entry["size"] = (self.model / s["name"]).stat().st_size
         self.resign(fix)
 
     # ---- the weights ----------------------------------------------------------------------------

@@ -510,7 +510,7 @@ def test_licence_policy_uses_the_licences_rederived_from_the_inputs(case, capsys
 def test_inputs_missing_from_the_store_name_the_right_remedy(case, capsys, tmp_path):
     code, obj, _ = run(case, capsys, "--inputs", "--store", str(tmp_path / "empty"))
     detail = next(c["detail"] for c in obj["checks"] if c["check"] == "inputs")
-    assert code == 1 and "provenance fetch" in detail
+    assert code == 2 and "provenance fetch" in detail  # could not check: exit 2 (round three, 14)
     assert "--offline" not in detail and "--input " not in detail, detail
 
 
@@ -566,8 +566,8 @@ def test_console_script_uses_the_model_argparse_chose_not_the_one_hashed_early(c
 def test_console_script_starts_hashing_before_the_heavy_imports(case):
     """What keeps verify-attestation near b3sum's speed (docs/benchmarks.md), held as facts about
     the modules it loads rather than as a timing: hashing starts before pathlib, and the exact
-    path never loads dataclasses, hashlib's second OpenSSL, shutil, traceback, or cryptography's
-    legacy backend and serialization package."""
+    path never loads hashlib's second OpenSSL, shutil or traceback of its own accord. (cryptography is used
+    through its public API only, whatever that loads, dataclasses among it: docs/benchmarks.md.)"""
     script = Path(sys.executable).parent / "verify-attestation"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPROFILEIMPORTTIME"}
     p = subprocess.run([sys.executable, "-X", "importtime", str(script), str(case.att), "--key",
@@ -577,8 +577,7 @@ def test_console_script_starts_hashing_before_the_heavy_imports(case):
     order = [line.rsplit("|", 1)[1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")]
     assert order.index("provenance._internal.prefetch") < order.index("pathlib"), order
     loaded = set(order)
-    avoided = {"dataclasses", "hashlib", "shutil", "traceback", "cryptography.hazmat.backends.openssl",
-               "cryptography.hazmat.primitives.serialization"}
+    avoided = {"hashlib", "shutil", "traceback"}
     assert loaded.isdisjoint(avoided), sorted(loaded & avoided)
 
 

@@ -128,7 +128,10 @@ def test_provenance_sbom_hands_out_the_signed_file_and_refuses_a_changed_one(bui
     p = run_cli("sbom", str(bad), "--format", "spdx3", "--key", _pub())
     assert p.returncode == 1 and "not the sbom.spdx3.json the attestation signs" in p.stderr, p.stderr
     p = run_cli("sbom", str(bad), "--format", "spdx3")
-    assert p.returncode == 1 and "not the SBOM build.json records" in p.stderr
+    assert p.returncode == 1 and "not the SBOM build.json records: blake3 " in p.stderr and ", recorded " in p.stderr
+    (bad / "sbom.spdx3.json").unlink()
+    p = run_cli("sbom", str(bad), "--format", "spdx3")
+    assert p.returncode == 1 and "sbom.spdx3.json: missing" in p.stderr, p.stderr
     p = run_cli("sbom", str(tmp_path / "nowhere"), "--format", "spdx3")
     assert p.returncode == 2 and "no build.json" in p.stderr and "Traceback" not in p.stderr
     p = run_cli("sbom", str(built), "--format", "spdx2")
@@ -199,7 +202,7 @@ def test_the_report_shows_a_failed_verification_and_says_when_none_was_asked(bui
     shutil.copytree(built, bad)
     (bad / "model" / "chat_template.jinja").write_text("{{ messages }}")
     p = run_cli("report", str(bad), "--key", _pub(), "--out", str(tmp_path / "r.html"))
-    assert p.returncode == 0 and "verification: FAILED" in p.stdout
+    assert p.returncode == 1 and "verification: FAILED" in p.stdout  # the page is written; the exit says it failed
     text = (tmp_path / "r.html").read_text()
     assert "verdict: FAILED" in text and "chat_template.jinja" in text
     p = run_cli("report", str(built), "--out", str(tmp_path / "plain.html"))

@@ -203,6 +203,11 @@ def test_publish_lays_out_a_folder_that_verifies_as_published(built, keys, model
     assert code == 1 and "add --published" not in _checks(obj)["unlisted-files"]["detail"]  # not only receipts
     p = run_cli("publish", str(built), "--out", str(out), "--key", str(keys / "ec.pub"))
     assert p.returncode == 2 and "not an empty directory" in p.stderr
+    # The commands it prints name the announced key, never the copy it says proves nothing.
+    p = run_cli("publish", str(built), "--out", str(tmp_path / "text"), "--key", str(keys / "ec.pub"))
+    commands = [x for x in p.stdout.splitlines() if "verify" in x and "--" in x]
+    assert p.returncode == 0 and len(commands) == 2 and all("PUBLIC_KEY" in x for x in commands), p.stdout
+    assert "signing-key.pub" not in " ".join(commands) and "with the key you announce as PUBLIC_KEY" in p.stdout
     p = run_cli("publish", str(built), "--out", str(tmp_path / "other"), "--key", str(keys / "ed.pub"))
     assert p.returncode == 1 and not (tmp_path / "other").exists()  # the build does not verify with that key
 

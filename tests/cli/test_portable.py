@@ -122,6 +122,20 @@ def test_a_rounding_log_value_that_is_no_neighbour_fails_the_build(builds, store
     assert not (tmp_path / "out" / "model").exists()
 
 
+def test_a_rounding_log_value_at_an_index_far_from_a_boundary_fails_the_build(builds, store, tmp_path):
+    """A key holder's log may decide only values that lie near a rounding boundary: one forced at any
+    other index (even to a float32 neighbour) would steer a bit per element per step."""
+    def edit(lines):
+        step, name = _first_step_entry(lines)
+        taken = {i for i, _ in step[name]}
+        far = next(i for i in range(max(taken) + 1, max(taken) + 1000) if i not in taken)
+        step[name] = sorted([*step[name], [far, step[name][0][1]]])
+    p = run_cli("build", str(PORTABLE), "--out", str(tmp_path / "out"), "--no-cache", "--rounding-log",
+                str(_forged(builds, tmp_path, edit)), store=store)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "farther than twice the margin" in p.stderr and "a log may only decide values near one" in p.stderr
+
+
 def test_a_rounding_log_entry_never_reached_fails_the_build(builds, store, tmp_path):
     def edit(lines):
         lines[-1].setdefault("rounding", {}).setdefault("step", {})["no.such.tensor"] = [[0, "00000000"]]

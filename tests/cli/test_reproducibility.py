@@ -187,6 +187,12 @@ def test_rebuild_writes_a_signed_vsa(builds, keys, store, tmp_path):
     checks = {c["check"]: c for c in json.loads(p.stdout)["checks"]}
     assert p.returncode == 0 and checks["vsa"]["ok"] and "SLSA_BUILD_REPRODUCED" in checks["vsa-result"]["detail"]
     assert checks["model-files"]["ok"] and checks["unlisted-files"]["ok"]
+    # A policy cannot be applied to a VSA (no builder, licences or audit to judge): refused, not passed over.
+    pol = tmp_path / "p.toml"
+    pol.write_text("[policy]\nallowed_builders = []\n")
+    p = run_cli("verify", str(reb / "vsa.intoto.jsonl"), "--key", str(keys / "k.pub"), "--model", str(reb / "model"),
+                "--policy", str(pol), "--json")
+    assert p.returncode == 2 and "--policy cannot be applied" in json.loads(p.stdout)["error"], p.stdout
     (reb / "model" / "extra.py").write_text("import os")
     p = run_cli("verify", str(reb / "vsa.intoto.jsonl"), "--key", str(keys / "k.pub"), "--model", str(reb / "model"))
     assert p.returncode == 1 and "extra.py" in p.stdout
