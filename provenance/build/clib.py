@@ -56,7 +56,7 @@ def compiler(what: str = "our attention kernels") -> str:
     found = shutil.which(cc)
     if found is None:
         raise InputError(f"{what} compile a small C library, but no C compiler {cc!r} was found (install one, "
-                         "e.g. `apt-get install gcc`, or set $CC); or choose 'sdpa'")
+                         "e.g. `apt-get install gcc`, or set $CC)" + ("; or choose 'sdpa'" if "attn" in what else ""))
     return found
 
 
@@ -71,17 +71,20 @@ def flags_for(extra: tuple[str, ...] = ()) -> list[str]:
     return [*FLAGS, *extra, *([f"-march={level}"] if level else [])]
 
 
-def build(name: str, source: Path, extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL, dict]:
-    """The compiled library of `source` and what build.json records of it; compiled on first use."""
+def build(name: str, source: Path, extra_flags: tuple[str, ...] = (), what: str | None = None,
+          ) -> tuple[ctypes.CDLL, dict]:
+    """The compiled library of `source` and what build.json records of it; compiled on first use.
+    `what`: the recipe setting that needs it, for messages (default: the attention implementation)."""
     from ..inputs.store import default_root
 
-    return _build(str(_state["root"] or default_root()), name, str(source), tuple(extra_flags))
+    return _build(str(_state["root"] or default_root()), name, str(source), tuple(extra_flags),
+                  what or f"model.attn_implementation = {name!r}")
 
 
 @functools.cache
-def _build(root: str, name: str, source_path: str, extra: tuple[str, ...]) -> tuple[ctypes.CDLL, dict]:
+def _build(root: str, name: str, source_path: str, extra: tuple[str, ...], what: str) -> tuple[ctypes.CDLL, dict]:
     source = Path(source_path)
-    cc = compiler(f"model.attn_implementation = {name!r}")
+    cc = compiler(what)
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60,
                                  check=True).stdout.splitlines()[0].strip()
@@ -106,7 +109,7 @@ def _build(root: str, name: str, source_path: str, extra: tuple[str, ...]) -> tu
                                      f"{run.stderr.strip()[-2000:]}")
                 atomic_write_bytes(lib, out.read_bytes())
         except OSError as e:
-            raise InputError(f"cannot write the compiled attention library under {kernels} ({e.strerror}); "
+            raise InputError(f"cannot write the compiled library for {what} under {kernels} ({e.strerror}); "
                              "set --store or $PROVENANCE_STORE to a writable directory") from None
     data = lib.read_bytes()
     try:

@@ -257,6 +257,13 @@ def apply(det: Determinism, *, threads: int | None = None, cpu_capability: str |
     np.random.seed(det.seed % (1 << 32))
     torch.manual_seed(det.seed)
 
+    gemm = None
+    if det.kernels == "fixed-order":  # every float32 product through our GEMM from here on (build/fixed_gemm.py)
+        from . import fixed_gemm
+
+        fixed_gemm.enable_for_process()
+        gemm = fixed_gemm.record()
+
     device = det.device
     if device == "cuda" and not torch.cuda.is_available():
         from ..errors import InputError
@@ -279,6 +286,8 @@ def apply(det: Determinism, *, threads: int | None = None, cpu_capability: str |
         "pythonhashseed": os.environ.get("PYTHONHASHSEED"),
         # only for portable recipes, so that the record of every other recipe stays as it was
         **({"portable": True, "portable_margin": det.portable_margin} if det.portable else {}),
+        # only for fixed-order recipes, likewise: the GEMM's source, compiler, flags and library digests
+        **({"kernels": "fixed-order", "gemm": gemm} if gemm is not None else {}),
     }
 
 

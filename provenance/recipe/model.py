@@ -265,6 +265,9 @@ class Determinism(Strict):
     # rounded after every step, values near a rounding boundary logged in the transcript.
     portable: bool = False
     portable_margin: Annotated[float, Field(gt=0, lt=0.5)] = 2.0 ** -16
+    # Whose matrix products: "vendor" (PyTorch's: MKL, whose code branch depends on the CPU's vendor and
+    # model) or "fixed-order" (build/fixed_gemm.c: every sum in one order, the same bits on every x86-64 CPU).
+    kernels: Literal["vendor", "fixed-order"] = "vendor"
 
 
 class Toolchain(Strict):
@@ -395,6 +398,8 @@ class Recipe(Strict):
             problems.extend(_portable_problems(self))
         elif self.model.attn_implementation in ("small-head", "tiled"):
             problems.extend(_kernel_problems(self))
+        if self.determinism.kernels == "fixed-order":
+            problems.extend(_fixed_order_problems(self))
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -423,6 +428,29 @@ def _kernel_problems(recipe: Recipe) -> list[str]:
         if name == "tiled" and s.seq_len > 4096:
             problems.append(f"stages[{i}].seq_len: 'tiled' attention takes sequences of at most 4096 positions "
                             f"(it keeps two seq_len x seq_len matrices per thread); this stage's are {s.seq_len}")
+    return problems
+
+
+def _fixed_order_problems(recipe: Recipe) -> list[str]:
+    """What fixed-order kernels cannot hold to, as `field: problem` strings (empty when fine)."""
+    det = recipe.determinism
+    problems = []
+    if det.device != "cpu":
+        problems.append("determinism.kernels: 'fixed-order' is our CPU GEMM; determinism.device is 'cuda', whose "
+                        "products are cuBLAS's")
+    if det.portable:
+        problems.append("determinism.kernels: 'fixed-order' computes float32 products; portable mode computes in "
+                        "float64 (it is vendor-independent on its own)")
+    if det.sdpa_backend != "math":
+        problems.append(f"determinism.sdpa_backend: 'fixed-order' kernels need 'math' (SDPA's {det.sdpa_backend!r} "
+                        "CPU kernel calls the vendor's BLAS directly, where no fixed-order product can stand in)")
+    if det.cpu_capability == "native":
+        problems.append("determinism.kernels: 'fixed-order' fixes the products, not ATen's other kernels: pin "
+                        "determinism.cpu_capability ('avx2' runs the same ATen code on every x86-64 vendor)")
+    for i, s in enumerate(recipe.stages):
+        if s.precision != "float32":
+            problems.append(f"stages[{i}].precision: 'fixed-order' kernels compute float32 products; {s.precision!r} "
+                            "(autocast) would send them elsewhere")
     return problems
 
 

@@ -153,6 +153,12 @@ def _native_diffs(st: dict, ref_det: dict, ref_machine: dict, det: dict, mach: d
     diffs = []
     if ref_det.get("cpu_capability") != det.get("cpu_capability"):
         diffs.append(f"cpu capability {det.get('cpu_capability')} vs reference {ref_det.get('cpu_capability')}")
+    if ref_det.get("kernels") == "fixed-order" and det.get("kernels") == "fixed-order":
+        # Every product is our GEMM's (build/fixed_gemm.c): MKL, oneDNN, their pins and the CPU's vendor
+        # take no part in the bits, and neither does the thread count. Bitwise across vendors is demanded.
+        if ref_det.get("gemm", {}).get("source") != det.get("gemm", {}).get("source"):
+            diffs.append("the fixed-order GEMM's source differs from the reference's")
+        return diffs
     ref_num, num = ref_det.get("numerics"), det.get("numerics")
     if ref_num is None:
         diffs.append("the reference does not record its MKL and oneDNN pins")
@@ -193,8 +199,11 @@ def stack_matches(st: dict, record: dict) -> tuple[bool, str]:
     for lib, ver in versions.items():
         if lib in installed and installed[lib] != ver:
             diffs.append(f"{lib} {installed[lib]} vs reference {ver}")
+    fixed = ref_det.get("kernels") == "fixed-order" and det.get("kernels") == "fixed-order"
     same = ("portable build: the same toolchain as the reference (CPU and numerics libraries need not match)"
-            if portable else "same CPU vendor, capability, numerics libraries and toolchain as the reference")
+            if portable else "fixed-order kernels: the same capability, GEMM source and toolchain as the reference "
+            "(the CPU's vendor and its numerics libraries need not match)" if fixed
+            else "same CPU vendor, capability, numerics libraries and toolchain as the reference")
     return not diffs, "; ".join(diffs) or same
 
 

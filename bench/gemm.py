@@ -1,0 +1,116 @@
+"""The fixed-order GEMM (provenance/build/fixed_gemm.c) against MKL's code branches, at the products of
+a training step of the shipped recipes, in one run on this machine.
+
+Each variant runs in its own process (MKL reads MKL_CBWR once, at its first call): MKL unpinned (its
+fastest branch here), MKL pinned to COMPATIBLE,STRICT and to AVX2,STRICT (what the `avx2` level pins on
+other and on Intel CPUs), and ours, through torch's own operators (`torch.matmul` on the same strided
+views a step uses, so the figures include the dispatch). Prints GFLOP/s (median of repeated runs) per
+shape and the ratio ours / MKL's fastest, with the CPU's vendor and model: docs/benchmarks.md records them.
+
+Usage: python bench/gemm.py [--threads 2] [--reps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+
+# (name, M, N, K, transpose A, transpose B): C[M,N] = op(A) op(B), as a step computes them.
+DEFAULT = [  # the default recipe: 16 x 128 tokens, hidden 128, MLP 512, vocabulary 1,600
+    ("attn q/k/v/o fwd", 2048, 128, 128, False, True),
+    ("mlp gate/up fwd", 2048, 512, 128, False, True),
+    ("mlp down fwd", 2048, 128, 512, False, True),
+    ("lm_head fwd", 2048, 1600, 128, False, True),
+    ("attn dX", 2048, 128, 128, False, False),
+    ("mlp down dX", 2048, 512, 128, False, False),
+    ("lm_head dX", 2048, 128, 1600, False, False),
+    ("attn dW", 128, 128, 2048, True, False),
+    ("mlp gate dW", 512, 128, 2048, True, False),
+    ("lm_head dW", 1600, 128, 2048, True, False),
+]
+LAAM = [  # LaaM's 5M shape: micro-batch 16 x 512 tokens, hidden 64, MLP 256, vocabulary 32,768, chunks of 1,024
+    ("laam attn fwd", 8192, 64, 64, False, True),
+    ("laam mlp fwd", 8192, 256, 64, False, True),
+    ("laam lm_head chunk fwd", 1024, 32768, 64, False, True),
+    ("laam lm_head chunk dX", 1024, 64, 32768, False, False),
+    ("laam lm_head chunk dW", 32768, 64, 1024, True, False),
+]
+VARIANTS = {"mkl": None, "mkl COMPATIBLE,STRICT": "COMPATIBLE,STRICT", "mkl AVX2,STRICT": "AVX2,STRICT",
+            "fixed-order": None}
+
+
+def cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+        flags = info.get("flags", "").split()
+        isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+        vendor, model = info.get("vendor_id", "?"), info.get("model name", "?")
+        return f"{vendor} {model} ({isa})"
+    except OSError:
+        return platform.processor() or "?"
+
+
+def child(variant: str, threads: int, reps: int) -> None:
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    out = {}
+    ctx = None
+    if variant == "fixed-order":
+        from provenance.build import fixed_gemm
+
+        ctx = fixed_gemm.enabled()
+        ctx.__enter__()
+    for name, m, n, k, ta, tb in DEFAULT + LAAM:
+        a = torch.randn(k, m).t() if ta else torch.randn(m, k)
+        b = torch.randn(n, k).t() if tb else torch.randn(k, n)
+        for _ in range(3):
+            torch.matmul(a, b)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        out[name] = 2.0 * m * n * k / times[len(times) // 2] / 1e9
+    if ctx is not None:
+        ctx.__exit__(None, None, None)
+    print(json.dumps(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--child")
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.threads, args.reps)
+        return
+    res = {}
+    for variant, cbwr in VARIANTS.items():
+        env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+        if cbwr:
+            env["MKL_CBWR"] = cbwr
+        p = subprocess.run([sys.executable, __file__, "--child", variant, "--threads", str(args.threads), "--reps",
+                            str(args.reps)], env=env, capture_output=True, text=True, check=True)
+        res[variant] = json.loads(p.stdout.strip().splitlines()[-1])
+    print(f"CPU: {cpu()}; {args.threads} threads; GFLOP/s, median of {args.reps}")
+    print(f"| product | M x N x K | {' | '.join(VARIANTS)} | ours / MKL's fastest |")
+    print("| --- | --- |" + " --- |" * (len(VARIANTS) + 1))
+    for name, m, n, k, _, _ in DEFAULT + LAAM:
+        best = max(res[v][name] for v in VARIANTS if v != "fixed-order")
+        cells = " | ".join(f"{res[v][name]:.1f}" for v in VARIANTS)
+        print(f"| {name} | {m} x {n} x {k} | {cells} | {res['fixed-order'][name] / best:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
