@@ -27,6 +27,19 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
+def _attention(r) -> str:
+    """The attention the card states: ours where the recipe names one, else SDPA's backend."""
+    name, backend = r.model.attn_implementation, r.determinism.sdpa_backend
+    if name in ("small-head", "tiled"):
+        return f"attention `{name}` (this project's kernel; SDPA's `{backend}` backend for masked calls)"
+    return f"attention `{name}`" + (f" (SDPA's `{backend}` backend)" if name == "sdpa" else "")
+
+
+def _products(det) -> str:
+    return ("`fixed-order` (this project's GEMM: the same bits on every x86-64 CPU)" if det.kernels == "fixed-order"
+            else "`vendor` (PyTorch's BLAS)")
+
+
 def model_card(recipe, m: dict, audit: dict, licence: dict, record_hint: dict) -> str:
     """The card's text. `record_hint`: parameters, tokens, vocab size, weights digest."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -88,8 +101,8 @@ Built by provenance {__version__}; {record_hint['parameters']:,} parameters, voc
 {stage_rows}
 
 Seed {det.seed}, {det.threads} threads, deterministic algorithms {str(det.deterministic_algorithms).lower()},
-SDPA backend `{det.sdpa_backend}`, CPU kernels `{det.cpu_capability}`. The recipe pins every input by hash;
-the attestation (`attestation.intoto.jsonl`) records every setting and digest.
+{_attention(r)}, CPU kernels `{det.cpu_capability}`, matrix products {_products(det)}. The recipe pins every
+input by hash; the attestation (`attestation.intoto.jsonl`) records every setting and digest.
 
 ## Memorization audit
 
