@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,32 @@ def test_known_answer_digests(lib):
     if os.environ.get("PROVENANCE_WRITE_VECTORS"):
         VECTORS.write_text(json.dumps({"format": "provenance-fixed-gemm-vectors-v1", "digests": got}, indent=1) + "\n")
     assert want["digests"] == got
+
+
+ARM_CC, QEMU = "aarch64-linux-gnu-gcc", "qemu-aarch64"  # Debian's gcc-aarch64-linux-gnu and qemu-user
+
+
+@pytest.mark.skipif(not (shutil.which(ARM_CC) and shutil.which(QEMU)),
+                    reason="needs Debian's gcc-aarch64-linux-gnu and qemu-user (.ci/run installs them as root)")
+def test_an_aarch64_build_gives_the_known_answers(tmp_path):
+    """The order is the algorithm's, so the kernel cross-compiled for aarch64 (NEON fused multiply-adds)
+    gives the x86 known answers, run here under qemu-user (an emulator: real ARM hardware not measured)."""
+    exe = tmp_path / "gemm-aarch64"
+    subprocess.run([ARM_CC, *[f for f in clib.FLAGS if f not in ("-fPIC", "-shared")], "-fopenmp", "-static",
+                    "-o", str(exe), str(fixed_gemm.SOURCE), str(Path(__file__).parent / "c" / "fixed_gemm_main.c")],
+                   check=True, capture_output=True)
+    want = json.loads(VECTORS.read_text())["digests"]
+    for shape in [s for s in SHAPES if s[0] * s[1] * s[2] <= 2048 * 512 * 128]:  # the two largest take ~15 s each
+        a, b = operands(*shape)
+        m, k = a.shape
+        n = b.shape[1]
+        inp = np.array([m, n, k, 2], dtype=np.int64).tobytes() + np.ascontiguousarray(a).tobytes() + \
+            np.ascontiguousarray(b).tobytes()
+        p = subprocess.run([QEMU, str(exe)], input=inp, capture_output=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        c = np.frombuffer(p.stdout, dtype=np.float32).reshape(m, n)
+        key = "x".join(map(str, shape[:3])) + "".join("T" if x else "N" for x in shape[3:])
+        assert digest(c) == want[key], key
 
 
 def test_operators_run_through_it_only_inside_the_context():

@@ -27,7 +27,8 @@ def test_laam_recipe_is_faithful():
     assert r.determinism.seed == 42 and r.output.license == "MIT"
     # Its CPU numerics (docs/benchmarks.md, "LaaM's shape"): recorded in the recipe, so in the attestation.
     assert [(s.precision, s.cross_entropy) for s in r.stages] == [("float32", "chunked")] * 2
-    assert (r.model.attn_implementation, r.determinism.sdpa_backend) == ("small-head", "flash")
+    assert (r.model.attn_implementation, r.determinism.sdpa_backend) == ("small-head", "math")
+    assert (r.determinism.kernels, r.determinism.cpu_capability) == ("fixed-order", "avx2")
     # Its audit has a control: files of the tree its suffix selection leaves out (Makefiles have no suffix).
     from fnmatch import fnmatch
 

@@ -17,9 +17,13 @@
  * tests/vectors/ hold them across machines).
  *
  * Speed is the usual GEMM structure (as in BLIS): the inner dimension in blocks of KC; B packed into
- * panels of NR columns and A into panels of MR rows, zero-padded to whole panels (packing copies, it does
- * not compute); an MR x NR register tile of accumulators per microkernel call (6 x 16: twelve 8-lane
- * vectors, which with two B vectors and one broadcast fit AVX2's sixteen registers).
+ * panels of NR columns, zero-padded to whole panels (packing copies, it does not compute); A read in
+ * place where its rows are contiguous, one broadcast per row and inner index (its last rows, fewer than
+ * MR, through a zero-padded copy), and packed into panels of MR rows where they are not (A transposed,
+ * as in a weight gradient); an MR x NR register tile of accumulators per microkernel call (6 x 16:
+ * twelve 8-lane vectors, which with two B vectors and one broadcast fit AVX2's sixteen registers). Not
+ * packing a row-major A saves a copy of it per call, most of the cost beyond the products at the
+ * recipes' small inner sizes.
  *
  * A(i, k) = a[i*ars + k*acs] and B(k, j) = b[k*brs + j*bcs] for any strides (so a transposed operand
  * needs no copy of its own), C(i, j) = c[i*ldc + j]. Returns 0, or -2 when scratch memory cannot be had.
@@ -31,7 +35,7 @@
 #define W 8    /* lanes of every vector */
 #define MR 6   /* rows of a register tile */
 #define NR 16  /* columns of a register tile: two vectors */
-#define KC 256 /* inner-dimension block: an A panel (6 KB) and a B panel (16 KB) stay in L1/L2 */
+#define KC 256 /* inner-dimension block: a B panel (16 KB) stays in L1 while A (in place, or 6 KB panels) streams past */
 typedef float vf __attribute__((vector_size(32), aligned(32)));
 
 static inline vf splat(float x) { vf v; for (int l = 0; l < W; l++) v[l] = x; return v; }
@@ -42,6 +46,10 @@ static inline void st(float *p, vf v) { memcpy(p, &v, sizeof v); }
 /* Pack rows [i0, i0 + MR) x inner [k0, k0 + kc) of A into ap[k][r] (rows past m are zeros). */
 static void pack_a(const float *a, int64_t ars, int64_t acs, int64_t i0, int64_t m, int64_t k0, int64_t kc,
                    float *ap) {
+    if (ars == 1 && i0 + MR <= m) {  /* A transposed: a panel's MR rows are contiguous at each inner index */
+        for (int64_t k = 0; k < kc; k++) memcpy(ap + k * MR, a + i0 + (k0 + k) * acs, MR * sizeof(float));
+        return;
+    }
     for (int64_t k = 0; k < kc; k++)
         for (int64_t r = 0; r < MR; r++)
             ap[k * MR + r] = i0 + r < m ? a[(i0 + r) * ars + (k0 + k) * acs] : 0.0f;
@@ -50,6 +58,13 @@ static void pack_a(const float *a, int64_t ars, int64_t acs, int64_t i0, int64_t
 /* Pack inner [k0, k0 + kc) x columns [j0, j0 + NR) of B into bp[k][c] (columns past n are zeros). */
 static void pack_b(const float *b, int64_t brs, int64_t bcs, int64_t j0, int64_t n, int64_t k0, int64_t kc,
                    float *bp) {
+    if (brs == 1 && bcs != 1) {  /* B transposed (a weight read as W^T): each column is contiguous */
+        for (int64_t c = 0; c < NR; c++) {
+            const float *col = b + (j0 + c) * bcs + k0;
+            for (int64_t k = 0; k < kc; k++) bp[k * NR + c] = j0 + c < n ? col[k] : 0.0f;
+        }
+        return;
+    }
     for (int64_t k = 0; k < kc; k++) {
         const float *row = b + (k0 + k) * brs;
         float *out = bp + k * NR;
@@ -61,14 +76,15 @@ static void pack_b(const float *b, int64_t brs, int64_t bcs, int64_t j0, int64_t
     }
 }
 
-#define ROW(r) { vf a_ = splat(ap[k * MR + r]); c##r##0 = vfma(a_, b0, c##r##0); c##r##1 = vfma(a_, b1, c##r##1); }
+#define ROW(r) { vf a_ = splat(a##r[k * acs]); c##r##0 = vfma(a_, b0, c##r##0); c##r##1 = vfma(a_, b1, c##r##1); }
 #define LOAD(r) { c##r##0 = first ? z : ld(t + r * ldt); c##r##1 = first ? z : ld(t + r * ldt + W); }
 #define STORE(r) { st(t + r * ldt, c##r##0); st(t + r * ldt + W, c##r##1); }
 
 /* One MR x NR tile t (row stride ldt): continue each element's chain over kc inner indices. */
-static inline __attribute__((always_inline)) void tile(int64_t kc, const float *ap, const float *bp, float *t,
-                                                       int64_t ldt, int first) {
+static inline __attribute__((always_inline)) void tile(int64_t kc, const float *ap, int64_t ars, int64_t acs,
+                                                       const float *bp, float *t, int64_t ldt, int first) {
     const vf z = splat(0.0f);
+    const float *a0 = ap, *a1 = ap + ars, *a2 = a1 + ars, *a3 = a2 + ars, *a4 = a3 + ars, *a5 = a4 + ars;
     vf c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
     LOAD(0) LOAD(1) LOAD(2) LOAD(3) LOAD(4) LOAD(5)
     for (int64_t k = 0; k < kc; k++) {
@@ -78,19 +94,27 @@ static inline __attribute__((always_inline)) void tile(int64_t kc, const float *
     STORE(0) STORE(1) STORE(2) STORE(3) STORE(4) STORE(5)
 }
 
-/* A tile of C at (i0, j0) with m x n valid elements: in place when whole, else through a scratch tile. */
-static void tile_at(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc, int64_t i0,
-                    int64_t j0, int64_t m, int64_t n, int first) {
+/* A tile of C at (i0, j0) with m x n valid elements, from A's rows [i0, i0 + MR) read in place through
+   their strides (copied, zero-padded, where fewer than MR rows are left) and a packed panel of B. */
+static void tile_at(int64_t kc, const float *a, int64_t ars, int64_t acs, int a_padded, const float *bp, float *c,
+                    int64_t ldc, int64_t i0, int64_t j0, int64_t m, int64_t n, int first, float *apad) {
     int64_t mv = m - i0 < MR ? m - i0 : MR, nv = n - j0 < NR ? n - j0 : NR;
+    const float *ap = a + i0 * ars;
+    int64_t sr = ars, sk = acs;
+    if (mv < MR && !a_padded) {
+        for (int64_t k = 0; k < kc; k++)
+            for (int64_t r = 0; r < MR; r++) apad[k * MR + r] = r < mv ? ap[r * ars + k * acs] : 0.0f;
+        ap = apad, sr = 1, sk = MR;
+    }
     if (mv == MR && nv == NR) {
-        tile(kc, ap, bp, c + i0 * ldc + j0, ldc, first);
+        tile(kc, ap, sr, sk, bp, c + i0 * ldc + j0, ldc, first);
         return;
     }
     float t[MR * NR] __attribute__((aligned(32)));
     memset(t, 0, sizeof t);
     if (!first)
         for (int64_t r = 0; r < mv; r++) memcpy(t + r * NR, c + (i0 + r) * ldc + j0, nv * sizeof(float));
-    tile(kc, ap, bp, t, NR, first);
+    tile(kc, ap, sr, sk, bp, t, NR, first);
     for (int64_t r = 0; r < mv; r++) memcpy(c + (i0 + r) * ldc + j0, t + r * NR, nv * sizeof(float));
 }
 
@@ -101,32 +125,48 @@ int fixed_gemm(int64_t m, int64_t n, int64_t k, const float *a, int64_t ars, int
         for (int64_t i = 0; i < m; i++) memset(c + i * ldc, 0, n * sizeof(float));
         return 0;
     }
-    const int64_t mp = (m + MR - 1) / MR, np = (n + NR - 1) / NR;  /* panels */
+    const int64_t mp = (m + MR - 1) / MR, np = (n + NR - 1) / NR;  /* row and column panels */
     const int64_t kb = k < KC ? k : KC;
-    float *apack = aligned_alloc(64, (size_t)(mp * MR * kb) * sizeof(float) + 64);
     float *bpack = aligned_alloc(64, (size_t)(np * NR * kb) * sizeof(float) + 64);
-    if (!apack || !bpack) { free(apack); free(bpack); return -2; }
+    /* A's rows are read in place where each row's inner indices are contiguous; otherwise (A transposed, as
+       in a weight gradient) A is packed once per block into panels of MR rows, ap[k][r]. */
+    const int pack = acs != 1;
+    float *apack = pack ? aligned_alloc(64, (size_t)(mp * MR * kb) * sizeof(float) + 64) : NULL;
+    if (!bpack || (pack && !apack)) { free(bpack); free(apack); return -2; }
     if (threads < 1) threads = 1;
+    int bad = 0;
     for (int64_t k0 = 0; k0 < k; k0 += KC) {
         const int64_t kc = k - k0 < KC ? k - k0 : KC;
         const int first = k0 == 0;
-        #pragma omp parallel num_threads(threads)
+        #pragma omp parallel num_threads(threads) reduction(|:bad)
         {
-            #pragma omp for schedule(static)
-            for (int64_t p = 0; p < mp; p++) pack_a(a, ars, acs, p * MR, m, k0, kc, apack + p * MR * kc);
+            float *apad = aligned_alloc(64, (size_t)(MR * KC) * sizeof(float));
+            if (!apad) bad = 1;
+            if (pack) {
+                #pragma omp for schedule(static)
+                for (int64_t p = 0; p < mp; p++) pack_a(a, ars, acs, p * MR, m, k0, kc, apack + p * MR * kc);
+            }
             #pragma omp for schedule(static)
             for (int64_t q = 0; q < np; q++) pack_b(b, brs, bcs, q * NR, n, k0, kc, bpack + q * NR * kc);
             /* Tiles in column-panel-major order: a thread's consecutive tiles share a B panel. */
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < mp * np; t++) {
+                if (!apad) continue;
                 int64_t q = t / mp, p = t % mp;
-                tile_at(kc, apack + p * MR * kc, bpack + q * NR * kc, c, ldc, p * MR, q * NR, m, n, first);
+                if (pack)  /* a packed panel: whole (zero-padded), rows 1 apart, inner indices MR apart */
+                    tile_at(kc, apack + p * MR * kc - p * MR, 1, MR, 1, bpack + q * NR * kc, c, ldc, p * MR, q * NR,
+                            m, n, first, apad);
+                else
+                    tile_at(kc, a + k0 * acs, ars, acs, 0, bpack + q * NR * kc, c, ldc, p * MR, q * NR, m, n, first,
+                            apad);
             }
+            free(apad);
         }
+        if (bad) break;
     }
-    free(apack);
     free(bpack);
-    return 0;
+    free(apack);
+    return bad ? -2 : 0;
 }
 
 /* C[t] = A[t] B[t] for t in [0, batch): each product as fixed_gemm, one after another. */

@@ -361,3 +361,38 @@ def test_a_listed_file_of_another_size_is_never_read(case):
     obj = json.loads(p.stdout)
     detail = {c["check"]: c for c in obj["checks"]}["model-files"]["detail"]
     assert p.returncode == 1 and f"config.json: {1 << 40} bytes, signed " in detail and "not read" in detail, detail
+
+
+# ---- issue 39.7: required keys look required; incomparable builds are not "diverged" ----------------------
+
+@pytest.mark.parametrize("cmd", ["audit", "publish", "replay"])
+def test_help_shows_key_as_required(cmd, capsys):
+    assert main([cmd, "--help"]) == 0
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert "--key PUBLIC_KEY" in usage and "[--key PUBLIC_KEY]" not in usage, usage
+
+
+def test_diverge_of_builds_of_different_models_is_not_comparable(case, capsys, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(case.dir, other)
+    record = json.loads((other / "build.json").read_text())
+    record["model"]["parameters"] += 1
+    (other / "build.json").write_text(json.dumps(record))
+    code = main(["diverge", str(case.dir), str(other), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "not comparable" in json.loads(out)["error"], out + err
+    code = main(["diverge", str(case.dir / "build.json"), str(other / "build.json")])
+    assert code == 2 and "diverge expects two transcripts" in capsys.readouterr().err
+
+
+def test_compare_of_models_with_other_tensors_is_not_comparable(case, capsys, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(case.dir, other)
+    c2 = type(case)(other, case.keys, [])
+    header, data = c2.safetensors_parts()
+    name = next(k for k in header if k != "__metadata__")
+    header["renamed." + name] = header.pop(name)
+    c2.write_safetensors(header, data)
+    code = main(["compare", str(case.dir), str(other), "--tensors-only", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "not comparable" in json.loads(out)["error"], out + err
