@@ -214,3 +214,31 @@ def test_checkpoint_disk_preflight_bounds_what_a_build_keeps(kept, tmp_path):
     with pytest.raises(InputError) as e:
         check_checkpoint_disk(tmp_path, n_params, n_tensors, windows, total, 0, 2, 2, False, free=rolling - 1)
     assert "newest 3 checkpoints need about" in str(e.value) and "replay" not in str(e.value)
+
+
+def test_across_stacks_the_segment_end_is_the_signed_one(kept, tmp_path):
+    """On another stack replay measures the re-executed weights against the segment's end: that end must
+    be what the signed transcript records (a kept checkpoint's digest, or the final weights' tensor digest
+    as its last parameter digest), or the measurement is against files anyone could have put there
+    (round three, 8). A rewritten ending checkpoint, its own digest made consistent, is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from provenance.build import checkpoint as ckpt
+    from provenance.build.transcript import Transcript, read
+    from provenance.repro.replay import Segment, _judge_end
+    from provenance.verify.policy import Bounds
+
+    b = _copy(kept, tmp_path)
+    lines = read(b / "transcript.jsonl")
+    model = AutoModelForCausalLM.from_pretrained(b / "model")
+    seg = Segment(len(lines) - 2, len(lines))
+    verdict, reasons = _judge_end(seg, model, b / "replay", b, Bounds(), ckpt, lines)
+    assert verdict == "within tolerance", reasons  # the signed end, measured against the final weights
+    path = b / "replay" / f"step-{seg.end:09d}.safetensors"
+    c = ckpt.read_file(path, None)
+    name = next(k for k in c.tensors if k.startswith("model/") and c.tensors[k].dtype.is_floating_point)
+    c.tensors[name] = c.tensors[name] + 0.01
+    t = Transcript(list(c.transcript_lines), c.transcript_prev)
+    ckpt.write_file(path, c.tensors, c.state, t, ckpt.state_digest(c.tensors, c.state), "forged")
+    verdict, reasons = _judge_end(seg, model, b / "replay", b, Bounds(), ckpt, lines)
+    assert verdict == "failed" and "is not the one the signed transcript records" in reasons[0], reasons
