@@ -201,8 +201,8 @@ def stack_matches(st: dict, record: dict) -> tuple[bool, str]:
             diffs.append(f"{lib} {installed[lib]} vs reference {ver}")
     fixed = ref_det.get("kernels") == "fixed-order" and det.get("kernels") == "fixed-order"
     same = ("portable build: the same toolchain as the reference (CPU and numerics libraries need not match)"
-            if portable else "fixed-order kernels: the same capability, GEMM source and toolchain as the reference "
-            "(the CPU's vendor and its numerics libraries need not match)" if fixed
+            if portable else "fixed-order kernels: the same capability and toolchain as the reference (the CPU's "
+            "vendor, its numerics libraries and the thread count need not match)" if fixed
             else "same CPU vendor, capability, numerics libraries and toolchain as the reference")
     return not diffs, "; ".join(diffs) or same
 
