@@ -92,6 +92,7 @@ def test_without_a_model_dir_the_verdict_says_no_file_was_checked(signed, keys):
     assert code == 1 and failing(obj) == ["model-files", "unlisted-files"], obj
     detail = next(c["detail"] for c in obj["checks"] if c["check"] == "model-files")
     assert f"did you mean --model {out / 'model'}?" in detail, detail
+    assert detail.startswith("every signed file is in model/"), detail  # the hint first, before the missing files
     # the build dir given as the attestation: exit 2 (nothing was checked), naming the file meant
     p = run_cli("verify", str(out), "--key", pub)
     assert p.returncode == 2 and f"did you mean {out / 'attestation.intoto.jsonl'}?" in p.stderr, p.stderr
