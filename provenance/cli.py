@@ -736,8 +736,7 @@ def _parse(p: argparse.ArgumentParser, argv: list[str]):
         with contextlib.redirect_stderr(said):
             return p.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
-        code = int(e.code or 0)
-        return code
+        return int(e.code or 0)
     finally:
         sys.stderr.write(said.getvalue())
         lines = said.getvalue().strip().splitlines()

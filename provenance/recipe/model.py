@@ -447,11 +447,8 @@ def _fixed_order_problems(recipe: Recipe) -> list[str]:
     if det.cpu_capability == "native":
         problems.append("determinism.kernels: 'fixed-order' fixes the products, not ATen's other kernels: pin "
                         "determinism.cpu_capability ('avx2' runs the same ATen code on every x86-64 vendor)")
-    for i, s in enumerate(recipe.stages):
-        if s.precision != "float32":
-            problems.append(f"stages[{i}].precision: 'fixed-order' kernels compute float32 products; {s.precision!r} "
-                            "(autocast) would send them elsewhere")
-    return problems
+    return problems + _other_precisions(recipe, "'fixed-order' kernels compute float32 products; {} (autocast) would "
+                                                "send them elsewhere")
 
 
 def _portable_problems(recipe: Recipe) -> list[str]:
@@ -465,11 +462,13 @@ def _portable_problems(recipe: Recipe) -> list[str]:
     if recipe.model.attn_implementation != "sdpa":
         problems.append("model.attn_implementation: portable mode needs 'sdpa' (eager attention's softmax is "
                         "float32 in transformers, and 'small-head' and 'tiled' compute in float32)")
-    for i, s in enumerate(recipe.stages):
-        if s.precision != "float32":
-            problems.append(f"stages[{i}].precision: portable mode computes in float64; {s.precision!r} is not "
-                            "allowed")
-    return problems
+    return problems + _other_precisions(recipe, "portable mode computes in float64; {} is not allowed")
+
+
+def _other_precisions(recipe: Recipe, why: str) -> list[str]:
+    """`stages[i].precision: why` for every stage not in float32 (`why` names the precision as {})."""
+    return [f"stages[{i}].precision: " + why.format(repr(s.precision)) for i, s in enumerate(recipe.stages)
+            if s.precision != "float32"]
 
 
 class LoadedRecipe:

@@ -44,8 +44,8 @@ def check_reproduced(report: Report, st, model_dir: Path, bounds: Bounds, *, sha
     # The model card (README.md) states the weights' tensor digest and their audit's rates: a rebuild
     # whose tensors differ has its own card, which the weights' judgement covers (model-card below
     # says what is and is not vouched for). Tensors bitwise equal leave the card nothing to differ in.
-    judged = frozenset({WEIGHTS, MODEL_CARD}) if weights_differ and not tensors_equal else \
-        frozenset({WEIGHTS}) if tensors_equal else frozenset()
+    judged = frozenset({WEIGHTS}) if tensors_equal else frozenset({WEIGHTS, MODEL_CARD}) if weights_differ \
+        else frozenset()
     report_exact(report, res, sha256=sha256, judged_elsewhere=judged)
     if not report.ok:
         report.verdict = None  # a file beside the weights is not the attested one: FAILED, not a distance
