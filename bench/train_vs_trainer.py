@@ -12,7 +12,7 @@ and, for honesty, ours / trainer-tuned: Trainer after the same memory settings o
 C allocator's thresholds, PyTorch's NaN fill of new tensors off: provenance/build/allocator.py),
 which a Trainer user could make too.
 
-Usage: python bench/train_vs_trainer.py [--recipe R] [--steps N] [--repeats K]
+Usage: python bench/train_vs_trainer.py [--recipe R] [--steps N] [--repeats K] [--modes ours,plain]
 """
 
 from __future__ import annotations
@@ -59,9 +59,12 @@ def run_one(mode: str, recipe_path: str, steps: int) -> dict:
     if mode == "default":
         # PyTorch's defaults: no deterministic algorithms, any SDPA backend, foreach optimizers.
         det = det.model_copy(update={"deterministic_algorithms": False})
-    determinism.apply(det)
+    if mode != "plain":  # the plain loop gets none of the recipe's determinism: PyTorch's and MKL's defaults
+        determinism.apply(det)
+    else:
+        torch.manual_seed(det.seed)
     r = r.model_copy(update={"stages": [stage], "determinism": det})
-    if mode.startswith("trainer") and r.model.attn_implementation in ("small-head", "tiled"):
+    if mode.startswith(("trainer", "plain")) and r.model.attn_implementation in ("small-head", "tiled"):
         # Trainer gets what a transformers user has: SDPA, with the recipe's backend.
         r = r.model_copy(update={"model": r.model.model_copy(update={"attn_implementation": "sdpa"})})
     model = build_model(r.model, data.tokenizer.get_vocab_size(), data.special_ids, det.seed)
@@ -77,7 +80,11 @@ def run_one(mode: str, recipe_path: str, steps: int) -> dict:
             t0 = time.perf_counter()
             res = train(model, r, data.seqs, pad, Transcript())
             seconds = time.perf_counter() - t0
-        return {"mode": mode, "seconds": seconds, "final_loss": res[-1].final_loss, "steps": steps}
+        return {"mode": mode, "seconds": seconds, "final_loss": res[-1].final_loss, "steps": steps,
+                "tokens": steps * stage.batch_size * stage.seq_len}
+
+    if mode == "plain":
+        return plain_loop(model, stage, data.seqs, pad, steps)
 
     from transformers import Trainer, TrainingArguments
 
@@ -113,17 +120,46 @@ def run_one(mode: str, recipe_path: str, steps: int) -> dict:
     return {"mode": mode, "seconds": seconds, "final_loss": out.training_loss, "steps": steps}
 
 
+def plain_loop(model, stage, seqs, pad: int, steps: int, batch: int = 8) -> dict:
+    """What a transformers user writes: LlamaForCausalLM with SDPA (PyTorch's default backends, default
+    algorithms, MKL's own branch), float32, torch.optim.AdamW, `model(input_ids, labels=...).loss`, in
+    batches of `batch` windows. The stand-in for LaaM's own loop (issue 34: it ran at LaaM's 1,025
+    tokens/s on the machine where both were measured)."""
+    import torch
+
+    from provenance.build.train import windows
+
+    x, y = windows(seqs, stage.seq_len, stage.stride or stage.seq_len, pad)
+    opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=tuple(stage.betas), eps=stage.eps,
+                            weight_decay=stage.weight_decay)
+    model.train()
+    tokens = 0
+    t0 = time.perf_counter()
+    for step in range(steps * (stage.batch_size // batch or 1)):
+        rows = torch.arange(step * batch, (step + 1) * batch) % x.shape[0]
+        loss = model(input_ids=x[rows], labels=y[rows]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(x[rows].numel())
+    seconds = time.perf_counter() - t0
+    return {"mode": "plain", "seconds": seconds, "final_loss": float(loss), "steps": steps, "tokens": tokens}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "ptrace-0.9.9-debugger.toml"))
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--modes", default="ours,trainer,default,trainer-tuned",
+                    help="comma-separated, of ours, trainer, default, trainer-tuned, plain")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         print(json.dumps(run_one(a.one, a.recipe, a.steps)))
         return
-    modes = ["ours", "trainer", "default", "trainer-tuned"]
+    modes = a.modes.split(",")
+    tokens: dict[str, float] = {}
     times: dict[str, list[float]] = {m: [] for m in modes}
     for rep in range(a.repeats):
         for m in (modes if rep % 2 == 0 else modes[::-1]):
@@ -133,19 +169,28 @@ def main() -> None:
                 sys.exit(f"{m} failed:\n{p.stderr[-3000:]}")
             res = json.loads(p.stdout.strip().splitlines()[-1])
             times[m].append(res["seconds"])
+            if "tokens" in res:
+                tokens[m] = res["tokens"]
             print(f"  {m:8s} run {rep + 1}: {res['seconds']:.2f} s, final loss {res['final_loss']:.4f}", flush=True)
     med = {m: statistics.median(v) for m, v in times.items()}
     print(f"\nrecipe {Path(a.recipe).name}, {a.steps} steps, {a.repeats} runs each, median seconds:")
     for m in modes:
-        print(f"  {m:8s} {med[m]:.2f}  (min {min(times[m]):.2f}, max {max(times[m]):.2f})")
-    print(f"ours / trainer          = {med['ours'] / med['trainer']:.3f}  (goal <= 0.9)")
-    # ours and trainer run next to each other in every repeat: the median of those pairs' ratios
-    # is less moved by a machine that drifts over minutes than the ratio of the medians.
-    pairs = [o / t for o, t in zip(times["ours"], times["trainer"])]
-    print(f"  paired, median of {len(pairs)} = {statistics.median(pairs):.3f}  "
-          f"({', '.join(f'{x:.3f}' for x in pairs)})")
-    print(f"ours / trainer-tuned    = {med['ours'] / med['trainer-tuned']:.3f}  (Trainer with our memory settings)")
-    print(f"deterministic / default = {med['ours'] / med['default']:.3f}  (goal <= 1.03)")
+        rate = f", {tokens[m] / med[m]:,.0f} tokens/s" if m in tokens else ""
+        print(f"  {m:8s} {med[m]:.2f}  (min {min(times[m]):.2f}, max {max(times[m]):.2f}){rate}")
+    if "ours" in modes and "trainer" in modes:
+        print(f"ours / trainer          = {med['ours'] / med['trainer']:.3f}  (goal <= 0.9)")
+        # ours and trainer run next to each other in every repeat: the median of those pairs' ratios
+        # is less moved by a machine that drifts over minutes than the ratio of the medians.
+        pairs = [o / t for o, t in zip(times["ours"], times["trainer"])]
+        print(f"  paired, median of {len(pairs)} = {statistics.median(pairs):.3f}  "
+              f"({', '.join(f'{x:.3f}' for x in pairs)})")
+    if "ours" in modes and "trainer-tuned" in modes:
+        print(f"ours / trainer-tuned    = {med['ours'] / med['trainer-tuned']:.3f}  (Trainer with our memory settings)")
+    if "ours" in modes and "default" in modes:
+        print(f"deterministic / default = {med['ours'] / med['default']:.3f}  (goal <= 1.03)")
+    if "ours" in modes and "plain" in modes:
+        speed = (tokens["ours"] / med["ours"]) / (tokens["plain"] / med["plain"])
+        print(f"ours / plain loop, tokens/s = {speed:.2f}x  (goal >= 3 at LaaM's shape)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
+import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,26 +98,47 @@ def _raw(lib, q, k, v, go, scale):
     return [o, dq, dkt[..., :s], dvt[..., :s]]
 
 
-def test_bits_do_not_depend_on_the_instruction_set(tmp_path):
+def _compiled(tmp_path, level: str, *defines: str):
+    so = tmp_path / f"{level}{''.join(defines)}.so"
+    subprocess.run([clib.compiler(), *clib.FLAGS, f"-march={level}", *defines, "-o", str(so), str(sha.SOURCE)],
+                   check=True)
+    lib = ctypes.CDLL(str(so))
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    lib.small_head_attn_fwd.argtypes = [i64] * 7 + [f32] + [ptr] * 6
+    lib.small_head_attn_bwd.argtypes = [i64] * 7 + [f32] + [ptr] * 10
+    return lib
+
+
+def test_bits_do_not_depend_on_the_instruction_set_or_the_vector_width(tmp_path):
     """The library compiled for plain x86-64 (SSE2), -v3 (AVX2, FMA) and -v4 (AVX-512), as far as this CPU
-    runs them, gives the same bits: the C source fixes every operation and its order."""
+    runs them, and with its 16 lanes as one vector or two halves (VW = 16 or 8, whichever its target
+    would not choose) gives the same bits: the C source fixes every operation and its order."""
     levels = _levels()
-    if len(levels) < 2:
-        pytest.skip(f"this CPU runs only {levels or 'no x86-64 level'}: nothing to compare")
-    cc = clib.compiler()
+    if not levels:
+        pytest.skip("not an x86-64 CPU")
     q, k, v, go = _inputs(2, 8, 2, 45, 2, seed=2)
     digests = {}
     for level in levels:
-        so = tmp_path / f"{level}.so"
-        subprocess.run([cc, *clib.FLAGS, f"-march={level}", "-o", str(so), str(sha.SOURCE)], check=True)
-        lib = ctypes.CDLL(str(so))
-        i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-        lib.small_head_attn_fwd.argtypes = [i64] * 7 + [f32] + [ptr] * 6
-        lib.small_head_attn_bwd.argtypes = [i64] * 7 + [f32] + [ptr] * 10
-        digests[level] = _digest(_raw(lib, q, k, v, go, 2 ** -0.5))
+        for defines in ((), ("-DVW=16",), ("-DVW=8",)):
+            digests[(level, *defines)] = _digest(_raw(_compiled(tmp_path, level, *defines), q, k, v, go, 2 ** -0.5))
     assert len(set(digests.values())) == 1, digests
     # and the library the build loads gives those bits too
-    assert _digest(_raw(sha.load()[0], q, k, v, go, 2 ** -0.5)) == digests[levels[0]]
+    assert _digest(_raw(sha.load()[0], q, k, v, go, 2 ** -0.5)) == digests[(levels[0],)]
+
+
+VECTORS = Path(__file__).with_name("vectors") / "small-head.json"
+KNOWN = [(2, 8, 2, 45, 2, 2), (1, 32, 4, 512, 2, 3), (1, 4, 4, 70, 8, 4)]  # b, h, hkv, s, d, seed
+
+
+def test_known_answers_hold_on_this_machine():
+    """Digests of one forward and backward for seeded inputs (torch's CPU generator, the same on every
+    machine) at LaaM's shape and two ragged ones, written on the machine named in the file: every
+    machine the suite runs on, of either vendor and vector width, checks them."""
+    got = {"x".join(map(str, s[:5])): _digest(_raw(sha.load()[0], *_inputs(*s), s[4] ** -0.5))
+           for s in KNOWN}
+    if os.environ.get("PROVENANCE_WRITE_VECTORS"):
+        VECTORS.write_text(json.dumps({"format": "provenance-small-head-vectors-v1", "digests": got}, indent=1) + "\n")
+    assert json.loads(VECTORS.read_text())["digests"] == got
 
 
 def test_the_library_refuses_shapes_it_does_not_compute():
