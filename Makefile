@@ -12,6 +12,7 @@ REF    := attestations/$(NAME).intoto.jsonl
 REFKEY := attestations/keys/$(NAME).pub
 REFAUDIT := attestations/$(NAME).audit.intoto.jsonl
 REFOMS := attestations/$(NAME).model.sig
+REFLOG := attestations/$(NAME).transcript.jsonl
 # The reference signing key lives outside the repository and is never committed.
 REFERENCE_KEY ?= $(HOME)/.config/provenance/reference/$(NAME).key
 
@@ -48,6 +49,8 @@ reference: $(STAMP)
 	cp $(OUT)/attestation.intoto.jsonl $(REF)
 	cp $(OUT)/audit.intoto.jsonl $(REFAUDIT)
 	if [ -f $(OUT)/model.sig ]; then cp $(OUT)/model.sig $(REFOMS); fi
+	@# a portable recipe's rebuilds follow the reference's signed rounding log (docs/reproducibility.md)
+	if grep -q '^portable *= *true' $(RECIPE); then cp $(OUT)/transcript.jsonl $(REFLOG); fi
 	$(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE) --audit $(REFAUDIT)
 
 # CI gate: rebuild and judge against the committed reference (bitwise on the same stack, else tolerance).

@@ -854,15 +854,18 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
 
 
 def _reference_rounding_log(attestation: Path, payload: dict, reporter):
-    """A portable recipe's rebuild follows the reference's rounding log: the signed transcript.jsonl
-    beside the attestation (its blake3 must be the one the attestation signs). None, said aloud,
-    when there is none; CheckFailed when it is there but not the signed one."""
+    """A portable recipe's rebuild follows the reference's rounding log: the signed transcript beside the
+    attestation, NAME.transcript.jsonl for NAME.intoto.jsonl (as `make reference` commits it) or else a
+    build directory's transcript.jsonl (its blake3 must be the one the attestation signs). None, said
+    aloud, when there is none; CheckFailed when it is there but not the signed one."""
     import blake3
 
     from .build.portable import read_log
     from .errors import CheckFailed
 
-    path = attestation.parent / "transcript.jsonl"
+    named = attestation.parent / (attestation.name.removesuffix(".intoto.jsonl") + ".transcript.jsonl")
+    path = named if attestation.name.endswith(".intoto.jsonl") and named.is_file() else \
+        attestation.parent / "transcript.jsonl"
     signed = {b["name"]: b["digest"] for b in payload["predicate"]["runDetails"].get("byproducts", [])}
     data = _read_bounded(path, limit=1 << 30)
     if data is None or "transcript.jsonl" not in signed:

@@ -207,3 +207,21 @@ def test_a_rounding_log_index_outside_the_tensor_fails_the_build(builds, store, 
                 str(_forged(builds, tmp_path, edit)), store=store)
     assert p.returncode == 1, p.stderr[-2000:]
     assert "lm_head.weight has" in p.stderr and "names index 1000000000" in p.stderr and "initial weights" in p.stderr
+
+
+def test_the_committed_portable_reference_rebuilds_bitwise_on_this_machine(store, tmp_path):
+    """attestations/tiny-portable.intoto.jsonl was built on another machine (docs/reproducibility.md
+    names it; `make reference RECIPE=tests/recipes/tiny-portable.toml` regenerates it): every machine
+    the suite runs on rebuilds it, following its signed rounding log, to the same bits. The rebuild runs
+    at ATen's `default` level, so the stack differs from the reference's (AVX2) even on its own machine."""
+    ref = ROOT / "attestations" / "tiny-portable.intoto.jsonl"
+    out = tmp_path / "rebuild"
+    p = run_cli("rebuild", str(ref), "--attestation-key", str(ROOT / "attestations" / "keys" / "tiny-portable.pub"),
+                "--out", str(out), "--cpu-capability", "default", "--json", store=store)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["result"] == "reproduced (bitwise)", res
+    signed = json.loads(__import__("base64").b64decode(json.loads(ref.read_text().splitlines()[0])["payload"]))
+    logged = {b["name"]: b["digest"]["blake3"] for b in signed["predicate"]["runDetails"]["byproducts"]}
+    assert b3(out / "transcript.jsonl") == logged["transcript.jsonl"]
+    assert build_json(out)["training"]["portable"]["rounding_log_from"] == {"blake3": logged["transcript.jsonl"]}
