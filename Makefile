@@ -16,7 +16,7 @@ REFLOG := attestations/$(NAME).transcript.jsonl
 # The reference signing key lives outside the repository and is never committed.
 REFERENCE_KEY ?= $(HOME)/.config/provenance/reference/$(NAME).key
 
-.PHONY: venv rebuild test verify reference gate bench clean
+.PHONY: venv rebuild test test-fast verify reference gate bench clean
 
 $(STAMP): constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,8 +57,16 @@ reference: $(STAMP)
 gate: $(STAMP)
 	$(BIN)/provenance gate --recipe $(RECIPE) --junit build/gate-junit.xml $(GATEARGS)
 
+# The layering check first (a second or two, no imports of the package), then everything.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q tests/test_layering.py
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --deselect tests/test_layering.py --durations=15
+
+# The tests that build no model (under 2 minutes on the 2-core machines): the layering check, the
+# verifier's adversarial cases that need no build, the kernels' known answers, recipe rules, formats.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_layering.py
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not builds" --deselect tests/test_layering.py
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,bench]' --config-settings editable_mode=compat

@@ -1,4 +1,4 @@
-"""The fixed-order GEMM (provenance/build/fixed_gemm.c) against MKL's code branches, at the products of
+"""The fixed-order GEMM (provenance/builder/fixed_gemm.c) against MKL's code branches, at the products of
 a training step of the shipped recipes, in one run on this machine.
 
 Each MKL branch runs in its own process (MKL reads MKL_CBWR once, at its first call): unpinned (its
@@ -64,7 +64,7 @@ def child(threads: int, reps: int) -> None:
 
     import torch
 
-    from provenance.build import fixed_gemm
+    from provenance.builder import fixed_gemm
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

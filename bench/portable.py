@@ -40,7 +40,7 @@ def child(argv: list[str]) -> int:
     import torch
     from safetensors.torch import save_file
 
-    import provenance.build.portable as portable
+    import provenance.builder.portable as portable
     from provenance.cli import main
 
     saved = {}

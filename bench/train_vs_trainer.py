@@ -9,7 +9,7 @@ also as the median of each repeat's adjacent pair):
     deterministic / default  goal <= 1.03
 
 and, for honesty, ours / trainer-tuned: Trainer after the same memory settings our loop makes (the
-C allocator's thresholds, PyTorch's NaN fill of new tensors off: provenance/build/allocator.py),
+C allocator's thresholds, PyTorch's NaN fill of new tensors off: provenance/builder/allocator.py),
 which a Trainer user could make too.
 
 Usage: python bench/train_vs_trainer.py [--recipe R] [--steps N] [--repeats K] [--modes ours,plain]
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _prepare(recipe_path: str):
-    from provenance.build.pipeline import fetch_all, prepare_data
+    from provenance.builder.pipeline import fetch_all, prepare_data
     from provenance.recipe import load_recipe
     from provenance.inputs.store import Store
 
@@ -49,8 +49,8 @@ def _prepare(recipe_path: str):
 def run_one(mode: str, recipe_path: str, steps: int) -> dict:
     import torch
 
-    from provenance.build import determinism
-    from provenance.build.train import Transcript, build_model, train, windows
+    from provenance.builder import determinism
+    from provenance.builder.train import Transcript, build_model, train, windows
 
     recipe, data = _prepare(recipe_path)
     r = recipe.recipe
@@ -69,7 +69,7 @@ def run_one(mode: str, recipe_path: str, steps: int) -> dict:
         r = r.model_copy(update={"model": r.model.model_copy(update={"attn_implementation": "sdpa"})})
     model = build_model(r.model, data.tokenizer.get_vocab_size(), data.special_ids, det.seed)
     pad = data.special_ids["pad_token_id"]
-    from provenance.build.clib import attention_module
+    from provenance.builder.attention import attention_module
 
     kernel = attention_module(r.model.attn_implementation)
     if kernel is not None:
@@ -89,7 +89,7 @@ def run_one(mode: str, recipe_path: str, steps: int) -> dict:
     from transformers import Trainer, TrainingArguments
 
     if mode == "trainer-tuned":
-        from provenance.build.allocator import tune
+        from provenance.builder.allocator import tune
 
         tune()
 
@@ -127,7 +127,7 @@ def plain_loop(model, stage, seqs, pad: int, steps: int, batch: int = 8) -> dict
     tokens/s on the machine where both were measured)."""
     import torch
 
-    from provenance.build.train import windows
+    from provenance.builder.train import windows
 
     x, y = windows(seqs, stage.seq_len, stage.stride or stage.seq_len, pad)
     opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=tuple(stage.betas), eps=stage.eps,

@@ -21,12 +21,12 @@ def _emit_json(obj) -> None:
 
 
 def cmd_build(args) -> int:
-    from .build.pipeline import build, parse_handed
+    from .builder.pipeline import build, parse_handed
     from ._internal.progress import Reporter
     from .recipe import load_recipe
     from .inputs.store import Store
 
-    from .build.pipeline import check_out_dir
+    from .builder.pipeline import check_out_dir
 
     recipe = load_recipe(args.recipe)
     _check_threads(args.threads)
@@ -44,7 +44,7 @@ def cmd_build(args) -> int:
         if not recipe.recipe.determinism.portable:
             raise InputError(f"--rounding-log {args.rounding_log}: {recipe.path} is not a portable recipe "
                              "([determinism] portable = true)")
-        from .build.portable import read_log
+        from .builder.portable import read_log
 
         read_log(Path(args.rounding_log))
     reporter = Reporter(enabled=not args.json and rank == 0)
@@ -95,7 +95,7 @@ def _launch_ranks(args, recipe, reporter) -> int:
     """Fetch the inputs here, then start world_size ranks with torchrun; rank 0 writes the outputs."""
     import subprocess
 
-    from .build.pipeline import fetch_all, parse_handed
+    from .builder.pipeline import fetch_all, parse_handed
     from .inputs.store import Store
 
     for s in recipe.recipe.stages:
@@ -119,7 +119,7 @@ def _launch_ranks(args, recipe, reporter) -> int:
 
 def _signing(args, reporter):
     """Load (or, for the default path, create) the signing key before any long work starts."""
-    from .build.pipeline import Signing
+    from .builder.pipeline import Signing
     from .attest.sign import default_key_path, identity_token, key_is_private_enough, keygen, load_signer, trust_config
 
     keys = [Path(k) for k in args.key] if args.key else [default_key_path()]
@@ -331,7 +331,7 @@ def _diverge_layers(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from .build.pipeline import fetch_all, parse_handed
+    from .builder.pipeline import fetch_all, parse_handed
     from ._internal.progress import Reporter
     from .recipe import load_recipe
     from .inputs.store import Store
@@ -422,8 +422,8 @@ def _plan(args, recipe) -> dict:
     import tempfile
 
     from ._internal.progress import Reporter
-    from .build.pipeline import fetch_all, prepare_data
-    from .build.train import stage_steps
+    from .builder.pipeline import fetch_all, prepare_data
+    from .builder.train import stage_steps
     from .inputs.store import Store
 
     try:
@@ -438,7 +438,7 @@ def _plan(args, recipe) -> dict:
     peak = peak_memory(r)
     probe = None
     if args.probe and problem is None:
-        from .build.probe import run_probe
+        from .builder.probe import run_probe
 
         try:
             probe = run_probe(str(recipe.path), peak.stage)
@@ -792,12 +792,6 @@ def verify_main(argv: list[str] | None = None) -> int:
     return run(argv, verify_parser())
 
 
-def verify_entry() -> None:
-    from ._entry import verify_entry as entry
-
-    entry()
-
-
 def cmd_matrix(args) -> int:
     from .repro.matrix import parse_vary, plot, run_matrix, table
     from .recipe import load_recipe
@@ -832,7 +826,7 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
     """Build `recipe` into `out` (signed with --key or the default key) and answer the reproduced
     question against the verified statement: bitwise required on the reference's stack."""
     from ._internal.progress import Reporter
-    from .build.pipeline import build, parse_handed
+    from .builder.pipeline import build, parse_handed
     from .inputs.store import Store
     from .repro.rebuild import judge_build, stack_matches
     from .verify.policy import load_policy
@@ -860,7 +854,7 @@ def _reference_rounding_log(attestation: Path, payload: dict, reporter):
     aloud, when there is none; CheckFailed when it is there but not the signed one."""
     import blake3
 
-    from .build.portable import read_log
+    from .builder.portable import read_log
     from .errors import CheckFailed
 
     named = attestation.parent / (attestation.name.removesuffix(".intoto.jsonl") + ".transcript.jsonl")
@@ -881,7 +875,7 @@ def _reference_rounding_log(attestation: Path, payload: dict, reporter):
 
 
 def cmd_replay(args) -> int:
-    from .build.pipeline import parse_handed
+    from .builder.pipeline import parse_handed
     from .inputs.store import Store
     from .repro.rebuild import embedded_recipe, verified_statement
     from .repro.replay import replay, verdict_line
@@ -929,8 +923,8 @@ def cmd_audit(args) -> int:
     """Re-run a build's memorization audit on its model dir and compare it with the signed one."""
     import tempfile
 
-    from .build import determinism
-    from .build.pipeline import fetch_all, parse_handed, prepare_data, run_audit
+    from .builder import determinism
+    from .builder.pipeline import fetch_all, parse_handed, prepare_data, run_audit
     from .errors import CheckFailed
     from ._internal.progress import Reporter
     from .audit.memorization import summary_line
@@ -1011,7 +1005,7 @@ def cmd_sbom(args) -> int:
     import blake3
 
     from ._internal.atomic import atomic_write_bytes
-    from .build.sbom import FORMATS, validate
+    from .builder.sbom import FORMATS, validate
     from .errors import CheckFailed
 
     _check_output_file("--out", args.out)
@@ -1211,7 +1205,7 @@ def cmd_rebuild(args) -> int:
                                      Path(args.policy) if args.policy else None)
     out = Path(args.out) if args.out else Path("build") / f"rebuild-{Path(recipe_file_name(st)).stem}"
     from ._internal.progress import Reporter
-    from .build.pipeline import check_out_dir
+    from .builder.pipeline import check_out_dir
     from .inputs.store import Store
 
     # Before the recipe is written into it: the output dir and the key that signs the VSA.

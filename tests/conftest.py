@@ -15,6 +15,18 @@ RECIPES = ROOT / "recipes"
 TINY = ROOT / "tests" / "recipes" / "tiny.toml"
 
 
+# `make test-fast` runs the tests that build no model (`-m "not builds"`): a test builds one when it uses
+# the input store (every build and rebuild through the CLI does) or lives in a module that trains in process.
+BUILDING_FIXTURES = {"store", "default_rebuild"}
+TRAINING_MODULES = {"test_train.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if BUILDING_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in TRAINING_MODULES:
+            item.add_marker(pytest.mark.builds)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def signing_key(tmp_path_factory) -> Path:
     """Builds without --key sign with $PROVENANCE_KEY: a temporary ECDSA P-256 key (keygen's default),

@@ -6,7 +6,8 @@ import os
 
 import torch
 
-from provenance.build.determinism import apply, cuda_settings, derive_seed
+from provenance._internal.seeds import derive_seed
+from provenance.builder.determinism import apply, cuda_settings
 from provenance.recipe import Determinism
 
 
@@ -42,7 +43,7 @@ def test_derived_seeds_are_stable_and_distinct():
 
 PIN_CHECK = """
 import sys, torch
-from provenance.build.determinism import apply
+from provenance.builder.determinism import apply
 from provenance.errors import InputError
 from provenance.recipe import Determinism
 actual = torch.backends.cpu.get_cpu_capability()
@@ -74,7 +75,7 @@ def product():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(257, 513, generator=g), torch.randn(513, 129, generator=g)
     return hashlib.sha256((a @ b).numpy().tobytes()).hexdigest()
-from provenance.build.determinism import apply
+from provenance.builder.determinism import apply
 from provenance.errors import InputError
 from provenance.recipe import Determinism
 if sys.argv[1] == "late":
@@ -97,7 +98,7 @@ def test_mkl_and_onednn_are_pinned_with_the_cpu_level():
 
     import pytest
 
-    from provenance.build.determinism import _intel, supported_cpu_levels
+    from provenance.builder.determinism import _intel, supported_cpu_levels
 
     if "avx2" not in supported_cpu_levels():
         pytest.skip("this CPU has no AVX2")

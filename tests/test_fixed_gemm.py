@@ -1,4 +1,4 @@
-"""The fixed-order GEMM (provenance/build/fixed_gemm.c): one summation order whatever the thread count,
+"""The fixed-order GEMM (provenance/builder/fixed_gemm.c): one summation order whatever the thread count,
 the instruction set it is compiled for and the CPU, and the operators it stands in for.
 
 Inputs are exact dyadic numbers drawn from numpy's PCG64 (the same on every machine), so the known-answer
@@ -20,7 +20,7 @@ import blake3
 import numpy as np
 import pytest
 
-from provenance.build import clib, fixed_gemm
+from provenance.builder import clib, fixed_gemm
 
 VECTORS = Path(__file__).parent / "vectors" / "fixed-gemm.json"
 # (M, N, K, transpose A, transpose B): the shipped recipes' products and ragged ones

@@ -1,4 +1,4 @@
-"""The chunked, fused output layer and loss (build/loss.py): the same loss and gradients as the full
+"""The chunked, fused output layer and loss (builder/loss.py): the same loss and gradients as the full
 logits path up to float rounding, exact padding handling, and bits that do not depend on the
 thread count or run."""
 
@@ -9,7 +9,7 @@ import hashlib
 import pytest
 import torch
 
-from provenance.build.loss import IGNORE, chunked_loss_sum, full_loss_sum
+from provenance.builder.loss import IGNORE, chunked_loss_sum, full_loss_sum
 
 
 def _case(seed=0, b=3, t=40, d=16, v=97):

@@ -1,4 +1,4 @@
-"""`attn_implementation = "small-head"` (provenance/build/small_head_attention.py): our causal attention
+"""`attn_implementation = "small-head"` (provenance/builder/small_head_attention.py): our causal attention
 kernel for heads of dimension <= 8. Its values against float64 attention, its bits against the
 compiler's target and the thread count, where it hands over to SDPA, and the recipe rules."""
 
@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from provenance.build import clib
-from provenance.build import small_head_attention as sha
+from provenance.builder import clib
+from provenance.builder.attention import attention_module
+from provenance.builder import small_head_attention as sha
 from provenance.errors import InputError
 from provenance.recipe import parse_recipe
 
@@ -151,7 +152,7 @@ def test_the_library_refuses_shapes_it_does_not_compute():
 def _tiny_llama(attn: str, heads=8, kv=2, hidden=16):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    kernel = clib.attention_module(attn)
+    kernel = attention_module(attn)
     if kernel is not None:
         kernel.register()
     cfg = LlamaConfig(vocab_size=50, hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,

@@ -1,4 +1,4 @@
-"""`attn_implementation = "tiled"` (provenance/build/tiled_attention.py): our causal attention kernel for
+"""`attn_implementation = "tiled"` (provenance/builder/tiled_attention.py): our causal attention kernel for
 heads of dimension 16, 32, 48, ... Its values against float64 attention, its bits against the
 compiler's target, the thread count and the inputs' memory layout, where it hands over to SDPA, and the
 recipe rules."""
@@ -11,8 +11,8 @@ import subprocess
 import pytest
 import torch
 
-from provenance.build import clib
-from provenance.build import tiled_attention as ta
+from provenance.builder import clib
+from provenance.builder import tiled_attention as ta
 from provenance.errors import InputError
 from provenance.recipe import parse_recipe
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from provenance.recipe import Stage
-from provenance.build.train import IGNORE, _spans, lr_factor, stage_steps, windows
+from provenance.builder.train import IGNORE, _spans, lr_factor, stage_steps, windows
 
 
 @pytest.mark.parametrize("n,seq_len,stride,offset", [(100, 32, 32, 0), (100, 32, 16, 0), (100, 32, 32, 8),
@@ -56,7 +56,7 @@ def test_vocabulary_padding_rounds_the_model_rows_up_and_only_up():
     the default, 1, leaves it as it is; out-of-range values are refused."""
     from pydantic import ValidationError
 
-    from provenance.build.train import build_model
+    from provenance.builder.train import build_model
     from provenance.recipe.model import Model
 
     base = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,

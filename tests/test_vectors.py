@@ -110,7 +110,7 @@ def manifest_root_via_module(manifest, entries) -> str:
 def test_fingerprint_bytes_vector():
     import numpy as np
 
-    from provenance.build.fingerprint import tensor_fingerprint
+    from provenance.builder.fingerprint import tensor_fingerprint
 
     v = V["fingerprint-tensors"]
     spec = spec_fingerprint(v["tensors"], v["seed"], v["projections"])

@@ -23,7 +23,7 @@ import difflib
 import random
 from dataclasses import dataclass
 
-from ..build.determinism import derive_seed
+from .._internal.seeds import derive_seed
 
 FORMAT = "provenance-memorization-audit-v1"
 METHOD = "extractable memorization (Carlini et al. 2022), greedy decoding"

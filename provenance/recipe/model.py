@@ -174,7 +174,7 @@ class Model(Strict):
     tie_word_embeddings: bool = False
     initializer_range: Annotated[float, Field(allow_inf_nan=False, gt=0)] = 0.02
     # "small-head" and "tiled": our causal attention kernels on the CPU, for heads of dimension <= 8
-    # (build/small_head_attention.py) and of a multiple of 16 (build/tiled_attention.py); other bits
+    # (builder/small_head_attention.py) and of a multiple of 16 (builder/tiled_attention.py); other bits
     # than SDPA's, so a recipe choice.
     attn_implementation: Literal["eager", "sdpa", "small-head", "tiled"] = "sdpa"
     # The embedding and output layer get this many rows rounded up from the tokenizer's vocabulary
@@ -225,7 +225,7 @@ class Stage(Strict):
     precision: Literal["float32", "bf16-autocast"] = "float32"
     # "full": logits for every position, then cross-entropy (HF's way). "chunked": the output layer and
     # the loss fused over chunks of `cross_entropy_chunk` positions, in float32, never holding all the
-    # logits (build/loss.py). They give different bits; the choice is part of the recipe.
+    # logits (builder/loss.py). They give different bits; the choice is part of the recipe.
     cross_entropy: Literal["full", "chunked"] = "full"
     cross_entropy_chunk: Annotated[int, Field(ge=64, le=1 << 20)] = 1024
 
@@ -261,12 +261,12 @@ class Determinism(Strict):
     cudnn_benchmark: bool = False
     allow_tf32: bool = False
     cublas_workspace_config: Literal[":4096:8", ":16:8"] = ":4096:8"
-    # Portable mode (build/portable.py, docs/reproducibility.md): float64 compute, float32 state
+    # Portable mode (builder/portable.py, docs/reproducibility.md): float64 compute, float32 state
     # rounded after every step, values near a rounding boundary logged in the transcript.
     portable: bool = False
     portable_margin: Annotated[float, Field(gt=0, lt=0.5)] = 2.0 ** -16
     # Whose matrix products: "vendor" (PyTorch's: MKL, whose code branch depends on the CPU's vendor and
-    # model) or "fixed-order" (build/fixed_gemm.c: every sum in one order, the same bits on every x86-64 CPU).
+    # model) or "fixed-order" (builder/fixed_gemm.c: every sum in one order, the same bits on every x86-64 CPU).
     kernels: Literal["vendor", "fixed-order"] = "vendor"
 
 

@@ -6,7 +6,7 @@ policy file's `[reproduced]` section), tightened, never loosened, by the referen
 tolerances. Every tensor is judged, not only the total.
 
 Tensor metrics need only numpy; functional metrics (eval loss, greedy agreement, greedy
-continuations) run the candidate with torch (build/fingerprint.py).
+continuations) run the candidate with torch (builder/fingerprint.py).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def estimate_from_fingerprint(ref: dict, tensors: dict[str, np.ndarray], *, proj
 
     For Rademacher vectors s, E[(s·d)^2] = ||d||^2, so the mean over k projections of the squared
     difference of projections estimates ||a - b||^2 (Johnson-Lindenstrauss)."""
-    from ..build.fingerprint import tensor_fingerprint
+    from ..builder.fingerprint import tensor_fingerprint
 
     cand = tensor_fingerprint(tensors, projections=projections, seed=seed)
     problems, per = [], {}
@@ -168,7 +168,7 @@ def _beside(path: Path, name: str) -> dict | None:
 
 def compare(dir_a: Path, dir_b: Path, *, bounds: Bounds | None = None, functional_metrics: bool = True) -> Verdict:
     """Judge build B against build A (the reference), with the verifier's bounds tightened by A's."""
-    from ..build.fingerprint import agreement, functional, load_model
+    from ..builder.fingerprint import agreement, functional, load_model
 
     ma, mb = model_dir(dir_a), model_dir(dir_b)
     ta, tb = load_tensors(ma / "model.safetensors"), load_tensors(mb / "model.safetensors")
@@ -208,7 +208,7 @@ def judge_against_fingerprint(fp: object, mdir: Path, bounds: Bounds) -> Verdict
     """Judge a candidate model dir from the reference's signed fingerprint alone (no reference weights).
 
     What this can and cannot establish against an adversary is in docs/threat-model.md."""
-    from ..build.fingerprint import FINGERPRINT_FORMAT, agreement, functional, load_model
+    from ..builder.fingerprint import FINGERPRINT_FORMAT, agreement, functional, load_model
 
     if not isinstance(fp, dict) or fp.get("format") != FINGERPRINT_FORMAT:
         return Verdict(DIVERGED, ["the attestation carries no fingerprint this verifier reads"], {})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..build.transcript import read
+from ..builder.transcript import read
 from ..errors import InputError
 
 # Compared in this order at each step: what a build consumed comes before what it computed.

@@ -149,7 +149,7 @@ def _run(recipe_path: Path, level: str, step: int, out: Path, full: int | None, 
          offline: bool, start: Path | None) -> None:
     """In a fresh process: build up to `step` under `level`, save the parameters then (or, with
     `start`, replace them by those), and record every operator of the step."""
-    from ..build import determinism
+    from ..builder import determinism
 
     from ..recipe import load_recipe
 
@@ -162,9 +162,10 @@ def _run(recipe_path: Path, level: str, step: int, out: Path, full: int | None, 
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from .._internal.progress import Reporter
-    from ..build import train as train_mod
-    from ..build.pipeline import fetch_all, prepare_data
-    from ..build.transcript import Transcript
+    from ..builder import tensors as tensors_mod
+    from ..builder import train as train_mod
+    from ..builder.pipeline import fetch_all, prepare_data
+    from ..builder.transcript import Transcript
     from ..inputs.store import Store
 
     stored = fetch_all(recipe, Store(store or None), offline=offline, handed={}, reporter=Reporter(enabled=False))
@@ -209,16 +210,16 @@ def _run(recipe_path: Path, level: str, step: int, out: Path, full: int | None, 
             if len(transcript.lines) == step and state["mode"] is None:
                 from safetensors.torch import load_file, save_file
 
-                state["own_params"] = train_mod.param_digest(mdl)
+                state["own_params"] = tensors_mod.param_digest(mdl)
                 if start is not None:
                     loaded = load_file(str(start))
                     with torch.no_grad():
-                        for name, t in train_mod.saved_state(mdl).items():
+                        for name, t in tensors_mod.saved_state(mdl).items():
                             t.copy_(loaded[name])
                 else:
-                    save_file({k: v.detach().clone().contiguous() for k, v in train_mod.saved_state(mdl).items()},
+                    save_file({k: v.detach().clone().contiguous() for k, v in tensors_mod.saved_state(mdl).items()},
                               str(out / "params.safetensors"))
-                state["params"] = train_mod.param_digest(mdl)
+                state["params"] = tensors_mod.param_digest(mdl)
                 state["mode"] = Recorder()
                 state["mode"].__enter__()  # through forward, backward and the optimizer step
             return original(net, mdl, stage, input_ids, labels)

@@ -154,7 +154,7 @@ def _native_diffs(st: dict, ref_det: dict, ref_machine: dict, det: dict, mach: d
     if ref_det.get("cpu_capability") != det.get("cpu_capability"):
         diffs.append(f"cpu capability {det.get('cpu_capability')} vs reference {ref_det.get('cpu_capability')}")
     if ref_det.get("kernels") == "fixed-order" and det.get("kernels") == "fixed-order":
-        # Every product is our GEMM's (build/fixed_gemm.c): MKL, oneDNN, their pins and the CPU's vendor
+        # Every product is our GEMM's (builder/fixed_gemm.c): MKL, oneDNN, their pins and the CPU's vendor
         # take no part in the bits, and neither does the thread count. Bitwise across vendors is demanded,
         # also from another version of the GEMM's source: its order is the algorithm's (tests/vectors/
         # fixed-gemm.json holds it), so a change that alters a bit is a bug to find, not a tolerance.
@@ -184,7 +184,7 @@ def stack_matches(st: dict, record: dict) -> tuple[bool, str]:
     branch, bf16 autocast: _threads_matter), the same thread count. Bitwise equality is required only
     then (docs/reproducibility.md).
 
-    A portable build (both the reference's and this one, build/portable.py) is bitwise by design
+    A portable build (both the reference's and this one, builder/portable.py) is bitwise by design
     across CPU capabilities, vendors and numerics libraries: only the toolchain must match."""
     internal = st["predicate"]["buildDefinition"].get("internalParameters", {})
     ref_det, ref_machine = internal.get("determinism", {}), internal.get("machine", {})

@@ -88,7 +88,7 @@ def verdict_line(r: ReplayReport) -> str:
 
 def points_of(lines: list[dict], total: int) -> tuple[list[int], int | None]:
     """The replay points (0, every scheduled checkpoint, the end) and the checkpoint interval."""
-    from ..build.checkpoint import scheduled_steps
+    from ..builder.checkpoint import scheduled_steps
 
     marks = list(scheduled_steps(lines))
     every = marks[0] if marks else None
@@ -118,12 +118,12 @@ def replay(build_dir: Path, payload: dict, st, *, segments: int, seed: int, stor
     (`payload`, `st`). Raises InputError / CheckFailed for what cannot be replayed at all."""
     import blake3
 
-    from ..build import determinism
-    from ..build.pipeline import fetch_all, prepare_data
-    from ..build.transcript import read as read_transcript
+    from ..builder import determinism
+    from ..builder.pipeline import fetch_all, prepare_data
+    from ..builder.transcript import read as read_transcript
     from ..recipe import load_recipe
     from .rebuild import embedded_recipe, stack_matches
-    from ..build import toolchain
+    from ..builder import toolchain
 
     t_start = time.perf_counter()
     tpath = build_dir / "transcript.jsonl"
@@ -185,10 +185,10 @@ def replay(build_dir: Path, payload: dict, st, *, segments: int, seed: int, stor
 
 
 def _run_segment(seg, recipe, data, lines, raw_lines, rdir, every, work, same, bounds, build_dir) -> None:
-    from ..build import checkpoint as ckpt
-    from ..build import determinism
-    from ..build.train import StopAt, build_model, train
-    from ..build.transcript import Transcript
+    from ..builder import checkpoint as ckpt
+    from ..builder import determinism
+    from ..builder.train import StopAt, build_model, train
+    from ..builder.transcript import Transcript
 
     r = recipe.recipe
     start = None
@@ -214,7 +214,7 @@ def _run_segment(seg, recipe, data, lines, raw_lines, rdir, every, work, same, b
                             portable=r.determinism.portable)
         rounder = None
         if r.determinism.portable:  # the segment rounds the way the signed transcript's log says
-            from ..build.portable import Rounder, read_log
+            from ..builder.portable import Rounder, read_log
 
             rounder = Rounder(r.determinism.portable_margin,
                               read_log(build_dir / "transcript.jsonl", b"".join(x + b"\n" for x in raw_lines)))
@@ -268,7 +268,7 @@ def _judge_end(seg, model, rdir, build_dir, bounds, ckpt, lines) -> tuple[str, l
     import numpy as np
 
     from .._internal.hashing import tensor_digest
-    from ..build.train import saved_state
+    from ..builder.tensors import saved_state
     from .compare import judge, load_tensors, tensor_metrics
 
     mine = {k: v.detach().float().numpy() for k, v in saved_state(model).items()}

@@ -165,9 +165,9 @@ def secret_recitation(report: Report, st, model_dir: Path, store: Path | None, b
 
     from tokenizers import Tokenizer
 
-    from ..build.evaluate import recitation
-    from ..build.fingerprint import load_model
-    from ..build.tokenizer import encode_all
+    from ..builder.evaluate import recitation
+    from ..builder.fingerprint import load_model
+    from ..builder.tokenizer import encode_all
     from ..errors import ProvenanceError
     from ..inputs.dataset import layout_texts, select_dataset
     from ..inputs.store import Store, fetch_input

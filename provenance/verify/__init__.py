@@ -1,6 +1,6 @@
 """The verifier: does an attestation vouch for exactly these files?
 
-Stands apart from the builder: it imports nothing from `provenance.build` or `provenance.repro`,
+Stands apart from the builder: it imports nothing from `provenance.builder` or `provenance.repro`,
 and neither torch nor transformers (a test holds it to that). It answers one question, **verified**:
 the signature holds, the statement is well formed and from an allowed builder, its embedded
 recipe matches its digest, and, with --model, the directory holds exactly the signed files, byte

@@ -100,7 +100,7 @@ def attestation_target(text: str, tmp: Path, pub: Path) -> tuple[int, str]:
 
 def _chain(records: list[dict]) -> str:
     """Well-chained transcript lines holding arbitrary values, so diverge compares them."""
-    from provenance.build.transcript import Transcript
+    from provenance.builder.transcript import Transcript
 
     t = Transcript()
     for r in records:

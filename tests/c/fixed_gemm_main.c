@@ -1,4 +1,4 @@
-/* A stand-alone driver for provenance/build/fixed_gemm.c, for running the kernel where Python and torch
+/* A stand-alone driver for provenance/builder/fixed_gemm.c, for running the kernel where Python and torch
  * are not (tests/test_fixed_gemm.py cross-compiles it for aarch64 and runs it under qemu-user).
  * Reads from stdin: int64 m, n, k, threads, then A (m x k) and B (k x n) as row-major float32;
  * writes C (m x n) as row-major float32 to stdout. Exit 0, or 1 on a short read or a failed product. */

@@ -289,7 +289,7 @@ def test_verify_imports_neither_torch_nor_transformers(signed, keys):
             f"rc = verify_main([{str(out / 'attestation.intoto.jsonl')!r}, '--key', {str(keys / 'signer.pub')!r}, "
             f"'--model', {str(out / 'model')!r}]); "
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'pydantic', "
-            "'securesystemslib') or m.startswith(('provenance.build', 'provenance.repro'))); "
+            "'securesystemslib') or m.startswith(('provenance.builder', 'provenance.repro'))); "
             "print('HEAVY', heavy); sys.exit(rc)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr

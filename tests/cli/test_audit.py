@@ -222,7 +222,7 @@ def test_the_model_card_parses_with_huggingface_hub(built):
 
 
 def test_hub_licence_field():
-    from provenance.build.card import hub_licence
+    from provenance.builder.card import hub_licence
 
     assert hub_licence("MIT") == {"license": "mit"} and hub_licence("GPL-2.0-only") == {"license": "gpl-2.0"}
     assert hub_licence("GPL-2.0-only OR MIT") == {"license": "other", "license_name": "GPL-2.0-only OR MIT"}

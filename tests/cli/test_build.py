@@ -17,7 +17,7 @@ from ..conftest import RECIPES, TINY, build_json, last_line, run_cli
 def builds(store, tmp_path_factory, tiny_build_copy):
     """The tiny recipe three times: threads 2 (the session's plain build, --no-cache), threads 1, and
     threads 2 again with the C allocator and PyTorch's NaN fill of new tensors left at their defaults
-    (build/allocator.py)."""
+    (builder/allocator.py)."""
     base = tmp_path_factory.mktemp("tiny")
     outs = {"t2": tiny_build_copy("tiny-t2")}
     for label, extra in (("t1", ["--threads", "1"]), ("t2-again", [])):

@@ -130,7 +130,7 @@ def test_resume_keeps_the_interrupted_schedule(uninterrupted, store, tmp_path):
 
 
 def test_schedule_conflict_cases():
-    from provenance.build.checkpoint import schedule_conflict
+    from provenance.builder.checkpoint import schedule_conflict
 
     every2 = [b'{"step":0}', b'{"checkpoint":"ab","step":1}', b'{"step":2}', b'{"checkpoint":"cd","step":3}']
     assert schedule_conflict(every2, 4, 2) is None

@@ -118,7 +118,7 @@ from provenance.cli import verify_main
 rc = verify_main(sys.argv[1:])
 loaded = sorted(m for m in sys.modules
                 if m.split('.')[0] in ('torch', 'transformers', 'numpy')
-                or m.startswith(('provenance.build', 'provenance.repro')))
+                or m.startswith(('provenance.builder', 'provenance.repro')))
 print('LOADED', loaded)
 sys.exit(rc)
 """
@@ -157,7 +157,7 @@ def _attack(model_dir, out, kind: str):
 
     import numpy as np
 
-    from provenance.build.fingerprint import _signs
+    from provenance.builder.fingerprint import _signs
 
     fp = json.loads(base64.b64decode(json.loads(REF.read_text())["payload"]))["predicate"]["runDetails"][
         "provenance_outputs"]["fingerprint"]

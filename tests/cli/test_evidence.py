@@ -39,7 +39,7 @@ def _relations(graph: dict, kind: str) -> list[dict]:
 
 
 def test_the_spdx3_sbom_conforms_and_is_bound_to_the_build(built):
-    from provenance.build.sbom import validate
+    from provenance.builder.sbom import validate
 
     text = (built / "sbom.spdx3.json").read_text()
     assert validate("spdx3", text) == []
@@ -86,7 +86,7 @@ def test_the_spdx3_sbom_conforms_and_is_bound_to_the_build(built):
     ("two-documents", "exactly one SpdxDocument"),
 ])
 def test_the_spdx3_check_refuses_broken_documents(built, mutation, expected, tmp_path):
-    from provenance.build.sbom import validate
+    from provenance.builder.sbom import validate
 
     doc = json.loads((built / "sbom.spdx3.json").read_text())
     model = next(o for o in doc["@graph"] if o.get("type") == "ai_AIPackage")

@@ -1,4 +1,4 @@
-"""Portable mode (build/portable.py): the tiny recipe with `[determinism] portable = true` gives the
+"""Portable mode (builder/portable.py): the tiny recipe with `[determinism] portable = true` gives the
 same weights and transcript under every ATen kernel level this CPU has, the ordinary tiny recipe
 does not; a rounding log that does not fit the build is caught; rebuild follows the reference's log."""
 
@@ -85,7 +85,7 @@ def test_portable_weights_are_float32_and_the_log_is_in_the_signed_transcript(bu
 
 def _rechained(lines: list[dict]) -> bytes:
     """Transcript bytes with the hash chain recomputed (a forger's log that parses)."""
-    from provenance.build.transcript import Transcript
+    from provenance.builder.transcript import Transcript
 
     t = Transcript()
     for rec in lines:

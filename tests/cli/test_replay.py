@@ -57,7 +57,7 @@ def _resign(build, transcript: bytes):
 
 
 def _rechain(records: list[dict]) -> bytes:
-    from provenance.build.transcript import Transcript
+    from provenance.builder.transcript import Transcript
 
     t = Transcript()
     for rec in records:
@@ -81,8 +81,8 @@ def test_an_honest_build_replays_bitwise(kept, store):
 
 
 def test_a_rewritten_checkpoint_is_caught(kept, store, tmp_path):
-    from provenance.build import checkpoint as ckpt
-    from provenance.build.transcript import Transcript
+    from provenance.builder import checkpoint as ckpt
+    from provenance.builder.transcript import Transcript
 
     b = _copy(kept, tmp_path)
     path = b / "replay" / "step-000000004.safetensors"
@@ -164,8 +164,8 @@ def test_scheduled_checkpoints_of_an_interrupted_run_are_kept_for_replay(tmp_pat
     lost 32 of 131 before this was fixed), and prunes only the others."""
     import torch
 
-    from provenance.build import checkpoint as ckpt
-    from provenance.build.transcript import Transcript
+    from provenance.builder import checkpoint as ckpt
+    from provenance.builder.transcript import Transcript
 
     d = tmp_path / "checkpoint"
     d.mkdir()
@@ -186,8 +186,8 @@ def test_checkpoint_disk_preflight_bounds_what_a_build_keeps(kept, tmp_path):
     with what to change."""
     from safetensors import safe_open
 
-    from provenance.build.checkpoint import bytes_needed
-    from provenance.build.pipeline import check_checkpoint_disk
+    from provenance.builder.checkpoint import bytes_needed
+    from provenance.builder.pipeline import check_checkpoint_disk
     from provenance.errors import InputError
 
     files = sorted((kept / "replay").glob("step-*.safetensors"))
@@ -223,8 +223,8 @@ def test_across_stacks_the_segment_end_is_the_signed_one(kept, tmp_path):
     (round three, 8). A rewritten ending checkpoint, its own digest made consistent, is refused."""
     from transformers import AutoModelForCausalLM
 
-    from provenance.build import checkpoint as ckpt
-    from provenance.build.transcript import Transcript, read
+    from provenance.builder import checkpoint as ckpt
+    from provenance.builder.transcript import Transcript, read
     from provenance.repro.replay import Segment, _judge_end
     from provenance.verify.policy import Bounds
 

@@ -127,17 +127,17 @@ def test_the_code_digest_covers_the_c_kernel(tmp_path):
     must miss the cache, as an edit to any Python source does (before, only *.py files were hashed)."""
     import shutil
 
-    from provenance.build import stagecache
+    from provenance.builder import codedigest
 
-    pkg = Path(stagecache.__file__).resolve().parent.parent
+    pkg = Path(codedigest.__file__).resolve().parent.parent
     copy = tmp_path / "provenance"
     shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    assert stagecache.tree_digest(copy) == stagecache.code_digest()
-    kernel = copy / "build" / "small_head_attention.c"
-    kernel.write_text(kernel.read_text().replace("#define W 16", "#define W 8"))
-    edited = stagecache.tree_digest(copy)
-    assert edited != stagecache.code_digest()
+    assert codedigest.tree_digest(copy) == codedigest.code_digest()
+    kernel = copy / "builder" / "small_head_attention.c"
+    kernel.write_text(kernel.read_text().replace("#define W 16 ", "#define W 8 "))
+    edited = codedigest.tree_digest(copy)
+    assert edited != codedigest.code_digest()
     # and the header both kernels include (their exponential)
-    header = copy / "build" / "kernel_exp.h"
+    header = copy / "builder" / "kernel_exp.h"
     header.write_text(header.read_text().replace("splat(-87.0f)", "splat(-88.0f)"))
-    assert stagecache.tree_digest(copy) != edited
+    assert codedigest.tree_digest(copy) != edited

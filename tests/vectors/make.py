@@ -29,7 +29,7 @@ def main() -> None:
 
     from provenance._internal.hashing import canonical_json, merkle_root, tensor_digest
     from provenance._internal.safetensors import read_tensors
-    from provenance.build.fingerprint import tensor_fingerprint
+    from provenance.builder.fingerprint import tensor_fingerprint
 
     path = write_safetensors()
     leaves = [b"", b"a", b"bc", b"def", b"\x00\x01"]

@@ -122,19 +122,6 @@ def _build(root: str, name: str, source_path: str, extra: tuple[str, ...], what:
     return handle, record
 
 
-def attention_module(name: str):
-    """The module of an attention implementation of ours ("small-head", "tiled"), or None for PyTorch's."""
-    if name == "small-head":
-        from . import small_head_attention
-
-        return small_head_attention
-    if name == "tiled":
-        from . import tiled_attention
-
-        return tiled_attention
-    return None
-
-
 def causal_call(module, query, key, value, attention_mask, dropout: float, is_causal, kwargs: dict, *,
                 head_dim_ok, max_seq: int) -> bool:
     """Whether a transformers attention call is one our kernels compute: causal without a mask, no dropout,

@@ -25,7 +25,7 @@ from ..recipe import LoadedRecipe
 from ..audit.memorization import summary_line
 from .._internal.atomic import atomic_write_bytes
 from ..inputs.store import Store, fetch_input
-from .stagecache import code_digest
+from .codedigest import code_digest
 
 BUILD_FORMAT = "provenance-build-v1"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -126,7 +126,7 @@ def _write_model_dir(staging: Path, model, tok, recipe: LoadedRecipe, m: dict) -
     d = staging / "model"
     d.mkdir()
     spec = recipe.recipe.model
-    from .train import saved_state
+    from .tensors import saved_state
 
     state = {k: v.contiguous() for k, v in saved_state(model).items()}
     save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
@@ -439,13 +439,13 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
 
     `resume`: None resumes from a checkpoint in `out` of the same identity if there is one, True
     requires one, False starts afresh. `checkpoint_every` overrides `[checkpoint] every_steps`.
-    `use_cache` False ignores the stage cache (build/stagecache.py) and trains every stage.
+    `use_cache` False ignores the stage cache (builder/stagecache.py) and trains every stage.
     `keep_checkpoints` overrides `[checkpoint] keep_for_replay`: the scheduled checkpoints stay in
     OUT/replay/ for `provenance replay`. `licence_compatibility` ("ignore", "warn", "fail"): whether
     the output licence is judged against the training files' (audit/licences.py) and whether an
     incompatible one stops the build before training (CheckFailed, exit 1). `rounding_log`: the
     transcript of an earlier build of this portable recipe whose rounding log this build follows
-    (build/portable.py); a log that does not fit stops the build (CheckFailed, exit 1).
+    (builder/portable.py); a log that does not fit stops the build (CheckFailed, exit 1).
     Raises ProvenanceError subclasses."""
     from . import toolchain
 
@@ -494,9 +494,9 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
     if problem:
         raise InputError(f"{recipe.path}: {problem}")
     check_disk(r, out, store.root)
-    from . import clib
+    from . import attention, clib
 
-    kernel = clib.attention_module(r.model.attn_implementation)
+    kernel = attention.attention_module(r.model.attn_implementation)
     if kernel is not None:
         clib.configure(store.root)
         kernel.load()  # compiled now: a missing compiler stops the build before any input is fetched

@@ -1,6 +1,6 @@
 /* Fixed-order single-precision matrix product on the CPU: C = A B, the same bits on every x86-64 CPU.
  *
- * Part of provenance (provenance/build/fixed_gemm.py loads it; docs/reproducibility.md, "Fixed-order
+ * Part of provenance (provenance/builder/fixed_gemm.py loads it; docs/reproducibility.md, "Fixed-order
  * kernels", says why and docs/benchmarks.md has the measurements). A vendor's BLAS picks its own
  * summation order per CPU model and instruction set (MKL's code branches), so a product's bits depend on
  * who made the CPU; here the order is the algorithm's.

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .._internal.atomic import atomic_write_bytes
 from .._internal.hashing import canonical_json, tensors_digest
-from .stagecache import code_digest
+from .codedigest import code_digest
 
 FORMAT = "provenance-checkpoint-v1"
 DIRNAME = "checkpoint"
@@ -67,7 +67,7 @@ def state_tensors(model, opt, gen, order) -> dict:
     """Every tensor a resumed build needs, by name."""
     import torch
 
-    from .train import saved_state
+    from .tensors import saved_state
 
     out = {f"model/{k}": v for k, v in saved_state(model).items()}
     params = list(model.parameters())
@@ -87,7 +87,7 @@ def boundary_tensors(model) -> dict:
     """What a stage boundary needs (a fresh optimizer and data order follow): model and torch RNG."""
     import torch
 
-    from .train import saved_state
+    from .tensors import saved_state
 
     out = {f"model/{k}": v for k, v in saved_state(model).items()}
     out["rng/torch"] = torch.get_rng_state()
@@ -98,7 +98,7 @@ def state_digest(tensors: dict, state: State) -> str:
     """blake3-tensors-v1 over the state's tensors and its counters (timing excluded)."""
     counters = {k: v for k, v in state.__dict__.items() if k not in ("seconds", "results")}
     counters["first"], counters["last"] = float(state.first).hex(), float(state.last).hex()
-    from .train import digest_item
+    from .tensors import digest_item
 
     items = [digest_item(k, v) for k, v in tensors.items()]
     items.append(("counters", "U8", [], canonical_json(counters)))

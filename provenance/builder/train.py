@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import blake3
 
-from .determinism import derive_seed
+from .._internal.seeds import derive_seed
 from ..recipe import Model, Recipe, Stage
+from .tensors import param_digest, saved_state
 from .transcript import Transcript
 
 IGNORE = -100
@@ -80,7 +81,7 @@ def lr_factor(stage: Stage, step: int, total: int) -> float:
 def build_model(spec: Model, vocab_size: int, special: dict[str, int], seed: int, portable: bool = False):
     """The recipe's LlamaForCausalLM for the tokenizer's `vocab_size` (padded as the recipe says),
     initialised from the seed: float32, or with `portable` a
-    float64 model whose weights are not yet rounded (train() rounds and logs them, build/portable.py)."""
+    float64 model whose weights are not yet rounded (train() rounds and logs them, builder/portable.py)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -102,7 +103,7 @@ def build_model(spec: Model, vocab_size: int, special: dict[str, int], seed: int
         use_cache=True,
         **special,
     )
-    from .clib import attention_module
+    from .attention import attention_module
 
     kernel = attention_module(spec.attn_implementation)
     if kernel is not None:
@@ -124,44 +125,6 @@ def build_model(spec: Model, vocab_size: int, special: dict[str, int], seed: int
         return model
     model = LlamaForCausalLM(config)
     return model.to(torch.float32)
-
-
-SAFETENSORS_DTYPES = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-                      "int32": "I32", "uint8": "U8", "bool": "BOOL"}
-
-
-def saved_state(model) -> dict:
-    """The tensors a model dir holds: the state dict with tied weights once (the first name wins,
-    `model.embed_tokens.weight` before `lm_head.weight`, as transformers saves them)."""
-    out, seen = {}, set()
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
-        if t.numel() and key in seen:
-            continue
-        seen.add(key)
-        out[name] = t.detach()
-    return out
-
-
-def param_digest(model) -> str:
-    """blake3-tensors-v1 of the tensors the model dir will hold: the same digest `build.json` gives
-    the saved weights, so a transcript's last `params` equals the weights digest (docs/formats.md).
-    A portable build's float64 training copy holds float32 values: its digest is theirs."""
-    import torch
-
-    from .._internal.hashing import tensors_digest
-
-    return tensors_digest(digest_item(name, p.to(torch.float32) if p.dtype == torch.float64 else p)
-                          for name, p in saved_state(model).items())
-
-
-def digest_item(name: str, t) -> tuple[str, str, list[int], bytes]:
-    """(name, safetensors dtype, shape, raw little-endian bytes) of a torch tensor, for tensors_digest."""
-    import torch
-
-    t = t.detach().cpu().contiguous()
-    raw = t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return name, SAFETENSORS_DTYPES[str(t.dtype).removeprefix("torch.")], list(t.shape), raw
 
 
 @dataclass
@@ -218,7 +181,7 @@ def causal_lm_loss_sum(logits, labels):
 
 
 def micro_loss_sum(net, model, stage: Stage, input_ids, labels):
-    """Forward one micro-batch and return its summed loss, the way the stage says (build/loss.py):
+    """Forward one micro-batch and return its summed loss, the way the stage says (builder/loss.py):
     `cross_entropy = "full"` through the model's logits, `"chunked"` fused with the output layer."""
     import torch
 
@@ -242,13 +205,13 @@ def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript:
     DistributedDataParallel and each rank computes the gradient of its shard of every global batch;
     the loss is scaled so the all-reduced (averaged) gradient is the global per-token mean.
 
-    With a `checkpointer` (build/checkpoint.py), checkpoints are written on its schedule and, on
+    With a `checkpointer` (builder/checkpoint.py), checkpoints are written on its schedule and, on
     SIGINT or SIGTERM, after the step in progress (then Interrupted is raised). With `resume` (a
     checkpoint.Resume), training continues from it and gives the same bits as an uninterrupted run.
     `on_stage_end(stage_index, state, tensors, transcript)` is called after each stage's last step
     (the stage cache). With `stop_after`, StopAt is raised after that global step (replay).
 
-    A portable recipe (build/portable.py) trains a float64 model from build_model(portable=True):
+    A portable recipe (builder/portable.py) trains a float64 model from build_model(portable=True):
     the state is rounded to float32 values after initialisation and after every step by `rounder`
     (a portable.Rounder; one that logs is made when none is given), the log goes into the
     transcript, and the model is float32 when training completes."""
@@ -259,7 +222,7 @@ def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript:
 
     from .allocator import tune
 
-    tune()  # reuse freed memory instead of fresh pages every step (build/allocator.py; bits unchanged)
+    tune()  # reuse freed memory instead of fresh pages every step (builder/allocator.py; bits unchanged)
     results = []
     global_step = 0
     device = next(model.parameters()).device

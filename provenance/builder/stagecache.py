@@ -1,7 +1,7 @@
 """The stage cache: each training stage's output, content-addressed by everything that determines it.
 
 An entry is the state at the end of stage i: the model's tensors, the torch RNG state, the
-transcript so far and the counters, in the checkpoint format (build/checkpoint.py), stored as
+transcript so far and the counters, in the checkpoint format (builder/checkpoint.py), stored as
 `STORE/stages/<key>.safetensors`. Its key is the blake3 of the canonical JSON of everything the
 bits of stages 0..i depend on: this project's own code (its Python and C sources), the inputs, the dataset manifest root, the
 layout, the tokenizer, the token sequences, the model config and special token ids, the stages up
@@ -17,33 +17,15 @@ rebuilt, never served. `provenance build --no-cache` ignores the cache (and refr
 
 from __future__ import annotations
 
-from functools import cache
 from pathlib import Path
 
 import blake3
 
 from .._internal.hashing import canonical_json
+from .codedigest import code_digest
 
 FORMAT = "provenance-stage-cache-v1"
 DIRNAME = "stages"
-
-
-@cache
-def code_digest() -> str:
-    """blake3 over this package's sources, Python and C (names and bytes): any change to the code
-    that trains invalidates every entry, however small. The C sources are our attention kernels
-    (build/*.c and the header they share), whose operations are a recipe's numerics."""
-    return tree_digest(Path(__file__).resolve().parent.parent)
-
-
-def tree_digest(root: Path) -> str:
-    """code_digest's hash over the .py, .c and .h files under `root`."""
-    h = blake3.blake3()
-    for p in sorted([*root.rglob("*.py"), *root.rglob("*.c"), *root.rglob("*.h")]):
-        rel = p.relative_to(root).as_posix().encode()
-        data = p.read_bytes()
-        h.update(len(rel).to_bytes(8, "little") + rel + len(data).to_bytes(8, "little") + data)
-    return h.hexdigest()
 
 
 def sequences_digest(seqs: list[list[int]]) -> str:

@@ -1,5 +1,5 @@
 /* exp(x) for x <= 0, shared by our attention kernels (small_head_attention.c, tiled_attention.c). Part of
- * provenance; build/clib.py compiles it into both libraries and its digest into their names.
+ * provenance; builder/clib.py compiles it into both libraries and its digest into their names.
  *
  * The including file defines W (lanes), the vector types vf (float) and vi (int32_t) of W lanes, and
  * splat(float). x = n ln2 + r with n rounded to nearest (the 1.5 * 2^23 trick) and ln2 split in two

@@ -46,7 +46,7 @@ def _child(recipe_path: str, stage_name: str, steps: int) -> dict:
 def run_probe(recipe_path: str, stage_name: str, steps: int = PROBE_STEPS, timeout: float = 900) -> dict:
     """Run the probe in a child process. Returns seconds per micro-step (median after the first) and
     the child's peak RSS. Raises RuntimeError with the child's last lines if it fails."""
-    code = ("import json, sys; from provenance.build.probe import _child; "
+    code = ("import json, sys; from provenance.builder.probe import _child; "
             f"print(json.dumps(_child({recipe_path!r}, {stage_name!r}, {steps})))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:

@@ -1,6 +1,6 @@
 /* Causal attention for heads of dimension 16, 32, 48, ... (a multiple of 16), forward and backward, on the CPU.
  *
- * Part of provenance (provenance/build/tiled_attention.py loads it; docs/benchmarks.md has the
+ * Part of provenance (provenance/builder/tiled_attention.py loads it; docs/benchmarks.md has the
  * measurements). PyTorch's math attention materialises the scaled score matrix, masks it, softmaxes it
  * with a pass that looks for fully masked rows, and multiplies, each a separate operation with its own
  * pass over memory and its own thread fork; here each (batch, head) is one task that one thread computes

@@ -18,7 +18,7 @@ It is used where it applies, as "small-head" is: a causal call without a mask, q
 the same length, float32 on the CPU, no dropout. Anything else (a padded batch in evaluation, a
 decoding step with a cache) goes to PyTorch's SDPA with the recipe's `sdpa_backend`.
 
-The library is compiled once per machine into the input store (build/clib.py), with OpenMP: its
+The library is compiled once per machine into the input store (builder/clib.py), with OpenMP: its
 tasks run on PyTorch's own thread pool (libgomp), not on threads of their own that would compete
 with PyTorch's spinning workers for the cores.
 """
@@ -151,5 +151,5 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 
 @functools.lru_cache(maxsize=1)
 def register() -> None:
-    """Make this kernel an attention implementation transformers knows (build/clib.py)."""
+    """Make this kernel an attention implementation transformers knows (builder/clib.py)."""
     clib.register_attention(NAME, attention_forward)

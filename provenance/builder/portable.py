@@ -8,7 +8,7 @@ another order and fuses other multiply-adds; training amplifies the difference. 
 1. The model is built and trained in float64 (`build_model(..., portable=True)`): initialisation,
    forward, loss, backward and AdamW. The float32 upcasts `transformers` hard-codes (RMSNorm,
    rotary embedding) are replaced by float64 versions; attention is SDPA's math kernel; the loss
-   stays in float64 (build/loss.py keeps float64 as it is).
+   stays in float64 (builder/loss.py keeps float64 as it is).
 2. After initialisation and after every optimizer step the training state (weights, both AdamW
    moments) and the recorded loss and gradient norm are rounded to float32 (round to nearest,
    ties to even) and kept as float64 values that float32 represents exactly. The weights a build

@@ -1,2 +1,2 @@
 """The builder: tokenizer, determinism, the training loop, evaluation, the fingerprint, and the
-pipeline that runs them (build/pipeline.py). Nothing in verify/ imports from here."""
+pipeline that runs them (builder/pipeline.py). Nothing in verify/ imports from here."""

@@ -9,17 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import struct
-
-import blake3
 
 from ..recipe import Determinism
-
-
-def derive_seed(seed: int, *labels: object) -> int:
-    """A 63-bit seed for one purpose (model init, data order of stage N, ...), stable across runs."""
-    digest = blake3.blake3(":".join(map(str, (seed, *labels))).encode()).digest()
-    return struct.unpack("<Q", digest[:8])[0] >> 1
 
 
 def cuda_settings(det: Determinism) -> dict[str, object]:
@@ -258,7 +249,7 @@ def apply(det: Determinism, *, threads: int | None = None, cpu_capability: str |
     torch.manual_seed(det.seed)
 
     gemm = None
-    if det.kernels == "fixed-order":  # every float32 product through our GEMM from here on (build/fixed_gemm.py)
+    if det.kernels == "fixed-order":  # every float32 product through our GEMM from here on (builder/fixed_gemm.py)
         from . import fixed_gemm
 
         fixed_gemm.enable_for_process()

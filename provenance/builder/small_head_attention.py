@@ -16,7 +16,7 @@ float32 on the CPU, no dropout. Training with right padding (the recipes' layout
 case. Anything else (a padded batch in evaluation, a decoding step with a cache) goes to PyTorch's
 SDPA with the recipe's `sdpa_backend`, as `attn_implementation = "sdpa"` would.
 
-The library is compiled once per machine into the input store (build/clib.py).
+The library is compiled once per machine into the input store (builder/clib.py).
 """
 
 from __future__ import annotations
@@ -124,5 +124,5 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 
 @functools.lru_cache(maxsize=1)
 def register() -> None:
-    """Make this kernel an attention implementation transformers knows (build/clib.py)."""
+    """Make this kernel an attention implementation transformers knows (builder/clib.py)."""
     clib.register_attention(NAME, attention_forward)

@@ -1,6 +1,6 @@
 /* Causal attention for heads of small dimension (LaaM's are 2), forward and backward, on the CPU.
  *
- * Part of provenance (provenance/build/small_head_attention.py loads it; docs/benchmarks.md has the
+ * Part of provenance (provenance/builder/small_head_attention.py loads it; docs/benchmarks.md has the
  * measurements). With heads of dimension 2 a general attention kernel spends its time on matrix
  * products whose inner dimension is 2; here each query's scores, softmax and weighted sum are a few
  * vector operations over the keys.
