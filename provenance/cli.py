@@ -16,12 +16,26 @@ from pathlib import Path
 from .errors import InputError, ProvenanceError
 
 
+def parse_handed(values: list[str], recipe) -> dict[str, Path]:
+    """`--input NAME=PATH` values: the recipe input each hands over, by name."""
+    names = {i.name for i in recipe.recipe.inputs}
+    out = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not path:
+            raise InputError(f"--input {v!r}: expected NAME=PATH")
+        if name not in names:
+            raise InputError(f"--input {v!r}: the recipe has no input named {name!r} (inputs: {sorted(names)})")
+        out[name] = Path(path)
+    return out
+
+
 def _emit_json(obj) -> None:
     print(json.dumps(obj, sort_keys=True))
 
 
 def cmd_build(args) -> int:
-    from .builder.pipeline import build, parse_handed
+    from .builder.pipeline import build
     from ._internal.progress import Reporter
     from .recipe import load_recipe
     from .inputs.store import Store
@@ -95,7 +109,7 @@ def _launch_ranks(args, recipe, reporter) -> int:
     """Fetch the inputs here, then start world_size ranks with torchrun; rank 0 writes the outputs."""
     import subprocess
 
-    from .builder.pipeline import fetch_all, parse_handed
+    from .builder.pipeline import fetch_all
     from .inputs.store import Store
 
     for s in recipe.recipe.stages:
@@ -119,7 +133,7 @@ def _launch_ranks(args, recipe, reporter) -> int:
 
 def _signing(args, reporter):
     """Load (or, for the default path, create) the signing key before any long work starts."""
-    from .builder.pipeline import Signing
+    from .attest.signing import Signing
     from .attest.sign import default_key_path, identity_token, key_is_private_enough, keygen, load_signer, trust_config
 
     keys = [Path(k) for k in args.key] if args.key else [default_key_path()]
@@ -331,7 +345,7 @@ def _diverge_layers(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from .builder.pipeline import fetch_all, parse_handed
+    from .builder.pipeline import fetch_all
     from ._internal.progress import Reporter
     from .recipe import load_recipe
     from .inputs.store import Store
@@ -826,7 +840,7 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
     """Build `recipe` into `out` (signed with --key or the default key) and answer the reproduced
     question against the verified statement: bitwise required on the reference's stack."""
     from ._internal.progress import Reporter
-    from .builder.pipeline import build, parse_handed
+    from .builder.pipeline import build
     from .inputs.store import Store
     from .repro.rebuild import judge_build, stack_matches
     from .verify.policy import load_policy
@@ -875,7 +889,6 @@ def _reference_rounding_log(attestation: Path, payload: dict, reporter):
 
 
 def cmd_replay(args) -> int:
-    from .builder.pipeline import parse_handed
     from .inputs.store import Store
     from .repro.rebuild import embedded_recipe, verified_statement
     from .repro.replay import replay, verdict_line
@@ -924,7 +937,7 @@ def cmd_audit(args) -> int:
     import tempfile
 
     from .builder import determinism
-    from .builder.pipeline import fetch_all, parse_handed, prepare_data, run_audit
+    from .builder.pipeline import fetch_all, prepare_data, run_audit
     from .errors import CheckFailed
     from ._internal.progress import Reporter
     from .audit.memorization import summary_line

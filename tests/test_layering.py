@@ -20,7 +20,7 @@ ALLOWED = {
     "__init__": set(),
     "_internal": {"errors", "__init__"},
     "recipe": {"_internal", "errors"},
-    "attest": {"_internal", "errors", "__init__"},
+    "attest": {"_internal", "errors", "recipe", "__init__"},
     "inputs": {"_internal", "errors", "recipe"},
     "verify": {"_internal", "errors", "attest", "inputs", "recipe"},
     "audit": {"_internal", "errors", "recipe", "inputs", "attest"},

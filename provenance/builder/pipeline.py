@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from ..recipe import LoadedRecipe
 from ..audit.memorization import summary_line
 from .._internal.atomic import atomic_write_bytes
 from ..inputs.store import Store, fetch_input
+from ..attest.signing import Signing, attest_and_sign, sign_audit, write_oms
 from .codedigest import code_digest
 
 BUILD_FORMAT = "provenance-build-v1"
@@ -90,19 +91,6 @@ def _refuse_schedule_conflict(found, every_steps) -> None:
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_handed(values: list[str], recipe: LoadedRecipe) -> dict[str, Path]:
-    names = {i.name for i in recipe.recipe.inputs}
-    out = {}
-    for v in values:
-        name, sep, path = v.partition("=")
-        if not sep or not path:
-            raise InputError(f"--input {v!r}: expected NAME=PATH")
-        if name not in names:
-            raise InputError(f"--input {v!r}: the recipe has no input named {name!r} (inputs: {sorted(names)})")
-        out[name] = Path(path)
-    return out
 
 
 def fetch_all(recipe: LoadedRecipe, store: Store, *, offline: bool, handed: dict[str, Path], reporter: Reporter):
@@ -312,62 +300,6 @@ def check_data(recipe: LoadedRecipe, seqs: list[list[int]], world_size: int = 1)
     return steps
 
 
-@dataclass
-class Signing:
-    """How the attestation is signed: local securesystemslib signers, and optionally Sigstore."""
-
-    signers: list
-    sigstore_token: object | None = None
-    sigstore_config: object | None = None
-
-
-def write_oms(staging: Path, files: dict, signing, reporter) -> dict | None:
-    """Write OUT/model.sig, an OMS v1.0 signature of the model directory (attest/oms.py): through
-    Sigstore for a keyless (--sigstore) build, else with the build's first ECDSA key. None when the build is unsigned;
-    a record saying why when no key can make one (ed25519: OMS accepts ECDSA keys only)."""
-    if signing is None:
-        return None
-    from ..attest.oms import OMS_FILE, is_oms_key, key_bundle, oms_statement
-    from ..attest.statement import canonical
-
-    payload = canonical(oms_statement("model", files))
-    ec_signers = [s for s in signing.signers if is_oms_key(s)]
-    if signing.sigstore_token is not None:  # keyless: what `model_signing verify sigstore` checks
-        from ..attest.sign import sign_sigstore
-
-        data = sign_sigstore(payload, signing.sigstore_token, signing.sigstore_config).encode()
-        how = "Sigstore, keyless"
-    elif ec_signers:
-        data = (json.dumps(key_bundle(payload, ec_signers[0]), indent=1) + "\n").encode()
-        how = f"key {ec_signers[0].public_key.keyid[:16]}"
-    else:
-        why = "no OMS signature: OMS accepts ECDSA keys only and this build signs with ed25519 (keygen --type ecdsa)"
-        reporter.log(why)
-        return {"skipped": why}
-    atomic_write_bytes(staging / OMS_FILE, data)
-    reporter.log(f"OMS signature: {OMS_FILE} ({how})")
-    return {"file": OMS_FILE, "format": "OMS v1.0 Sigstore bundle", **hash_bytes(data)}
-
-
-def attest_and_sign(staging: Path, recipe: LoadedRecipe, record: dict, manifest_doc: dict, byproducts: dict,
-                    signing: Signing, fingerprint: dict | None = None) -> dict:
-    """Write attestation.intoto.jsonl (and attestation.sigstore.json) into `staging`."""
-    from ..attest.statement import PAYLOAD_TYPE, canonical, statement
-    from ..attest.sign import envelope_line, sign_envelope, sign_sigstore
-
-    sizes = {name: (staging / "model" / name).stat().st_size for name in record["weights"]["files"]}
-    st = statement(recipe=recipe, record=record, manifest=manifest_doc, model_files=record["weights"]["files"],
-                   byproducts=byproducts, invocation_id=record["invocation_id"], fingerprint=fingerprint,
-                   model_sizes=sizes)
-    payload = canonical(st)
-    atomic_write_bytes(staging / "attestation.intoto.jsonl",
-                       envelope_line(sign_envelope(payload, PAYLOAD_TYPE, signing.signers)))
-    if signing.sigstore_token is not None:
-        bundle = sign_sigstore(payload, signing.sigstore_token, signing.sigstore_config)
-        atomic_write_bytes(staging / "attestation.sigstore.json", bundle.encode() + b"\n")
-    return st
-
-
 def judge_licences(r, m: dict, mode: str, reporter: Reporter):
     """Start the licence compatibility verdict; the returned function waits for it (flict runs as
     a separate program, about 1.5 s a call, so it runs while the model is made) and, with mode
@@ -407,17 +339,6 @@ def run_audit(model_dir: Path, data: PreparedData, r) -> dict:
     return audit(model, train, control, r.audit, data.special_ids["pad_token_id"], r.model.max_position_embeddings)
 
 
-def sign_audit(staging: Path, provenance_st: dict, audit_doc: dict, manifest_digest: dict, audit_digest: dict,
-               signing: Signing) -> None:
-    """Write audit.intoto.jsonl: the audit as its own Statement, signed with the build's keys."""
-    from ..attest.audit import AUDIT_FILE, audit_statement
-    from ..attest.sign import envelope_line, sign_envelope
-    from ..attest.statement import PAYLOAD_TYPE, canonical
-
-    st = audit_statement(provenance_st, audit_doc, manifest_digest=manifest_digest, audit_json_digest=audit_digest)
-    atomic_write_bytes(staging / AUDIT_FILE, envelope_line(sign_envelope(canonical(st), PAYLOAD_TYPE, signing.signers)))
-
-
 def current_dist(device: str):
     """World size and rank from torchrun's environment; gloo on the CPU, NCCL on CUDA."""
     from .train import Dist
@@ -428,13 +349,83 @@ def current_dist(device: str):
     return Dist(rank=int(os.environ["RANK"]), world_size=world, backend="nccl" if device == "cuda" else "gloo")
 
 
+@dataclass
+class BuildOptions:
+    """How `build` was asked to run (the command line's choices; see `build`)."""
+
+    threads: int | None = None
+    offline: bool = False
+    handed: dict[str, Path] = field(default_factory=dict)
+    allow_toolchain_mismatch: bool = False
+    cpu_capability: str | None = None
+    resume: bool | None = None
+    checkpoint_every: int | None = None
+    use_cache: bool = True
+    keep_checkpoints: bool | None = None
+    licence_compatibility: str = "warn"
+
+
+@dataclass
+class BuildState:
+    """What the phases of one build share. Each phase reads what the earlier ones set and fills in its own
+    part, in the order of `build` (and of docs/formats.md's build.json)."""
+
+    recipe: LoadedRecipe
+    out: Path
+    store: Store
+    opts: BuildOptions
+    reporter: Reporter
+    signing: Signing | None
+    log: object = None  # the rounding log this (portable) build follows
+    every_steps: int | None = None
+    keep_for_replay: bool = False
+    started: str = ""
+    t_start: float = 0.0
+    timings: dict = field(default_factory=dict)
+    dist: object = None
+    toolchain: dict = field(default_factory=dict)
+    kernel: object = None  # our attention kernel's module, if the recipe names one
+    stored: list = field(default_factory=list)
+    threads_per_rank: int = 1
+    det_record: dict = field(default_factory=dict)
+    ident: str = ""
+    cdir: Path | None = None
+    found: object = None  # the checkpoint this build resumes from
+    read_cache: bool = False
+    staging: Path | None = None
+    data: PreparedData | None = None
+    licence_verdict: object = None  # waits for the licence compatibility verdict
+    licence: dict = field(default_factory=dict)
+    model: object = None
+    n_params: int = 0
+    transcript: object = None
+    rounder: object = None
+    checkpointer: object = None
+    cache: object = None
+    start: object = None  # a checkpoint or a stage-cache entry
+    stages: list = field(default_factory=list)
+    trained: int | None = None  # optimizer steps, once training is done
+    recite: object = None
+    outputs: dict = field(default_factory=dict)  # file name -> its bytes, for build.json and the byproducts
+    kept: int = 0  # checkpoints kept for replay
+    totals: list = field(default_factory=list)  # optimizer steps of each stage
+    weights: dict = field(default_factory=dict)
+    fingerprint: dict = field(default_factory=dict)
+    audit_doc: dict = field(default_factory=dict)
+
+    def lap(self, name: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.timings[name] = round(now - t0, 3)
+        return now
+
+
 def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None = None, offline: bool = False,
           handed: dict[str, Path] | None = None, allow_toolchain_mismatch: bool = False,
           reporter: Reporter | None = None, signing: Signing | None = None,
           cpu_capability: str | None = None, resume: bool | None = None,
           checkpoint_every: int | None = None, use_cache: bool = True,
           keep_checkpoints: bool | None = None, licence_compatibility: str = "warn",
-          rounding_log=None) -> dict:
+          rounding_log=None) -> dict | None:
     """Run the whole pipeline. Returns build.json's content (None on ranks other than 0).
 
     `resume`: None resumes from a checkpoint in `out` of the same identity if there is one, True
@@ -446,13 +437,46 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
     incompatible one stops the build before training (CheckFailed, exit 1). `rounding_log`: the
     transcript of an earlier build of this portable recipe whose rounding log this build follows
     (builder/portable.py); a log that does not fit stops the build (CheckFailed, exit 1).
-    Raises ProvenanceError subclasses."""
-    from . import toolchain
+    Raises ProvenanceError subclasses.
 
-    reporter = reporter or Reporter(enabled=False)
-    r = recipe.recipe
-    check_out_dir(out, store.root)
-    log = None
+    The phases, in order: check everything that can be checked before work (_preflight), fetch the
+    inputs and apply the determinism (_fetch_and_set_up), choose where training starts (_choose_start),
+    prepare the data (_prepare), train (_train), evaluate and write the model dir, transcript and
+    fingerprint (_write_outputs), audit (_audit), write build.json, the SBOMs and the signatures
+    (_record, _sign), and move the staged outputs into place (_install)."""
+    opts = BuildOptions(threads, offline, handed or {}, allow_toolchain_mismatch, cpu_capability, resume,
+                        checkpoint_every, use_cache, keep_checkpoints, licence_compatibility)
+    b = BuildState(recipe, out, store, opts, reporter or Reporter(enabled=False), signing)
+    _preflight(b, rounding_log)
+    _fetch_and_set_up(b)
+    _choose_start(b)
+    _open_staging(b)
+    try:
+        _prepare(b)
+        if not _train(b):
+            return None  # rank 0 evaluates and writes the outputs
+        _write_outputs(b)
+        _audit(b)
+        record = _record(b)
+        _sign(b, record)
+        _install(b.staging, out)
+        return record
+    except BaseException:
+        if b.trained is not None and b.dist.rank == 0:
+            _say_what_is_kept(out, b.trained, b.dist.world_size == 1 and b.log is None, b.reporter)
+        raise
+    finally:
+        shutil.rmtree(b.staging, ignore_errors=True)
+
+
+def _preflight(b: BuildState, rounding_log) -> None:
+    """Everything that can be refused before any work: the out dir, the rounding log, the checkpoint
+    schedule, a --resume with nothing to resume, the toolchain, memory, disk, and our C kernel."""
+    from . import attention, clib, toolchain
+    from ..recipe.plan import memory_problem
+
+    r, recipe = b.recipe.recipe, b.recipe
+    check_out_dir(b.out, b.store.root)
     if rounding_log is not None:
         if not r.determinism.portable:
             raise InputError(f"--rounding-log {rounding_log}: {recipe.path} is not a portable recipe "
@@ -460,300 +484,361 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         from .portable import RoundingLog, read_log
 
         # read before anything expensive; InputError names the line
-        log = rounding_log if isinstance(rounding_log, RoundingLog) else read_log(Path(rounding_log))
-    every_steps = checkpoint_every or r.checkpoint.every_steps
-    keep_for_replay = r.checkpoint.keep_for_replay if keep_checkpoints is None else keep_checkpoints
-    if keep_for_replay and not every_steps:
+        b.log = rounding_log if isinstance(rounding_log, RoundingLog) else read_log(Path(rounding_log))
+    b.every_steps = b.opts.checkpoint_every or r.checkpoint.every_steps
+    b.keep_for_replay = r.checkpoint.keep_for_replay if b.opts.keep_checkpoints is None else b.opts.keep_checkpoints
+    if b.keep_for_replay and not b.every_steps:
         raise InputError(f"{recipe.path}: keeping checkpoints for replay needs scheduled ones: set "
                          "[checkpoint] every_steps or --checkpoint-every")
-    if resume:
+    if b.opts.resume:
         from .checkpoint import DIRNAME
 
         # Before fetching and preparing anything: which of the checkpoints is this build's is checked
         # once its identity (inputs, toolchain) is known, but a dir with none at all fails here.
-        if not any((out / DIRNAME).glob("step-*.safetensors")):
-            raise InputError(f"--resume: no checkpoint of this build in {out / DIRNAME} (there is none at all; "
+        if not any((b.out / DIRNAME).glob("step-*.safetensors")):
+            raise InputError(f"--resume: no checkpoint of this build in {b.out / DIRNAME} (there is none at all; "
                              "a build writes them on its [checkpoint] schedule, --checkpoint-every, and when "
                              "interrupted)")
-    started = _now()
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def lap(name: str, t0: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - t0, 3)
-        return now
-
-    dist = current_dist(r.determinism.device)
-    if dist.rank != 0:
-        reporter = Reporter(enabled=False)
-    tc = toolchain.check(r.toolchain, recipe.path, allow=allow_toolchain_mismatch)
-    from ..recipe.plan import memory_problem
-
-    problem = memory_problem(r, world_size=dist.world_size) if dist.rank == 0 else None
+    b.started, b.t_start = _now(), time.perf_counter()
+    b.dist = current_dist(r.determinism.device)
+    if b.dist.rank != 0:
+        b.reporter = Reporter(enabled=False)
+    b.toolchain = toolchain.check(r.toolchain, recipe.path, allow=b.opts.allow_toolchain_mismatch)
+    problem = memory_problem(r, world_size=b.dist.world_size) if b.dist.rank == 0 else None
     if problem:
         raise InputError(f"{recipe.path}: {problem}")
-    check_disk(r, out, store.root)
-    from . import attention, clib
+    check_disk(r, b.out, b.store.root)
+    b.kernel = attention.attention_module(r.model.attn_implementation)
+    if b.kernel is not None:
+        clib.configure(b.store.root)
+        b.kernel.load()  # compiled now: a missing compiler stops the build before any input is fetched
 
-    kernel = attention.attention_module(r.model.attn_implementation)
-    if kernel is not None:
-        clib.configure(store.root)
-        kernel.load()  # compiled now: a missing compiler stops the build before any input is fetched
+
+def _fetch_and_set_up(b: BuildState) -> None:
+    """Fetch and check every pinned input, then apply the recipe's determinism (and join the process group)."""
+    from . import determinism
+
+    r = b.recipe.recipe
     t = time.perf_counter()
-    stored = fetch_all(recipe, store, offline=offline, handed=handed or {}, reporter=reporter)
-    t = lap("fetch", t)
-
-    from . import allocator, determinism
-
-    per_rank_threads = max(1, (threads or r.determinism.threads) // dist.world_size)
-    det_record = determinism.apply(r.determinism, threads=per_rank_threads, cpu_capability=cpu_capability)
-    det_record["world_size"] = dist.world_size
-    det_record["backend"] = dist.backend
-    if dist.world_size > 1:
+    b.stored = fetch_all(b.recipe, b.store, offline=b.opts.offline, handed=b.opts.handed, reporter=b.reporter)
+    t = b.lap("fetch", t)
+    b.threads_per_rank = max(1, (b.opts.threads or r.determinism.threads) // b.dist.world_size)
+    b.det_record = determinism.apply(r.determinism, threads=b.threads_per_rank, cpu_capability=b.opts.cpu_capability)
+    b.det_record["world_size"] = b.dist.world_size
+    b.det_record["backend"] = b.dist.backend
+    if b.dist.world_size > 1:
         import torch.distributed as tdist
 
-        tdist.init_process_group(backend=dist.backend)
-    t = lap("setup", t)
-    # Which checkpoint this build resumes from, before the data is prepared (minutes for a large tree) and
-    # before anything is written: its identity needs only the recipe, the inputs, the toolchain and the
-    # determinism as applied.
+        tdist.init_process_group(backend=b.dist.backend)
+    b.lap("setup", t)
+
+
+def _choose_start(b: BuildState) -> None:
+    """Which checkpoint this build resumes from, before the data is prepared (minutes for a large tree) and
+    before anything is written: its identity needs only the recipe, the inputs, the toolchain and the
+    determinism as applied."""
     from . import checkpoint as ckpt
 
-    ident_det = det_record
-    if log is not None:  # a build that follows a rounding log is another build than one that makes its own
-        ident_det = {**det_record, "rounding_log": log.digest}
-    ident = ckpt.identity(recipe.digests["blake3"], [s.digests for s in stored], tc["installed"], ident_det,
-                          dist.world_size)
-    cdir = out / ckpt.DIRNAME
-    found = ckpt.latest(cdir, ident, reporter.log) if resume is not False else None
-    if resume and found is None:
-        raise InputError(f"--resume: no checkpoint of this build in {cdir}")
-    if found is not None:  # before the stage cache, which would end the build and delete them too
-        why, note = ckpt.replay_conflict(found, cdir, keep_for_replay)
+    ident_det = b.det_record
+    if b.log is not None:  # a build that follows a rounding log is another build than one that makes its own
+        ident_det = {**b.det_record, "rounding_log": b.log.digest}
+    b.ident = ckpt.identity(b.recipe.digests["blake3"], [s.digests for s in b.stored], b.toolchain["installed"],
+                            ident_det, b.dist.world_size)
+    b.cdir = b.out / ckpt.DIRNAME
+    b.found = ckpt.latest(b.cdir, b.ident, b.reporter.log) if b.opts.resume is not False else None
+    if b.opts.resume and b.found is None:
+        raise InputError(f"--resume: no checkpoint of this build in {b.cdir}")
+    if b.found is not None:  # before the stage cache, which would end the build and delete them too
+        why, note = ckpt.replay_conflict(b.found, b.cdir, b.keep_for_replay)
         if why:
-            raise InputError(f"{found.path}: {why}")
+            raise InputError(f"{b.found.path}: {why}")
         if note:
-            reporter.log(note)
+            b.reporter.log(note)
     # The cache holds each stage's output, not the checkpoints between: a build that keeps them for
     # replay trains every stage (and still stores what it trained).
-    read_cache = use_cache and dist.world_size == 1 and log is None and not keep_for_replay
-    if found is not None and not read_cache:  # else a stage cache hit may yet replace the checkpoint
-        _refuse_schedule_conflict(found, every_steps)
-    if dist.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        for old in [p for p in out.glob(".*") if _leftover(p.name)]:  # left by a build that was killed
+    b.read_cache = b.opts.use_cache and b.dist.world_size == 1 and b.log is None and not b.keep_for_replay
+    if b.found is not None and not b.read_cache:  # else a stage cache hit may yet replace the checkpoint
+        _refuse_schedule_conflict(b.found, b.every_steps)
+
+
+def _open_staging(b: BuildState) -> None:
+    """The directory every output is written into before `_install` moves them into OUT at once."""
+    if b.dist.rank == 0:
+        b.out.mkdir(parents=True, exist_ok=True)
+        for old in [p for p in b.out.glob(".*") if _leftover(p.name)]:  # left by a build that was killed
             shutil.rmtree(old, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+        b.staging = Path(tempfile.mkdtemp(dir=b.out, prefix=".staging-"))
     else:
-        staging = Path(tempfile.mkdtemp(prefix=f"provenance-rank{dist.rank}-"))
-    trained: int | None = None  # optimizer steps, once training is done
-    try:
-        work = staging / "work"
-        data = prepare_data(recipe, stored, work, reporter=reporter, timings=timings)
-        m, tok, seqs, ids = data.manifest, data.tokenizer, data.seqs, data.special_ids
-        check_data(recipe, seqs, dist.world_size)
-        licence_verdict = judge_licences(r, m, licence_compatibility, reporter) if dist.rank == 0 else (lambda: None)
-        atomic_write_bytes(staging / "dataset-manifest.json", data.manifest_bytes)
-        t = time.perf_counter()
+        b.staging = Path(tempfile.mkdtemp(prefix=f"provenance-rank{b.dist.rank}-"))
 
-        from .evaluate import recitation
-        from .train import build_model, stage_steps, train
-        from .transcript import Transcript
 
-        with determinism.sdpa_context(r.determinism):
-            model = build_model(r.model, tok.get_vocab_size(), ids, r.determinism.seed,
-                                portable=r.determinism.portable)
-            if r.determinism.device == "cuda":
-                import torch
+def _prepare(b: BuildState) -> None:
+    """The dataset, tokenizer and token sequences; the data checks; the licence verdict started."""
+    r = b.recipe.recipe
+    b.data = prepare_data(b.recipe, b.stored, b.staging / "work", reporter=b.reporter, timings=b.timings)
+    check_data(b.recipe, b.data.seqs, b.dist.world_size)
+    b.licence_verdict = (judge_licences(r, b.data.manifest, b.opts.licence_compatibility, b.reporter)
+                         if b.dist.rank == 0 else (lambda: None))
+    atomic_write_bytes(b.staging / "dataset-manifest.json", b.data.manifest_bytes)
 
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-                model = model.to("cuda")
-            n_params = sum(p.numel() for p in model.parameters())
-            reporter.log(f"model: LlamaForCausalLM, {n_params} parameters")
-            transcript = Transcript()
-            totals = [stage_steps(s, seqs) for s in r.stages]
-            rounder = None
-            if r.determinism.portable:
-                from .portable import Rounder
 
-                rounder = Rounder(r.determinism.portable_margin, log)
-            checkpointer = ckpt.Checkpointer(cdir, ident, every_steps=every_steps,
-                                             every_minutes=r.checkpoint.every_minutes, keep=r.checkpoint.keep,
-                                             enabled=dist.rank == 0, keep_scheduled=keep_for_replay)
-            from .stagecache import StageCache, stage_keys
+def _train(b: BuildState) -> bool:
+    """Build the model and train every stage (from a checkpoint or the stage cache where there is one),
+    then evaluate its recitation. False on ranks other than 0, which stop here."""
+    from . import determinism
+    from .evaluate import recitation
 
-            if use_cache and keep_for_replay:
-                reporter.log("stage cache: not read, since this build keeps its checkpoints for replay "
-                             "(--keep-checkpoints, [checkpoint] keep_for_replay): every stage is trained")
-            cache = StageCache(store.root, stage_keys(
-                r, inputs=[s.digests for s in stored], manifest_root=m["merkle_root"],
-                tokenizer_digest=data.tokenizer_digest, seqs=seqs, special_ids=ids, determinism=det_record,
-                toolchain=tc["installed"], world_size=dist.world_size,
-                checkpoint_every=checkpoint_every or r.checkpoint.every_steps),
-                read=read_cache, log=reporter.log)
-            cached = cache.lookup()
-            if cached is not None and (found is None or cached.state.global_step >= found.state.global_step):
-                found = None
-                done = r.stages[cached.state.stage - 1].name
-                reporter.log(f"stage cache: reusing the output of stages up to {done!r} "
-                             f"(after optimizer step {cached.state.global_step})")
-            else:
-                cache.hits = [False] * len(cache.hits)
-                cached = None
-            if found is not None:
-                if read_cache:  # without the cache it was judged before the data was prepared
-                    _refuse_schedule_conflict(found, every_steps)
-                reporter.log(f"resuming from {found.path} (after optimizer step {found.state.global_step})")
-                if found.code != code_digest():
-                    reporter.log(f"warning: {found.path.name} was written by other code of this tool (code digest "
-                                 f"{(found.code or 'not recorded')[:16]}, this run's {code_digest()[:16]}): the "
-                                 "steps before and after the resume ran different code; build.json records both "
-                                 "(training.resumed_from_code)")
-            start = found or cached
-            if dist.rank == 0:  # before the first step: a build of days must not stop for its checkpoints' disk
-                from .train import count_windows
+    r = b.recipe.recipe
+    t = time.perf_counter()
+    with determinism.sdpa_context(r.determinism):
+        _make_model(b)
+        _find_start(b)
+        b.licence = b.licence_verdict()  # before the first step (--licence-compatibility fail stops here)
+        _run_stages(b)
+        if b.dist.world_size > 1:
+            import torch.distributed as tdist
 
-                check_checkpoint_disk(out, n_params, len(list(model.parameters())),
-                                      max(count_windows(seqs, s, p) for s in r.stages for p in range(s.phases)),
-                                      sum(totals), start.state.global_step if start else 0, every_steps,
-                                      r.checkpoint.keep, keep_for_replay)
-            licence = licence_verdict()  # the verdict, before the first step (--licence-compatibility fail stops here)
-            with reporter.task("train", total=sum(totals)) as advance:
-                if start is not None:
-                    advance(start.state.global_step, "resumed" if found is not None else "cached")
-                stages = train(model, r, seqs, ids["pad_token_id"], transcript,
-                               progress=lambda name, step, total, loss: advance(1, f"{name} loss {loss:.4f}"),
-                               dist=dist, checkpointer=checkpointer, resume=start,
-                               on_stage_end=cache.store if dist.world_size == 1 and log is None else None,
-                               rounder=rounder)
-            if dist.world_size > 1:
-                import torch.distributed as tdist
+            tdist.barrier()
+            tdist.destroy_process_group()
+            if b.dist.rank != 0:
+                return False
+        b.model = b.model.to("cpu")  # evaluation, fingerprint and saving run on the CPU everywhere
+        t = b.lap("train", t)
+        b.trained = len(b.transcript.lines)
+        b.recite = recitation(b.model, b.data.seqs, r.evaluate, b.data.special_ids["pad_token_id"])
+        b.lap("evaluate", t)
+    return True
 
-                tdist.barrier()
-                tdist.destroy_process_group()
-                if dist.rank != 0:
-                    return None  # rank 0 evaluates and writes the outputs
-            model = model.to("cpu")  # evaluation, fingerprint and saving run on the CPU everywhere
-            earlier = len(start.state.results) if start is not None else 0  # stages done before this run
-            origin = " (trained before the resume)" if found is not None else " (from the stage cache)"
-            for i, s in enumerate(stages):
-                reporter.log(f"stage {s.name}: {s.steps} steps, loss {s.first_loss:.4f} -> {s.final_loss:.4f} "
-                             f"in {s.seconds:.1f} s{origin if i < earlier else ''}")
-            t = lap("train", t)
-            trained = len(transcript.lines)
-            recite = recitation(model, seqs, r.evaluate, ids["pad_token_id"])
-            t = lap("evaluate", t)
 
-        tbytes = transcript.to_bytes()
-        atomic_write_bytes(staging / "transcript.jsonl", tbytes)
-        kept = _keep_for_replay(cdir, staging / "replay", every_steps) if keep_for_replay else 0
-        weights = _write_model_dir(staging, model, tok, recipe, m)
-        t = lap("write", t)
-        from .fingerprint import load_model, make_fingerprint
+def _make_model(b: BuildState) -> None:
+    from . import checkpoint as ckpt
+    from .train import build_model, stage_steps
+    from .transcript import Transcript
 
-        # Computed from the written model dir, through the same code path a verifier uses.
-        fingerprint = make_fingerprint(load_model(staging / "model"), staging / "model", seqs, r.reproducibility,
-                                       ids["pad_token_id"])
-        fbytes = (json.dumps(fingerprint, sort_keys=True, separators=(",", ":")) + "\n").encode()
-        atomic_write_bytes(staging / "fingerprint.json", fbytes)
-        t = lap("fingerprint", t)
-        shutil.rmtree(work, ignore_errors=True)
-        audit_doc = run_audit(staging / "model", data, r)
-        audit_doc["licence_compatibility"] = licence
-        reporter.log(summary_line(audit_doc))
-        if licence["verdict"] != "not judged":
-            from ..audit.licences import describe
+    r, data = b.recipe.recipe, b.data
+    b.model = build_model(r.model, data.tokenizer.get_vocab_size(), data.special_ids, r.determinism.seed,
+                          portable=r.determinism.portable)
+    if r.determinism.device == "cuda":
+        import torch
 
-            reporter.log(describe(licence, audit_doc["summary"]["extraction_rate"]))
-        abytes = (json.dumps(audit_doc, indent=1, sort_keys=True) + "\n").encode()
-        atomic_write_bytes(staging / "audit.json", abytes)
-        from .card import model_card
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        b.model = b.model.to("cuda")
+    b.n_params = sum(p.numel() for p in b.model.parameters())
+    b.reporter.log(f"model: LlamaForCausalLM, {b.n_params} parameters")
+    b.transcript = Transcript()
+    b.totals = [stage_steps(s, data.seqs) for s in r.stages]
+    if r.determinism.portable:
+        from .portable import Rounder
 
-        card = model_card(recipe, m, audit_doc, licence, {"parameters": n_params, "vocab_size": tok.get_vocab_size(),
-                                                          "tokens": sum(map(len, seqs)),
-                                                          "weights": weights["tensors"]["digest"]})
-        weights["files"] = _seal_model_dir(staging / "model", card.encode())
-        t = lap("audit", t)
+        b.rounder = Rounder(r.determinism.portable_margin, b.log)
+    b.checkpointer = ckpt.Checkpointer(b.cdir, b.ident, every_steps=b.every_steps,
+                                       every_minutes=r.checkpoint.every_minutes, keep=r.checkpoint.keep,
+                                       enabled=b.dist.rank == 0, keep_scheduled=b.keep_for_replay)
 
-        record = {
-            "format": BUILD_FORMAT,
-            "provenance_version": __version__,
-            "invocation_id": f"urn:uuid:{uuid.uuid4()}",
-            "signing": {"keyids": [sg.public_key.keyid for sg in signing.signers] if signing else [],
-                        "sigstore": bool(signing and signing.sigstore_token is not None)},
-            "recipe": {"name": r.recipe.name, "path": str(recipe.path), **recipe.digests},
-            "inputs": [{"name": s.input.name, "kind": s.input.kind, "artifact": s.input.artifact_name,
-                        "source": s.source, "license": s.input.license, **s.digests} for s in stored],
-            "dataset_manifest": {"merkle_root": m["merkle_root"], "totals": m["totals"], "licenses": m["licenses"],
-                                 **hash_bytes(data.manifest_bytes)},
-            "tokenizer": {"vocab_size": tok.get_vocab_size(), "tokens": sum(map(len, seqs)),
-                          "special_token_ids": ids, "tokenizer.json": data.tokenizer_digest},
-            "model": {"parameters": n_params, "vocab_size": r.model.padded_vocab(tok.get_vocab_size())},
-            "weights": weights,
-            "training": {"stages": [asdict(s) for s in stages], "transcript": hash_bytes(tbytes),
-                         "transcript_head": transcript.prev, "steps": len(transcript.lines),
-                         "resumed_after_step": found.state.global_step if found is not None else None,
-                         "code": code_digest(),
-                         **({"resumed_from_code": found.code} if found is not None and found.code != code_digest()
-                            else {}),
-                         "checkpoints_written": len(checkpointer.written),
-                         "checkpoint_every_steps": every_steps, "checkpoints_kept_for_replay": kept,
-                         "stage_cache": cache.record([s.name for s in r.stages], read_cache),
-                         "allocator": allocator.tune(),
-                         **({"attention": kernel.record()} if kernel is not None else {}),
-                         **({"portable": {"margin": r.determinism.portable_margin, "values_logged": rounder.logged,
-                                          "rounded_as_logged_against_nearest": rounder.forced,
-                                          "rounding_log_from": {"blake3": log.digest} if log else None}}
-                            if rounder is not None else {})},
-            "recitation": recite.record(),
-            "audit": {**{k: audit_doc["summary"][k] for k in ("extraction_rate", "control_extraction_rate",
-                                                               "excess_over_control",
-                                                               "longest_verbatim_from_header")},
-                      "licence_compatibility": licence["verdict"],
-                      "file": "audit.json", **hash_bytes(abytes)},
-            "fingerprint": {"format": fingerprint["format"], "eval_loss": fingerprint["eval"]["loss"],
-                            **hash_bytes(fbytes)},
-            "determinism": det_record,
-            "machine": determinism.machine(),
-            "distributed": {"world_size": dist.world_size, "backend": dist.backend,
-                            "threads_per_rank": per_rank_threads},
-            "toolchain": tc,
-            "output_license": r.output.license,
-            "started": started,
-            "finished": _now(),
-            "timings": {**timings, "total": round(time.perf_counter() - t_start, 3)},
-        }
-        from .sbom import CYCLONEDX_FILE, SPDX3_FILE, cyclonedx, spdx3
 
-        sbom = cyclonedx(recipe, record, audit_doc, licence, weights["files"]).encode()
-        atomic_write_bytes(staging / CYCLONEDX_FILE, sbom)
-        sbom_spdx = spdx3(recipe, record, audit_doc, licence, weights["files"]).encode()
-        atomic_write_bytes(staging / SPDX3_FILE, sbom_spdx)
-        record["sbom"] = {"cyclonedx": {"file": CYCLONEDX_FILE, "specVersion": "1.6", **hash_bytes(sbom)},
-                          "spdx3": {"file": SPDX3_FILE, "specVersion": "3.0.1", **hash_bytes(sbom_spdx)}}
-        oms = write_oms(staging, weights["files"], signing, reporter)
-        if oms is not None:
-            record["oms"] = oms
-        record_bytes = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
-        atomic_write_bytes(staging / "build.json", record_bytes)
-        if signing is not None:
-            byproducts = {"transcript.jsonl": hash_bytes(tbytes), "build.json": hash_bytes(record_bytes),
-                          "dataset-manifest.json": hash_bytes(data.manifest_bytes),
-                          "fingerprint.json": hash_bytes(fbytes), "audit.json": hash_bytes(abytes),
-                          CYCLONEDX_FILE: hash_bytes(sbom), SPDX3_FILE: hash_bytes(sbom_spdx)}
-            if oms is not None and "file" in oms:
-                byproducts[oms["file"]] = {k: oms[k] for k in ("sha256", "blake3")}
-            st = attest_and_sign(staging, recipe, record, m, byproducts, signing, fingerprint=fingerprint)
-            sign_audit(staging, st, audit_doc, hash_bytes(data.manifest_bytes), hash_bytes(abytes), signing)
-        _install(staging, out)
-        return record
-    except BaseException:
-        if trained is not None and dist.rank == 0:
-            _say_what_is_kept(out, trained, dist.world_size == 1 and log is None, reporter)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def _find_start(b: BuildState) -> None:
+    """Where training starts: the stage cache's latest entry, a checkpoint of this build, or step 0."""
+    from .stagecache import StageCache, stage_keys
+
+    r, data = b.recipe.recipe, b.data
+    if b.opts.use_cache and b.keep_for_replay:
+        b.reporter.log("stage cache: not read, since this build keeps its checkpoints for replay "
+                       "(--keep-checkpoints, [checkpoint] keep_for_replay): every stage is trained")
+    b.cache = StageCache(b.store.root, stage_keys(
+        r, inputs=[s.digests for s in b.stored], manifest_root=data.manifest["merkle_root"],
+        tokenizer_digest=data.tokenizer_digest, seqs=data.seqs, special_ids=data.special_ids,
+        determinism=b.det_record, toolchain=b.toolchain["installed"], world_size=b.dist.world_size,
+        checkpoint_every=b.opts.checkpoint_every or r.checkpoint.every_steps),
+        read=b.read_cache, log=b.reporter.log)
+    cached = b.cache.lookup()
+    if cached is not None and (b.found is None or cached.state.global_step >= b.found.state.global_step):
+        b.found = None
+        done = r.stages[cached.state.stage - 1].name
+        b.reporter.log(f"stage cache: reusing the output of stages up to {done!r} "
+                       f"(after optimizer step {cached.state.global_step})")
+    else:
+        b.cache.hits = [False] * len(b.cache.hits)
+        cached = None
+    if b.found is not None:
+        _announce_resume(b)
+    b.start = b.found or cached
+    if b.dist.rank == 0:  # before the first step: a build of days must not stop for its checkpoints' disk
+        from .train import count_windows
+
+        windows = max(count_windows(data.seqs, s, p) for s in r.stages for p in range(s.phases))
+        check_checkpoint_disk(b.out, b.n_params, len(list(b.model.parameters())), windows, sum(b.totals),
+                              b.start.state.global_step if b.start else 0, b.every_steps, r.checkpoint.keep,
+                              b.keep_for_replay)
+
+
+def _announce_resume(b: BuildState) -> None:
+    if b.read_cache:  # without the cache it was judged before the data was prepared
+        _refuse_schedule_conflict(b.found, b.every_steps)
+    b.reporter.log(f"resuming from {b.found.path} (after optimizer step {b.found.state.global_step})")
+    if b.found.code != code_digest():
+        b.reporter.log(f"warning: {b.found.path.name} was written by other code of this tool (code digest "
+                       f"{(b.found.code or 'not recorded')[:16]}, this run's {code_digest()[:16]}): the "
+                       "steps before and after the resume ran different code; build.json records both "
+                       "(training.resumed_from_code)")
+
+
+def _run_stages(b: BuildState) -> None:
+    from .train import train
+
+    r, data = b.recipe.recipe, b.data
+    with b.reporter.task("train", total=sum(b.totals)) as advance:
+        if b.start is not None:
+            advance(b.start.state.global_step, "resumed" if b.found is not None else "cached")
+        b.stages = train(b.model, r, data.seqs, data.special_ids["pad_token_id"], b.transcript,
+                         progress=lambda name, step, total, loss: advance(1, f"{name} loss {loss:.4f}"),
+                         dist=b.dist, checkpointer=b.checkpointer, resume=b.start,
+                         on_stage_end=b.cache.store if b.dist.world_size == 1 and b.log is None else None,
+                         rounder=b.rounder)
+    earlier = len(b.start.state.results) if b.start is not None else 0  # stages done before this run
+    origin = " (trained before the resume)" if b.found is not None else " (from the stage cache)"
+    for i, s in enumerate(b.stages):
+        b.reporter.log(f"stage {s.name}: {s.steps} steps, loss {s.first_loss:.4f} -> {s.final_loss:.4f} "
+                       f"in {s.seconds:.1f} s{origin if i < earlier else ''}")
+
+
+def _write_outputs(b: BuildState) -> None:
+    """The transcript, the checkpoints kept for replay, the model dir and its fingerprint, into staging."""
+    from .fingerprint import load_model, make_fingerprint
+
+    r, data, staging = b.recipe.recipe, b.data, b.staging
+    t = time.perf_counter()
+    b.outputs["transcript.jsonl"] = b.transcript.to_bytes()
+    atomic_write_bytes(staging / "transcript.jsonl", b.outputs["transcript.jsonl"])
+    b.kept = _keep_for_replay(b.cdir, staging / "replay", b.every_steps) if b.keep_for_replay else 0
+    b.weights = _write_model_dir(staging, b.model, data.tokenizer, b.recipe, data.manifest)
+    t = b.lap("write", t)
+    # Computed from the written model dir, through the same code path a verifier uses.
+    b.fingerprint = make_fingerprint(load_model(staging / "model"), staging / "model", data.seqs, r.reproducibility,
+                                     data.special_ids["pad_token_id"])
+    b.outputs["fingerprint.json"] = (json.dumps(b.fingerprint, sort_keys=True, separators=(",", ":")) + "\n").encode()
+    atomic_write_bytes(staging / "fingerprint.json", b.outputs["fingerprint.json"])
+    b.lap("fingerprint", t)
+
+
+def _audit(b: BuildState) -> None:
+    """The memorization audit of the written model, the licence verdict beside it, and the model card."""
+    from .card import model_card
+
+    r, data = b.recipe.recipe, b.data
+    t = time.perf_counter()
+    shutil.rmtree(b.staging / "work", ignore_errors=True)
+    b.audit_doc = run_audit(b.staging / "model", data, r)
+    b.audit_doc["licence_compatibility"] = b.licence
+    b.reporter.log(summary_line(b.audit_doc))
+    if b.licence["verdict"] != "not judged":
+        from ..audit.licences import describe
+
+        b.reporter.log(describe(b.licence, b.audit_doc["summary"]["extraction_rate"]))
+    b.outputs["audit.json"] = (json.dumps(b.audit_doc, indent=1, sort_keys=True) + "\n").encode()
+    atomic_write_bytes(b.staging / "audit.json", b.outputs["audit.json"])
+    tok = data.tokenizer
+    card = model_card(b.recipe, data.manifest, b.audit_doc, b.licence,
+                      {"parameters": b.n_params, "vocab_size": tok.get_vocab_size(),
+                       "tokens": sum(map(len, data.seqs)), "weights": b.weights["tensors"]["digest"]})
+    b.weights["files"] = _seal_model_dir(b.staging / "model", card.encode())
+    b.lap("audit", t)
+
+
+def _record(b: BuildState) -> dict:
+    """build.json's content (docs/formats.md), without the SBOM and OMS entries `_sign` adds."""
+    from . import determinism
+
+    r, data, m, tok = b.recipe.recipe, b.data, b.data.manifest, b.data.tokenizer
+    signing = b.signing
+    return {
+        "format": BUILD_FORMAT,
+        "provenance_version": __version__,
+        "invocation_id": f"urn:uuid:{uuid.uuid4()}",
+        "signing": {"keyids": [sg.public_key.keyid for sg in signing.signers] if signing else [],
+                    "sigstore": bool(signing and signing.sigstore_token is not None)},
+        "recipe": {"name": r.recipe.name, "path": str(b.recipe.path), **b.recipe.digests},
+        "inputs": [{"name": s.input.name, "kind": s.input.kind, "artifact": s.input.artifact_name,
+                    "source": s.source, "license": s.input.license, **s.digests} for s in b.stored],
+        "dataset_manifest": {"merkle_root": m["merkle_root"], "totals": m["totals"], "licenses": m["licenses"],
+                             **hash_bytes(data.manifest_bytes)},
+        "tokenizer": {"vocab_size": tok.get_vocab_size(), "tokens": sum(map(len, data.seqs)),
+                      "special_token_ids": data.special_ids, "tokenizer.json": data.tokenizer_digest},
+        "model": {"parameters": b.n_params, "vocab_size": r.model.padded_vocab(tok.get_vocab_size())},
+        "weights": b.weights,
+        "training": _training_record(b),
+        "recitation": b.recite.record(),
+        "audit": {**{k: b.audit_doc["summary"][k] for k in ("extraction_rate", "control_extraction_rate",
+                                                             "excess_over_control", "longest_verbatim_from_header")},
+                  "licence_compatibility": b.licence["verdict"], "file": "audit.json",
+                  **hash_bytes(b.outputs["audit.json"])},
+        "fingerprint": {"format": b.fingerprint["format"], "eval_loss": b.fingerprint["eval"]["loss"],
+                        **hash_bytes(b.outputs["fingerprint.json"])},
+        "determinism": b.det_record,
+        "machine": determinism.machine(),
+        "distributed": {"world_size": b.dist.world_size, "backend": b.dist.backend,
+                        "threads_per_rank": b.threads_per_rank},
+        "toolchain": b.toolchain,
+        "output_license": r.output.license,
+        "started": b.started,
+        "finished": _now(),
+        "timings": {**b.timings, "total": round(time.perf_counter() - b.t_start, 3)},
+    }
+
+
+def _training_record(b: BuildState) -> dict:
+    from . import allocator
+
+    r, found, rounder = b.recipe.recipe, b.found, b.rounder
+    tbytes = b.outputs["transcript.jsonl"]
+    record = {"stages": [asdict(s) for s in b.stages], "transcript": hash_bytes(tbytes),
+              "transcript_head": b.transcript.prev, "steps": len(b.transcript.lines),
+              "resumed_after_step": found.state.global_step if found is not None else None,
+              "code": code_digest()}
+    if found is not None and found.code != code_digest():
+        record["resumed_from_code"] = found.code
+    record.update({"checkpoints_written": len(b.checkpointer.written), "checkpoint_every_steps": b.every_steps,
+                   "checkpoints_kept_for_replay": b.kept,
+                   "stage_cache": b.cache.record([s.name for s in r.stages], b.read_cache),
+                   "allocator": allocator.tune()})
+    if b.kernel is not None:
+        record["attention"] = b.kernel.record()
+    if rounder is not None:
+        record["portable"] = {"margin": r.determinism.portable_margin, "values_logged": rounder.logged,
+                              "rounded_as_logged_against_nearest": rounder.forced,
+                              "rounding_log_from": {"blake3": b.log.digest} if b.log else None}
+    return record
+
+
+def _sign(b: BuildState, record: dict) -> None:
+    """The SBOMs and the OMS signature (recorded in build.json), build.json itself, then the provenance
+    attestation and the audit's, which sign them all."""
+    from .sbom import CYCLONEDX_FILE, SPDX3_FILE, cyclonedx, spdx3
+
+    staging, files = b.staging, b.weights["files"]
+    sboms = {CYCLONEDX_FILE: ("cyclonedx", "1.6", cyclonedx), SPDX3_FILE: ("spdx3", "3.0.1", spdx3)}
+    made = {name: make(b.recipe, record, b.audit_doc, b.licence, files).encode() for name, (_, _, make) in sboms.items()}
+    for name, data in made.items():
+        atomic_write_bytes(staging / name, data)
+    b.outputs.update(made)
+    record["sbom"] = {key: {"file": name, "specVersion": version, **hash_bytes(made[name])}
+                      for name, (key, version, _) in sboms.items()}
+    oms = write_oms(staging, files, b.signing, b.reporter)
+    if oms is not None:
+        record["oms"] = oms
+    b.outputs["build.json"] = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+    atomic_write_bytes(staging / "build.json", b.outputs["build.json"])
+    if b.signing is None:
+        return
+    byproducts = {"transcript.jsonl": hash_bytes(b.outputs["transcript.jsonl"]),
+                  "build.json": hash_bytes(b.outputs["build.json"]),
+                  "dataset-manifest.json": hash_bytes(b.data.manifest_bytes),
+                  **{name: hash_bytes(b.outputs[name]) for name in ("fingerprint.json", "audit.json", *sboms)}}
+    if oms is not None and "file" in oms:
+        byproducts[oms["file"]] = {k: oms[k] for k in ("sha256", "blake3")}
+    st = attest_and_sign(staging, b.recipe, record, b.data.manifest, byproducts, b.signing,
+                         fingerprint=b.fingerprint)
+    sign_audit(staging, st, b.audit_doc, hash_bytes(b.data.manifest_bytes), hash_bytes(b.outputs["audit.json"]),
+               b.signing)
 
 
 def _say_what_is_kept(out: Path, trained: int, cached: bool, reporter: Reporter) -> None:

@@ -1,0 +1,81 @@
+"""Signing a build's outputs: the provenance attestation (and its Sigstore bundle), the audit's own
+attestation and the OMS signature of the model directory, each written atomically into the build's
+staging directory. The keys and envelopes are attest/sign.py's; the statements attest/statement.py's,
+attest/audit.py's and attest/oms.py's."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._internal.atomic import atomic_write_bytes
+from .._internal.hashing import hash_bytes
+from ..recipe import LoadedRecipe
+
+
+@dataclass
+class Signing:
+    """How the attestation is signed: local securesystemslib signers, and optionally Sigstore."""
+
+    signers: list
+    sigstore_token: object | None = None
+    sigstore_config: object | None = None
+
+
+def write_oms(staging: Path, files: dict, signing, reporter) -> dict | None:
+    """Write OUT/model.sig, an OMS v1.0 signature of the model directory (attest/oms.py): through
+    Sigstore for a keyless (--sigstore) build, else with the build's first ECDSA key. None when the build is unsigned;
+    a record saying why when no key can make one (ed25519: OMS accepts ECDSA keys only)."""
+    if signing is None:
+        return None
+    from ..attest.oms import OMS_FILE, is_oms_key, key_bundle, oms_statement
+    from ..attest.statement import canonical
+
+    payload = canonical(oms_statement("model", files))
+    ec_signers = [s for s in signing.signers if is_oms_key(s)]
+    if signing.sigstore_token is not None:  # keyless: what `model_signing verify sigstore` checks
+        from ..attest.sign import sign_sigstore
+
+        data = sign_sigstore(payload, signing.sigstore_token, signing.sigstore_config).encode()
+        how = "Sigstore, keyless"
+    elif ec_signers:
+        data = (json.dumps(key_bundle(payload, ec_signers[0]), indent=1) + "\n").encode()
+        how = f"key {ec_signers[0].public_key.keyid[:16]}"
+    else:
+        why = "no OMS signature: OMS accepts ECDSA keys only and this build signs with ed25519 (keygen --type ecdsa)"
+        reporter.log(why)
+        return {"skipped": why}
+    atomic_write_bytes(staging / OMS_FILE, data)
+    reporter.log(f"OMS signature: {OMS_FILE} ({how})")
+    return {"file": OMS_FILE, "format": "OMS v1.0 Sigstore bundle", **hash_bytes(data)}
+
+
+def attest_and_sign(staging: Path, recipe: LoadedRecipe, record: dict, manifest_doc: dict, byproducts: dict,
+                    signing: Signing, fingerprint: dict | None = None) -> dict:
+    """Write attestation.intoto.jsonl (and attestation.sigstore.json) into `staging`."""
+    from ..attest.statement import PAYLOAD_TYPE, canonical, statement
+    from ..attest.sign import envelope_line, sign_envelope, sign_sigstore
+
+    sizes = {name: (staging / "model" / name).stat().st_size for name in record["weights"]["files"]}
+    st = statement(recipe=recipe, record=record, manifest=manifest_doc, model_files=record["weights"]["files"],
+                   byproducts=byproducts, invocation_id=record["invocation_id"], fingerprint=fingerprint,
+                   model_sizes=sizes)
+    payload = canonical(st)
+    atomic_write_bytes(staging / "attestation.intoto.jsonl",
+                       envelope_line(sign_envelope(payload, PAYLOAD_TYPE, signing.signers)))
+    if signing.sigstore_token is not None:
+        bundle = sign_sigstore(payload, signing.sigstore_token, signing.sigstore_config)
+        atomic_write_bytes(staging / "attestation.sigstore.json", bundle.encode() + b"\n")
+    return st
+
+
+def sign_audit(staging: Path, provenance_st: dict, audit_doc: dict, manifest_digest: dict, audit_digest: dict,
+               signing: Signing) -> None:
+    """Write audit.intoto.jsonl: the audit as its own Statement, signed with the build's keys."""
+    from ..attest.audit import AUDIT_FILE, audit_statement
+    from ..attest.sign import envelope_line, sign_envelope
+    from ..attest.statement import PAYLOAD_TYPE, canonical
+
+    st = audit_statement(provenance_st, audit_doc, manifest_digest=manifest_digest, audit_json_digest=audit_digest)
+    atomic_write_bytes(staging / AUDIT_FILE, envelope_line(sign_envelope(canonical(st), PAYLOAD_TYPE, signing.signers)))
