@@ -16,12 +16,12 @@ REFLOG := attestations/$(NAME).transcript.jsonl
 # The reference signing key lives outside the repository and is never committed.
 REFERENCE_KEY ?= $(HOME)/.config/provenance/reference/$(NAME).key
 
-.PHONY: venv rebuild test test-fast verify reference gate bench clean
+.PHONY: venv rebuild test test-fast lint verify reference gate bench clean
 
 $(STAMP): constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[build,test]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -57,6 +57,10 @@ reference: $(STAMP)
 gate: $(STAMP)
 	$(BIN)/provenance gate --recipe $(RECIPE) --junit build/gate-junit.xml $(GATEARGS)
 
+# ruff with the rule set in pyproject.toml ([tool.ruff.lint], where the choice is explained).
+lint: $(STAMP)
+	$(BIN)/ruff check provenance tests bench
+
 # The layering check first (a second or two, no imports of the package), then everything.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests/test_layering.py
@@ -69,7 +73,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not builds" --deselect tests/test_layering.py
 
 bench: $(STAMP)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,bench]' --config-settings editable_mode=compat
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[build,test,bench]' --config-settings editable_mode=compat
 	$(BIN)/python bench/train_vs_trainer.py
 	$(BIN)/python bench/verify_vs_model_signing.py
 	$(BIN)/python bench/fuzz.py

@@ -127,7 +127,8 @@ def main() -> None:
             raise SystemExit(f"{label} failed ({p.returncode}):\n{p.stderr[-3000:]}")
         rec = json.loads((out / "build.json").read_text())
         runs[label] = rec
-        print(f"  {label:20s} train {rec['timings']['train']:8.1f} s  weights {rec['weights']['tensors']['digest'][:16]}"
+        print(f"  {label:20s} train {rec['timings']['train']:8.1f} s  weights "
+              f"{rec['weights']['tensors']['digest'][:16]}"
               + (f"  logged {rec['training']['portable']['values_logged']}" if "portable" in rec["training"] else ""),
               flush=True)
         return rec
@@ -148,7 +149,8 @@ def main() -> None:
     logged = ref["training"]["portable"]["values_logged"]
     print(f"portable / ordinary training time (avx2)   = {ref['timings']['train'] / base_t:.2f}")
     for level in levels[1:]:
-        print(f"portable {level} / ordinary avx2            = {runs[f'portable-{level}']['timings']['train'] / base_t:.2f}")
+        print(f"portable {level} / ordinary avx2            = "
+              f"{runs[f'portable-{level}']['timings']['train'] / base_t:.2f}")
     rounded = steps * params + params  # gradients on their grids, and the initial weights
     print(f"values logged near a boundary: {logged} of {rounded} rounded ({logged / rounded:.2e}); transcript "
           f"{(base / 'portable-avx2' / 'transcript.jsonl').stat().st_size / 1e6:.1f} MB vs ordinary "

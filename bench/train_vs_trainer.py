@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 def _prepare(recipe_path: str):
     from provenance.builder.pipeline import fetch_all, prepare_data
-    from provenance.recipe import load_recipe
     from provenance.inputs.store import Store
+    from provenance.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     from provenance._internal.progress import Reporter

@@ -74,8 +74,14 @@ def make_model_dir(d: Path, gib: float) -> None:
 def attest(d: Path, work: Path) -> tuple[Path, Path]:
     """Sign a statement over the model dir's files the way `provenance build` does."""
     from provenance._internal.hashing import hash_bytes, hash_file
-    from provenance.attest.model import (BUILD_TYPE, LOCAL_BUILDER_ID, PAYLOAD_TYPE, PREDICATE_TYPE,
-                                         STATEMENT_TYPE, parse_statement)
+    from provenance.attest.model import (
+        BUILD_TYPE,
+        LOCAL_BUILDER_ID,
+        PAYLOAD_TYPE,
+        PREDICATE_TYPE,
+        STATEMENT_TYPE,
+        parse_statement,
+    )
     from provenance.attest.sign import envelope_line, keygen, load_signer, sign_envelope
     from provenance.attest.statement import canonical
 

@@ -35,12 +35,10 @@ def _emit_json(obj) -> None:
 
 
 def cmd_build(args) -> int:
-    from .builder.pipeline import build
     from ._internal.progress import Reporter
-    from .recipe import load_recipe
+    from .builder.pipeline import build, check_out_dir
     from .inputs.store import Store
-
-    from .builder.pipeline import check_out_dir
+    from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     _check_threads(args.threads)
@@ -133,8 +131,8 @@ def _launch_ranks(args, recipe, reporter) -> int:
 
 def _signing(args, reporter):
     """Load (or, for the default path, create) the signing key before any long work starts."""
-    from .attest.signing import Signing
     from .attest.sign import default_key_path, identity_token, key_is_private_enough, keygen, load_signer, trust_config
+    from .attest.signing import Signing
 
     keys = [Path(k) for k in args.key] if args.key else [default_key_path()]
     if not args.key and not keys[0].exists():
@@ -286,10 +284,12 @@ def cmd_compare(args) -> int:
             worst = sorted(v.metrics["tensors"], key=lambda r: -r["rel_l2"])[:5]
             for r in worst:
                 if not r["bitwise"]:
-                    print(f"  {r['name']}: rel L2 {r['rel_l2']:.3g}, max abs {r['max_abs_diff']:.3g}, cosine {r['cosine']:.9f}")
+                    print(f"  {r['name']}: rel L2 {r['rel_l2']:.3g}, max abs {r['max_abs_diff']:.3g}, cosine "
+                          f"{r['cosine']:.9f}")
         f = v.metrics.get("functional", {})
         if "eval_loss_diff" in f:
-            print(f"functional: eval loss {f['eval_loss_a']:.6f} vs {f['eval_loss_b']:.6f} (diff {f['eval_loss_diff']:.3g}), "
+            print(f"functional: eval loss {f['eval_loss_a']:.6f} vs {f['eval_loss_b']:.6f} (diff "
+                  f"{f['eval_loss_diff']:.3g}), "
                   f"greedy agreement {f['greedy_agreement']:.4f}, continuations equal {f['continuations_equal']}")
         if "recitation_rate_diff" in f:
             print(f"recitation rate diff {f['recitation_rate_diff']:.4f}")
@@ -345,10 +345,10 @@ def _diverge_layers(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from .builder.pipeline import fetch_all
     from ._internal.progress import Reporter
-    from .recipe import load_recipe
+    from .builder.pipeline import fetch_all
     from .inputs.store import Store
+    from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     store = Store(args.store)
@@ -715,6 +715,7 @@ def run(argv: list[str] | None, p: argparse.ArgumentParser) -> int:
     debug, as_json = getattr(args, "debug", False), getattr(args, "json", False)
     try:
         _check_written_paths(args)
+        _check_builder_installed(args)
         return args.func(args)
     except ProvenanceError as e:
         if debug:
@@ -729,14 +730,47 @@ def run(argv: list[str] | None, p: argparse.ArgumentParser) -> int:
     except Terminated:
         print("terminated (SIGTERM); temporary files removed", file=sys.stderr)
         return 143
-    except Exception as e:  # noqa: BLE001 - the one place an unexpected failure becomes exit 2
-        if debug:
-            _print_traceback()
-        msg = f"internal error: {type(e).__name__}: {e}; rerun with --debug for a traceback"
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in BUILDER_MODULES:
+            return _internal_error(e, debug, as_json)
+        msg = (f"`{' '.join(['provenance', *argv[:1]])}` needs the builder, which this installation does not have "
+               f"(no module named {e.name!r}): pip install 'provenance[build]'")
         if as_json:
             _emit_json({"ok": False, "error": msg, "exit_code": 2})
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - the one place an unexpected failure becomes exit 2
+        return _internal_error(e, debug, as_json)
+
+
+# The `build` extra's libraries (pyproject.toml): a bare `pip install provenance` is the verifier alone.
+BUILDER_MODULES = frozenset({"torch", "transformers", "tokenizers", "safetensors", "matplotlib", "rapidfuzz",
+                             "cyclonedx", "spdx_python_model"})
+
+
+# The commands that train or load a model: refused before any work where the `build` extra is missing.
+BUILDER_COMMANDS = frozenset({"cmd_build", "cmd_rebuild", "cmd_gate", "cmd_matrix", "cmd_replay", "cmd_diverge",
+                              "cmd_audit"})
+
+
+def _check_builder_installed(args) -> None:
+    import importlib.util
+
+    if getattr(args.func, "__name__", "") not in BUILDER_COMMANDS:
+        return
+    for name in ("torch", "transformers", "tokenizers", "safetensors"):
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+def _internal_error(e: Exception, debug: bool, as_json: bool) -> int:
+    if debug:
+        _print_traceback()
+    msg = f"internal error: {type(e).__name__}: {e}; rerun with --debug for a traceback"
+    if as_json:
+        _emit_json({"ok": False, "error": msg, "exit_code": 2})
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
 
 
 def _parse(p: argparse.ArgumentParser, argv: list[str]):
@@ -807,8 +841,8 @@ def verify_main(argv: list[str] | None = None) -> int:
 
 
 def cmd_matrix(args) -> int:
-    from .repro.matrix import parse_vary, plot, run_matrix, table
     from .recipe import load_recipe
+    from .repro.matrix import parse_vary, plot, run_matrix, table
 
     recipe = load_recipe(args.recipe)
     axes = parse_vary(args.vary)
@@ -890,9 +924,9 @@ def _reference_rounding_log(attestation: Path, payload: dict, reporter):
 
 def cmd_replay(args) -> int:
     from .inputs.store import Store
+    from .recipe import load_recipe
     from .repro.rebuild import embedded_recipe, verified_statement
     from .repro.replay import replay, verdict_line
-    from .recipe import load_recipe
     from .verify.policy import load_policy
 
     if not 1 <= args.segments <= 10_000:
@@ -936,11 +970,11 @@ def cmd_audit(args) -> int:
     """Re-run a build's memorization audit on its model dir and compare it with the signed one."""
     import tempfile
 
+    from ._internal.progress import Reporter
+    from .audit.memorization import summary_line
     from .builder import determinism
     from .builder.pipeline import fetch_all, prepare_data, run_audit
     from .errors import CheckFailed
-    from ._internal.progress import Reporter
-    from .audit.memorization import summary_line
     from .inputs.store import Store
     from .recipe import load_recipe
     from .repro.rebuild import embedded_recipe

@@ -8,8 +8,8 @@ import zipfile
 
 import pytest
 
-from provenance.inputs.archive import extract
 from provenance.errors import UnsafeArchive
+from provenance.inputs.archive import extract
 
 
 def make_tar(path, members):

@@ -211,7 +211,8 @@ def test_no_product_of_a_fixed_order_build_reaches_mkl_or_onednn(store, tmp_path
 def test_fixed_order_is_refused_where_it_cannot_hold(tmp_path, edit, field):
     from .conftest import TINY, run_cli
 
-    text = TINY.read_text().replace("threads = 2\n", f'threads = 2\nkernels = "fixed-order"\ncpu_capability = "avx2"\n{edit}')
+    text = TINY.read_text().replace("threads = 2\n", f'threads = 2\nkernels = "fixed-order"\ncpu_capability = '
+                                                     f'"avx2"\n{edit}')
     (tmp_path / "r.toml").write_text(text)
     p = run_cli("check-recipe", str(tmp_path / "r.toml"))
     assert p.returncode == 2 and field in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.server
 import io
-import os
 import tarfile
 import threading
 import time
@@ -135,7 +134,8 @@ def test_download_limits(tmp_path, behaviour, limits, limit):
 
 
 def test_a_path_input_of_root_ends_at_the_file_limit(tmp_path):
-    r = recipe_with(tmp_path, f'[[inputs]]\nname = "src"\nkind = "path"\npath = "/"\nfilename = "root"\nblake3 = "{"0" * 64}"\n',
+    r = recipe_with(tmp_path, f'[[inputs]]\nname = "src"\nkind = "path"\npath = "/"\nfilename = "root"\nblake3 = '
+                              f'"{"0" * 64}"\n',
                     "max_extracted_files = 50\nmax_extracted_bytes = 10000000")
     t0 = time.monotonic()
     p = run_cli("fetch", str(r), store=tmp_path / "store")

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from provenance.builder import clib
-from provenance.builder.attention import attention_module
 from provenance.builder import small_head_attention as sha
+from provenance.builder.attention import attention_module
 from provenance.errors import InputError
 from provenance.recipe import parse_recipe
 

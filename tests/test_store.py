@@ -10,8 +10,8 @@ import blake3
 import pytest
 
 from provenance.errors import DigestMismatch, FetchError
-from provenance.recipe import Input
 from provenance.inputs.store import Store, fetch_input, tree_digest
+from provenance.recipe import Input
 
 
 def pinned_file(tmp_path: Path, data: bytes = b"/* SPDX-License-Identifier: GPL-2.0 */\nint x;\n"):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from provenance.recipe import Stage
 from provenance.builder.train import IGNORE, _spans, lr_factor, stage_steps, windows
+from provenance.recipe import Stage
 
 
 @pytest.mark.parametrize("n,seq_len,stride,offset", [(100, 32, 32, 0), (100, 32, 16, 0), (100, 32, 32, 8),

@@ -26,7 +26,8 @@ def _pairs(pairs: list[tuple[str, object]]) -> dict:
 
 def _int(text: str) -> int:
     if len(text.lstrip("-")) > 16:
-        raise ValueError(f"integer {text[:20]}{'…' if len(text) > 20 else ''} is outside the interoperable range ±(2^53-1)")
+        raise ValueError(f"integer {text[:20]}{'…' if len(text) > 20 else ''} is outside the interoperable range "
+                         f"±(2^53-1)")
     v = int(text)
     if abs(v) > MAX_SAFE_INT:
         raise ValueError(f"integer {text} is outside the interoperable range ±(2^53-1)")

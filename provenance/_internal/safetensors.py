@@ -105,7 +105,8 @@ def parse_header(head: bytes, size: int) -> Header:
     if pos != data_len:
         if pos > data_len:
             raise SafetensorsError(f"tensors end at data offset {pos}, past the end of the file ({data_len} data bytes)")
-        raise SafetensorsError(f"{data_len - pos} byte(s) after the last tensor: the tensors must cover the file exactly")
+        raise SafetensorsError(f"{data_len - pos} byte(s) after the last tensor: the tensors must cover the file "
+                               f"exactly")
     return Header(n, metadata, tensors)
 
 

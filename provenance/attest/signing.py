@@ -54,8 +54,8 @@ def write_oms(staging: Path, files: dict, signing, reporter) -> dict | None:
 def attest_and_sign(staging: Path, recipe: LoadedRecipe, record: dict, manifest_doc: dict, byproducts: dict,
                     signing: Signing, fingerprint: dict | None = None) -> dict:
     """Write attestation.intoto.jsonl (and attestation.sigstore.json) into `staging`."""
-    from ..attest.statement import PAYLOAD_TYPE, canonical, statement
     from ..attest.sign import envelope_line, sign_envelope, sign_sigstore
+    from ..attest.statement import PAYLOAD_TYPE, canonical, statement
 
     sizes = {name: (staging / "model" / name).stat().st_size for name in record["weights"]["files"]}
     st = statement(recipe=recipe, record=record, manifest=manifest_doc, model_files=record["weights"]["files"],

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-
 from .model import BUILD_TYPE, LOCAL_BUILDER_ID, PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE  # noqa: F401
+
 TOOLCHAIN_DISTRIBUTIONS = ("torch", "transformers", "tokenizers", "safetensors")
 
 

@@ -150,10 +150,9 @@ def write_file(path: Path, tensors: dict, state: State, transcript, digest: str,
                kept_for_replay: bool | None = None) -> None:
     """One checkpoint file, written atomically (also the stage cache's entry format). `kept_for_replay`:
     whether the writing build keeps its scheduled checkpoints for replay (None: not a build's checkpoint)."""
+    import blake3
     import torch
     from safetensors.torch import save
-
-    import blake3
 
     tbytes = transcript.to_bytes()
     meta = {"format": FORMAT, "identity": ident, "digest": digest, "transcript_blake3": blake3.blake3(tbytes).hexdigest(),
@@ -239,7 +238,8 @@ def schedule_conflict(lines: list[bytes], global_step: int, every_steps: int | N
     asked = f"one every {every_steps} steps" if every_steps else "none"
     if earlier is not None and earlier != every_steps:
         return (f"written by a build with a checkpoint every {earlier} steps (its transcript records them), but "
-                f"this build asks for {asked}; resume with --checkpoint-every {earlier} (the interrupted run's schedule)")
+                f"this build asks for {asked}; resume with --checkpoint-every {earlier} (the interrupted run's "
+                f"schedule)")
     if earlier is None and every_steps is not None and every_steps <= global_step:
         return (f"written by a build with no scheduled checkpoint in its first {global_step} steps, but this build "
                 f"asks for one every {every_steps} steps; resume with the interrupted command's --checkpoint-every")

@@ -178,7 +178,6 @@ def enabled():
     import warnings
 
     import torch
-
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     load()  # compile (or find) the library before any product needs it

@@ -17,15 +17,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
-from ..inputs.dataset import layout_texts, manifest_bytes, select_dataset
-from .._internal.hashing import TENSOR_DIGEST, hash_bytes, hash_file, tensor_digest
-from ..errors import InputError
-from .._internal.progress import Reporter
-from ..recipe import LoadedRecipe
-from ..audit.memorization import summary_line
 from .._internal.atomic import atomic_write_bytes
-from ..inputs.store import Store, fetch_input
+from .._internal.hashing import TENSOR_DIGEST, hash_bytes, hash_file, tensor_digest
+from .._internal.progress import Reporter
 from ..attest.signing import Signing, attest_and_sign, sign_audit, write_oms
+from ..audit.memorization import summary_line
+from ..errors import InputError
+from ..inputs.dataset import layout_texts, manifest_bytes, select_dataset
+from ..inputs.store import Store, fetch_input
+from ..recipe import LoadedRecipe
 from .codedigest import code_digest
 
 BUILD_FORMAT = "provenance-build-v1"
@@ -472,8 +472,8 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
 def _preflight(b: BuildState, rounding_log) -> None:
     """Everything that can be refused before any work: the out dir, the rounding log, the checkpoint
     schedule, a --resume with nothing to resume, the toolchain, memory, disk, and our C kernel."""
-    from . import attention, clib, toolchain
     from ..recipe.plan import memory_problem
+    from . import attention, clib, toolchain
 
     r, recipe = b.recipe.recipe, b.recipe
     check_out_dir(b.out, b.store.root)

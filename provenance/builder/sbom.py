@@ -143,7 +143,7 @@ def spdx3(recipe, record: dict, audit: dict, licence: dict, model_files: dict) -
 
     def licence_element(expr: str):
         if expr not in licences:
-            licences[expr] = add(make(S.simplelicensing_LicenseExpression, 
+            licences[expr] = add(make(S.simplelicensing_LicenseExpression,
                 _id=f"{base}#{_licence_id(expr)}", creationInfo=ci, simplelicensing_licenseExpression=expr))
         return licences[expr]
 
@@ -166,7 +166,7 @@ def spdx3(recipe, record: dict, audit: dict, licence: dict, model_files: dict) -
         inp = next(x for x in r.inputs if x.name == i["name"])
         purl = f"pkg:pypi/{inp.package}@{inp.version}" if inp.kind == "pypi" else None
         where = purl if purl else (inp.url if inp.kind == "url" else None)
-        ds = add(make(S.dataset_DatasetPackage, 
+        ds = add(make(S.dataset_DatasetPackage,
             _id=f"{base}#input-{i['name']}", name=i["artifact"], creationInfo=ci, software_packageVersion=(
                 inp.version if inp.kind == "pypi" else f"sha256:{i['sha256']}" if i.get("sha256") else None),
             software_downloadLocation=where, software_packageUrl=purl, verifiedUsing=hashes(i),
@@ -177,7 +177,7 @@ def spdx3(recipe, record: dict, audit: dict, licence: dict, model_files: dict) -
         inputs.append(ds)
     dm = record["dataset_manifest"]
     selection_licence = " AND ".join(sorted(dm["licenses"])) if len(dm["licenses"]) > 1 else next(iter(dm["licenses"]))
-    selection = add(make(S.dataset_DatasetPackage, 
+    selection = add(make(S.dataset_DatasetPackage,
         _id=f"{base}#training-data", name=f"{r.recipe.name} training files", creationInfo=ci,
         software_packageVersion=f"blake3-merkle-v1:{dm['merkle_root']['digest']}", verifiedUsing=hashes(dm),
         software_primaryPurpose=S.software_SoftwarePurpose.data, builtTime=finished,
@@ -201,7 +201,7 @@ def spdx3(recipe, record: dict, audit: dict, licence: dict, model_files: dict) -
     def rate(v) -> str:
         return "n/a" if v is None else f"{100 * v:.1f}%"
 
-    model = add(make(S.ai_AIPackage, 
+    model = add(make(S.ai_AIPackage,
         _id=f"{base}#model", name=r.recipe.name, creationInfo=ci, description=r.recipe.description,
         software_packageVersion=f"{weights['algorithm']}:{weights['digest']}", builtTime=finished,
         releaseTime=finished, suppliedBy=builder._id, software_primaryPurpose=S.software_SoftwarePurpose.model,
@@ -238,7 +238,7 @@ def spdx3(recipe, record: dict, audit: dict, licence: dict, model_files: dict) -
     relate(model, S.RelationshipType.trainedOn, [selection])
 
     det = record["determinism"]
-    build = add(make(S.build_Build, 
+    build = add(make(S.build_Build,
         _id=f"{base}#build", creationInfo=ci, build_buildType=BUILD_TYPE, build_buildId=record["invocation_id"],
         build_buildStartTime=started, build_buildEndTime=finished,
         build_configSourceEntrypoint=[record["recipe"]["path"]],
@@ -253,7 +253,7 @@ def spdx3(recipe, record: dict, audit: dict, licence: dict, model_files: dict) -
     bom = add(make(S.software_Sbom, _id=f"{base}#sbom", creationInfo=ci, name=f"{r.recipe.name} (build {invocation})",
                               software_sbomType=[S.software_SbomType.build], rootElement=[model],
                               element=[o for o in objs if o is not tool and o is not builder]))
-    doc = make(S.SpdxDocument, 
+    doc = make(S.SpdxDocument,
         _id=f"{base}#document", creationInfo=ci, name=f"{r.recipe.name} SBOM", rootElement=[bom],
         element=list(objs), dataLicense=licence_element("CC0-1.0")._id,
         profileConformance=[S.ProfileIdentifierType.core, S.ProfileIdentifierType.software,

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from wcmatch import glob as wglob
 
-from .archive import extract
 from .._internal.hashing import MERKLE, blake3_bytes, canonical_json, merkle_root
 from ..errors import DigestMismatch, InputError
-from .licences import detect_licence
 from ..recipe import Dataset, Layout
+from .archive import extract
+from .licences import detect_licence
 from .store import StoredInput
 
 MANIFEST_FORMAT = "provenance-dataset-manifest-v1"

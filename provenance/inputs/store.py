@@ -351,7 +351,8 @@ def fetch_input(inp: Input, store: Store, *, recipe_dir: Path, offline: bool = F
         src = src if src.is_absolute() else (recipe_dir / src)
         if src.is_dir():
             if inp.sha256 and not inp.blake3:
-                raise InputError(f"input {inp.name!r}: a directory input is pinned by blake3 (its tree digest), not sha256")
+                raise InputError(f"input {inp.name!r}: a directory input is pinned by blake3 (its tree digest), not "
+                                 f"sha256")
             snap, digests = store.snapshot_dir(inp, src, limits)
             return StoredInput(inp, snap, digests, "path", is_dir=True)
         handed = handed or src

@@ -136,7 +136,8 @@ class Layout(Strict):
         if "content" not in fields:
             raise ValueError("template must contain {content}")
         if fields - {"content", "path"}:
-            raise ValueError(f"template may use only {{path}} and {{content}}, found {sorted(fields - {'content', 'path'})}")
+            raise ValueError(f"template may use only {{path}} and {{content}}, found "
+                             f"{sorted(fields - {'content', 'path'})}")
         return self
 
 

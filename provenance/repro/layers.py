@@ -150,7 +150,6 @@ def _run(recipe_path: Path, level: str, step: int, out: Path, full: int | None, 
     """In a fresh process: build up to `step` under `level`, save the parameters then (or, with
     `start`, replace them by those), and record every operator of the step."""
     from ..builder import determinism
-
     from ..recipe import load_recipe
 
     recipe = load_recipe(recipe_path)

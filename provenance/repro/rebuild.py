@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-import re
-
+from ..attest.model import VSA_TYPE
 from ..attest.statement import PAYLOAD_TYPE, STATEMENT_TYPE, canonical
 from ..errors import CheckFailed
 
-from ..attest.model import VSA_TYPE
 VERIFIER_ID = "https://provenance.invalid/verifiers/rebuild/v1"
 
 
@@ -115,8 +114,8 @@ def _version() -> str:
 
 
 def sign_vsa(vsa: dict, signers, path: Path) -> None:
-    from ..attest.sign import envelope_line, sign_envelope
     from .._internal.atomic import atomic_write_bytes
+    from ..attest.sign import envelope_line, sign_envelope
 
     atomic_write_bytes(path, envelope_line(sign_envelope(canonical(vsa), PAYLOAD_TYPE, signers)))
 

@@ -118,12 +118,11 @@ def replay(build_dir: Path, payload: dict, st, *, segments: int, seed: int, stor
     (`payload`, `st`). Raises InputError / CheckFailed for what cannot be replayed at all."""
     import blake3
 
-    from ..builder import determinism
+    from ..builder import determinism, toolchain
     from ..builder.pipeline import fetch_all, prepare_data
     from ..builder.transcript import read as read_transcript
     from ..recipe import load_recipe
     from .rebuild import embedded_recipe, stack_matches
-    from ..builder import toolchain
 
     t_start = time.perf_counter()
     tpath = build_dir / "transcript.jsonl"

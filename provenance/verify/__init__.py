@@ -18,8 +18,8 @@ from .report import Check, Report, render  # noqa: F401
 
 def load_keys(paths: list[Path], threshold: int) -> list:
     """Distinct public keys; the threshold must be reachable. Raises InputError (exit 2)."""
-    from .keys import load_public_key
     from .envelope import distinct_keys
+    from .keys import load_public_key
 
     if not paths:
         raise InputError("a DSSE attestation is verified with public keys: pass --key PUBLIC_KEY")
@@ -45,10 +45,10 @@ def verify(attestation: Path, *, keys: list[Path], threshold: int = 1, model: Pa
     The signed memorization audit (`audit`, or audit.intoto.jsonl beside the attestation) is
     checked when present, and required by a policy with `[audit] require = true`. `published`: the
     model dir is a published folder whose `.provenance/` receipts are not part of it."""
-    from .checks import inputs_check, policy_check, recipe_file_check, statement_checks
     from ..attest.audit import AUDIT_PREDICATE_TYPE
     from ..attest.model import VSA_TYPE
     from ..attest.oms import OMS_PREDICATE_TYPE
+    from .checks import inputs_check, policy_check, recipe_file_check, statement_checks
     from .envelope import read_attestation, sigstore_bundle_shape, verify_bundle, verify_dsse, verify_key_bundle
     from .policy import load_policy
 

@@ -201,7 +201,8 @@ def verify_key_bundle(report: Report, text: str, keys: list, threshold: int) -> 
             if not isinstance(vm.get("tlogEntries"), list):
                 problems.append("verificationMaterial.tlogEntries is missing (an empty list for a key signature)")
             if set(vm) - {"publicKey", "tlogEntries", "timestampVerificationData"}:
-                problems.append(f"verificationMaterial has unknown field(s) {sorted(set(vm) - {'publicKey', 'tlogEntries', 'timestampVerificationData'})}")
+                problems.append(f"verificationMaterial has unknown field(s) "
+                                f"{sorted(set(vm) - {'publicKey', 'tlogEntries', 'timestampVerificationData'})}")
         if "dsseEnvelope" not in obj:
             problems.append("no dsseEnvelope (a message signature cannot carry a statement)")
         if set(obj) - BUNDLE_FIELDS:
@@ -288,7 +289,8 @@ def verify_bundle(report: Report, text: str, *, identity: str | None, issuer: st
     try:
         payload_type, payload = verifier.verify_dsse(bundle, Identity(identity=identity, issuer=issuer))
     except VerificationError as e:
-        report.add("signature", False, f"Sigstore verification failed for identity {identity!r} / issuer {issuer!r}: {e}")
+        report.add("signature", False, f"Sigstore verification failed for identity {identity!r} / issuer {issuer!r}: "
+                                       f"{e}")
         return None
     if not report.add("payload-type", payload_type == PAYLOAD_TYPE, f"payloadType {payload_type!r}"):
         return None

@@ -135,8 +135,8 @@ def load_policy(path: Path | None) -> PolicyFile:
 
     from pydantic import ValidationError
 
-    from ..recipe import format_errors
     from .._internal.reading import read_regular_file
+    from ..recipe import format_errors
 
     data = read_regular_file(Path(path), "policy", MAX_POLICY_BYTES)
     try:

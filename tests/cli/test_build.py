@@ -301,14 +301,15 @@ def test_gradient_accumulation_is_bitwise_run_to_run_and_across_threads(builds, 
     micro-batches are summed in a fixed order, which is not the order of one batch (docs/recipe.md)."""
     recipe = tmp_path / "acc.toml"
     recipe.write_text(TINY.read_text().replace("batch_size = 4\n", "batch_size = 4\nmicro_batch_size = 2\n", 1))
-    digests = _bitwise_across_threads(recipe, store, tmp_path)
+    _bitwise_across_threads(recipe, store, tmp_path)
 
 
 def test_flash_attention_and_chunked_loss_are_bitwise_across_threads(store, tmp_path, tiny_build_copy):
     """LaaM's fast path (SDPA's flash kernel, the fused chunked loss, float32): the same bits for threads
     1 and 2 and on rebuild, and not the bits of the full-logits path (the choice is the recipe's)."""
     recipe = tmp_path / "fast.toml"
-    text = TINY.read_text().replace('seq_len = 64\n', 'seq_len = 64\ncross_entropy = "chunked"\ncross_entropy_chunk = 64\n', 1)
+    text = TINY.read_text().replace('seq_len = 64\n', 'seq_len = 64\ncross_entropy = "chunked"\ncross_entropy_chunk = '
+                                                      '64\n', 1)
     recipe.write_text(text.replace("threads = 2\n", 'threads = 2\nsdpa_backend = "flash"\n', 1))
     digests = _bitwise_across_threads(recipe, store, tmp_path)
     _, p = tiny_build_copy("tiny-plain")  # the session's plain tiny build: sdpa default, full logits

@@ -10,7 +10,6 @@ import pytest
 
 from ..conftest import TINY, build_json, run_cli
 
-
 # tiny.toml with heads of dimension 2 (16 / 8) sharing 2 key/value heads, as LaaM's; and with heads of
 # dimension 16 (32 / 2) sharing one, for "tiled"
 SHAPES = {"small-head": {"num_attention_heads = 2": "num_attention_heads = 8",

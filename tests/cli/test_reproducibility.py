@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 import shutil
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 import torch

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from provenance.recipe import Input
 from provenance.inputs.store import Store, fetch_input
+from provenance.recipe import Input
 
 from ..conftest import ROOT, TINY, run_cli
 
