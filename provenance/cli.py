@@ -876,12 +876,13 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
     from ._internal.progress import Reporter
     from .builder.pipeline import build
     from .inputs.store import Store
+    from .repro.byproducts import reference_rounding_log
     from .repro.rebuild import judge_build, stack_matches
     from .verify.policy import load_policy
 
     bounds = load_policy(Path(args.policy) if args.policy else None).reproduced
     reporter = Reporter(enabled=not args.json)
-    log = _reference_rounding_log(Path(args.attestation), payload, reporter) if recipe.recipe.determinism.portable \
+    log = reference_rounding_log(Path(args.attestation), payload, reporter) if recipe.recipe.determinism.portable \
         else None
     signing = signing or _signing(args, reporter)
     # An independent rebuild trains every step: no stage cache, no checkpoint from an earlier run.
@@ -893,33 +894,6 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
     report = judge_build(st, out / "model", bitwise=match if bitwise is None else bitwise, bounds=bounds,
                          store=Path(args.store) if args.store else None)
     return record, report, signing, match, why
-
-
-def _reference_rounding_log(attestation: Path, payload: dict, reporter):
-    """A portable recipe's rebuild follows the reference's rounding log: the signed transcript beside the
-    attestation, NAME.transcript.jsonl for NAME.intoto.jsonl (as `make reference` commits it) or else a
-    build directory's transcript.jsonl (its blake3 must be the one the attestation signs). None, said
-    aloud, when there is none; CheckFailed when it is there but not the signed one."""
-    import blake3
-
-    from .builder.portable import read_log
-    from .errors import CheckFailed
-
-    named = attestation.parent / (attestation.name.removesuffix(".intoto.jsonl") + ".transcript.jsonl")
-    path = named if attestation.name.endswith(".intoto.jsonl") and named.is_file() else \
-        attestation.parent / "transcript.jsonl"
-    signed = {b["name"]: b["digest"] for b in payload["predicate"]["runDetails"].get("byproducts", [])}
-    data = _read_bounded(path, limit=1 << 30)
-    if data is None or "transcript.jsonl" not in signed:
-        reporter.log(f"portable recipe, but no signed transcript at {path}: rebuilding without the reference's "
-                     "rounding log (a value near a float32 rounding boundary may round the other way)")
-        return None
-    if blake3.blake3(data).hexdigest() != signed["transcript.jsonl"].get("blake3"):
-        raise CheckFailed(f"{path}: not the transcript.jsonl the attestation signs; its rounding log cannot be used")
-    log = read_log(path, data)
-    reporter.log(f"portable recipe: following the reference's rounding log ({sum(map(len, log.entries.values()))} "
-                 f"values, {path})")
-    return log
 
 
 def cmd_replay(args) -> int:
@@ -977,6 +951,7 @@ def cmd_audit(args) -> int:
     from .errors import CheckFailed
     from .inputs.store import Store
     from .recipe import load_recipe
+    from .repro.byproducts import signed_byproducts
     from .repro.rebuild import embedded_recipe
 
     build_dir = Path(args.build)
@@ -1010,42 +985,6 @@ def cmd_audit(args) -> int:
     return 0 if same else 1
 
 
-def signed_byproducts(build_dir: Path, keys: list[str], names: list[str], what: str):
-    """Verify BUILD_DIR's attestation with `keys` and read the byproducts `names` whose digests it
-    signs: (payload, statement, [(path, bytes)...]). Raises InputError or CheckFailed."""
-    import blake3
-
-    from .errors import CheckFailed
-    from .repro.rebuild import verified_statement
-
-    att = build_dir / "attestation.intoto.jsonl"
-    if not att.is_file():
-        raise InputError(f"{build_dir}: no attestation.intoto.jsonl; `provenance {what}`")
-    payload, st = verified_statement(att, [Path(k) for k in keys], None)
-    signed = {b["name"]: b["digest"] for b in payload["predicate"]["runDetails"].get("byproducts", [])}
-    out = []
-    for name in names:
-        path = build_dir / name
-        data = _read_bounded(path)
-        if name not in signed or data is None or blake3.blake3(data).hexdigest() != signed[name].get("blake3"):
-            raise CheckFailed(f"{path}: missing, or not the {name} the attestation signs")
-        out.append((path, data))
-    return payload, st, out
-
-
-def _read_bounded(path: Path, limit: int = 256 << 20) -> bytes | None:
-    """A regular file's bytes, symlinks not followed (None when it is missing, a symlink, not
-    regular, or over `limit`): _internal/reading.py's reader, with "absent" as an answer."""
-    from ._internal.reading import read_regular_file
-
-    if path.is_symlink():
-        return None
-    try:
-        return read_regular_file(path, "file", limit)
-    except InputError:
-        return None
-
-
 def cmd_sbom(args) -> int:
     """Hand out a build's SBOM after checking it: the file the build signed (with --key) or recorded
     in build.json (without), valid for its format. Written to --out, else to stdout."""
@@ -1054,6 +993,7 @@ def cmd_sbom(args) -> int:
     from ._internal.atomic import atomic_write_bytes
     from .builder.sbom import FORMATS, validate
     from .errors import CheckFailed
+    from .repro.byproducts import read_bounded, signed_byproducts
 
     _check_output_file("--out", args.out)
     build_dir = Path(args.build)
@@ -1062,7 +1002,7 @@ def cmd_sbom(args) -> int:
         _, _, [(path, data)] = signed_byproducts(build_dir, args.key, [name], "sbom hands out a build's SBOM")
         bound = "its digest is signed by the build's attestation"
     else:
-        record_bytes = _read_bounded(build_dir / "build.json")
+        record_bytes = read_bounded(build_dir / "build.json")
         if record_bytes is None:
             raise InputError(f"{build_dir}: no build.json; `provenance sbom` hands out the SBOM a build wrote")
         try:
@@ -1071,7 +1011,7 @@ def cmd_sbom(args) -> int:
             raise InputError(f"{build_dir / 'build.json'}: no sbom.{args.format} record; "
                              f"this build wrote no {args.format} SBOM") from None
         path = build_dir / name
-        data = _read_bounded(path)
+        data = read_bounded(path)
         if data is None:
             raise CheckFailed(f"{path}: missing (or not a regular file); build.json records an SBOM there")
         if (got := blake3.blake3(data).hexdigest()) != recorded.get("blake3"):
@@ -1099,6 +1039,7 @@ def cmd_report(args) -> int:
     """Write a build's self-contained HTML report (default BUILD_DIR/report.html)."""
     from ._internal.atomic import atomic_write_bytes
     from .audit.html_report import render
+    from .repro.byproducts import read_bounded, signed_byproducts
 
     _check_output_file("--out", args.out)
     build_dir = Path(args.build)
@@ -1116,7 +1057,7 @@ def cmd_report(args) -> int:
     else:
         read = []
         for n in names:
-            data = _read_bounded(build_dir / n)
+            data = read_bounded(build_dir / n)
             if data is None:
                 raise InputError(f"{build_dir / n}: missing or not a regular file; `provenance report` needs a "
                                  "finished build's directory")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckFailed, InputError
+from .byproducts import is_signed, read_bounded, signed_digests
 
 
 @dataclass
@@ -116,7 +117,6 @@ def replay(build_dir: Path, payload: dict, st, *, segments: int, seed: int, stor
            threads: int | None, bounds, log=print) -> ReplayReport:
     """Replay `segments` seeded random segments of the build in `build_dir` whose verified statement is
     (`payload`, `st`). Raises InputError / CheckFailed for what cannot be replayed at all."""
-    import blake3
 
     from ..builder import determinism, toolchain
     from ..builder.pipeline import fetch_all, prepare_data
@@ -126,12 +126,12 @@ def replay(build_dir: Path, payload: dict, st, *, segments: int, seed: int, stor
 
     t_start = time.perf_counter()
     tpath = build_dir / "transcript.jsonl"
-    raw = tpath.read_bytes() if tpath.is_file() else None
+    raw = read_bounded(tpath, limit=1 << 30)
     if raw is None:
         raise InputError(f"{build_dir}: no transcript.jsonl")
-    signed = {b["name"]: b["digest"] for b in payload["predicate"]["runDetails"].get("byproducts", [])}
-    want = signed.get("transcript.jsonl", {}).get("blake3")
-    if want != blake3.blake3(raw).hexdigest():
+    signed = signed_digests(payload)
+    if not is_signed(raw, "transcript.jsonl", signed):
+        want = signed.get("transcript.jsonl", {}).get("blake3")
         raise CheckFailed(f"{tpath}: its digest is not the one the attestation signs (blake3 {want})")
     lines = read_transcript(tpath, raw)  # the bytes whose digest was just checked, not a second read
     raw_lines = raw.splitlines()
