@@ -175,33 +175,30 @@ def cmd_verify(args) -> int:
         from ._internal.prefetch import take  # hashing has begun (verify-attestation) or starts now
 
         prefetch = take(Path(args.model), sha256=args.sha256)
-    from .verify import render, verify
+    from .verify import SigstoreTrust, Verifier, render
 
-    report = verify(Path(args.attestation), keys=[Path(k) for k in args.key], threshold=args.threshold,
-                    model=Path(args.model) if args.model else None, recipe=Path(args.recipe) if args.recipe else None,
-                    inputs=args.inputs, store=Path(args.store) if args.store else None,
-                    policy_path=Path(args.policy) if args.policy else None, sha256=args.sha256,
-                    identity=args.identity, issuer=args.issuer,
-                    trust_config=Path(args.trust_config) if args.trust_config else None,
-                    trusted_root=Path(args.trusted_root) if args.trusted_root else None,
-                    staging=args.sigstore_staging, check_model=not args.reproduced, prefetch=prefetch,
-                    audit=Path(args.audit) if args.audit else None, published=args.published)
+    verifier = Verifier.configure(
+        keys=[Path(k) for k in args.key], threshold=args.threshold, policy=_path(args.policy), sha256=args.sha256,
+        store=_path(args.store), sigstore=SigstoreTrust(args.identity, args.issuer, _path(args.trust_config),
+                                                        _path(args.trusted_root), args.sigstore_staging))
+    asked = dict(recipe=_path(args.recipe), inputs=args.inputs, audit=_path(args.audit), published=args.published,
+                 prefetch=prefetch)
     if args.reproduced:
-        report.question = "reproduced"
-        if report.ok:
-            from .repro.reproduced import check_reproduced
-            from .verify.policy import load_policy
+        from .repro.reproduced import reproduced
 
-            bounds = load_policy(Path(args.policy) if args.policy else None).reproduced
-            check_reproduced(report, report.parsed, Path(args.model), bounds, sha256=args.sha256, prefetch=prefetch,
-                             reference=Path(args.reference_model) if args.reference_model else None,
-                             store=Path(args.store) if args.store else None, inputs=args.inputs,
-                             published=args.published)
+        report = reproduced(verifier, Path(args.attestation), Path(args.model), reference=_path(args.reference_model),
+                            **asked)
+    else:
+        report = verifier.verify(Path(args.attestation), model=_path(args.model), **asked)
     if args.json:
         _emit_json(report.as_dict())
     else:
         print(render(report))
     return report.exit_code
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def add_verify_args(p: argparse.ArgumentParser) -> None:
@@ -958,9 +955,9 @@ def cmd_audit(args) -> int:
     _check_threads(args.threads)
     _, st, [(ajson, _)] = signed_byproducts(build_dir, args.key, ["audit.json"], "re-runs a signed build's audit")
     from .verify.model_dir import inspect, report_exact
-    from .verify.report import Report
+    from .verify.report import Checks
 
-    rep = Report()
+    rep = Checks()
     report_exact(rep, inspect(st, build_dir / "model", sha256=False), sha256=False)
     if not rep.ok:
         raise CheckFailed(f"{build_dir / 'model'}: not exactly the attested files; audit a verified model dir")
@@ -1046,12 +1043,13 @@ def cmd_report(args) -> int:
     names = ["build.json", "audit.json", "transcript.jsonl"]
     verification = None
     if args.key:
-        from .verify import verify
+        from .verify import Verifier
 
         _, _, read = signed_byproducts(build_dir, args.key, names, "report needs a signed build")
         audit_file = build_dir / "audit.intoto.jsonl"
-        rep = verify(build_dir / "attestation.intoto.jsonl", keys=[Path(k) for k in args.key],
-                     model=build_dir / "model", audit=audit_file if audit_file.is_file() else None)
+        rep = Verifier.configure(keys=[Path(k) for k in args.key]).verify(
+            build_dir / "attestation.intoto.jsonl", model=build_dir / "model",
+            audit=audit_file if audit_file.is_file() else None)
         verification = {"ok": rep.exit_code == 0, "verdict": rep.result, "exit_code": rep.exit_code,
                         "checks": [c.as_dict() for c in rep.checks], "keys": [Path(k).name for k in args.key]}
     else:
@@ -1101,7 +1099,7 @@ def cmd_publish(args) -> int:
     import tempfile
 
     from ._internal.atomic import atomic_write_bytes
-    from .verify import verify
+    from .verify import Verifier
     from .verify.model_dir import RECEIPT_NAMES, RECEIPTS_DIR, scan
 
     build_dir, out = Path(args.build), Path(args.out)
@@ -1116,7 +1114,8 @@ def cmd_publish(args) -> int:
     if not att.is_file():
         raise InputError(f"{build_dir}: no attestation.intoto.jsonl; publish lays out a signed build")
     keys = [Path(args.key[0])]
-    first = verify(att, keys=keys, model=build_dir / "model")
+    verifier = Verifier.configure(keys=keys)
+    first = verifier.verify(att, model=build_dir / "model")
     if not first.ok:
         from .errors import CheckFailed
         from .verify import render
@@ -1143,10 +1142,10 @@ def cmd_publish(args) -> int:
         for n in receipts:
             shutil.copyfile(build_dir / n, staging / RECEIPTS_DIR / n)
         atomic_write_bytes(staging / RECEIPTS_DIR / "signing-key.pub", keys[0].read_bytes())
-        reports = [("SLSA provenance", verify(staging / RECEIPTS_DIR / "attestation.intoto.jsonl", keys=keys,
-                                               model=staging, published=True))]
+        reports = [("SLSA provenance", verifier.verify(staging / RECEIPTS_DIR / "attestation.intoto.jsonl",
+                                                        model=staging, published=True))]
         if has_oms:
-            reports.append(("OMS signature", verify(staging / "model.sig", keys=keys, model=staging, published=True)))
+            reports.append(("OMS signature", verifier.verify(staging / "model.sig", model=staging, published=True)))
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
@@ -1256,8 +1255,8 @@ def cmd_gate(args) -> int:
 
     from .recipe import load_recipe
     from .repro.rebuild import junit, verified_statement
-    from .verify import Report
     from .verify.checks import recipe_file_check
+    from .verify.report import Checks
 
     t0 = time.perf_counter()
     _check_output_file("--junit", args.junit)  # written after a rebuild of minutes
@@ -1270,7 +1269,7 @@ def cmd_gate(args) -> int:
         payload, st = verified_statement(ref, [key], Path(args.policy) if args.policy else None)
         cases.append(("reference attestation verifies", True, f"{ref} with {key}"))
         recipe = load_recipe(recipe_path)
-        rr = Report()
+        rr = Checks()
         recipe_file_check(rr, st, recipe_path)
         cases.append(("recipe matches the reference", rr.ok, rr.checks[0].detail))
         out = Path(args.out) if args.out else Path("build") / "gate" / name

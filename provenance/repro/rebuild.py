@@ -19,18 +19,19 @@ from xml.sax.saxutils import escape, quoteattr
 from ..attest.model import VSA_TYPE
 from ..attest.statement import PAYLOAD_TYPE, STATEMENT_TYPE, canonical
 from ..errors import CheckFailed
+from ..verify.report import CheckName
 
 VERIFIER_ID = "https://provenance.invalid/verifiers/rebuild/v1"
 
 
 def verified_statement(attestation: Path, keys: list[Path], policy: Path | None = None):
     """(payload dict, attest.model.Statement) of an attestation that verifies. Raises CheckFailed."""
-    from ..verify import render, verify
+    from ..verify import Verifier, render
 
-    report = verify(attestation, keys=keys, policy_path=policy)
-    if not report.ok:
-        raise CheckFailed(f"{attestation}: the attestation does not verify:\n{render(report)}")
-    return report.statement, report.parsed
+    result = Verifier.configure(keys=keys, policy=policy).verify(attestation)
+    if not result.ok:
+        raise CheckFailed(f"{attestation}: the attestation does not verify:\n{render(result)}")
+    return result.statement, result.parsed
 
 
 def recipe_file_name(st) -> str:
@@ -51,26 +52,24 @@ def embedded_recipe(st, dest: Path) -> Path:
 
 
 def judge_build(st, model_dir: Path, *, bitwise: bool, bounds=None, store: Path | None = None):
-    """Answer the reproduced question for a rebuilt model dir: a Report with its verdict.
+    """Answer the reproduced question for a rebuilt model dir: a Result with its verdict.
 
     With `bitwise`, only an exact match counts (the same stack must give the same bits)."""
     from ..verify.model_dir import inspect, report_exact
     from ..verify.policy import Bounds
-    from ..verify.report import Report
-    from .reproduced import check_reproduced
+    from .reproduced import Judgement, check_reproduced
 
-    report = Report()
+    report = Judgement()
     if bitwise:
-        report.question = "reproduced"
         res = inspect(st, model_dir, sha256=False)
         report_exact(report, res, sha256=False)
         report.verdict = "bitwise" if report.ok else "diverged"
-        report.add("reproduced", report.ok, "bitwise required (same stack as the reference): "
+        report.add(CheckName.REPRODUCED, report.ok, "bitwise required (same stack as the reference): "
                    + ("every file is bitwise equal" if report.ok else "the files differ"))
     else:
         # The rebuild's inputs are in the store: recitation on windows drawn now is always available.
         check_reproduced(report, st, model_dir, bounds or Bounds(), inputs=True, store=store)
-    return report
+    return report.result(model_checked=True)
 
 
 def vsa_statement(st: dict, attestation: Path, report, rebuild_record: dict | None, policy: str) -> dict:

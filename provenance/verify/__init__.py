@@ -10,113 +10,177 @@ answered by `provenance.repro` (`verify-attestation --reproduced`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from ..errors import InputError
-from .report import Check, Report, render  # noqa: F401
+from .policy import PolicyFile
+from .report import Check, CheckName, Checks, Result, render  # noqa: F401
 
 
-def load_keys(paths: list[Path], threshold: int) -> list:
+def load_keys(paths: Sequence[Path], threshold: int) -> list:
     """Distinct public keys; the threshold must be reachable. Raises InputError (exit 2)."""
     from .envelope import distinct_keys
     from .keys import load_public_key
 
-    if not paths:
-        raise InputError("a DSSE attestation is verified with public keys: pass --key PUBLIC_KEY")
-    keys = distinct_keys([load_public_key(p) for p in paths])
     if threshold < 1:
         raise InputError(f"--threshold must be at least 1, got {threshold}")
-    if threshold > len(keys):
+    keys = distinct_keys([load_public_key(p) for p in paths])
+    if threshold > len(keys) and paths:
         raise InputError(f"--threshold {threshold} needs {threshold} distinct keys; {len(paths)} --key option(s) "
                          f"name {len(keys)} distinct key(s)")
     return keys
 
 
-def verify(attestation: Path, *, keys: list[Path], threshold: int = 1, model: Path | None = None,
-           recipe: Path | None = None, inputs: bool = False, store: Path | None = None,
-           policy_path: Path | None = None, sha256: bool = False, identity: str | None = None,
-           issuer: str | None = None, trust_config: Path | None = None, trusted_root: Path | None = None,
-           staging: bool = False, check_model: bool = True, prefetch=None, audit: Path | None = None,
-           published: bool = False) -> Report:
-    """Run every applicable check. Raises InputError when a check cannot be made (exit 2).
+class SigstoreTrust(NamedTuple):
+    """Whom a Sigstore bundle must come from, and which trust root says so (docs/receipts.md)."""
 
-    With `check_model=False` the model dir is left to the caller (the reproduced question).
-    `prefetch` (model_dir.Prefetch) lets hashing start before the signature is checked.
-    The signed memorization audit (`audit`, or audit.intoto.jsonl beside the attestation) is
-    checked when present, and required by a policy with `[audit] require = true`. `published`: the
-    model dir is a published folder whose `.provenance/` receipts are not part of it."""
-    from ..attest.audit import AUDIT_PREDICATE_TYPE
+    identity: str | None = None
+    issuer: str | None = None
+    trust_config: Path | None = None
+    trusted_root: Path | None = None
+    staging: bool = False
+
+
+@dataclass(frozen=True)
+class Verifier:
+    """A verifier configured once (keys, threshold, policy, Sigstore identity, store) and then asked
+    about any number of attestations: `Verifier.configure(keys=[...]).verify(attestation, model=DIR)`.
+    Configuring reads and checks every key and the policy file, so a bad option fails (exit 2)
+    before any file is hashed."""
+
+    keys: tuple = ()
+    threshold: int = 1
+    policy: PolicyFile = field(default_factory=PolicyFile)
+    policy_given: bool = False  # a policy file was named: its rules are checked, not only its allowed builders
+    sigstore: SigstoreTrust = SigstoreTrust()
+    sha256: bool = False  # also check the subjects' sha256 (blake3 always)
+    store: Path | None = None  # where --inputs finds the pinned inputs
+
+    @classmethod
+    def configure(cls, *, keys: Sequence[Path] = (), threshold: int = 1, policy: Path | None = None,
+                  sigstore: SigstoreTrust = SigstoreTrust(), sha256: bool = False,
+                  store: Path | None = None) -> Verifier:
+        from .policy import load_policy
+
+        return cls(tuple(load_keys(keys, threshold)), threshold, load_policy(policy), policy is not None,
+                   sigstore, sha256, store)
+
+    def verify(self, attestation: Path, *, model: Path | None = None, recipe: Path | None = None,
+               inputs: bool = False, audit: Path | None = None, published: bool = False, prefetch: Any = None,
+               needs_build: tuple[str, ...] = ()) -> Result:
+        """Run every applicable check. Raises InputError when a check cannot be made (exit 2).
+
+        `model`: the directory must hold exactly the signed files. `prefetch` (model_dir.Prefetch)
+        lets hashing start before the signature is checked. The signed memorization audit (`audit`,
+        or audit.intoto.jsonl beside the attestation) is checked when present, and required by a
+        policy with `[audit] require = true`. `published`: the model dir is a published folder
+        whose `.provenance/` receipts are not part of it. `needs_build`: the caller's own options
+        that judge a build (repro/'s "--reproduced"), refused by name with the options here when
+        the attestation is a files-only signature (OMS or VSA)."""
+        from .envelope import read_attestation
+
+        kind, items = read_attestation(attestation)
+        checks = Checks()
+        payload = self._signed_payload(checks, kind, items)
+        if not checks.ok:
+            return checks.result(model_checked=model is not None)
+        mdir = Path(model) if model is not None else None
+        if _files_only(payload):
+            asked = _build_options(recipe=recipe, inputs=inputs, audit=audit, policy=self.policy_given) + needs_build
+            return _files_only_checks(checks, payload, mdir, Path(attestation), asked, prefetch, published)
+        _refuse_audit_as_attestation(attestation, payload)
+        return self._statement(checks, kind, attestation, payload, mdir, recipe, inputs, audit, published, prefetch)
+
+    def _signed_payload(self, checks: Checks, kind: str, items: list[str]) -> object | None:
+        """The envelope, signature and payload-type checks of each kind of attestation file."""
+        from .envelope import sigstore_bundle_shape, verify_bundle, verify_dsse, verify_key_bundle
+
+        if kind in ("dsse", "key-bundle") and not self.keys:
+            raise InputError("a DSSE attestation is verified with public keys: pass --key PUBLIC_KEY")
+        if kind == "dsse":
+            return verify_dsse(checks, items, list(self.keys), self.threshold)
+        if kind == "key-bundle":
+            return verify_key_bundle(checks, items[0], list(self.keys), self.threshold)
+        if sigstore_bundle_shape(checks, items[0]):
+            s = self.sigstore
+            return verify_bundle(checks, items[0], identity=s.identity, issuer=s.issuer,
+                                 trust_config_path=s.trust_config, trusted_root_path=s.trusted_root,
+                                 staging=s.staging)
+        return None
+
+    def _statement(self, checks: Checks, kind: str, attestation: Path, payload: Any, mdir: Path | None,
+                   recipe: Path | None, inputs: bool, audit: Path | None, published: bool, prefetch: Any) -> Result:
+        """An SLSA provenance statement's checks: its fields, the files, the recipe, the audit, the
+        inputs and the policy."""
+        from .audit import audit_checks
+        from .checks import inputs_check, policy_check, recipe_file_check, statement_checks
+
+        pf = self.policy
+        st = statement_checks(checks, payload, pf.policy)
+        if st is None:
+            return checks.result(model_checked=mdir is not None)
+        if mdir is not None:
+            from .model_dir import inspect, report_exact
+
+            report_exact(checks, inspect(st, mdir, sha256=self.sha256, prefetch=prefetch, published=published),
+                         sha256=self.sha256)
+        if recipe is not None:
+            recipe_file_check(checks, st, Path(recipe))
+        if kind == "dsse":
+            audit_checks(checks, attestation, audit, list(self.keys), self.threshold, payload, pf.audit,
+                         pf.policy.licence_compatibility if self.policy_given else "ignore")
+        derived = inputs_check(checks, st, self.store) if inputs else None
+        if self.policy_given:
+            policy_check(checks, st, pf.policy, derived)
+        return checks.result(model_checked=mdir is not None, payload=payload, parsed=st)
+
+
+def _files_only(payload: object) -> bool:
     from ..attest.model import VSA_TYPE
     from ..attest.oms import OMS_PREDICATE_TYPE
-    from .checks import inputs_check, policy_check, recipe_file_check, statement_checks
-    from .envelope import read_attestation, sigstore_bundle_shape, verify_bundle, verify_dsse, verify_key_bundle
-    from .policy import load_policy
 
-    pf = load_policy(policy_path)
-    kind, items = read_attestation(attestation)
-    report = Report()
-    report.model_checked = model is not None
-    loaded = load_keys(keys, threshold) if kind in ("dsse", "key-bundle") else []
-    if kind == "dsse":
-        payload = verify_dsse(report, items, loaded, threshold)
-    elif kind == "key-bundle":
-        payload = verify_key_bundle(report, items[0], loaded, threshold)
-    elif sigstore_bundle_shape(report, items[0]):
-        payload = verify_bundle(report, items[0], identity=identity, issuer=issuer, trust_config_path=trust_config,
-                                trusted_root_path=trusted_root, staging=staging)
-    else:
-        payload = None
-    if not report.ok:
-        return report
+    return isinstance(payload, dict) and payload.get("predicateType") in (VSA_TYPE, OMS_PREDICATE_TYPE)
+
+
+def _refuse_audit_as_attestation(attestation: Path, payload: object) -> None:
+    from ..attest.audit import AUDIT_PREDICATE_TYPE
+
     if isinstance(payload, dict) and payload.get("predicateType") == AUDIT_PREDICATE_TYPE:
         raise InputError(f"{attestation}: this is the signed memorization audit (audit.intoto.jsonl), not the "
                          "build's attestation: pass attestation.intoto.jsonl, with this file as --audit (it is "
                          "read from beside the attestation by default)")
-    if isinstance(payload, dict) and payload.get("predicateType") in (VSA_TYPE, OMS_PREDICATE_TYPE):
-        what = "a VSA summarises another verification" if payload["predicateType"] == VSA_TYPE else \
-            "an OMS signature names files only"
-        _refuse_for_files_only(what, recipe=recipe, inputs=inputs, audit=audit, policy_path=policy_path,
-                               reproduced=model is not None and not check_model)
-        report.statement = payload
-        mdir = Path(model) if model is not None else None
-        if payload["predicateType"] == VSA_TYPE:
-            from .vsa import vsa_checks
-
-            vsa_checks(report, payload, mdir, prefetch=prefetch, published=published)
-        else:
-            from .oms import oms_checks
-
-            oms_checks(report, payload, mdir, Path(attestation), prefetch=prefetch, published=published)
-        return report
-    st = statement_checks(report, payload, pf.policy)
-    if st is None:
-        return report
-    report.statement = payload
-    report.parsed = st
-    if model is not None and check_model:
-        from .model_dir import inspect, report_exact
-
-        report_exact(report, inspect(st, Path(model), sha256=sha256, prefetch=prefetch, published=published),
-                     sha256=sha256)
-    if recipe is not None:
-        recipe_file_check(report, st, Path(recipe))
-    if kind == "dsse":
-        from .audit import audit_checks
-
-        audit_checks(report, attestation, audit, loaded, threshold, payload, pf.audit,
-                     pf.policy.licence_compatibility if policy_path is not None else "ignore")
-    derived = inputs_check(report, st, store) if inputs else None
-    if policy_path is not None:
-        policy_check(report, st, pf.policy, derived)
-    return report
 
 
-def _refuse_for_files_only(what: str, *, recipe, inputs: bool, audit, policy_path, reproduced: bool) -> None:
+def _build_options(*, recipe: Path | None, inputs: bool, audit: Path | None, policy: bool) -> tuple[str, ...]:
+    return tuple(flag for flag, given in (("--recipe", recipe is not None), ("--inputs", inputs),
+                                          ("--audit", audit is not None), ("--policy", policy)) if given)
+
+
+def _files_only_checks(checks: Checks, payload: dict, mdir: Path | None, attestation: Path, asked: tuple[str, ...],
+                       prefetch: Any, published: bool) -> Result:
+    """A VSA or an OMS signature: the files it names (the options that judge a build refused)."""
+    from ..attest.model import VSA_TYPE
+
+    is_vsa = payload["predicateType"] == VSA_TYPE
+    _refuse_for_files_only("a VSA summarises another verification" if is_vsa else "an OMS signature names files only",
+                           asked)
+    if is_vsa:
+        from .vsa import vsa_checks
+
+        vsa_checks(checks, payload, mdir, prefetch=prefetch, published=published)
+    else:
+        from .oms import oms_checks
+
+        oms_checks(checks, payload, mdir, attestation, prefetch=prefetch, published=published)
+    return checks.result(model_checked=mdir is not None, payload=payload)
+
+
+def _refuse_for_files_only(what: str, asked: tuple[str, ...]) -> None:
     """An OMS signature or a VSA says which files, not how they were built: the options that judge a
     build cannot be applied to it, and are refused (exit 2) rather than silently passed over."""
-    asked = [flag for flag, given in (("--recipe", recipe is not None), ("--inputs", inputs),
-                                      ("--audit", audit is not None), ("--policy", policy_path is not None),
-                                      ("--reproduced", reproduced)) if given]
     if asked:
         raise InputError(f"{what}: {', '.join(asked)} cannot be applied to it (no builder, recipe, inputs, licences, "
                          "audit or fingerprint to judge); pass the SLSA attestation (attestation.intoto.jsonl) for "

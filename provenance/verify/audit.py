@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..attest.audit import AUDIT_FILE, AUDIT_PREDICATE_TYPE
-from .report import Report
+from .report import CheckName, Checks
 
 
-def audit_checks(report: Report, attestation: Path, explicit: Path | None, keys: list, threshold: int,
+def audit_checks(report: Checks, attestation: Path, explicit: Path | None, keys: list, threshold: int,
                  provenance: dict, policy, licence_policy: str = "ignore") -> None:
     from .envelope import read_attestation, verify_dsse
 
@@ -19,28 +19,28 @@ def audit_checks(report: Report, attestation: Path, explicit: Path | None, keys:
         bounds = [f"{k} {v:g}" for k, v in (("max_extraction_rate", policy.max_extraction_rate),
                                             ("min_extraction_rate", policy.min_extraction_rate)) if v is not None]
         if explicit is not None or policy.require or bounds:
-            report.add("audit", False, f"no signed memorization audit at {path}"
+            report.add(CheckName.AUDIT, False, f"no signed memorization audit at {path}"
                        + (f": the policy's {' and '.join(bounds)} cannot be checked without it" if bounds else ""))
         if licence_policy == "fail":
-            report.add("licence-compatibility", False, f"no signed licence verdict: no audit at {path}")
+            report.add(CheckName.LICENCE_COMPATIBILITY, False, f"no signed licence verdict: no audit at {path}")
         return
     kind, items = read_attestation(path)
-    sub = Report()
+    sub = Checks()
     payload = verify_dsse(sub, items, keys, threshold) if kind == "dsse" else None
     if kind != "dsse":
-        sub.add("envelope", False, "the audit must be a DSSE envelope")
+        sub.add(CheckName.ENVELOPE, False, "the audit must be a DSSE envelope")
     for c in sub.checks:
-        report.add(f"audit-{c.check}", c.ok, c.detail)
+        report.add(c.check.of_audit(), c.ok, c.detail)
     if payload is None:
         return
     if not isinstance(payload, dict) or payload.get("predicateType") != AUDIT_PREDICATE_TYPE:
         got = payload.get("predicateType") if isinstance(payload, dict) else type(payload).__name__
-        report.add("audit-type", False, f"predicateType {got!r}, expected {AUDIT_PREDICATE_TYPE!r}")
+        report.add(CheckName.AUDIT_TYPE, False, f"predicateType {got!r}, expected {AUDIT_PREDICATE_TYPE!r}")
         return
     mine = sorted((s.get("name"), (s.get("digest") or {}).get("sha256")) for s in payload.get("subject", [])
                   if isinstance(s, dict))
     theirs = sorted((s["name"], s["digest"].get("sha256")) for s in provenance["subject"])
-    if not report.add("audit-subjects", mine == theirs,
+    if not report.add(CheckName.AUDIT_SUBJECTS, mine == theirs,
                       "the audit's subjects are the provenance's" if mine == theirs else
                       "the audit's subjects differ from the provenance's: it is about other files"):
         return
@@ -51,7 +51,7 @@ def audit_checks(report: Report, attestation: Path, explicit: Path | None, keys:
         if rate is not None and not (isinstance(rate, (int, float)) and 0 <= rate <= 1):
             raise TypeError
     except (KeyError, TypeError):
-        report.add("audit", False, "the audit's predicate has no readable summary.extraction_rate")
+        report.add(CheckName.AUDIT, False, "the audit's predicate has no readable summary.extraction_rate")
         return
     detail = (f"highest extraction rate {'n/a' if rate is None else f'{100 * rate:.1f}%'} of training windows"
               + (f", control {100 * ctrl:.1f}%" if isinstance(ctrl, (int, float)) else ", no control"))
@@ -60,14 +60,14 @@ def audit_checks(report: Report, attestation: Path, explicit: Path | None, keys:
         problems.append(f"above the policy's max_extraction_rate {policy.max_extraction_rate:g}")
     if policy.min_extraction_rate is not None and (rate is None or rate < policy.min_extraction_rate):
         problems.append(f"below the policy's min_extraction_rate {policy.min_extraction_rate:g}")
-    report.add("audit", not problems, detail + ("; " + "; ".join(problems) if problems else ""))
+    report.add(CheckName.AUDIT, not problems, detail + ("; " + "; ".join(problems) if problems else ""))
     if licence_policy != "ignore":
         _licence_check(report, payload["predicate"]["audit"].get("licence_compatibility"), rate, licence_policy)
 
 
-def _licence_check(report: Report, c: object, rate: float | None, mode: str) -> None:
+def _licence_check(report: Checks, c: object, rate: float | None, mode: str) -> None:
     if not isinstance(c, dict) or c.get("verdict") not in ("compatible", "incompatible", "unknown"):
-        report.add("licence-compatibility", mode != "fail", "the signed audit holds no licence verdict (the build ran "
+        report.add(CheckName.LICENCE_COMPATIBILITY, mode != "fail", "the signed audit holds no licence verdict (the build ran "
                    "with --licence-compatibility ignore)")
         return
     rows = c.get("inbound") if isinstance(c.get("inbound"), list) else []
@@ -75,9 +75,9 @@ def _licence_check(report: Report, c: object, rate: float | None, mode: str) -> 
            if isinstance(r, dict) and r.get("compatible") is not True]
     recites = "" if rate is None else f"; the model completes up to {100 * rate:.1f}% of sampled training windows verbatim"
     if c["verdict"] == "compatible":
-        report.add("licence-compatibility", True, f"{c.get('outbound')} is compatible with every training file's "
+        report.add(CheckName.LICENCE_COMPATIBILITY, True, f"{c.get('outbound')} is compatible with every training file's "
                    f"licence ({c.get('source')})")
         return
     detail = (f"{c.get('outbound')} declared for weights trained on {', '.join(bad) or 'unjudged licences'}: "
               f"{c['verdict']} according to {c.get('source')}{recites}")
-    report.add("licence-compatibility", mode != "fail", ("warning: " if mode == "warn" else "") + detail)
+    report.add(CheckName.LICENCE_COMPATIBILITY, mode != "fail", ("warning: " if mode == "warn" else "") + detail)

@@ -8,36 +8,36 @@ from .._internal.hashing import hash_bytes
 from ..attest.model import PREDICATE_TYPE, STATEMENT_TYPE, Statement, parse_statement
 from ..errors import ProvenanceError
 from .policy import Policy
-from .report import Report
+from .report import CheckName, Checks
 
 MAX_RECIPE_BYTES = 16 << 20
 
 
-def statement_checks(report: Report, obj: object, policy: Policy) -> Statement | None:
+def statement_checks(report: Checks, obj: object, policy: Policy) -> Statement | None:
     """Types, the in-toto/SLSA field rules (one model shared with the writer), build type, builder."""
     if not isinstance(obj, dict):
-        report.add("statement", False, f"the signed payload is {type(obj).__name__ if obj is not None else 'null'}, "
+        report.add(CheckName.STATEMENT, False, f"the signed payload is {type(obj).__name__ if obj is not None else 'null'}, "
                    "not a JSON object")
         return None
     t = obj.get("_type")
-    ok = report.add("statement-type", t == STATEMENT_TYPE,
+    ok = report.add(CheckName.STATEMENT_TYPE, t == STATEMENT_TYPE,
                     f"_type {t!r}" + ("" if t == STATEMENT_TYPE else f", expected {STATEMENT_TYPE!r}"))
     pt = obj.get("predicateType")
-    ok &= report.add("predicate-type", pt == PREDICATE_TYPE,
+    ok &= report.add(CheckName.PREDICATE_TYPE, pt == PREDICATE_TYPE,
                      f"predicateType {pt!r}" + ("" if pt == PREDICATE_TYPE else f", expected {PREDICATE_TYPE!r}"))
     if not ok:
         return None
     st, problems = parse_statement(obj)
-    if not report.add("slsa-fields", st is not None,
+    if not report.add(CheckName.SLSA_FIELDS, st is not None,
                       "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
                       if problems else "in-toto Statement v1 and SLSA Provenance v1 field rules hold"):
         return None
     bt = st.buildDefinition.buildType
-    ok = report.add("build-type", bt in policy.allowed_build_types,
+    ok = report.add(CheckName.BUILD_TYPE, bt in policy.allowed_build_types,
                     bt + ("" if bt in policy.allowed_build_types else f" is not an allowed build type "
                           f"(allowed: {policy.allowed_build_types})"))
     bid = st.runDetails.builder_id
-    ok &= report.add("builder-id", bid in policy.allowed_builders,
+    ok &= report.add(CheckName.BUILDER_ID, bid in policy.allowed_builders,
                      bid + ("" if bid in policy.allowed_builders else f" is not an allowed builder "
                             f"(allowed: {policy.allowed_builders}; a policy file's allowed_builders names others)"))
     ok &= embedded_recipe_check(report, st)
@@ -48,27 +48,27 @@ def _mismatches(want: dict[str, str], got: dict[str, str], got_is: str = "comput
     return [f"{a} attested {want[a]}, {got_is} {got[a]}" for a in ("blake3", "sha256") if a in want and want[a] != got[a]]
 
 
-def embedded_recipe_check(report: Report, st: Statement) -> bool:
+def embedded_recipe_check(report: Checks, st: Statement) -> bool:
     """The embedded recipe text must hash to every recorded digest this verifier knows."""
     rec = st.recipe
     bad = _mismatches(rec.digest, hash_bytes(rec.content.encode()))
-    return report.add("recipe-embedded", not bad,
+    return report.add(CheckName.RECIPE_EMBEDDED, not bad,
                       "the embedded recipe does not match its recorded digest: " + "; ".join(bad) if bad
                       else f"the embedded recipe {rec.path!r} matches its recorded "
                       f"{' and '.join(a for a in ('blake3', 'sha256') if a in rec.digest)}")
 
 
-def recipe_file_check(report: Report, st: Statement, recipe_path: Path) -> None:
+def recipe_file_check(report: Checks, st: Statement, recipe_path: Path) -> None:
     from .._internal.reading import read_regular_file
 
     data = read_regular_file(Path(recipe_path), "recipe", MAX_RECIPE_BYTES)
     bad = _mismatches(st.recipe.digest, hash_bytes(data), "this file")
-    report.add("recipe", not bad, f"{recipe_path} is not the attested recipe ({st.recipe.path!r}, embedded in the "
+    report.add(CheckName.RECIPE, not bad, f"{recipe_path} is not the attested recipe ({st.recipe.path!r}, embedded in the "
                f"attestation): their contents differ; {'; '.join(bad)}" if bad else
                f"{recipe_path} matches externalParameters.recipe ({st.recipe.path!r})")
 
 
-def inputs_check(report: Report, st: Statement, store_root: Path | None) -> dict[str, int] | None:
+def inputs_check(report: Checks, st: Statement, store_root: Path | None) -> dict[str, int] | None:
     """Re-hash the stored inputs and rebuild the dataset manifest from the embedded recipe.
 
     Returns the licences re-derived from the inputs' files (for the policy), or None."""
@@ -92,13 +92,13 @@ def inputs_check(report: Report, st: Statement, store_root: Path | None) -> dict
             s = fetch_input(inp, store, recipe_dir=Path("."), offline=True, limits=recipe.limits)
             want = attested.get(inp.name)
             if want is None:
-                report.add("inputs", False, f"input {inp.name!r} of the embedded recipe is not among the attested "
+                report.add(CheckName.INPUTS, False, f"input {inp.name!r} of the embedded recipe is not among the attested "
                            "resolvedDependencies")
                 return None
             bad = [f"{a} attested {h}, stored {s.digests[a]}" for a, h in want.items()
                    if a in s.digests and s.digests[a] != h]
             if bad:
-                report.add("inputs", False, f"input {inp.name!r}: " + "; ".join(bad))
+                report.add(CheckName.INPUTS, False, f"input {inp.name!r}: " + "; ".join(bad))
                 return None
             stored.append(s)
         import tempfile
@@ -109,12 +109,12 @@ def inputs_check(report: Report, st: Statement, store_root: Path | None) -> dict
         msg = e.diagnostics().replace("--offline forbids fetching it", "verify-attestation never fetches")
         msg = msg.split("\n  Obtain the file elsewhere")[0]
         if "not in the store" in msg:  # a missing prerequisite, not a finding against the attestation
-            report.could_not_check("inputs", msg + " (run `provenance fetch RECIPE` first)")
+            report.could_not_check(CheckName.INPUTS, msg + " (run `provenance fetch RECIPE` first)")
         else:
-            report.add("inputs", False, msg)
+            report.add(CheckName.INPUTS, False, msg)
         return None
     root = m["merkle_root"]["digest"]
-    report.add("inputs", root == want_root,
+    report.add(CheckName.INPUTS, root == want_root,
                f"{len(stored)} input(s) re-hashed from {store.root}; manifest root {root}"
                + ("" if root == want_root else f", attested {want_root}"))
     return m["licenses"] if root == want_root else None
@@ -134,7 +134,7 @@ def _keys(licensing, expr: str) -> set[str] | None:
         return None
 
 
-def policy_check(report: Report, st: Statement, policy: Policy, derived: dict[str, int] | None) -> None:
+def policy_check(report: Checks, st: Statement, policy: Policy, derived: dict[str, int] | None) -> None:
     """Licence rules over SPDX expressions: an expression that names a forbidden licence anywhere
     (`GPL-2.0-only OR MIT`) is reported with the expression. With --inputs, the licences are the
     ones re-derived from the re-hashed inputs, not the statement's annotations."""
@@ -174,5 +174,5 @@ def policy_check(report: Report, st: Statement, policy: Policy, derived: dict[st
                     if d.name == "builder-source:provenance"), None)
         if src is None or not isinstance(src.annotations, dict) or src.annotations.get("dirty", True) is not False:
             problems.append("the builder's source tree was dirty or unknown")
-    report.add("policy", not problems,
+    report.add(CheckName.POLICY, not problems,
                "; ".join(problems) or f"input licences {sorted(parsed)} ({source}), output licence {out_lic!r}")

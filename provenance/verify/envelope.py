@@ -17,7 +17,7 @@ from .._internal import jsonstrict
 from .._internal.reading import read_regular_file
 from ..attest.model import PAYLOAD_TYPE
 from ..errors import InputError
-from .report import Report
+from .report import CheckName, Checks
 
 MAX_ATTESTATION_BYTES = 64 << 20
 ENVELOPE_FIELDS = {"payload", "payloadType", "signatures"}
@@ -155,19 +155,19 @@ def verified_keys(env: Envelope, keys: list) -> list:
     return [key for key in keys if any(key.verifies(raw, pae) for _, raw in env.signatures)]
 
 
-def verify_dsse(report: Report, lines: list[str], keys: list, threshold: int) -> object | None:
+def verify_dsse(report: Checks, lines: list[str], keys: list, threshold: int) -> object | None:
     """Check the one envelope and its signatures; return the parsed payload, or None after a failed check."""
     if not lines:
-        report.add("envelope", False, "the attestation file holds no envelope")
+        report.add(CheckName.ENVELOPE, False, "the attestation file holds no envelope")
         return None
     if len(lines) > 1:
-        report.add("envelope", False, f"the attestation file holds {len(lines)} lines; an attestation file holds "
+        report.add(CheckName.ENVELOPE, False, f"the attestation file holds {len(lines)} lines; an attestation file holds "
                    "exactly one DSSE envelope (docs/build-type.md), so the others would go unchecked")
         return None
     try:
         env = parse_envelope(jsonstrict.loads(lines[0]))
     except ValueError as e:
-        report.add("envelope", False, f"not a DSSE envelope: {e}")
+        report.add(CheckName.ENVELOPE, False, f"not a DSSE envelope: {e}")
         return None
     return _signed_payload(report, env, keys, threshold)
 
@@ -177,13 +177,13 @@ KEY_BUNDLE_MEDIA_TYPES = ("application/vnd.dev.sigstore.bundle.v0.3+json",
                           "application/vnd.dev.sigstore.bundle+json;version=0.3")
 
 
-def verify_key_bundle(report: Report, text: str, keys: list, threshold: int) -> object | None:
+def verify_key_bundle(report: Checks, text: str, keys: list, threshold: int) -> object | None:
     """A Sigstore bundle v0.3 signed with a bare key (OMS `sign key`): the bundle's shape exactly, then
     its DSSE envelope against every given key. The key hint is only a hint, like a DSSE keyid."""
     try:
         obj = jsonstrict.loads(text)
     except ValueError as e:
-        report.add("bundle", False, f"not strict JSON: {e}")
+        report.add(CheckName.BUNDLE, False, f"not strict JSON: {e}")
         return None
     problems = []
     if not isinstance(obj, dict) or not obj:
@@ -208,38 +208,38 @@ def verify_key_bundle(report: Report, text: str, keys: list, threshold: int) -> 
         if set(obj) - BUNDLE_FIELDS:
             problems.append(f"unknown field(s) {sorted(set(obj) - BUNDLE_FIELDS)}")
     if problems:
-        report.add("bundle", False, "not a key-signed Sigstore bundle v0.3: " + "; ".join(problems))
+        report.add(CheckName.BUNDLE, False, "not a key-signed Sigstore bundle v0.3: " + "; ".join(problems))
         return None
-    report.add("bundle", True, f"Sigstore bundle {obj['mediaType']} signed with a key (hint "
+    report.add(CheckName.BUNDLE, True, f"Sigstore bundle {obj['mediaType']} signed with a key (hint "
                f"{obj['verificationMaterial']['publicKey'].get('hint', '')[:16] or 'none'})")
     try:
         env = parse_envelope(obj["dsseEnvelope"])
     except ValueError as e:
-        report.add("envelope", False, f"not a DSSE envelope: {e}")
+        report.add(CheckName.ENVELOPE, False, f"not a DSSE envelope: {e}")
         return None
     return _signed_payload(report, env, keys, threshold)
 
 
-def _signed_payload(report: Report, env: Envelope, keys: list, threshold: int) -> object | None:
-    report.add("envelope", True, f"one DSSE envelope with {len(env.signatures)} signature(s)")
-    if not report.add("payload-type", env.payload_type == PAYLOAD_TYPE,
+def _signed_payload(report: Checks, env: Envelope, keys: list, threshold: int) -> object | None:
+    report.add(CheckName.ENVELOPE, True, f"one DSSE envelope with {len(env.signatures)} signature(s)")
+    if not report.add(CheckName.PAYLOAD_TYPE, env.payload_type == PAYLOAD_TYPE,
                       f"payloadType {env.payload_type!r}"
                       + ("" if env.payload_type == PAYLOAD_TYPE else f", expected exactly {PAYLOAD_TYPE!r}")):
         return None
     good = verified_keys(env, keys)
     names = ", ".join(f"{k.keytype} {k.keyid[:16]}" for k in good) or "none"
-    if not report.add("signature", len(good) >= threshold,
+    if not report.add(CheckName.SIGNATURE, len(good) >= threshold,
                       f"{len(good)} of {len(keys)} distinct key(s) made a valid signature (threshold {threshold}): "
                       f"{names}; {len(env.signatures)} signature(s) in the envelope"):
         return None
     try:
         return jsonstrict.loads(env.payload)
     except ValueError as e:
-        report.add("statement", False, f"the signed payload is not strict JSON: {e}")
+        report.add(CheckName.STATEMENT, False, f"the signed payload is not strict JSON: {e}")
         return None
 
 
-def sigstore_bundle_shape(report: Report, text: str) -> bool:
+def sigstore_bundle_shape(report: Checks, text: str) -> bool:
     """A certificate-signed bundle must carry its transparency-log entries and a DSSE envelope; checked
     before anything asks for an identity, so a malformed bundle fails as such (check `bundle`)."""
     obj = jsonstrict.loads(text)
@@ -252,12 +252,12 @@ def sigstore_bundle_shape(report: Report, text: str) -> bool:
     if not isinstance(obj, dict) or not isinstance(obj.get("dsseEnvelope"), dict):
         problems.append("no dsseEnvelope")
     if problems:
-        report.add("bundle", False, "not a Sigstore bundle with a DSSE envelope: " + "; ".join(problems))
+        report.add(CheckName.BUNDLE, False, "not a Sigstore bundle with a DSSE envelope: " + "; ".join(problems))
         return False
     return True
 
 
-def verify_bundle(report: Report, text: str, *, identity: str | None, issuer: str | None,
+def verify_bundle(report: Checks, text: str, *, identity: str | None, issuer: str | None,
                   trust_config_path: Path | None, trusted_root_path: Path | None, staging: bool) -> object | None:
     """Check a Sigstore bundle against an identity; return the parsed payload, or None after a failed check."""
     from sigstore.errors import VerificationError
@@ -270,9 +270,9 @@ def verify_bundle(report: Report, text: str, *, identity: str | None, issuer: st
     try:
         bundle = Bundle.from_json(text)
     except Exception as e:  # sigstore raises several types for malformed bundles
-        report.add("envelope", False, f"not a Sigstore bundle: {e}")
+        report.add(CheckName.ENVELOPE, False, f"not a Sigstore bundle: {e}")
         return None
-    report.add("envelope", True, "Sigstore bundle with a DSSE envelope")
+    report.add(CheckName.ENVELOPE, True, "Sigstore bundle with a DSSE envelope")
     if trust_config_path is not None:
         from ..attest.sign import trust_config
 
@@ -289,14 +289,14 @@ def verify_bundle(report: Report, text: str, *, identity: str | None, issuer: st
     try:
         payload_type, payload = verifier.verify_dsse(bundle, Identity(identity=identity, issuer=issuer))
     except VerificationError as e:
-        report.add("signature", False, f"Sigstore verification failed for identity {identity!r} / issuer {issuer!r}: "
+        report.add(CheckName.SIGNATURE, False, f"Sigstore verification failed for identity {identity!r} / issuer {issuer!r}: "
                                        f"{e}")
         return None
-    if not report.add("payload-type", payload_type == PAYLOAD_TYPE, f"payloadType {payload_type!r}"):
+    if not report.add(CheckName.PAYLOAD_TYPE, payload_type == PAYLOAD_TYPE, f"payloadType {payload_type!r}"):
         return None
-    report.add("signature", True, f"Sigstore certificate for {identity!r} from {issuer!r}, in the transparency log")
+    report.add(CheckName.SIGNATURE, True, f"Sigstore certificate for {identity!r} from {issuer!r}, in the transparency log")
     try:
         return jsonstrict.loads(payload)
     except ValueError as e:
-        report.add("statement", False, f"the signed payload is not strict JSON: {e}")
+        report.add(CheckName.STATEMENT, False, f"the signed payload is not strict JSON: {e}")
         return None

@@ -24,6 +24,7 @@ from .._internal.prefetch import Prefetch, _identity, hub_blobs, scan  # noqa: F
 from .._internal.safetensors import SafetensorsError, check_fd
 from ..attest.model import Statement
 from ..errors import InputError
+from .report import CheckName, Checks
 
 # What an unlisted file is, for the message (every unlisted file fails, whatever it is).
 KINDS = (
@@ -220,7 +221,7 @@ def _one_level_down(model_dir: Path, expected: set[str], present: set[str]) -> s
     return ""
 
 
-def report_exact(report, res: ModelDirResult, *, sha256: bool, judged_elsewhere: frozenset[str] = frozenset(),
+def report_exact(report: Checks, res: ModelDirResult, *, sha256: bool, judged_elsewhere: frozenset[str] = frozenset(),
                  algos: str | None = None) -> None:
     """The `verified` question: every file exact, nothing else in the directory.
 
@@ -234,16 +235,16 @@ def report_exact(report, res: ModelDirResult, *, sha256: bool, judged_elsewhere:
     same = sum(1 for f in res.files.values() if f.matches)
     other = len(res.files) - same - len(unread)
     if unread and not bad:
-        report.could_not_check("model-files", "; ".join(unread))
+        report.could_not_check(CheckName.MODEL_FILES, "; ".join(unread))
     else:
-        report.add("model-files", not (bad or unread), "; ".join(bad + unread)
+        report.add(CheckName.MODEL_FILES, not (bad or unread), "; ".join(bad + unread)
                    or f"{same} file(s) match the signed digests ({algos})"
                    + (f"; {other} weight file(s) differ and are judged below" if other else ""))
-    report.add("unlisted-files", not res.unlisted,
+    report.add(CheckName.UNLISTED_FILES, not res.unlisted,
                "; ".join(res.unlisted) or "the directory holds the signed files and nothing else"
                + (f" (passed over as a published folder's: {res.passed_over})" if res.passed_over else "")
                + (f"; {res.through_blobs} of them, a snapshot in huggingface_hub's cache, read through their "
                   "links into its blobs/, as a loader reads them" if res.through_blobs else ""))
     n_st = sum(1 for n in res.files if n.lower().endswith(".safetensors"))
-    report.add("safetensors", not res.structure,
+    report.add(CheckName.SAFETENSORS, not res.structure,
                "; ".join(res.structure) or f"{n_st} safetensors file(s) well formed: tensors tile the data exactly")

@@ -16,19 +16,19 @@ import os
 from pathlib import Path
 
 from ..attest.oms import parse_oms
-from .report import Report
+from .report import CheckName, Checks
 
 
-def oms_checks(report: Report, payload: object, model: Path | None, signature: Path, prefetch=None, published: bool = False) -> None:
+def oms_checks(report: Checks, payload: object, model: Path | None, signature: Path, prefetch=None, published: bool = False) -> None:
     man, problems = parse_oms(payload)
     if isinstance(payload, dict):
-        report.add("statement-type", payload.get("_type") == "https://in-toto.io/Statement/v1",
+        report.add(CheckName.STATEMENT_TYPE, payload.get("_type") == "https://in-toto.io/Statement/v1",
                    f"_type {payload.get('_type')!r}")
     if man is None:
-        report.add("oms-statement", False, "not an OMS v1.0 statement: " + "; ".join(problems))
+        report.add(CheckName.OMS_STATEMENT, False, "not an OMS v1.0 statement: " + "; ".join(problems))
         return
-    report.add("predicate-type", True, "predicateType 'https://model_signing/signature/v1.0' (OMS v1.0)")
-    report.add("oms-statement", True, f"model {man.model_name!r}: {len(man.resources)} file(s), {man.method} "
+    report.add(CheckName.PREDICATE_TYPE, True, "predicateType 'https://model_signing/signature/v1.0' (OMS v1.0)")
+    report.add(CheckName.OMS_STATEMENT, True, f"model {man.model_name!r}: {len(man.resources)} file(s), {man.method} "
                f"serialization with {man.hash_type}; the subject digest covers every resource")
     if model is None:
         return

@@ -1,12 +1,64 @@
-"""The verifier's report: named checks, each passed or failed with a one-line detail."""
+"""The verifier's answer: named checks, each passed or failed with a one-line detail.
+
+`CheckName` is the closed set of check names; its values are the names in `--json` output, a
+contract documented in docs/formats.md ("verify-attestation --json"). `Checks` collects checks while
+they run; `Result` is what a verification returns: immutable, its checks in the order they ran.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import copy
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, NamedTuple
+
+
+class CheckName(str, Enum):
+    """Every check the verifier and the reproduced question report, by its JSON name."""
+
+    ENVELOPE = "envelope"
+    BUNDLE = "bundle"
+    PAYLOAD_TYPE = "payload-type"
+    SIGNATURE = "signature"
+    STATEMENT = "statement"
+    STATEMENT_TYPE = "statement-type"
+    PREDICATE_TYPE = "predicate-type"
+    SLSA_FIELDS = "slsa-fields"
+    BUILD_TYPE = "build-type"
+    BUILDER_ID = "builder-id"
+    RECIPE_EMBEDDED = "recipe-embedded"
+    MODEL_FILES = "model-files"
+    UNLISTED_FILES = "unlisted-files"
+    SAFETENSORS = "safetensors"
+    RECIPE = "recipe"
+    AUDIT_ENVELOPE = "audit-envelope"
+    AUDIT_PAYLOAD_TYPE = "audit-payload-type"
+    AUDIT_SIGNATURE = "audit-signature"
+    AUDIT_STATEMENT = "audit-statement"
+    AUDIT_TYPE = "audit-type"
+    AUDIT_SUBJECTS = "audit-subjects"
+    AUDIT = "audit"
+    LICENCE_COMPATIBILITY = "licence-compatibility"
+    INPUTS = "inputs"
+    POLICY = "policy"
+    OMS_STATEMENT = "oms-statement"
+    VSA = "vsa"
+    VSA_RESULT = "vsa-result"
+    MODEL_CARD = "model-card"
+    REFERENCE_WEIGHTS = "reference-weights"
+    RECITATION = "recitation"
+    REPRODUCED = "reproduced"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def of_audit(self) -> CheckName:
+        """The name this envelope check has when it is made on the signed audit (`audit-signature`)."""
+        return CheckName(f"audit-{self.value}")
 
 
 class Check(NamedTuple):
-    check: str
+    check: CheckName
     ok: bool
     detail: str
     # False when the check could not be made (a file that cannot be read, an input absent from the
@@ -14,7 +66,7 @@ class Check(NamedTuple):
     checked: bool = True
 
     def as_dict(self) -> dict:
-        out = {"check": self.check, "ok": self.ok, "detail": self.detail}
+        out: dict[str, Any] = {"check": self.check.value, "ok": self.ok, "detail": self.detail}
         if not self.checked:
             out["checked"] = False
         return out
@@ -35,31 +87,48 @@ def printable(text: str) -> str:
                    (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") for c in text)
 
 
-class Report:
-    """Checks in the order they ran. `question` is "verified" (exact) or "reproduced" (tolerance)."""
+class Checks:
+    """The checks of one verification while they run, in order (mutable; `result()` freezes them)."""
 
-    def __init__(self) -> None:
-        self.checks: list[Check] = []
-        self.statement: dict | None = None  # the signed payload, as parsed JSON
-        self.parsed: object | None = None  # the same, as attest.model.Statement
-        self.question = "verified"
-        # whether a model dir was checked: without one, "verified" covers the attestation alone
-        self.model_checked = False
-        # the reproduced question's answer: "bitwise" | "within tolerance" | "diverged" | "not established"
-        self.verdict: str | None = None
-        self.divergence: dict | None = None
+    def __init__(self, checks: tuple[Check, ...] = ()) -> None:
+        self.checks: list[Check] = list(checks)
 
-    def __repr__(self) -> str:
-        return f"Report(question={self.question!r}, result={self.result!r}, checks={self.checks!r})"
-
-    def add(self, check: str, ok: bool, detail: str) -> bool:
-        self.checks.append(Check(check, ok, detail))
+    def add(self, check: CheckName, ok: bool, detail: str) -> bool:
+        self.checks.append(Check(CheckName(check), ok, detail))
         return ok
 
-    def could_not_check(self, check: str, detail: str) -> bool:
-        """A check that could not be made: the report fails, with exit 2 unless another check failed."""
-        self.checks.append(Check(check, False, detail, checked=False))
+    def could_not_check(self, check: CheckName, detail: str) -> bool:
+        """A check that could not be made: the result fails, with exit 2 unless another check failed."""
+        self.checks.append(Check(CheckName(check), False, detail, checked=False))
         return False
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    def result(self, **fields: Any) -> Result:
+        return Result(tuple(self.checks), **fields)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One verification's answer. `question` is "verified" (exact) or "reproduced" (repro/'s
+    question: are other weights a rebuild of the attested ones?), `verdict` its answer there."""
+
+    checks: tuple[Check, ...]
+    question: str = "verified"
+    # whether a model dir was checked: without one, "verified" covers the attestation alone
+    model_checked: bool = False
+    payload: Any = None  # the signed payload as parsed JSON; read it through `statement` (a copy)
+    parsed: Any = None  # the same, as attest.model.Statement (a NamedTuple), when it is an SLSA statement
+    # the reproduced question's answer: "bitwise" | "within tolerance" | "diverged" | "not established"
+    verdict: str | None = None
+    divergence: Any = None
+
+    @property
+    def statement(self) -> Any:
+        """The signed payload as parsed JSON: a copy of its own for each caller."""
+        return copy.deepcopy(self.payload)
 
     @property
     def ok(self) -> bool:
@@ -90,28 +159,32 @@ class Report:
             return "FAILED"
         return "verified" if self.ok else "FAILED"
 
+    def check(self, name: CheckName) -> Check | None:
+        """The first check of that name, if it ran."""
+        return next((c for c in self.checks if c.check is name), None)
+
     def as_dict(self) -> dict:
         out = {"ok": self.exit_code == 0, "exit_code": self.exit_code, "question": self.question, "result": self.result,
                "model_checked": self.model_checked, "checks": [c.as_dict() for c in self.checks]}
         if self.verdict is not None:
             out["verdict"] = self.verdict
         if self.divergence:
-            out["divergence"] = self.divergence
+            out["divergence"] = copy.deepcopy(self.divergence)
         return out
 
 
-def render(report: Report) -> str:
-    width = max((len(c.check) for c in report.checks), default=5)
-    lines = [f"{'PASS' if c.ok else 'FAIL' if c.checked else 'SKIP'}  {c.check:<{width}}  {printable(c.detail)}"
-             for c in report.checks]
-    if report.question == "reproduced":
+def render(result: Result) -> str:
+    width = max((len(c.check.value) for c in result.checks), default=5)
+    lines = [f"{'PASS' if c.ok else 'FAIL' if c.checked else 'SKIP'}  {c.check.value:<{width}}  {printable(c.detail)}"
+             for c in result.checks]
+    if result.question == "reproduced":
         asked = "question: is this a rebuild of the attested model? (--reproduced)"
-    elif report.model_checked:
+    elif result.model_checked:
         asked = "question: are these exactly the attested files?"
     else:
         asked = "question: is the attestation itself genuine? (no --model: no file was checked against it)"
     lines.append(asked)
-    scope = "" if report.model_checked or report.question == "reproduced" or not report.ok else \
+    scope = "" if result.model_checked or result.question == "reproduced" or not result.ok else \
         " (the attestation only; add --model DIR to check the files)"
-    lines.append(f"verdict: {report.result}{scope}")
+    lines.append(f"verdict: {result.result}{scope}")
     return "\n".join(lines)

@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..attest.model import RFC3339_RE, STATEMENT_TYPE, subject_name_problem
-from .report import Report
+from .report import CheckName, Checks
 
 RESULTS = ("PASSED", "FAILED")
 
 
-def vsa_checks(report: Report, st: dict, model: Path | None, prefetch=None, published: bool = False) -> None:
+def vsa_checks(report: Checks, st: dict, model: Path | None, prefetch=None, published: bool = False) -> None:
     problems = []
     if st.get("_type") != STATEMENT_TYPE:
         problems.append(f"_type {st.get('_type')!r}")
@@ -63,13 +63,13 @@ def vsa_checks(report: Report, st: dict, model: Path | None, prefetch=None, publ
         levels = []
     if not isinstance(p.get("slsaVersion", ""), str):
         problems.append("predicate.slsaVersion must be a string")
-    if not report.add("vsa", not problems, "; ".join(problems) or
+    if not report.add(CheckName.VSA, not problems, "; ".join(problems) or
                       f"verification summary by {verifier['id']} at {p['timeVerified']} over {len(names)} file(s), "
                       f"SLSA {p.get('slsaVersion', '?')}; input attestations: "
                       + (", ".join(f"{a.get('uri', '?')} sha256:{a['digest'].get('sha256', '?')[:16]}" for a in inputs)
                          or "none")):
         return
-    report.add("vsa-result", p["verificationResult"] == "PASSED",
+    report.add(CheckName.VSA_RESULT, p["verificationResult"] == "PASSED",
                f"verificationResult {p['verificationResult']}; verifiedLevels {', '.join(levels) or 'none'}")
     if model is None:
         return
