@@ -57,9 +57,11 @@ reference: $(STAMP)
 gate: $(STAMP)
 	$(BIN)/provenance gate --recipe $(RECIPE) --junit build/gate-junit.xml $(GATEARGS)
 
-# ruff with the rule set in pyproject.toml ([tool.ruff.lint], where the choice is explained).
+# ruff with the rule set in pyproject.toml ([tool.ruff.lint], where the choice is explained), then mypy
+# --strict on the verifier and what it stands on ([tool.mypy]: _internal, recipe, attest, verify).
 lint: $(STAMP)
 	$(BIN)/ruff check provenance tests bench
+	$(BIN)/mypy
 
 # The layering check first (a second or two, no imports of the package), then everything.
 test: $(STAMP)

@@ -13,7 +13,7 @@ import blake3
 
 TYPE_CHECKING = False  # importing typing costs ~5 ms of start-up; type checkers treat this name as typing's
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Sequence
     from pathlib import Path
 
 # Nothing else is imported at the top: verify-attestation starts hashing from this module before
@@ -91,7 +91,7 @@ def hash_bytes(data: bytes) -> dict[str, str]:
     return {"blake3": blake3_bytes(data), "sha256": sha256_hex(data)}
 
 
-def canonical_json(obj) -> bytes:
+def canonical_json(obj: object) -> bytes:
     """Sorted keys, no whitespace, UTF-8 (not ASCII-escaped): the bytes this project hashes for JSON values."""
     import json
 
@@ -114,7 +114,7 @@ def merkle_root(leaves: Iterable[bytes]) -> str:
     return level[0].hex()
 
 
-def tensor_record(name: str, dtype: str, shape: list[int], nbytes: int) -> bytes:
+def tensor_record(name: str, dtype: str, shape: Sequence[int], nbytes: int) -> bytes:
     """The bytes that precede one tensor's data in blake3-tensors-v1 (docs/formats.md)."""
     import struct
 
@@ -122,7 +122,7 @@ def tensor_record(name: str, dtype: str, shape: list[int], nbytes: int) -> bytes
     return struct.pack("<Q", len(meta)) + meta + struct.pack("<Q", nbytes)
 
 
-def tensors_digest(tensors: Iterable[tuple[str, str, list[int], bytes | memoryview]]) -> str:
+def tensors_digest(tensors: Iterable[tuple[str, str, Sequence[int], bytes | memoryview]]) -> str:
     """blake3-tensors-v1 over (name, safetensors dtype, shape, little-endian bytes), taken in name order."""
     h = blake3.blake3()
     for name, dtype, shape, data in sorted(tensors, key=lambda t: t[0]):

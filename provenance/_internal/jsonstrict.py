@@ -10,13 +10,17 @@ depend on the parser.
 from __future__ import annotations
 
 import json
+from typing import Any, NoReturn
+
+# A JSON object as parsed: keys are strings, values anything JSON holds (checked where they are read).
+JSONObject = dict[str, Any]
 
 MAX_SAFE_INT = (1 << 53) - 1
 MAX_DEPTH = 64
 
 
-def _pairs(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
+def _pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
     for k, v in pairs:
         if k in out:
             raise ValueError(f"duplicate key {k!r}")
@@ -34,7 +38,7 @@ def _int(text: str) -> int:
     return v
 
 
-def _constant(name: str):
+def _constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON (non-finite numbers are refused)")
 
 
@@ -45,7 +49,7 @@ def _float(text: str) -> float:
     return v
 
 
-def _depth(obj, limit: int) -> None:
+def _depth(obj: object, limit: int) -> None:
     stack = [(obj, 1)]
     while stack:
         o, d = stack.pop()
@@ -57,7 +61,7 @@ def _depth(obj, limit: int) -> None:
             stack.extend((v, d + 1) for v in o)
 
 
-def loads(data: str | bytes, *, max_depth: int = MAX_DEPTH):
+def loads(data: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     """Parse strict JSON. Raises ValueError (never RecursionError) with a one-line reason."""
     if isinstance(data, bytes):
         try:

@@ -17,6 +17,7 @@ import threading
 from .hashing import TYPE_CHECKING, hash_fd
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
     from pathlib import Path
 # pathlib (with urllib and ipaddress) and the rest load while hashing runs: paths here are strings.
 
@@ -66,10 +67,10 @@ def scan(model_dir: str | Path) -> tuple[dict[str, str], list[str]]:
         d, prefix = stack.pop()
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
-        except OSError as e:
+        except OSError as err:
             from ..errors import InputError
 
-            raise InputError(f"--model {model_dir}: cannot list {d}: {e.strerror}") from None
+            raise InputError(f"--model {model_dir}: cannot list {d}: {err.strerror}") from None
         for e in entries:
             rel = prefix + e.name
             if len(os.fsencode(e.path)) >= PATH_MAX:
@@ -130,9 +131,17 @@ class Prefetch:
         self._thread = threading.Thread(target=self._run, args=(os.fspath(model_dir),), daemon=True)
         self._thread.start()
 
-    def limit_to(self, names) -> None:
+    def limit_to(self, names: Iterable[str]) -> None:
         """Hash only these names from now on."""
         self._wanted = frozenset(names)
+
+    def _checker(self, rel: str) -> Callable[[int], None]:
+        """The progress callback of one file's hashing: it abandons the file once it is not wanted."""
+
+        def progress(_n: int) -> None:
+            self._check(rel)
+
+        return progress
 
     def _unwanted(self, rel: str) -> bool:
         wanted = self._wanted
@@ -154,7 +163,7 @@ class Prefetch:
                 before = os.fstat(fd)
                 if not stat.S_ISREG(before.st_mode):
                     continue
-                digests = hash_fd(fd, sha256=self.sha256, progress=lambda _n, rel=rel: self._check(rel))
+                digests = hash_fd(fd, sha256=self.sha256, progress=self._checker(rel))
                 if _identity(os.fstat(fd)) == _identity(before):
                     self._done[rel] = (_identity(before), digests)
             except (OSError, _Abandoned):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+Advance = Callable[..., None]  # advance(n=1, info="", total_=None)
 
 
 class Reporter:
@@ -27,7 +30,7 @@ class Reporter:
             print(msg, file=sys.stderr, flush=True)
 
     @contextmanager
-    def task(self, description: str, total: float | None = None):
+    def task(self, description: str, total: float | None = None) -> Iterator[Advance]:
         """Yield advance(n=1, info="", total=None). Plain mode logs at most every 10 s."""
         if self._progress is None:
             state = {"done": 0.0, "last": time.monotonic()}
@@ -45,15 +48,16 @@ class Reporter:
 
             yield advance
             return
-        with self._progress:
-            tid = self._progress.add_task(description, total=total, info="")
+        progress = self._progress
+        with progress:
+            tid = progress.add_task(description, total=total, info="")
 
             def advance(n: float = 1, info: str = "", total_: float | None = None) -> None:
                 if total_ is not None:
-                    self._progress.update(tid, total=total_)
-                self._progress.update(tid, advance=n, info=info)
+                    progress.update(tid, total=total_)
+                progress.update(tid, advance=n, info=info)
 
             try:
                 yield advance
             finally:
-                self._progress.remove_task(tid)
+                progress.remove_task(tid)

@@ -17,7 +17,7 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from . import jsonstrict
 
@@ -168,7 +168,7 @@ def open_checked(path: Path) -> Iterator[Checked]:
                 pass
 
 
-def read_tensors(path: Path) -> dict:
+def read_tensors(path: Path) -> dict[str, Any]:
     """Every tensor of a validated safetensors file as a read-only numpy array (memory-mapped).
 
     Raises SafetensorsError for a malformed file or a dtype numpy cannot represent."""
@@ -176,7 +176,7 @@ def read_tensors(path: Path) -> dict:
 
     with open(path, "rb") as f:
         header = check_fd(f.fileno())
-    out = {}
+    out: dict[str, Any] = {}
     if not header.tensors:
         return out
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=header.data_start)

@@ -4,12 +4,10 @@ in which the others drew."""
 
 from __future__ import annotations
 
-import struct
-
 import blake3
 
 
 def derive_seed(seed: int, *labels: object) -> int:
     """A 63-bit seed for one purpose (model init, data order of stage N, ...), stable across runs."""
     digest = blake3.blake3(":".join(map(str, (seed, *labels))).encode()).digest()
-    return struct.unpack("<Q", digest[:8])[0] >> 1
+    return int.from_bytes(digest[:8], "little") >> 1

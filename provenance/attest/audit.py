@@ -7,11 +7,16 @@ resource descriptors: the recipe, the dataset manifest, the weights), and the me
 
 from __future__ import annotations
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .._internal.jsonstrict import JSONObject
+
 AUDIT_PREDICATE_TYPE = "https://provenance.invalid/predicates/memorization-audit/v1"
 AUDIT_FILE = "audit.intoto.jsonl"
 
 
-def audit_statement(provenance_statement: dict, audit: dict, *, manifest_digest: dict, audit_json_digest: dict) -> dict:
+def audit_statement(provenance_statement: JSONObject, audit: JSONObject, *, manifest_digest: dict[str, str],
+                    audit_json_digest: dict[str, str]) -> JSONObject:
     """The audit Statement: subjects copied from the provenance statement, so both bind the same files."""
     bd = provenance_statement["predicate"]["buildDefinition"]
     recipe = bd["externalParameters"]["recipe"]

@@ -16,7 +16,10 @@ from __future__ import annotations
 import posixpath
 import re
 import unicodedata
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeGuard
+
+if TYPE_CHECKING:
+    from .._internal.jsonstrict import JSONObject
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -56,7 +59,7 @@ def subject_name_problem(name: object) -> str | None:
     return None
 
 
-class _Problems(list):
+class _Problems(list[str]):
     def add(self, loc: str, msg: str) -> None:
         self.append(f"{loc}: {msg}")
 
@@ -65,19 +68,19 @@ def _is_size(v: object) -> bool:
     return type(v) is int and 0 <= v <= (1 << 53) - 1
 
 
-def _is_obj(v: object, loc: str, p: _Problems) -> bool:
+def _is_obj(v: object, loc: str, p: _Problems) -> TypeGuard[JSONObject]:
     if not isinstance(v, dict):
         p.add(loc, "must be an object" if v is not None else "required field is missing")
         return False
     return True
 
 
-def _closed(d: dict, allowed: set[str], loc: str, p: _Problems) -> None:
+def _closed(d: JSONObject, allowed: set[str], loc: str, p: _Problems) -> None:
     for k in sorted(set(d) - allowed):
         p.add(f"{loc}.{k}", "unknown field (refused: docs/build-type.md lists every field)")
 
 
-def _str(d: dict, key: str, loc: str, p: _Problems, *, required: bool = True) -> str | None:
+def _str(d: JSONObject, key: str, loc: str, p: _Problems, *, required: bool = True) -> str | None:
     v = d.get(key)
     if v is None:
         if required:
@@ -105,7 +108,7 @@ class ResourceDescriptor(NamedTuple):
     uri: str | None = None
     digest: dict[str, str] | None = None
     content: str | None = None
-    annotations: dict | None = None
+    annotations: JSONObject | None = None
 
     @classmethod
     def parse(cls, v: object, loc: str, p: _Problems) -> ResourceDescriptor | None:
@@ -119,7 +122,7 @@ class ResourceDescriptor(NamedTuple):
             p.add(f"{loc}.annotations", "must be an object")
         if uri is None and digest is None and content is None:
             p.add(loc, "a ResourceDescriptor needs one of uri, digest, content")
-        return cls(name, uri, digest, content, ann) if len(p) == n else None
+        return cls(name, uri, digest, content, ann if isinstance(ann, dict) else None) if len(p) == n else None
 
 
 class Subject(NamedTuple):
@@ -164,13 +167,15 @@ class RecipeParameter(NamedTuple):
             for a in CHECKABLE:
                 if a in digest and not HEX64.fullmatch(digest[a]):
                     p.add(f"{loc}.digest.{a}", "must be 64 hex digits")
-        return cls(path, digest, content) if len(p) == n else None
+        if len(p) != n or path is None or digest is None or content is None:
+            return None
+        return cls(path, digest, content)
 
 
 class BuildDefinition(NamedTuple):
     buildType: str
     recipe: RecipeParameter  # externalParameters.recipe: SLSA asks verifiers to reject unknown external parameters
-    internalParameters: dict
+    internalParameters: JSONObject
     resolvedDependencies: tuple[ResourceDescriptor, ...]
 
 
@@ -178,11 +183,11 @@ class Outputs(NamedTuple):
     """runDetails.provenance_outputs: this project's vendor extension (SLSA's `<vendor>_<field>`)."""
 
     files: dict[str, str]  # subject name -> blake3
-    tensors: dict  # tensor name -> digests (docs/build-type.md)
+    tensors: JSONObject  # tensor name -> digests (docs/build-type.md)
     output_license: str | None = None
-    fingerprint: dict | None = None
-    recitation: dict | None = None
-    sizes: dict | None = None  # subject name -> byte size, where the statement signs one
+    fingerprint: JSONObject | None = None
+    recitation: JSONObject | None = None
+    sizes: dict[str, int] | None = None  # subject name -> byte size, where the statement signs one
 
 
 class RunDetails(NamedTuple):
@@ -224,7 +229,10 @@ def _build_definition(v: object, loc: str, p: _Problems) -> BuildDefinition | No
         p.add(f"{loc}.resolvedDependencies", "must be an array")
     else:
         parsed = [ResourceDescriptor.parse(d, f"{loc}.resolvedDependencies[{i}]", p) for i, d in enumerate(deps)]
-    return BuildDefinition(bt, recipe, internal, tuple(parsed)) if len(p) == n else None
+    deps_ok = [d for d in parsed if d is not None]
+    if len(p) != n or bt is None or recipe is None or not isinstance(internal, dict) or len(deps_ok) != len(parsed):
+        return None
+    return BuildDefinition(bt, recipe, internal, tuple(deps_ok))
 
 
 def _run_details(v: object, loc: str, p: _Problems) -> RunDetails | None:
@@ -267,7 +275,9 @@ def _run_details(v: object, loc: str, p: _Problems) -> RunDetails | None:
         tensors, fp, rec = out.get("tensors", {}), out.get("fingerprint"), out.get("recitation")
         outputs = Outputs(names, tensors if isinstance(tensors, dict) else {}, lic,
                           fp if isinstance(fp, dict) else None, rec if isinstance(rec, dict) else None, sizes or None)
-    return RunDetails(bid, outputs) if len(p) == n else None
+    if len(p) != n or bid is None or outputs is None:
+        return None
+    return RunDetails(bid, outputs)
 
 
 def parse_statement(obj: object) -> tuple[Statement | None, list[str]]:
@@ -280,6 +290,7 @@ def parse_statement(obj: object) -> tuple[Statement | None, list[str]]:
     pt = _str(obj, "predicateType", "(statement)", p)
     subjects = obj.get("subject")
     parsed: list[Subject | None] = []
+    names: list[str] = []
     if not isinstance(subjects, list) or not subjects:
         p.add("subject", "must be a non-empty array")
     else:
@@ -293,11 +304,12 @@ def parse_statement(obj: object) -> tuple[Statement | None, list[str]]:
     if _is_obj(pred, "predicate", p):
         bd = _build_definition(pred.get("buildDefinition"), "predicate.buildDefinition", p)
         rd = _run_details(pred.get("runDetails"), "predicate.runDetails", p)
-    if rd is not None and parsed and all(parsed):
-        names = {s.name for s in parsed}
-        if set(rd.provenance_outputs.files) != names:
+    subjects_ok = [s for s in parsed if s is not None]
+    if rd is not None and parsed and len(subjects_ok) == len(parsed):
+        listed = set(names)
+        if set(rd.provenance_outputs.files) != listed:
             p.add("predicate.runDetails.provenance_outputs.files",
-                  f"subjects and files list different names: {sorted(set(rd.provenance_outputs.files) ^ names)}")
-    if p:
-        return None, list(p)
-    return Statement(tuple(parsed), pt, bd, rd), []
+                  f"subjects and files list different names: {sorted(set(rd.provenance_outputs.files) ^ listed)}")
+    if p or pt is None or bd is None or rd is None:
+        return None, list(p) or ["(statement): incomplete"]
+    return Statement(tuple(subjects_ok), pt, bd, rd), []

@@ -15,10 +15,15 @@ checks what it signs with it, and the verifier.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .._internal.hashing import sha256_hex
 from .model import HEX64, STATEMENT_TYPE, subject_name_problem
+
+if TYPE_CHECKING:
+    from securesystemslib.signer import Signer  # type: ignore[attr-defined]  # documented; no __all__
+
+    from .._internal.jsonstrict import JSONObject
 
 OMS_PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 BUNDLE_MEDIA_TYPES = ("application/vnd.dev.sigstore.bundle.v0.3+json",
@@ -46,7 +51,7 @@ def root_digest(resources: dict[str, str]) -> str:
     return sha256_hex(*(bytes.fromhex(resources[name]) for name in sorted(resources)))
 
 
-def oms_statement(model_name: str, files: dict[str, dict], *, signature_name: str = OMS_FILE) -> dict:
+def oms_statement(model_name: str, files: dict[str, dict[str, str]], *, signature_name: str = OMS_FILE) -> JSONObject:
     """The OMS Statement over a model directory's files (`files`: name -> {"sha256": ...})."""
     resources = {name: d["sha256"] for name, d in files.items()}
     return {
@@ -66,25 +71,24 @@ def key_hint(public_pem: bytes) -> str:
     return sha256_hex(public_pem)
 
 
-def is_oms_key(signer) -> bool:
-    """Whether a securesystemslib signer holds a key OMS accepts (ECDSA on a NIST curve)."""
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = getattr(signer, "_private_key", None)
-    return isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in ("secp256r1", "secp384r1", "secp521r1")
+# The securesystemslib key schemes of the keys OMS accepts (ECDSA on a NIST curve).
+OMS_SCHEMES = ("ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521")
 
 
-def key_bundle(statement_bytes: bytes, signer) -> dict:
+def is_oms_key(signer: Signer) -> bool:
+    """Whether a securesystemslib signer holds a key OMS accepts, read from its public key."""
+    return signer.public_key.keytype == "ecdsa" and signer.public_key.scheme in OMS_SCHEMES
+
+
+def key_bundle(statement_bytes: bytes, signer: Signer) -> JSONObject:
     """A Sigstore bundle v0.3 holding one DSSE signature by `signer` (an ECDSA key), as model_signing
     writes it for `sign key`: the public key named by its hint, no transparency-log entries."""
-    from cryptography.hazmat.primitives import serialization
-
     from .model import PAYLOAD_TYPE
     from .sign import sign_envelope
 
     env = sign_envelope(statement_bytes, PAYLOAD_TYPE, [signer])
-    pem = signer._private_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    # securesystemslib's public key value of an ECDSA key is its SubjectPublicKeyInfo PEM
+    pem = str(signer.public_key.keyval["public"]).encode()
     return {
         "mediaType": BUNDLE_MEDIA_TYPES[0],
         "verificationMaterial": {"publicKey": {"hint": key_hint(pem)}, "tlogEntries": []},
@@ -155,9 +159,9 @@ def parse_oms(st: object) -> tuple[OmsManifest | None, list[str]]:
         names.append(r["name"])
     if names != sorted(names):
         problems.append("predicate.resources must be sorted by name")
-    if not problems and root_digest(resources) != digest["sha256"]:
-        problems.append(f"subject[0].digest.sha256 {digest['sha256']} is not the sha256 over the resources' "
-                        f"digests ({root_digest(resources)})")
-    if problems:
+    if problems or not isinstance(name, str) or not isinstance(digest, dict):  # (the checks above narrow both)
         return None, problems
-    return OmsManifest(name, hash_type, method, ser["allow_symlinks"], tuple(ignore), resources), []
+    if root_digest(resources) != digest["sha256"]:
+        return None, [f"subject[0].digest.sha256 {digest['sha256']} is not the sha256 over the resources' "
+                      f"digests ({root_digest(resources)})"]
+    return OmsManifest(name, "sha256", "files", ser["allow_symlinks"], tuple(ignore), resources), []

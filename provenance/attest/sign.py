@@ -18,6 +18,16 @@ from pathlib import Path
 
 from ..errors import InputError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from securesystemslib.signer import CryptoSigner, Signer  # type: ignore[attr-defined]  # documented; no __all__
+    from sigstore.models import ClientTrustConfig
+    from sigstore.oidc import IdentityToken
+
+    from .._internal.jsonstrict import JSONObject
+
 KEY_TYPES = ("ed25519", "ecdsa")
 DEFAULT_KEY_ENV = "PROVENANCE_KEY"
 
@@ -38,7 +48,7 @@ def _repo_root() -> Path | None:
 def keygen(directory: Path, *, name: str = "provenance", key_type: str = "ecdsa") -> tuple[Path, Path]:
     """Write NAME.key (0600) and NAME.pub into `directory`. Refuses to overwrite or to write into the repo."""
     from cryptography.hazmat.primitives import serialization
-    from securesystemslib.signer import CryptoSigner
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
     directory = Path(directory).expanduser().resolve()
     repo = _repo_root()
@@ -54,9 +64,11 @@ def keygen(directory: Path, *, name: str = "provenance", key_type: str = "ecdsa"
     for p in (priv_path, pub_path):
         if p.exists():
             raise InputError(f"{p}: already exists; refusing to overwrite a key")
-    signer = CryptoSigner.generate_ed25519() if key_type == "ed25519" else CryptoSigner.generate_ecdsa()
-    pub_pem = signer._private_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    key = ed25519.Ed25519PrivateKey.generate() if key_type == "ed25519" else ec.generate_private_key(ec.SECP256R1())
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    pub_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
     from .._internal.atomic import atomic_write_bytes
 
     # Public key first, private key last and all at once (written under a temporary name, then
@@ -69,7 +81,7 @@ def keygen(directory: Path, *, name: str = "provenance", key_type: str = "ecdsa"
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.key.")
             try:
                 with os.fdopen(fd, "wb") as f:  # mkstemp creates the file with mode 0600
-                    f.write(signer.private_bytes)
+                    f.write(private_pem)
                     f.flush()
                     os.fsync(f.fileno())
                 os.link(tmp, priv_path)
@@ -83,10 +95,10 @@ def keygen(directory: Path, *, name: str = "provenance", key_type: str = "ecdsa"
     return priv_path, pub_path
 
 
-def load_signer(path: Path):
+def load_signer(path: Path) -> CryptoSigner:
     """A securesystemslib CryptoSigner for a PKCS#8 PEM private key. Raises InputError."""
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
-    from securesystemslib.signer import CryptoSigner
+    from securesystemslib.signer import CryptoSigner  # type: ignore[attr-defined]  # documented; no __all__
 
     from .._internal.reading import read_regular_file
 
@@ -105,7 +117,7 @@ def key_is_private_enough(path: Path) -> bool:
     return not (Path(path).stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO))
 
 
-def sign_envelope(payload: bytes, payload_type: str, signers) -> dict:
+def sign_envelope(payload: bytes, payload_type: str, signers: Iterable[Signer]) -> JSONObject:
     """A DSSE envelope over `payload`, signed by each signer, as a JSON-ready dict."""
     from securesystemslib.dsse import Envelope
 
@@ -115,13 +127,13 @@ def sign_envelope(payload: bytes, payload_type: str, signers) -> dict:
     return env.to_dict()
 
 
-def envelope_line(envelope: dict) -> bytes:
+def envelope_line(envelope: JSONObject) -> bytes:
     return json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode() + b"\n"
 
 
 # ---- Sigstore keyless ---------------------------------------------------------------------------
 
-def trust_config(path: Path | None, *, staging: bool = False):
+def trust_config(path: Path | None, *, staging: bool = False) -> ClientTrustConfig:
     from sigstore.models import ClientTrustConfig
 
     if path is None:
@@ -134,7 +146,7 @@ def trust_config(path: Path | None, *, staging: bool = False):
         raise InputError(f"{path}: not a Sigstore client trust config ({e})") from None
 
 
-def identity_token(explicit: str | None):
+def identity_token(explicit: str | None) -> IdentityToken:
     """The OIDC token: --identity-token, $SIGSTORE_ID_TOKEN, or an ambient CI credential."""
     from sigstore.oidc import IdentityToken, detect_credential
 
@@ -153,12 +165,13 @@ def identity_token(explicit: str | None):
         raise InputError(f"the OIDC identity token is not usable: {e}") from None
 
 
-def sign_sigstore(statement_bytes: bytes, token, config) -> str:
-    """Sign the exact statement bytes with Sigstore keyless; returns the bundle's JSON."""
+def sign_sigstore(statement_bytes: bytes, token: IdentityToken, config: ClientTrustConfig | None) -> str:
+    """Sign the exact statement bytes with Sigstore keyless (`config` None: the public-good
+    instance's); returns the bundle's JSON."""
     from sigstore.dsse import Statement
     from sigstore.sign import SigningContext
 
-    ctx = SigningContext.from_trust_config(config)
+    ctx = SigningContext.from_trust_config(config if config is not None else trust_config(None))
     # cache=True: sigstore-python 4.5 otherwise certifies one ephemeral key and signs with another.
     with ctx.signer(token, cache=True) as signer:
         bundle = signer.sign_dsse(Statement(statement_bytes))

@@ -13,17 +13,27 @@ from .._internal.atomic import atomic_write_bytes
 from .._internal.hashing import hash_bytes
 from ..recipe import LoadedRecipe
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from securesystemslib.signer import Signer  # type: ignore[attr-defined]  # documented; no __all__
+    from sigstore.models import ClientTrustConfig
+    from sigstore.oidc import IdentityToken
+
+    from .._internal.jsonstrict import JSONObject
+    from .._internal.progress import Reporter
+
 
 @dataclass
 class Signing:
     """How the attestation is signed: local securesystemslib signers, and optionally Sigstore."""
 
-    signers: list
-    sigstore_token: object | None = None
-    sigstore_config: object | None = None
+    signers: list[Signer]
+    sigstore_token: IdentityToken | None = None
+    sigstore_config: ClientTrustConfig | None = None
 
 
-def write_oms(staging: Path, files: dict, signing, reporter) -> dict | None:
+def write_oms(staging: Path, files: dict[str, dict[str, str]], signing: Signing | None,
+              reporter: Reporter) -> JSONObject | None:
     """Write OUT/model.sig, an OMS v1.0 signature of the model directory (attest/oms.py): through
     Sigstore for a keyless (--sigstore) build, else with the build's first ECDSA key. None when the build is unsigned;
     a record saying why when no key can make one (ed25519: OMS accepts ECDSA keys only)."""
@@ -51,11 +61,13 @@ def write_oms(staging: Path, files: dict, signing, reporter) -> dict | None:
     return {"file": OMS_FILE, "format": "OMS v1.0 Sigstore bundle", **hash_bytes(data)}
 
 
-def attest_and_sign(staging: Path, recipe: LoadedRecipe, record: dict, manifest_doc: dict, byproducts: dict,
-                    signing: Signing, fingerprint: dict | None = None) -> dict:
+def attest_and_sign(staging: Path, recipe: LoadedRecipe, record: JSONObject, manifest_doc: JSONObject,
+                    byproducts: dict[str, dict[str, str]], signing: Signing,
+                    fingerprint: JSONObject | None = None) -> JSONObject:
     """Write attestation.intoto.jsonl (and attestation.sigstore.json) into `staging`."""
+    from ..attest.model import PAYLOAD_TYPE
     from ..attest.sign import envelope_line, sign_envelope, sign_sigstore
-    from ..attest.statement import PAYLOAD_TYPE, canonical, statement
+    from ..attest.statement import canonical, statement
 
     sizes = {name: (staging / "model" / name).stat().st_size for name in record["weights"]["files"]}
     st = statement(recipe=recipe, record=record, manifest=manifest_doc, model_files=record["weights"]["files"],
@@ -70,12 +82,13 @@ def attest_and_sign(staging: Path, recipe: LoadedRecipe, record: dict, manifest_
     return st
 
 
-def sign_audit(staging: Path, provenance_st: dict, audit_doc: dict, manifest_digest: dict, audit_digest: dict,
-               signing: Signing) -> None:
+def sign_audit(staging: Path, provenance_st: JSONObject, audit_doc: JSONObject, manifest_digest: dict[str, str],
+               audit_digest: dict[str, str], signing: Signing) -> None:
     """Write audit.intoto.jsonl: the audit as its own Statement, signed with the build's keys."""
     from ..attest.audit import AUDIT_FILE, audit_statement
+    from ..attest.model import PAYLOAD_TYPE
     from ..attest.sign import envelope_line, sign_envelope
-    from ..attest.statement import PAYLOAD_TYPE, canonical
+    from ..attest.statement import canonical
 
     st = audit_statement(provenance_st, audit_doc, manifest_digest=manifest_digest, audit_json_digest=audit_digest)
     atomic_write_bytes(staging / AUDIT_FILE, envelope_line(sign_envelope(canonical(st), PAYLOAD_TYPE, signing.signers)))

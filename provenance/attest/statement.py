@@ -14,9 +14,14 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
+from .._internal.jsonstrict import JSONObject
 from .model import BUILD_TYPE, LOCAL_BUILDER_ID, PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE  # noqa: F401
+
+if TYPE_CHECKING:
+    from ..recipe import Input, LoadedRecipe
 
 TOOLCHAIN_DISTRIBUTIONS = ("torch", "transformers", "tokenizers", "safetensors")
 
@@ -28,14 +33,14 @@ def builder_id() -> str:
     return os.environ.get("PROVENANCE_BUILDER_ID") or LOCAL_BUILDER_ID
 
 
-def canonical(obj) -> bytes:
+def canonical(obj: object) -> bytes:
     """RFC 8785 canonical JSON. Raises rfc8785.IntegerDomainError for integers beyond 2^53-1."""
     import rfc8785
 
-    return rfc8785.dumps(obj)
+    return bytes(rfc8785.dumps(obj))  # type: ignore[arg-type]  # any JSON value; rfc8785 refuses the rest
 
 
-def _record_digest(dist: str) -> dict | None:
+def _record_digest(dist: str) -> JSONObject | None:
     from importlib import metadata
 
     try:
@@ -51,24 +56,25 @@ def _record_digest(dist: str) -> dict | None:
             "digest": hash_bytes(record.encode()), "annotations": {"digest_of": "RECORD"}}
 
 
-def toolchain_dependencies() -> list[dict]:
+def toolchain_dependencies() -> list[JSONObject]:
     from .._internal.hashing import hash_file
 
     exe = Path(sys.executable).resolve()
-    deps = [{"name": "toolchain:python", "uri": f"pkg:generic/cpython@{platform.python_version()}",
+    deps: list[JSONObject] = [{"name": "toolchain:python", "uri": f"pkg:generic/cpython@{platform.python_version()}",
              "digest": hash_file(exe), "annotations": {"digest_of": "interpreter binary",
                                                        "implementation": platform.python_implementation()}}]
     deps += [d for d in (_record_digest(n) for n in TOOLCHAIN_DISTRIBUTIONS) if d]
     return deps
 
 
-def source_revision() -> dict:
+def source_revision() -> JSONObject:
     """This project's own source: the git commit it runs from, and whether the tree is dirty."""
     root = Path(__file__).resolve().parents[2]
-    entry = {"name": "builder-source:provenance", "uri": f"pkg:pypi/provenance@{__version__}",
-             "annotations": {"version": __version__}}
+    annotations: JSONObject = {"version": __version__}
+    entry: JSONObject = {"name": "builder-source:provenance", "uri": f"pkg:pypi/provenance@{__version__}",
+                         "annotations": annotations}
     if not (root / ".git").exists():
-        entry["annotations"]["git"] = "not a git checkout"
+        annotations["git"] = "not a git checkout"
         entry["digest"] = {"sha256": hashlib.sha256(__version__.encode()).hexdigest()}
         return entry
     try:
@@ -77,29 +83,29 @@ def source_revision() -> dict:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip() != ""
     except (OSError, subprocess.CalledProcessError):
-        entry["annotations"]["git"] = "git unavailable"
+        annotations["git"] = "git unavailable"
         entry["digest"] = {"sha256": hashlib.sha256(__version__.encode()).hexdigest()}
         return entry
     entry["digest"] = {"gitCommit": commit}
-    entry["annotations"]["dirty"] = dirty
+    annotations["dirty"] = dirty
     return entry
 
 
-def input_uri(inp) -> str:
+def input_uri(inp: Input) -> str:
     if inp.kind == "pypi":
         return f"pkg:pypi/{inp.package}@{inp.version}"
-    if inp.kind == "url":
+    if inp.kind == "url" and inp.url is not None:
         return inp.url
     return f"file:{inp.path}"
 
 
-def statement(*, recipe, record: dict, manifest: dict, model_files: dict[str, dict[str, str]],
+def statement(*, recipe: LoadedRecipe, record: JSONObject, manifest: JSONObject, model_files: dict[str, dict[str, str]],
               byproducts: dict[str, dict[str, str]], invocation_id: str,
-              fingerprint: dict | None = None, model_sizes: dict[str, int] | None = None) -> dict:
+              fingerprint: JSONObject | None = None, model_sizes: dict[str, int] | None = None) -> JSONObject:
     """Assemble the Statement for a finished build (its build.json content is `record`)."""
     r = recipe.recipe
     specs = {i.name: i for i in r.inputs}
-    per_input: dict[str, dict] = {}
+    per_input: dict[str, dict[str, Any]] = {}
     for f in manifest["files"]:
         s = per_input.setdefault(f["input"], {"files": 0, "bytes": 0, "licenses": set()})
         s["files"] += 1

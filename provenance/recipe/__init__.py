@@ -1,6 +1,6 @@
 """The recipe: the TOML source of a build (models, loader); see recipe/model.py and docs/recipe.md."""
 
-from .model import (  # noqa: F401
+from .model import (
     ARCHIVE_SUFFIXES,
     Audit,
     Checkpoint,
@@ -23,3 +23,27 @@ from .model import (  # noqa: F401
     load_recipe,
     parse_recipe,
 )
+
+__all__ = [
+    "ARCHIVE_SUFFIXES",
+    "Audit",
+    "Checkpoint",
+    "Dataset",
+    "Determinism",
+    "Evaluate",
+    "Input",
+    "Layout",
+    "Limits",
+    "LoadedRecipe",
+    "Meta",
+    "Model",
+    "Output",
+    "Recipe",
+    "Reproducibility",
+    "Stage",
+    "Tokenizer",
+    "Toolchain",
+    "format_errors",
+    "load_recipe",
+    "parse_recipe",
+]

@@ -99,9 +99,9 @@ class Input(Strict):
         """The file name the artifact is stored under; its suffix decides extraction."""
         if self.filename:
             return self.filename
-        if self.kind == "url":
+        if self.kind == "url" and self.url is not None:
             return self.url.rstrip("/").rsplit("/", 1)[-1] or self.name
-        if self.kind == "path":
+        if self.kind == "path" and self.path is not None:
             return Path(self.path).name
         return f"{self.package}-{self.version}.tar.gz"
 
@@ -310,7 +310,7 @@ class Reproducibility(Strict):
     projections: Annotated[int, Field(ge=1, le=64)] = 16
     seed: NonNegInt = 0
 
-    def tolerances(self) -> dict:
+    def tolerances(self) -> dict[str, float]:
         return {"max_rel_l2": self.max_rel_l2, "min_cosine": self.min_cosine,
                 "max_eval_loss_diff": self.max_eval_loss_diff, "min_greedy_agreement": self.min_greedy_agreement,
                 "max_recitation_rate_diff": self.max_recitation_rate_diff}
@@ -483,7 +483,7 @@ class LoadedRecipe:
         return self.recipe.recipe.name
 
 
-def _loc(loc: tuple) -> str:
+def _loc(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))

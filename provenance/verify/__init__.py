@@ -13,14 +13,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard
 
 from ..errors import InputError
 from .policy import PolicyFile
 from .report import Check, CheckName, Checks, Result, render  # noqa: F401
 
+if TYPE_CHECKING:
+    from .keys import PublicKey
 
-def load_keys(paths: Sequence[Path], threshold: int) -> list:
+
+def load_keys(paths: Sequence[Path], threshold: int) -> list[PublicKey]:
     """Distinct public keys; the threshold must be reachable. Raises InputError (exit 2)."""
     from .envelope import distinct_keys
     from .keys import load_public_key
@@ -51,7 +54,7 @@ class Verifier:
     Configuring reads and checks every key and the policy file, so a bad option fails (exit 2)
     before any file is hashed."""
 
-    keys: tuple = ()
+    keys: tuple[PublicKey, ...] = ()
     threshold: int = 1
     policy: PolicyFile = field(default_factory=PolicyFile)
     policy_given: bool = False  # a policy file was named: its rules are checked, not only its allowed builders
@@ -138,7 +141,7 @@ class Verifier:
         return checks.result(model_checked=mdir is not None, payload=payload, parsed=st)
 
 
-def _files_only(payload: object) -> bool:
+def _files_only(payload: object) -> TypeGuard[dict[str, Any]]:
     from ..attest.model import VSA_TYPE
     from ..attest.oms import OMS_PREDICATE_TYPE
 
@@ -159,7 +162,7 @@ def _build_options(*, recipe: Path | None, inputs: bool, audit: Path | None, pol
                                           ("--audit", audit is not None), ("--policy", policy)) if given)
 
 
-def _files_only_checks(checks: Checks, payload: dict, mdir: Path | None, attestation: Path, asked: tuple[str, ...],
+def _files_only_checks(checks: Checks, payload: dict[str, Any], mdir: Path | None, attestation: Path, asked: tuple[str, ...],
                        prefetch: Any, published: bool) -> Result:
     """A VSA or an OMS signature: the files it names (the options that judge a build refused)."""
     from ..attest.model import VSA_TYPE

@@ -9,9 +9,15 @@ from pathlib import Path
 from ..attest.audit import AUDIT_FILE, AUDIT_PREDICATE_TYPE
 from .report import CheckName, Checks
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .._internal.jsonstrict import JSONObject
+    from .keys import PublicKey
+    from .policy import AuditPolicy
 
-def audit_checks(report: Checks, attestation: Path, explicit: Path | None, keys: list, threshold: int,
-                 provenance: dict, policy, licence_policy: str = "ignore") -> None:
+
+def audit_checks(report: Checks, attestation: Path, explicit: Path | None, keys: list[PublicKey], threshold: int,
+                 provenance: JSONObject, policy: AuditPolicy, licence_policy: str = "ignore") -> None:
     from .envelope import read_attestation, verify_dsse
 
     path = explicit or Path(attestation).parent / AUDIT_FILE
@@ -70,7 +76,8 @@ def _licence_check(report: Checks, c: object, rate: float | None, mode: str) -> 
         report.add(CheckName.LICENCE_COMPATIBILITY, mode != "fail", "the signed audit holds no licence verdict (the build ran "
                    "with --licence-compatibility ignore)")
         return
-    rows = c.get("inbound") if isinstance(c.get("inbound"), list) else []
+    inbound = c.get("inbound")
+    rows = inbound if isinstance(inbound, list) else []
     bad = [f"{r.get('inbound')} ({r.get('files')} files)" for r in rows
            if isinstance(r, dict) and r.get("compatible") is not True]
     recites = "" if rate is None else f"; the model completes up to {100 * rate:.1f}% of sampled training windows verbatim"

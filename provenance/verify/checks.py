@@ -10,6 +10,10 @@ from ..errors import ProvenanceError
 from .policy import Policy
 from .report import CheckName, Checks
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from license_expression import Licensing
+
 MAX_RECIPE_BYTES = 16 << 20
 
 
@@ -28,10 +32,11 @@ def statement_checks(report: Checks, obj: object, policy: Policy) -> Statement |
     if not ok:
         return None
     st, problems = parse_statement(obj)
-    if not report.add(CheckName.SLSA_FIELDS, st is not None,
-                      "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-                      if problems else "in-toto Statement v1 and SLSA Provenance v1 field rules hold"):
+    if st is None:
+        report.add(CheckName.SLSA_FIELDS, False,
+                   "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))
         return None
+    report.add(CheckName.SLSA_FIELDS, True, "in-toto Statement v1 and SLSA Provenance v1 field rules hold")
     bt = st.buildDefinition.buildType
     ok = report.add(CheckName.BUILD_TYPE, bt in policy.allowed_build_types,
                     bt + ("" if bt in policy.allowed_build_types else f" is not an allowed build type "
@@ -83,7 +88,7 @@ def inputs_check(report: Checks, st: Statement, store_root: Path | None) -> dict
     root_ann = (manifest_dep.annotations or {}).get("merkle_root") if manifest_dep else None
     want_root = root_ann.get("digest") if isinstance(root_ann, dict) else None
     attested = {d.name.removeprefix("input:"): d.digest or {} for d in bd.resolvedDependencies
-                if (d.name or "").startswith("input:")}
+                if d.name is not None and d.name.startswith("input:")}
     store = Store(store_root)
     try:
         recipe = parse_recipe(path, rec.content)
@@ -120,13 +125,13 @@ def inputs_check(report: Checks, st: Statement, store_root: Path | None) -> dict
     return m["licenses"] if root == want_root else None
 
 
-def _licensing():
+def _licensing() -> Licensing:
     from license_expression import get_spdx_licensing
 
     return get_spdx_licensing()
 
 
-def _keys(licensing, expr: str) -> set[str] | None:
+def _keys(licensing: Licensing, expr: str) -> set[str] | None:
     """The licence identifiers in an SPDX expression (lower case), or None if it does not parse."""
     try:
         return {k.lower() for k in licensing.license_keys(licensing.parse(expr))}

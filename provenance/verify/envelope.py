@@ -19,6 +19,11 @@ from ..attest.model import PAYLOAD_TYPE
 from ..errors import InputError
 from .report import CheckName, Checks
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .._internal.jsonstrict import JSONObject
+    from .keys import PublicKey
+
 MAX_ATTESTATION_BYTES = 64 << 20
 ENVELOPE_FIELDS = {"payload", "payloadType", "signatures"}
 SIGNATURE_FIELDS = {"keyid", "sig"}
@@ -67,9 +72,10 @@ OUR_FILES = {"provenance-build-v1": "the build record (build.json), which the at
              "provenance-fingerprint-v1": "the weights' fingerprint (fingerprint.json)"}
 
 
-def _what_it_is(obj: dict, path: Path) -> str:
+def _what_it_is(obj: JSONObject, path: Path) -> str:
     """'; it is X: pass Y instead' for a file of ours given as the attestation, else ''."""
-    what = OUR_FILES.get(obj.get("format")) if isinstance(obj.get("format"), str) else None
+    form = obj.get("format")
+    what = OUR_FILES.get(form) if isinstance(form, str) else None
     if what is None and ("bomFormat" in obj or "@graph" in obj):
         what = "an SBOM, which the attestation signs as a byproduct"
     if what is None:
@@ -139,9 +145,10 @@ def parse_envelope(obj: object) -> Envelope:
     return Envelope(payload, obj["payloadType"], tuple(out))
 
 
-def distinct_keys(keys: list) -> list:
+def distinct_keys(keys: list[PublicKey]) -> list[PublicKey]:
     """The given public keys with repeats removed (a key counts once towards a threshold)."""
-    seen, out = set(), []
+    seen: set[str] = set()
+    out: list[PublicKey] = []
     for k in keys:
         if k.keyid not in seen:
             seen.add(k.keyid)
@@ -149,13 +156,13 @@ def distinct_keys(keys: list) -> list:
     return out
 
 
-def verified_keys(env: Envelope, keys: list) -> list:
+def verified_keys(env: Envelope, keys: list[PublicKey]) -> list[PublicKey]:
     """The distinct keys that made at least one valid signature over the envelope's PAE."""
     pae = env.pae()
     return [key for key in keys if any(key.verifies(raw, pae) for _, raw in env.signatures)]
 
 
-def verify_dsse(report: Checks, lines: list[str], keys: list, threshold: int) -> object | None:
+def verify_dsse(report: Checks, lines: list[str], keys: list[PublicKey], threshold: int) -> object | None:
     """Check the one envelope and its signatures; return the parsed payload, or None after a failed check."""
     if not lines:
         report.add(CheckName.ENVELOPE, False, "the attestation file holds no envelope")
@@ -177,7 +184,7 @@ KEY_BUNDLE_MEDIA_TYPES = ("application/vnd.dev.sigstore.bundle.v0.3+json",
                           "application/vnd.dev.sigstore.bundle+json;version=0.3")
 
 
-def verify_key_bundle(report: Checks, text: str, keys: list, threshold: int) -> object | None:
+def verify_key_bundle(report: Checks, text: str, keys: list[PublicKey], threshold: int) -> object | None:
     """A Sigstore bundle v0.3 signed with a bare key (OMS `sign key`): the bundle's shape exactly, then
     its DSSE envelope against every given key. The key hint is only a hint, like a DSSE keyid."""
     try:
@@ -220,7 +227,7 @@ def verify_key_bundle(report: Checks, text: str, keys: list, threshold: int) -> 
     return _signed_payload(report, env, keys, threshold)
 
 
-def _signed_payload(report: Checks, env: Envelope, keys: list, threshold: int) -> object | None:
+def _signed_payload(report: Checks, env: Envelope, keys: list[PublicKey], threshold: int) -> object | None:
     report.add(CheckName.ENVELOPE, True, f"one DSSE envelope with {len(env.signatures)} signature(s)")
     if not report.add(CheckName.PAYLOAD_TYPE, env.payload_type == PAYLOAD_TYPE,
                       f"payloadType {env.payload_type!r}"
@@ -233,7 +240,8 @@ def _signed_payload(report: Checks, env: Envelope, keys: list, threshold: int) -
                       f"{names}; {len(env.signatures)} signature(s) in the envelope"):
         return None
     try:
-        return jsonstrict.loads(env.payload)
+        payload: object = jsonstrict.loads(env.payload)
+        return payload
     except ValueError as e:
         report.add(CheckName.STATEMENT, False, f"the signed payload is not strict JSON: {e}")
         return None
@@ -296,7 +304,8 @@ def verify_bundle(report: Checks, text: str, *, identity: str | None, issuer: st
         return None
     report.add(CheckName.SIGNATURE, True, f"Sigstore certificate for {identity!r} from {issuer!r}, in the transparency log")
     try:
-        return jsonstrict.loads(payload)
+        parsed: object = jsonstrict.loads(payload)
+        return parsed
     except ValueError as e:
         report.add(CheckName.STATEMENT, False, f"the signed payload is not strict JSON: {e}")
         return None

@@ -8,17 +8,21 @@ a test holds the two to the same value. Only cryptography's public, documented A
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .._internal.hashing import sha256_hex
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 MAX_KEY_BYTES = 64 << 10
 _CURVES = {"secp256r1": ("ecdsa-sha2-nistp256", "sha256"), "secp384r1": ("ecdsa-sha2-nistp384", "sha384"),
            "secp521r1": ("ecdsa-sha2-nistp521", "sha512")}
 
 
-def _olpc(obj) -> str:
+def _olpc(obj: object) -> str:
     """OLPC canonical JSON of nested dicts of strings (what securesystemslib hashes for a key id)."""
     if isinstance(obj, dict):
         return "{" + ",".join(f"{_olpc(k)}:{_olpc(obj[k])}" for k in sorted(obj)) + "}"
@@ -29,20 +33,21 @@ class PublicKey(NamedTuple):
     keyid: str
     keytype: str  # "ed25519" | "ecdsa"
     scheme: str
-    key: object  # a cryptography public key
+    key: Ed25519PublicKey | EllipticCurvePublicKey
     hash_name: str | None = None  # ECDSA's digest
 
     def verifies(self, sig: bytes, data: bytes) -> bool:
         from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
         try:
-            if self.keytype == "ed25519":
+            if isinstance(self.key, ed25519.Ed25519PublicKey):
                 self.key.verify(sig, data)
-            else:
-                from cryptography.hazmat.primitives import hashes
-                from cryptography.hazmat.primitives.asymmetric import ec
-
+            elif isinstance(self.key, ec.EllipticCurvePublicKey) and self.hash_name is not None:
                 self.key.verify(sig, data, ec.ECDSA(getattr(hashes, self.hash_name.upper())()))
+            else:
+                return False
         except (InvalidSignature, ValueError, TypeError):
             return False
         return True

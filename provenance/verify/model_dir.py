@@ -117,7 +117,7 @@ def inspect(st: Statement, model_dir: Path, *, sha256: bool, prefetch: Prefetch 
             published: bool = False) -> ModelDirResult:
     """Hash and check every file of `model_dir` against the statement (blake3, and sha256 with
     `sha256`). Raises InputError if the directory cannot be read at all."""
-    expected = {s.name: {"blake3": st.files[s.name], **({"sha256": s.digest.get("sha256")} if sha256 else {})}
+    expected = {s.name: {"blake3": st.files[s.name], **({"sha256": s.digest["sha256"]} if sha256 else {})}
                 for s in st.subject}
     sizes = st.runDetails.provenance_outputs.sizes or {}
     return inspect_digests(expected, model_dir, prefetch=prefetch, published=published, sizes=sizes)

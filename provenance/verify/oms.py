@@ -18,8 +18,13 @@ from pathlib import Path
 from ..attest.oms import parse_oms
 from .report import CheckName, Checks
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .._internal.prefetch import Prefetch
 
-def oms_checks(report: Checks, payload: object, model: Path | None, signature: Path, prefetch=None, published: bool = False) -> None:
+
+def oms_checks(report: Checks, payload: object, model: Path | None, signature: Path, prefetch: Prefetch | None = None,
+               published: bool = False) -> None:
     man, problems = parse_oms(payload)
     if isinstance(payload, dict):
         report.add(CheckName.STATEMENT_TYPE, payload.get("_type") == "https://in-toto.io/Statement/v1",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..attest.model import BUILD_TYPE, LOCAL_BUILDER_ID
 from ..errors import InputError
@@ -82,7 +82,7 @@ class PolicyFile(NamedTuple):
     audit: AuditPolicy = AuditPolicy()
 
 
-def _schema():
+def _schema() -> Any:  # a pydantic model class, built here so pydantic loads only with a policy
     """The pydantic models that validate a policy file (imported only when one is given)."""
     from typing import Annotated, Literal
 

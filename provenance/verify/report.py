@@ -65,7 +65,7 @@ class Check(NamedTuple):
     # store): not a finding against the files, so the exit code is 2, not 1 (docs/threat-model.md).
     checked: bool = True
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"check": self.check.value, "ok": self.ok, "detail": self.detail}
         if not self.checked:
             out["checked"] = False
@@ -163,8 +163,8 @@ class Result:
         """The first check of that name, if it ran."""
         return next((c for c in self.checks if c.check is name), None)
 
-    def as_dict(self) -> dict:
-        out = {"ok": self.exit_code == 0, "exit_code": self.exit_code, "question": self.question, "result": self.result,
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ok": self.exit_code == 0, "exit_code": self.exit_code, "question": self.question, "result": self.result,
                "model_checked": self.model_checked, "checks": [c.as_dict() for c in self.checks]}
         if self.verdict is not None:
             out["verdict"] = self.verdict

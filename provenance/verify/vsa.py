@@ -13,10 +13,16 @@ from pathlib import Path
 from ..attest.model import RFC3339_RE, STATEMENT_TYPE, subject_name_problem
 from .report import CheckName, Checks
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .._internal.jsonstrict import JSONObject
+    from .._internal.prefetch import Prefetch
+
 RESULTS = ("PASSED", "FAILED")
 
 
-def vsa_checks(report: Checks, st: dict, model: Path | None, prefetch=None, published: bool = False) -> None:
+def vsa_checks(report: Checks, st: JSONObject, model: Path | None, prefetch: Prefetch | None = None,
+               published: bool = False) -> None:
     problems = []
     if st.get("_type") != STATEMENT_TYPE:
         problems.append(f"_type {st.get('_type')!r}")
@@ -63,12 +69,14 @@ def vsa_checks(report: Checks, st: dict, model: Path | None, prefetch=None, publ
         levels = []
     if not isinstance(p.get("slsaVersion", ""), str):
         problems.append("predicate.slsaVersion must be a string")
-    if not report.add(CheckName.VSA, not problems, "; ".join(problems) or
-                      f"verification summary by {verifier['id']} at {p['timeVerified']} over {len(names)} file(s), "
-                      f"SLSA {p.get('slsaVersion', '?')}; input attestations: "
-                      + (", ".join(f"{a.get('uri', '?')} sha256:{a['digest'].get('sha256', '?')[:16]}" for a in inputs)
-                         or "none")):
+    if problems or not isinstance(verifier, dict) or not isinstance(inputs, list):  # (narrowed by the checks above)
+        report.add(CheckName.VSA, False, "; ".join(problems))
         return
+    report.add(CheckName.VSA, True,
+               f"verification summary by {verifier['id']} at {p['timeVerified']} over {len(names)} file(s), "
+               f"SLSA {p.get('slsaVersion', '?')}; input attestations: "
+               + (", ".join(f"{a.get('uri', '?')} sha256:{a['digest'].get('sha256', '?')[:16]}" for a in inputs)
+                  or "none"))
     report.add(CheckName.VSA_RESULT, p["verificationResult"] == "PASSED",
                f"verificationResult {p['verificationResult']}; verifiedLevels {', '.join(levels) or 'none'}")
     if model is None:
