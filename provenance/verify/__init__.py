@@ -68,8 +68,9 @@ class Verifier:
                   store: Path | None = None) -> Verifier:
         from .policy import load_policy
 
-        return cls(tuple(load_keys(keys, threshold)), threshold, load_policy(policy), policy is not None,
-                   sigstore, sha256, store)
+        policy_file = load_policy(policy)  # the policy first: its errors name the file that is wrong
+        return cls(tuple(load_keys(keys, threshold)), threshold, policy_file, policy is not None, sigstore, sha256,
+                   store)
 
     def verify(self, attestation: Path, *, model: Path | None = None, recipe: Path | None = None,
                inputs: bool = False, audit: Path | None = None, published: bool = False, prefetch: Any = None,
