@@ -14,6 +14,13 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
 TINY = ROOT / "tests" / "recipes" / "tiny.toml"
 
+# The suite runs two workers and the default rebuild side by side on two cores, so the builds it starts
+# (two threads each) outnumber the cores. OpenMP threads that spin while they wait then burn the time
+# the other processes need: three tiny builds at once took 24-26 s spinning and 14-19 s passive on the
+# AMD EPYC (docs/benchmarks.md). Waiting passively changes when a thread sleeps, never a value: the
+# weights are the same bits (checked). Set for every process the tests start; a value already set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 # `make test-fast` runs the tests that build no model (`-m "not builds"`): a test builds one when it uses
 # the input store (every build and rebuild through the CLI does) or lives in a module that trains in process.
