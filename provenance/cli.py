@@ -397,7 +397,9 @@ def cmd_check(args) -> int:
         else:
             print(f"{args.recipe}: valid recipe {recipe.name!r} (blake3:{recipe.digests['blake3']})")
         return 0
-    plan = _plan(args, recipe)
+    from .builder.plan import plan_build
+
+    plan = plan_build(recipe, store=args.store, probe=args.probe)
     if args.json:
         _emit_json({"ok": True, "recipe": recipe.name, **recipe.digests, "plan": plan})
         return 0
@@ -406,7 +408,8 @@ def cmd_check(args) -> int:
     print(f"parameters: {plan['parameters']:,} (vocabulary at most {recipe.recipe.tokenizer.vocab_size})")
     for st in plan["stages"]:
         steps = f"{st['steps']:,} steps" if st["steps"] is not None else f"steps unknown ({st['steps_note']})"
-        dur = f", about {st['hours']:.2f} h" if st.get("hours") is not None else ""
+        dur = (f", about {st['hours']:.2f} h ({st['seconds_per_step']:.3g} s a step)"
+               if st.get("hours") is not None else "")
         print(f"stage {st['name']}: {steps}, batch {st['batch_size']} in micro-batches of {st['micro_batch']}"
               f"{dur}; memory estimate {st['memory_bytes'] / gib:.2f} GiB")
         for k, v in st["memory_parts"].items():
@@ -416,63 +419,13 @@ def cmd_check(args) -> int:
           f"peak estimate {plan['peak_bytes'] / gib:.2f} GiB; available memory unknown")
     if plan.get("probe"):
         pr = plan["probe"]
-        print(f"timed probe ({pr['stage']}, {len(pr['micro_step_seconds'])} micro-steps on random ids): "
-              f"{pr['seconds_per_micro_step']:.3f} s per micro-step, peak RSS {pr['peak_rss'] / gib:.2f} GiB "
-              f"(estimate for that stage {pr['estimate_bytes'] / gib:.2f} GiB)")
+        print(f"timed probe ({pr['stage']}, on random ids): {pr['seconds_per_step']:.3f} s per step "
+              f"({pr['seconds_per_micro_step']:.3f} s per micro-step, {pr['seconds_per_optimizer_step']:.3f} s per "
+              f"optimizer step); one-time costs apart: {pr['one_time_seconds']:.1f} s (set-up, kernel compilation, "
+              f"first step); peak RSS {pr['peak_rss'] / gib:.2f} GiB (estimate for that stage "
+              f"{pr['estimate_bytes'] / gib:.2f} GiB)")
     print(plan["verdict"])
     return 0 if plan["fits"] else 2
-
-
-def _plan(args, recipe) -> dict:
-    """Memory estimate per stage, steps (when the inputs are in the store), and a timed probe."""
-    from .recipe.plan import available_memory, memory_problem, parameter_count, peak_memory, stage_memory
-
-    r = recipe.recipe
-    steps: dict[str, int] = {}
-    note = ""
-    import tempfile
-
-    from ._internal.progress import Reporter
-    from .builder.pipeline import fetch_all, prepare_data
-    from .builder.train import stage_steps
-    from .inputs.store import Store
-
-    try:
-        stored = fetch_all(recipe, Store(args.store), offline=True, handed={}, reporter=Reporter(enabled=False))
-        with tempfile.TemporaryDirectory() as work:
-            data = prepare_data(recipe, stored, Path(work))
-        steps = {s.name: stage_steps(s, data.seqs) for s in r.stages}
-    except ProvenanceError as e:
-        note = "the inputs are not in the store; `provenance fetch` them first" if "not in the store" in \
-            e.diagnostics() else e.diagnostics().splitlines()[0]
-    problem = memory_problem(r)
-    peak = peak_memory(r)
-    probe = None
-    if args.probe and problem is None:
-        from .builder.probe import run_probe
-
-        try:
-            probe = run_probe(str(recipe.path), peak.stage)
-            probe["stage"], probe["estimate_bytes"] = peak.stage, peak.total
-        except RuntimeError as e:
-            raise InputError(str(e)) from None
-    stages = []
-    for s in r.stages:
-        est = stage_memory(r, s)
-        n = steps.get(s.name) if s.steps is None else s.steps
-        chunks = -(-s.batch_size // (s.micro_batch_size or s.batch_size))
-        hours = None
-        if probe and n is not None:
-            # First order: time per micro-step scales with the tokens in it (the probe ran the peak stage).
-            ps = next(x for x in r.stages if x.name == peak.stage)
-            scale = (est.micro_batch * s.seq_len) / (peak.micro_batch * ps.seq_len)
-            hours = n * chunks * probe["seconds_per_micro_step"] * scale / 3600
-        stages.append({"name": s.name, "steps": n, "steps_note": note, "batch_size": s.batch_size,
-                       "micro_batch": s.micro_batch_size or s.batch_size, "memory_bytes": est.total,
-                       "memory_parts": est.parts, "hours": hours})
-    return {"parameters": parameter_count(r), "stages": stages, "peak_bytes": peak.total,
-            "available_bytes": available_memory(), "probe": probe, "fits": problem is None,
-            "verdict": problem or "fits: the first step's estimate is within 90% of the available memory"}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -939,47 +892,21 @@ def cmd_replay(args) -> int:
 
 def cmd_audit(args) -> int:
     """Re-run a build's memorization audit on its model dir and compare it with the signed one."""
-    import tempfile
-
     from ._internal.progress import Reporter
     from .audit.memorization import summary_line
-    from .builder import determinism
-    from .builder.pipeline import fetch_all, prepare_data, run_audit
-    from .errors import CheckFailed
-    from .inputs.store import Store
-    from .recipe import load_recipe
-    from .repro.byproducts import signed_byproducts
-    from .repro.rebuild import embedded_recipe
+    from .repro.reaudit import rerun_audit
 
-    build_dir = Path(args.build)
     _check_threads(args.threads)
-    _, st, [(ajson, _)] = signed_byproducts(build_dir, args.key, ["audit.json"], "re-runs a signed build's audit")
-    from .verify.model_dir import inspect, report_exact
-    from .verify.report import Checks
-
-    rep = Checks()
-    report_exact(rep, inspect(st, build_dir / "model", sha256=False), sha256=False)
-    if not rep.ok:
-        raise CheckFailed(f"{build_dir / 'model'}: not exactly the attested files; audit a verified model dir")
-    with tempfile.TemporaryDirectory(prefix="provenance-audit-") as tmp:
-        recipe = load_recipe(embedded_recipe(st, Path(tmp) / "recipe"))
-        r = recipe.recipe
-        determinism.apply(r.determinism, threads=args.threads)
-        reporter = Reporter(enabled=not args.json)
-        stored = fetch_all(recipe, Store(args.store), offline=args.offline, handed=parse_handed(args.input, recipe),
-                           reporter=reporter)
-        data = prepare_data(recipe, stored, Path(tmp) / "work", reporter=reporter)
-        fresh = run_audit(build_dir / "model", data, r)
-    old = json.loads(ajson.read_text())
-    keys = ("method", "training", "control", "control_spec", "summary")
-    same = all(old.get(k) == fresh.get(k) for k in keys)
+    fresh, differing = rerun_audit(Path(args.build), args.key, store=args.store, offline=args.offline,
+                                   threads=args.threads, handed=lambda recipe: parse_handed(args.input, recipe),
+                                   reporter=Reporter(enabled=not args.json))
     if args.json:
-        _emit_json({"ok": same, "audit": fresh, "matches_signed": same})
+        _emit_json({"ok": not differing, "audit": fresh, "matches_signed": not differing})
     else:
         print(summary_line(fresh))
-        print("the re-run audit equals the signed one" if same else
-              "the re-run audit DIFFERS from the signed one: " + ", ".join(k for k in keys if old.get(k) != fresh.get(k)))
-    return 0 if same else 1
+        print("the re-run audit DIFFERS from the signed one: " + ", ".join(differing) if differing else
+              "the re-run audit equals the signed one")
+    return 1 if differing else 0
 
 
 def cmd_sbom(args) -> int:
@@ -1095,74 +1022,24 @@ def cmd_report(args) -> int:
 def cmd_publish(args) -> int:
     """Lay a verified build out as a Hugging Face model folder (nothing is uploaded) and check that
     it verifies as published: the SLSA attestation and the OMS signature, each against the folder."""
-    import shutil
-    import tempfile
+    from .publish import publish
+    from .verify.model_dir import RECEIPTS_DIR
 
-    from ._internal.atomic import atomic_write_bytes
-    from .verify import Verifier
-    from .verify.model_dir import RECEIPT_NAMES, RECEIPTS_DIR, scan
-
-    build_dir, out = Path(args.build), Path(args.out)
-    if len(args.key) > 1:
+    if len(args.key) != 1:
         raise InputError("--key: publish ships one public key (signing-key.pub); pass exactly one")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--out {out}: exists and is not an empty directory; publish writes a new folder")
-    probe = next((p for p in out.parents if p.exists()), Path("."))
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: {probe} is not a writable directory")
-    att = build_dir / "attestation.intoto.jsonl"
-    if not att.is_file():
-        raise InputError(f"{build_dir}: no attestation.intoto.jsonl; publish lays out a signed build")
-    keys = [Path(args.key[0])]
-    verifier = Verifier.configure(keys=keys)
-    first = verifier.verify(att, model=build_dir / "model")
-    if not first.ok:
-        from .errors import CheckFailed
-        from .verify import render
-
-        raise CheckFailed(f"{build_dir}: the build does not verify, so it is not published:\n{render(first)}")
-    receipts = [n for n in ("attestation.intoto.jsonl", "attestation.sigstore.json", "audit.intoto.jsonl",
-                            "vsa.intoto.jsonl", "sbom.spdx3.json", "sbom.cdx.json") if (build_dir / n).is_file()]
-    assert set(receipts) <= RECEIPT_NAMES
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as e:
-        raise InputError(f"--out {out}: cannot write a folder there ({e.strerror})") from None
-    try:
-        files, _ = scan(build_dir / "model")
-        for rel, src in files.items():
-            dest = staging / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dest)
-        has_oms = (build_dir / "model.sig").is_file()
-        if has_oms:
-            shutil.copyfile(build_dir / "model.sig", staging / "model.sig")
-        (staging / RECEIPTS_DIR).mkdir()
-        for n in receipts:
-            shutil.copyfile(build_dir / n, staging / RECEIPTS_DIR / n)
-        atomic_write_bytes(staging / RECEIPTS_DIR / "signing-key.pub", keys[0].read_bytes())
-        reports = [("SLSA provenance", verifier.verify(staging / RECEIPTS_DIR / "attestation.intoto.jsonl",
-                                                        model=staging, published=True))]
-        if has_oms:
-            reports.append(("OMS signature", verifier.verify(staging / "model.sig", model=staging, published=True)))
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    ok = all(r.exit_code == 0 for _, r in reports)
+    out, key = Path(args.out), Path(args.key[0])
+    done = publish(Path(args.build), out, key)
     if args.json:
-        _emit_json({"ok": ok, "out": str(out), "files": sorted(files), "receipts": receipts + ["signing-key.pub"],
-                    "oms": has_oms, "checks": {what: r.as_dict() for what, r in reports}})
+        _emit_json({"ok": done.ok, "out": str(out), "files": done.files, "receipts": done.receipts, "oms": done.oms,
+                    "checks": {what: r.as_dict() for what, r in done.reports}})
     else:
-        print(f"published {len(files)} model file(s){', model.sig' if has_oms else ''} and {len(receipts) + 1} "
+        print(f"published {len(done.files)} model file(s){', model.sig' if done.oms else ''} and {len(done.receipts)} "
               f"receipt(s) under {RECEIPTS_DIR}/ into {out} (nothing uploaded)")
-        for what, r in reports:
+        for what, r in done.reports:
             failed = [c for c in r.checks if not c.ok]
             print(f"{what}: {r.result}" + "".join(f"\n  FAIL {c.check}: {c.detail}" for c in failed))
         # PUBLIC_KEY, not the copy in the folder: whoever can change the files can change that copy too.
-        if has_oms:
+        if done.oms:
             print(f"model_signing users: model_signing verify key {out} --signature {out / 'model.sig'} "
                   "--public_key PUBLIC_KEY")
         else:
@@ -1171,11 +1048,11 @@ def cmd_publish(args) -> int:
               f"--model {out} --published")
         from .verify.keys import load_public_key
 
-        kid = load_public_key(keys[0]).keyid[:16]
+        kid = load_public_key(key).keyid[:16]
         print(f"signing key id {kid}: announce it where your users can check it; they verify with the key "
               f"you announce as PUBLIC_KEY (the copy in {RECEIPTS_DIR}/signing-key.pub travels with the files "
               "and proves nothing by itself)")
-    return 0 if ok else 1
+    return 0 if done.ok else 1
 
 
 def cmd_rebuild(args) -> int:

@@ -26,7 +26,8 @@ ALLOWED = {
     "audit": {"_internal", "errors", "recipe", "inputs", "attest"},
     "builder": {"_internal", "errors", "recipe", "inputs", "attest", "audit", "__init__"},
     "repro": {"_internal", "errors", "recipe", "inputs", "attest", "verify", "builder", "__init__"},
-    "cli": {"_internal", "errors", "recipe", "inputs", "attest", "verify", "audit", "builder", "repro"},
+    "publish": {"_internal", "errors", "verify"},
+    "cli": {"_internal", "errors", "recipe", "inputs", "attest", "verify", "audit", "builder", "repro", "publish"},
     "_entry": {"_internal", "cli"},
     "__main__": {"cli"},
 }

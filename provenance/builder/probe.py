@@ -1,5 +1,13 @@
-"""A short timed probe for `check-recipe --plan`: a few optimizer steps of the costliest stage at its
-micro-batch shape, on random token ids, in a child process so that its peak memory is its own."""
+"""A short timed probe for `check-recipe --plan`: the costliest stage's training step, measured the way
+the build runs it, on random token ids, in a child process so that its peak memory is its own.
+
+What the build does before its first step is done here too and timed apart as one-time costs: the
+determinism settings (fixed-order GEMM included), the allocator and NaN-fill settings, compiling our
+attention kernel, and the first micro-step and optimizer step (first calls, the optimizer's state,
+the allocator's first growth). Then micro-steps (forward and backward of one micro-batch) and
+optimizer steps (gradient norm, AdamW, zeroing) are timed separately: a step of the stage costs
+`micro-batches per step x micro-step + optimizer step`.
+"""
 
 from __future__ import annotations
 
@@ -8,51 +16,91 @@ import resource
 import subprocess
 import sys
 import time
+from statistics import median
 
-PROBE_STEPS = 3
+MICRO_STEPS = 3  # timed micro-steps after the warm-up
+OPTIMIZER_STEPS = 2  # timed optimizer steps after the warm-up
 
 
-def _child(recipe_path: str, stage_name: str, steps: int) -> dict:
+def _child(recipe_path: str, stage_name: str, store_root: str | None) -> dict:
     import torch
 
     from ..recipe import load_recipe
-    from . import determinism
-    from .train import IGNORE, build_model, micro_loss_sum
+    from . import allocator, attention, clib, determinism
+    from .train import build_model
 
+    t0 = time.perf_counter()
     r = load_recipe(recipe_path).recipe
     stage = next(s for s in r.stages if s.name == stage_name)
     determinism.apply(r.determinism)
+    allocator.tune()
+    kernel = attention.attention_module(r.model.attn_implementation)
+    if kernel is not None:
+        clib.configure(store_root)
+        kernel.load()
     v = r.tokenizer.vocab_size
     n_special = len(r.tokenizer.special_tokens)
     ids = {"bos_token_id": 0, "eos_token_id": min(1, n_special - 1), "pad_token_id": n_special - 1}
     with determinism.sdpa_context(r.determinism):
         model = build_model(r.model, v, ids, r.determinism.seed, portable=r.determinism.portable)
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, foreach=False)
-        mb = stage.micro_batch_size or stage.batch_size
+        opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=stage.betas, eps=stage.eps,
+                                weight_decay=stage.weight_decay, foreach=False)
+        setup = time.perf_counter() - t0
         gen = torch.Generator().manual_seed(0)
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            x = torch.randint(0, v, (mb, stage.seq_len), generator=gen)
-            loss = micro_loss_sum(model, model, stage, x, x) / max(1, int((x[:, 1:] != IGNORE).sum()))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t0)
-    return {"micro_step_seconds": times, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        mb = min(stage.micro_batch_size or stage.batch_size, stage.batch_size)
+        warm = _micro_step(model, stage, gen, v, mb) + _optimizer_step(model, opt, stage)
+        micro = [_micro_step(model, stage, gen, v, mb) for _ in range(MICRO_STEPS)]
+        optim = [_optimizer_step(model, opt, stage) for _ in range(OPTIMIZER_STEPS)]
+    return {"setup_seconds": setup, "warmup_seconds": warm, "micro_step_seconds": micro,
+            "optimizer_step_seconds": optim,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def run_probe(recipe_path: str, stage_name: str, steps: int = PROBE_STEPS, timeout: float = 900) -> dict:
-    """Run the probe in a child process. Returns seconds per micro-step (median after the first) and
-    the child's peak RSS. Raises RuntimeError with the child's last lines if it fails."""
+def _micro_step(model, stage, gen, vocab: int, mb: int) -> float:
+    """Forward and backward of one micro-batch of random ids, as the build's step runs each one."""
+    import torch
+
+    from .train import IGNORE, micro_loss_sum
+
+    t0 = time.perf_counter()
+    x = torch.randint(0, vocab, (mb, stage.seq_len), generator=gen)
+    loss = micro_loss_sum(model, model, stage, x, x) / max(1, int((x[:, 1:] != IGNORE).sum()))
+    loss.backward()
+    return time.perf_counter() - t0
+
+
+def _optimizer_step(model, opt, stage) -> float:
+    """The end of the build's step: the gradient norm (clipped if the stage says so), AdamW, zeroing."""
+    import torch
+
+    t0 = time.perf_counter()
+    if stage.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip, foreach=False)
+    else:
+        torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in model.parameters()
+                                              if p.grad is not None]))
+    opt.step()
+    opt.zero_grad(set_to_none=True)  # as the build does: the next backward allocates them anew
+    return time.perf_counter() - t0
+
+
+def run_probe(recipe_path: str, stage_name: str, store_root: str | None = None, timeout: float = 900) -> dict:
+    """Run the probe in a child process. Returns the seconds of one step of the stage (median
+    micro-step x micro-batches per step + median optimizer step), the one-time costs apart, and the
+    child's peak RSS. Raises RuntimeError with the child's last lines if it fails."""
     code = ("import json, sys; from provenance.builder.probe import _child; "
-            f"print(json.dumps(_child({recipe_path!r}, {stage_name!r}, {steps})))")
+            f"print(json.dumps(_child({recipe_path!r}, {stage_name!r}, {store_root!r})))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-3:])
         raise RuntimeError(f"the timed probe failed (exit {p.returncode}): {tail}")
     res = json.loads(p.stdout.strip().splitlines()[-1])
-    t = sorted(res["micro_step_seconds"][1:] or res["micro_step_seconds"])
-    res["seconds_per_micro_step"] = t[len(t) // 2]
+    res["seconds_per_micro_step"] = median(res["micro_step_seconds"])
+    res["seconds_per_optimizer_step"] = median(res["optimizer_step_seconds"])
     return res
+
+
+def step_seconds(probe: dict, micro_batches: int) -> float:
+    """The probe's estimate of one step of its stage."""
+    return micro_batches * probe["seconds_per_micro_step"] + probe["seconds_per_optimizer_step"]

@@ -112,6 +112,22 @@ def test_laam_recipe_plan_fits_with_its_micro_batches():
     assert plan["fits"] and plan["parameters"] == 4_662_336
 
 
+def test_the_plan_times_a_step_as_the_build_runs_it_with_one_time_costs_apart(tmp_path):
+    """The timed probe (builder/probe.py) runs the peak stage's micro-steps and optimizer steps after a
+    warm-up it reports apart; each stage's time is its steps times the step's (tiny: explicit steps)."""
+    p = run_cli("check-recipe", "--plan", str(TINY), "--store", str(tmp_path / "store"), "--json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    plan = json.loads(p.stdout)["plan"]
+    pr = plan["probe"]
+    assert pr["stage"] == "one" and len(pr["micro_step_seconds"]) == 3 and len(pr["optimizer_step_seconds"]) == 2
+    assert pr["one_time_seconds"] == pytest.approx(pr["setup_seconds"] + pr["warmup_seconds"])
+    one, two = plan["stages"]
+    assert one["seconds_per_step"] == pytest.approx(pr["seconds_per_step"])  # one micro-batch a step
+    assert one["hours"] == pytest.approx(8 * one["seconds_per_step"] / 3600)
+    # stage two: batch 2 of 32 tokens against 4 of 64, so a quarter of the micro-step, the same optimizer step
+    assert two["seconds_per_step"] == pytest.approx(pr["seconds_per_micro_step"] / 4 + pr["seconds_per_optimizer_step"])
+
+
 @pytest.mark.parametrize("command", ["build", "replay", "audit"])
 @pytest.mark.parametrize("threads", ["0", "5000"])
 def test_a_thread_count_out_of_range_is_refused_before_any_work(command, threads, tiny_build, tmp_path):

@@ -1,0 +1,89 @@
+"""Does `check-recipe --plan` predict a build's time per step? For the default recipe and for LaaM's shape
+(LaaM's own recipe on a tree of Linux 1.0's shape, made as bench/laam_first_steps.py makes it, each
+stage cut to a few steps): build each with --no-cache, take every stage's measured seconds per step
+from build.json (`training.stages[].seconds` / steps), then ask `check-recipe --plan` (the timed probe
+of the costliest stage) and compare. One-time costs (set-up, kernel compilation, the first step) are
+what the plan reports apart; the build's stage seconds include its first step.
+
+Usage: python bench/plan_accuracy.py [--laam-steps 6] [--out /tmp/plan-accuracy]
+Prints a markdown table (docs/benchmarks.md, "check-recipe --plan against the build").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PROVENANCE = [sys.executable, "-m", "provenance"]
+
+
+def laam_shape(work: Path, steps: int) -> Path:
+    """LaaM's recipe over a 506-file tree of the machine's Linux UAPI headers, `steps` steps a stage."""
+    from bench.laam_first_steps import make_tree
+    from provenance.inputs.store import tree_digest
+
+    tree = work / "tree"
+    make_tree(tree)
+    b3 = tree_digest(tree)["blake3"]
+    text = (ROOT / "recipes" / "laam-linux-1.0-5m.toml").read_text()
+    inputs = re.search(r"\[\[inputs\]\].*?(?=\n\[)", text, re.S).group(0)
+    text = text.replace(inputs, f'[[inputs]]\nname = "linux"\nkind = "path"\npath = "{tree}"\nblake3 = "{b3}"\n'
+                                f'license = "GPL-2.0-only WITH Linux-syscall-note"\n')
+    text = re.sub(r'include = \[.*?\]', 'include = ["**/*.h"]', text, count=1, flags=re.S)
+    text = re.sub(r"^(exclude|manifest_root) = .*$", "", text, flags=re.M)
+    text = text.replace("epochs = 100", f"steps = {steps}").replace("warmup_steps = 100", "warmup_steps = 1")
+    recipe = work / "laam-shape.toml"
+    recipe.write_text(text)
+    return recipe
+
+
+def run(*args: str) -> dict:
+    p = subprocess.run([*PROVENANCE, *args, "--json"], capture_output=True, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        sys.exit(f"{' '.join(args[:2])} failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout)
+
+
+def measured(recipe: Path, store: Path, out: Path) -> dict[str, float]:
+    """Seconds per step of each stage of a fresh build (its stage seconds include the first step)."""
+    run("build", str(recipe), "--out", str(out), "--store", str(store), "--no-cache")
+    record = json.loads((out / "build.json").read_text())
+    steps = {s["name"]: s["steps"] for s in record["training"]["stages"]}
+    return {s["name"]: s["seconds"] / steps[s["name"]] for s in record["training"]["stages"] if steps[s["name"]]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--laam-steps", type=int, default=6)
+    ap.add_argument("--out", default="/tmp/plan-accuracy")
+    a = ap.parse_args()
+    work = Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    store = work / "store"
+    recipes = {"default (ptrace-0.9.9-debugger)": ROOT / "recipes" / "ptrace-0.9.9-debugger.toml",
+               f"LaaM shape ({a.laam_steps} steps a stage)": laam_shape(work, a.laam_steps)}
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    print(f"CPU: {cpu}, {os.cpu_count()} cores; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}\n")
+    print("| recipe | stage | plan: s / step | build: s / step | plan / build | plan's one-time costs |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label, recipe in recipes.items():
+        got = measured(recipe, store, work / re.sub(r"\W+", "-", label))
+        plan = run("check-recipe", str(recipe), "--plan", "--store", str(store))["plan"]
+        one_time = plan["probe"]["one_time_seconds"]
+        for st in plan["stages"]:
+            want = st["seconds_per_step"]
+            print(f"| {label} | {st['name']} | {want:.3f} | {got[st['name']]:.3f} | {want / got[st['name']]:.2f} "
+                  f"| {one_time:.1f} s |")
+
+
+if __name__ == "__main__":
+    main()
