@@ -1,4 +1,4 @@
-"""Benchmark: verify-attestation on a 2 GiB model dir vs OpenSSF `model_signing verify key`
+"""Benchmark: verify-attestation on a 10 GiB model dir vs OpenSSF `model_signing verify key`
 (model-signing 1.1.1) and Debian's `b3sum`, on the same files, in one run.
 
 Each command is timed as a whole process (a monotonic clock around the child; its peak RSS from
@@ -7,8 +7,12 @@ the three commands in turn within each round so that a drift of the machine's sp
 them. Prints medians and ratios, each ratio the median of the rounds' own ratios:
 
     model_signing / verify-attestation   goal >= 4
-    verify-attestation / b3sum           goal <= 1.2
+    verify-attestation / b3sum           goal <= 1.1
     verify-attestation peak RSS          goal < 256 MiB
+    fixed cost (no --model: start-up, the signature, the statement)   goal <= 100 ms
+
+(Issue 35 restated the goals once the verifier gave up cryptography's private internals: they are
+ratios against b3sum on the same files and one absolute fixed cost, measured in the same run.)
 
 verify-attestation runs the exact (closed-set) checks: every file hashed, every safetensors file
 checked structurally, nothing unlisted.
@@ -17,7 +21,7 @@ Set-up it does itself: a separate venv for model-signing (+ pyOpenSSL, which it 
 not declare), `apt-get install b3sum` when missing (needs root), the model dir, keys and
 signatures in a temporary directory.
 
-Usage: python bench/verify_vs_model_signing.py [--gib 2] [--repeats 15]
+Usage: python bench/verify_vs_model_signing.py [--gib 10] [--repeats 9]
 """
 
 from __future__ import annotations
@@ -139,8 +143,8 @@ def timed(cmd: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gib", type=float, default=2.0)
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--gib", type=float, default=10.0)
+    ap.add_argument("--repeats", type=int, default=9)
     a = ap.parse_args()
     b3sum, ms = ensure_tools()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
@@ -156,6 +160,7 @@ def main() -> None:
             "verify-attestation": [verify_cli, str(att), "--key", str(pub), "--model", str(model)],
             "model_signing": [ms, "verify", "key", str(model), "--signature", str(sig), "--public_key", str(ms_pub)],
             "b3sum": [b3sum, *sorted(str(p) for p in model.iterdir())],
+            "fixed cost": [verify_cli, str(att), "--key", str(pub)],
         }
         for cmd in cmds.values():  # warm-up: page cache and imports
             timed(cmd)
@@ -175,7 +180,8 @@ def main() -> None:
         return statistics.median(x[0] / y[0] for x, y in zip(res[a], res[b]))
 
     print(f"model_signing / verify-attestation = {paired('model_signing', 'verify-attestation'):.2f}  (goal >= 4)")
-    print(f"verify-attestation / b3sum         = {paired('verify-attestation', 'b3sum'):.2f}  (goal <= 1.2)")
+    print(f"verify-attestation / b3sum         = {paired('verify-attestation', 'b3sum'):.2f}  (goal <= 1.1)")
+    print(f"fixed cost (no --model)            = {1000 * med['fixed cost'][0]:.0f} ms  (goal <= 100)")
     print(f"verify-attestation peak RSS        = {med['verify-attestation'][1]:.0f} MiB  (goal < 256)")
 
 
