@@ -460,7 +460,16 @@ def _check_threads(threads: int | None) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="provenance", description="Rebuild model weights from a pinned recipe.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _build_command(sub)
+    _setup_commands(sub)
+    _rebuild_commands(sub)
+    _question_commands(sub)
+    _evidence_commands(sub)
+    return p
 
+
+def _build_command(sub) -> None:
+    """provenance build."""
     b = sub.add_parser("build", help="build a recipe into a model directory")
     b.add_argument("recipe")
     b.add_argument("--out", help="output directory (default build/<recipe name>)")
@@ -496,6 +505,9 @@ def parser() -> argparse.ArgumentParser:
     _common(b)
     b.set_defaults(func=cmd_build)
 
+
+def _setup_commands(sub) -> None:
+    """What comes before a build: fetch, keygen, store fsck, check-recipe."""
     f = sub.add_parser("fetch", help="fetch a recipe's inputs into the store, checking their pins")
     f.add_argument("recipe")
     _store_args(f)
@@ -510,6 +522,63 @@ def parser() -> argparse.ArgumentParser:
     _common(k)
     k.set_defaults(func=cmd_keygen)
 
+    st = sub.add_parser("store", help="the input store")
+    st_sub = st.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    fk = st_sub.add_parser("fsck", help="re-hash every store entry and report (or --repair) bad ones")
+    fk.add_argument("--store", help="input store directory (default $PROVENANCE_STORE or ~/.cache/provenance)")
+    fk.add_argument("--repair", action="store_true", help="remove the bad entries")
+    _common(fk)
+    fk.set_defaults(func=cmd_store_fsck)
+
+    c = sub.add_parser("check-recipe", help="validate a recipe and print its digest")
+    c.add_argument("recipe")
+    c.add_argument("--plan", action="store_true",
+                   help="print the memory estimate, steps per stage and an expected duration (timed probe)")
+    c.add_argument("--no-probe", dest="probe", action="store_false", help="with --plan: skip the timed probe")
+    c.add_argument("--store", help="input store, to count steps of epoch-based stages")
+    _common(c)
+    c.set_defaults(func=cmd_check)
+
+
+def _rebuild_commands(sub) -> None:
+    """Rebuilding from an attestation or against a committed reference: rebuild, gate."""
+    rb = sub.add_parser("rebuild", help="rebuild from an attestation's embedded recipe, judge it, sign a VSA")
+    rb.add_argument("attestation")
+    rb.add_argument("--attestation-key", action="append", default=[], metavar="PUBLIC_KEY",
+                    help="public key that verifies the attestation (repeatable)")
+    rb.add_argument("--out", help="output directory (default build/rebuild-<recipe>)")
+    rb.add_argument("--bitwise", action="store_true", help="demand bitwise-equal weights")
+    rb.add_argument("--cpu-capability", choices=("native", "default", "avx2", "avx512"),
+                    help="rebuild with another ATen CPU level than the recipe's (another stack: judged within "
+                         "tolerance)")
+    rb.add_argument("--threads", type=int,
+                    help="CPU threads (default: the recipe's; bitwise still required on the reference's stack, "
+                         "so use it where the recipe is thread-invariant: docs/recipe.md)")
+    rb.add_argument("--policy", help="verifier policy TOML: allowed builders, [reproduced] bounds")
+    _signing_args(rb)
+    _store_args(rb)
+    _common(rb)
+    rb.set_defaults(func=cmd_rebuild)
+
+    g = sub.add_parser("gate", help="CI gate: rebuild a recipe and judge it against its committed reference")
+    g.add_argument("--recipe", default="recipes/ptrace-0.9.9-debugger.toml")
+    g.add_argument("--reference", help="reference attestation (default attestations/<recipe>.intoto.jsonl)")
+    g.add_argument("--attestation-key", help="its public key (default attestations/keys/<recipe>.pub)")
+    g.add_argument("--out", help="build directory (default build/gate/<recipe>)")
+    g.add_argument("--junit", help="write a JUnit XML report here")
+    g.add_argument("--bitwise", action="store_true", help="demand bitwise equality whatever the stack")
+    g.add_argument("--reprotest", action="store_true",
+                   help="also rebuild once under every environment variation at once (build path, HOME, user, "
+                        "locale, timezone, umask, PYTHONHASHSEED, file order, clock) and demand the same bits")
+    g.add_argument("--policy", help="verifier policy TOML: allowed builders, [reproduced] bounds")
+    _signing_args(g)
+    _store_args(g)
+    _common(g)
+    g.set_defaults(func=cmd_gate)
+
+
+def _question_commands(sub) -> None:
+    """The questions about builds: verify, compare, diverge, matrix, replay."""
     v = sub.add_parser("verify", help="verify an attestation (same as verify-attestation)")
     add_verify_args(v)
 
@@ -541,24 +610,22 @@ def parser() -> argparse.ArgumentParser:
     _common(mx)
     mx.set_defaults(func=cmd_matrix)
 
-    rb = sub.add_parser("rebuild", help="rebuild from an attestation's embedded recipe, judge it, sign a VSA")
-    rb.add_argument("attestation")
-    rb.add_argument("--attestation-key", action="append", default=[], metavar="PUBLIC_KEY",
-                    help="public key that verifies the attestation (repeatable)")
-    rb.add_argument("--out", help="output directory (default build/rebuild-<recipe>)")
-    rb.add_argument("--bitwise", action="store_true", help="demand bitwise-equal weights")
-    rb.add_argument("--cpu-capability", choices=("native", "default", "avx2", "avx512"),
-                    help="rebuild with another ATen CPU level than the recipe's (another stack: judged within "
-                         "tolerance)")
-    rb.add_argument("--threads", type=int,
-                    help="CPU threads (default: the recipe's; bitwise still required on the reference's stack, "
-                         "so use it where the recipe is thread-invariant: docs/recipe.md)")
-    rb.add_argument("--policy", help="verifier policy TOML: allowed builders, [reproduced] bounds")
-    _signing_args(rb)
-    _store_args(rb)
-    _common(rb)
-    rb.set_defaults(func=cmd_rebuild)
+    rp = sub.add_parser("replay", help="spot-check a build: re-execute seeded random segments between its checkpoints")
+    rp.add_argument("build", metavar="BUILD_DIR_OR_ATTESTATION")
+    rp.add_argument("--key", action="append", required=True, metavar="PUBLIC_KEY",
+                    help="public key that verifies the build's attestation (repeatable)")
+    rp.add_argument("--segments", type=int, default=3, metavar="K", help="segments to re-execute (default 3)")
+    rp.add_argument("--seed", type=int, help="seed of the segment choice (default: drawn now, so a builder cannot "
+                                             "know which segments will be checked; printed, to repeat a replay)")
+    rp.add_argument("--threads", type=int, help="CPU threads (default: the recipe's)")
+    rp.add_argument("--policy", help="verifier policy TOML: allowed builders, [reproduced] bounds")
+    _store_args(rp)
+    _common(rp)
+    rp.set_defaults(func=cmd_replay)
 
+
+def _evidence_commands(sub) -> None:
+    """The evidence about a build: audit, sbom, publish, report."""
     au = sub.add_parser("audit", help="re-run a signed build's memorization audit and compare it with the signed one")
     au.add_argument("build", metavar="BUILD_DIR")
     au.add_argument("--key", action="append", required=True, metavar="PUBLIC_KEY",
@@ -595,53 +662,6 @@ def parser() -> argparse.ArgumentParser:
     rt.add_argument("--out", metavar="FILE", help="where to write the page (default BUILD_DIR/report.html)")
     _common(rt)
     rt.set_defaults(func=cmd_report)
-
-    rp = sub.add_parser("replay", help="spot-check a build: re-execute seeded random segments between its checkpoints")
-    rp.add_argument("build", metavar="BUILD_DIR_OR_ATTESTATION")
-    rp.add_argument("--key", action="append", required=True, metavar="PUBLIC_KEY",
-                    help="public key that verifies the build's attestation (repeatable)")
-    rp.add_argument("--segments", type=int, default=3, metavar="K", help="segments to re-execute (default 3)")
-    rp.add_argument("--seed", type=int, help="seed of the segment choice (default: drawn now, so a builder cannot "
-                                             "know which segments will be checked; printed, to repeat a replay)")
-    rp.add_argument("--threads", type=int, help="CPU threads (default: the recipe's)")
-    rp.add_argument("--policy", help="verifier policy TOML: allowed builders, [reproduced] bounds")
-    _store_args(rp)
-    _common(rp)
-    rp.set_defaults(func=cmd_replay)
-
-    g = sub.add_parser("gate", help="CI gate: rebuild a recipe and judge it against its committed reference")
-    g.add_argument("--recipe", default="recipes/ptrace-0.9.9-debugger.toml")
-    g.add_argument("--reference", help="reference attestation (default attestations/<recipe>.intoto.jsonl)")
-    g.add_argument("--attestation-key", help="its public key (default attestations/keys/<recipe>.pub)")
-    g.add_argument("--out", help="build directory (default build/gate/<recipe>)")
-    g.add_argument("--junit", help="write a JUnit XML report here")
-    g.add_argument("--bitwise", action="store_true", help="demand bitwise equality whatever the stack")
-    g.add_argument("--reprotest", action="store_true",
-                   help="also rebuild once under every environment variation at once (build path, HOME, user, "
-                        "locale, timezone, umask, PYTHONHASHSEED, file order, clock) and demand the same bits")
-    g.add_argument("--policy", help="verifier policy TOML: allowed builders, [reproduced] bounds")
-    _signing_args(g)
-    _store_args(g)
-    _common(g)
-    g.set_defaults(func=cmd_gate)
-
-    st = sub.add_parser("store", help="the input store")
-    st_sub = st.add_subparsers(dest="store_command", required=True, metavar="ACTION")
-    fk = st_sub.add_parser("fsck", help="re-hash every store entry and report (or --repair) bad ones")
-    fk.add_argument("--store", help="input store directory (default $PROVENANCE_STORE or ~/.cache/provenance)")
-    fk.add_argument("--repair", action="store_true", help="remove the bad entries")
-    _common(fk)
-    fk.set_defaults(func=cmd_store_fsck)
-
-    c = sub.add_parser("check-recipe", help="validate a recipe and print its digest")
-    c.add_argument("recipe")
-    c.add_argument("--plan", action="store_true",
-                   help="print the memory estimate, steps per stage and an expected duration (timed probe)")
-    c.add_argument("--no-probe", dest="probe", action="store_false", help="with --plan: skip the timed probe")
-    c.add_argument("--store", help="input store, to count steps of epoch-based stages")
-    _common(c)
-    c.set_defaults(func=cmd_check)
-    return p
 
 
 class Terminated(BaseException):

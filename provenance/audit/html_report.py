@@ -113,46 +113,33 @@ def _table(head: list[str], rows: list[list]) -> str:
     return f"<table><tr>{h}</tr>{body}</table>"
 
 
-def render(build_dir: Path, record: dict, audit: dict, transcript: list[dict], verification: dict | None) -> str:
-    """The page's text. `verification`: {"ok", "verdict", "checks": [...], "keys": [...]} or None."""
-    lic = audit.get("licence_compatibility") or {}
-    s = audit["summary"]
-    plots = dict(_plots(transcript, audit))
-    name = record["recipe"]["name"]
-
+def _verification(verification: dict | None) -> str:
     if verification is None:
-        ver = ('<p class="verdict none">not verified: no public key was given '
-               '(<code>provenance report BUILD_DIR --key PUB</code>)</p>')
-    else:
-        cls = "ok" if verification["ok"] else "bad"
-        ver = (f'<p class="verdict {cls}">verdict: {_e(verification["verdict"])}</p>'
-               f'<p class="muted">question: are these exactly the files the attestation names? Keys: '
-               f'{_e(", ".join(verification["keys"]))}</p>'
-               + _table(["check", "result", "detail"],
-                        [[_e(c["check"]), "PASS" if c["ok"] else "<b>FAIL</b>", _e(c["detail"])]
-                         for c in verification["checks"]]))
+        return ('<p class="verdict none">not verified: no public key was given '
+                '(<code>provenance report BUILD_DIR --key PUB</code>)</p>')
+    cls = "ok" if verification["ok"] else "bad"
+    return (f'<p class="verdict {cls}">verdict: {_e(verification["verdict"])}</p>'
+            f'<p class="muted">question: are these exactly the files the attestation names? Keys: '
+            f'{_e(", ".join(verification["keys"]))}</p>'
+            + _table(["check", "result", "detail"],
+                     [[_e(c["check"]), "PASS" if c["ok"] else "<b>FAIL</b>", _e(c["detail"])]
+                      for c in verification["checks"]]))
 
-    verdict = lic.get("verdict", "not judged")
-    lic_cls = "ok" if verdict == "compatible" else "bad" if verdict == "incompatible" else "none"
-    lic_rows = [[_e(i["name"]), _e(i["artifact"]), f"<code>{_e(i['license'])}</code>"] for i in record["inputs"]]
-    inbound = [[f"<code>{_e(r['inbound'])}</code>", _e(r["files"]),
-                "compatible" if r["compatible"] else "<b>incompatible</b>",
-                _e(", ".join(r.get("allowed_outbound") or []) or "-")] for r in lic.get("inbound", [])]
 
-    def per_file(block, label):
-        return [[f"<code>{_e(f['path'])}</code>", label, _e(f["windows"]), _e(f["extractable"]), _pct(f["rate"]),
-                 _pct(f["mean_token_match"]), _e(f["longest_verbatim_tokens"])] for f in (block or {}).get("per_file", [])]
+def _per_file(block, label) -> list:
+    return [[f"<code>{_e(f['path'])}</code>", label, _e(f["windows"]), _e(f["extractable"]), _pct(f["rate"]),
+             _pct(f["mean_token_match"]), _e(f["longest_verbatim_tokens"])] for f in (block or {}).get("per_file", [])]
 
-    t = record["training"]
-    w = record["weights"]
-    digests = [
+
+def _digests(record: dict) -> list:
+    """The digests table: recipe, inputs, dataset manifest, tokenizer, weights and files, transcript, SBOMs, audit."""
+    t, w, dm = record["training"], record["weights"], record["dataset_manifest"]
+    return [
         ["recipe", f"<code>{_e(record['recipe']['path'])}</code>", f"<code>blake3:{_e(record['recipe']['blake3'])}</code>"],
         *[[f"input {_e(i['name'])}", _e(i["artifact"]), f"<code>sha256:{_e(i.get('sha256', '-'))}</code>"]
           for i in record["inputs"]],
-        ["dataset manifest", f"{record['dataset_manifest']['totals']['files']} files, "
-                             f"{record['dataset_manifest']['totals']['bytes']} bytes",
-         f"<code>{_e(record['dataset_manifest']['merkle_root']['algorithm'])}:"
-         f"{_e(record['dataset_manifest']['merkle_root']['digest'])}</code>"],
+        ["dataset manifest", f"{dm['totals']['files']} files, {dm['totals']['bytes']} bytes",
+         f"<code>{_e(dm['merkle_root']['algorithm'])}:{_e(dm['merkle_root']['digest'])}</code>"],
         ["tokenizer.json", f"vocab {record['tokenizer']['vocab_size']}",
          f"<code>blake3:{_e(record['tokenizer']['tokenizer.json']['blake3'])}</code>"],
         ["weights (tensors)", _e(w["tensors"]["algorithm"]), f"<code>{_e(w['tensors']['digest'])}</code>"],
@@ -163,6 +150,26 @@ def render(build_dir: Path, record: dict, audit: dict, transcript: list[dict], v
           for k, v in sorted((record.get("sbom") or {}).items())],
         ["audit.json", "memorization audit", f"<code>blake3:{_e(record['audit']['blake3'])}</code>"],
     ]
+
+
+def render(build_dir: Path, record: dict, audit: dict, transcript: list[dict], verification: dict | None) -> str:
+    """The page's text. `verification`: {"ok", "verdict", "checks": [...], "keys": [...]} or None."""
+    lic = audit.get("licence_compatibility") or {}
+    s = audit["summary"]
+    plots = dict(_plots(transcript, audit))
+    name = record["recipe"]["name"]
+
+    ver = _verification(verification)
+    verdict = lic.get("verdict", "not judged")
+    lic_cls = "ok" if verdict == "compatible" else "bad" if verdict == "incompatible" else "none"
+    lic_rows = [[_e(i["name"]), _e(i["artifact"]), f"<code>{_e(i['license'])}</code>"] for i in record["inputs"]]
+    inbound = [[f"<code>{_e(r['inbound'])}</code>", _e(r["files"]),
+                "compatible" if r["compatible"] else "<b>incompatible</b>",
+                _e(", ".join(r.get("allowed_outbound") or []) or "-")] for r in lic.get("inbound", [])]
+    per_file = _per_file
+    t = record["training"]
+    w = record["weights"]
+    digests = _digests(record)
     stage_rows = [[_e(st["name"]), _e(st["steps"]), _e(st["tokens"]), f"{st['first_loss']:.4f} → {st['final_loss']:.4f}",
                    f"{st['seconds']:.1f} s"] for st in t["stages"]]
     machine = record.get("machine") or {}

@@ -42,10 +42,20 @@ def _products(det) -> str:
 
 def model_card(recipe, m: dict, audit: dict, licence: dict, record_hint: dict) -> str:
     """The card's text. `record_hint`: parameters, tokens, vocab size, weights digest."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData
 
     r = recipe.recipe
-    name = r.recipe.name
+    data = ModelCardData(model_name=r.recipe.name, library_name="transformers", pipeline_tag="text-generation",
+                         tags=["provenance", "reproducible-build", "memorization-audit", "llama"],
+                         eval_results=_eval_results(audit, m) or None, **hub_licence(r.output.license))
+    body = "\n## ".join([_head(r, m, record_hint), _training(r, m), _audit(audit), _licence(r, licence), _REBUILD])
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def _eval_results(audit: dict, m: dict) -> list:
+    """The audit's rates as the Hub's eval results, one per prefix length, training and control."""
+    from huggingface_hub import EvalResult
+
     dataset = f"manifest blake3-merkle-v1:{m['merkle_root']['digest'][:16]}…"
     evals = []
     for part, label in (("training", "training files"), ("control", "control files (not trained on)")):
@@ -60,32 +70,30 @@ def model_card(recipe, m: dict, audit: dict, licence: dict, record_hint: dict) -
                                     metric_type="extractable_memorization", metric_value=round(v["rate"], 6),
                                     metric_name=f"Extractable memorization, {k}-token prefix, "
                                                 f"{audit['method']['suffix_tokens']}-token suffix ({part})"))
-    data = ModelCardData(model_name=name, library_name="transformers", pipeline_tag="text-generation",
-                         tags=["provenance", "reproducible-build", "memorization-audit", "llama"],
-                         eval_results=evals or None, **hub_licence(r.output.license))
-    s = audit["summary"]
-    lic_rows = "\n".join(f"| {k} | {v} |" for k, v in m["licenses"].items())
-    stage_rows = "\n".join(
-        f"| {st.name} | {st.lr:g} | {st.batch_size} | {st.micro_batch_size or st.batch_size} | "
-        f"{st.epochs if st.epochs is not None else '-'} | {st.steps if st.steps is not None else '-'} | "
-        f"{st.seq_len} | {st.precision} | {st.cross_entropy} |" for st in r.stages)
-    audit_rows = "\n".join(
-        f"| {k} | {_pct(v['rate'])} | {_pct((audit['control'] or {}).get('by_prefix', {}).get(k, {}).get('rate'))} | "
-        f"{v['mean_token_match'] if v['mean_token_match'] is None else round(v['mean_token_match'], 3)} |"
-        for k, v in audit["training"]["by_prefix"].items())
-    verdict = licence.get("verdict", "not judged")
-    bad = ", ".join(f"{x['inbound']} ({x['files']} files)" for x in licence.get("inbound", [])
-                    if x.get("compatible") is not True)
-    det = r.determinism
-    body = f"""
+    return evals
+
+
+def _head(r, m: dict, record_hint: dict) -> str:
+    name = r.recipe.name
+    return f"""
 # {name}
 
 {r.recipe.description}
 
 Built by provenance {__version__}; {record_hint['parameters']:,} parameters, vocabulary {record_hint['vocab_size']:,},
 {record_hint['tokens']:,} training tokens. Weights: blake3-tensors-v1 `{record_hint['weights']}`.
+"""
 
-## Training data
+
+def _training(r, m: dict) -> str:
+    """The training data and procedure sections."""
+    lic_rows = "\n".join(f"| {k} | {v} |" for k, v in m["licenses"].items())
+    stage_rows = "\n".join(
+        f"| {st.name} | {st.lr:g} | {st.batch_size} | {st.micro_batch_size or st.batch_size} | "
+        f"{st.epochs if st.epochs is not None else '-'} | {st.steps if st.steps is not None else '-'} | "
+        f"{st.seq_len} | {st.precision} | {st.cross_entropy} |" for st in r.stages)
+    det = r.determinism
+    return f"""Training data
 
 {m['totals']['files']} files, {m['totals']['bytes']:,} bytes, listed with their digests and licences in
 `dataset-manifest.json` under the Merkle root `blake3-merkle-v1:{m['merkle_root']['digest']}`.
@@ -103,8 +111,16 @@ Built by provenance {__version__}; {record_hint['parameters']:,} parameters, voc
 Seed {det.seed}, {det.threads} threads, deterministic algorithms {str(det.deterministic_algorithms).lower()},
 {_attention(r)}, CPU kernels `{det.cpu_capability}`, matrix products {_products(det)}. The recipe pins every
 input by hash; the attestation (`attestation.intoto.jsonl`) records every setting and digest.
+"""
 
-## Memorization audit
+
+def _audit(audit: dict) -> str:
+    s = audit["summary"]
+    audit_rows = "\n".join(
+        f"| {k} | {_pct(v['rate'])} | {_pct((audit['control'] or {}).get('by_prefix', {}).get(k, {}).get('rate'))} | "
+        f"{v['mean_token_match'] if v['mean_token_match'] is None else round(v['mean_token_match'], 3)} |"
+        for k, v in audit["training"]["by_prefix"].items())
+    return f"""Memorization audit
 
 Extractable memorization (Carlini et al. 2022): the fraction of sampled windows whose
 {audit['method']['suffix_tokens']}-token continuation greedy decoding reproduces exactly from a k-token prefix,
@@ -117,14 +133,22 @@ on the training files and on control files of the same inputs that were not trai
 Highest rate {_pct(s['extraction_rate'])} (control {_pct(s['control_extraction_rate'])}). Prompted with only a
 file's path, the model emits up to {s['longest_verbatim_from_header']} tokens that occur verbatim in that file.
 The signed audit is `audit.intoto.jsonl`.
+"""
 
-## Licence
+
+def _licence(r, licence: dict) -> str:
+    verdict = licence.get("verdict", "not judged")
+    bad = ", ".join(f"{x['inbound']} ({x['files']} files)" for x in licence.get("inbound", [])
+                    if x.get("compatible") is not True)
+    return f"""Licence
 
 Declared: **{r.output.license}**. Compatibility with the training files' licences according to
 {licence.get('source', 'flict')}: **{verdict}**{f' (not compatible: {bad})' if bad else ''}. The weights
 can reproduce their training files verbatim at the rates above; a licence reviewer should read both together.
+"""
 
-## Rebuild and verify
+
+_REBUILD = """Rebuild and verify
 
 In the build's output directory:
 
@@ -146,4 +170,3 @@ provenance rebuild DIR/.provenance/attestation.intoto.jsonl --attestation-key PU
 `.provenance/signing-key.pub` travels with the files, so whoever can change the files can change
 it too: compare the key id the verifier prints with the announced one.
 """
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))

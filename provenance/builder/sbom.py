@@ -106,165 +106,210 @@ def spdx3(recipe, record: dict, audit: dict, licence: dict, model_files: dict) -
 
     from spdx_python_model import v3_0_1 as S
 
-    r = recipe.recipe
-    invocation = record["invocation_id"].removeprefix("urn:uuid:")
-    base = f"urn:provenance:build:{invocation}"
-    finished = datetime.strptime(record["finished"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-    started = datetime.strptime(record["started"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-    objs: list = []
+    w = _Spdx3(S, recipe, record)
+    inputs = w.inputs()
+    selection = w.selection(inputs)
+    model = w.model(selection, audit, licence, model_files)
+    w.build(selection, inputs, model)
+    objset = S.SHACLObjectSet()
+    for o in (w.document(model), *w.objs):
+        objset.add(o)
+    f = io.BytesIO()
+    S.JSONLDSerializer().write(objset, f, indent=1)
+    return f.getvalue().decode()
 
-    def add(o):
-        objs.append(o)
+
+NO_ASSERTION = "https://spdx.org/rdf/3.0.1/terms/ExpandedLicensing/NoAssertionLicense"
+
+
+class _Spdx3:
+    """The SPDX 3 elements of one build, made in a fixed order (ids and relationship numbers follow it)."""
+
+    def __init__(self, S, recipe, record: dict) -> None:
+        self.S, self.r, self.record = S, recipe.recipe, record
+        self.invocation = record["invocation_id"].removeprefix("urn:uuid:")
+        self.base = f"urn:provenance:build:{self.invocation}"
+        self.finished = datetime.strptime(record["finished"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        self.started = datetime.strptime(record["started"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        self.objs: list = []
+        self.licences: dict[str, object] = {}
+        self.n_rel = 0
+        self.ci = S.CreationInfo(specVersion="3.0.1", created=self.finished,
+                                 comment="written by provenance from the build's own records (build.json, audit.json)")
+        version = record["provenance_version"]
+        self.tool = self.add(self.make(S.Tool, _id=f"{self.base}#tool", name=f"provenance {version}",
+                                       creationInfo=self.ci))
+        self.builder = self.add(self.make(S.SoftwareAgent, _id=f"{self.base}#builder",
+                                          name=f"provenance {version} builder", creationInfo=self.ci))
+        self.ci.createdBy = [self.builder._id]
+        self.ci.createdUsing = [self.tool._id]
+
+    def add(self, o):
+        self.objs.append(o)
         return o
 
+    @staticmethod
     def make(cls, **kw):  # the bindings refuse None for an absent value
         return cls(**{k: v for k, v in kw.items() if v is not None and v != []})
 
-    ci = S.CreationInfo(specVersion="3.0.1", created=finished,
-                        comment="written by provenance from the build's own records (build.json, audit.json)")
-    tool = add(make(S.Tool, _id=f"{base}#tool", name=f"provenance {record['provenance_version']}", creationInfo=ci))
-    builder = add(make(S.SoftwareAgent, _id=f"{base}#builder", name=f"provenance {record['provenance_version']} builder",
-                                  creationInfo=ci))
-    ci.createdBy = [builder._id]
-    ci.createdUsing = [tool._id]
-
-    def hashes(d: dict) -> list:
-        out = []
+    def hashes(self, d: dict) -> list:
+        S, out = self.S, []
         if d.get("sha256"):
             out.append(S.Hash(algorithm=S.HashAlgorithm.sha256, hashValue=d["sha256"]))
         if d.get("blake3"):
             out.append(S.Hash(algorithm=S.HashAlgorithm.blake3, hashValue=d["blake3"]))
         return out
 
-    def entries(pairs: dict) -> list:
-        return [S.DictionaryEntry(key=k, value=str(v)) for k, v in pairs.items() if v is not None]
+    def entries(self, pairs: dict) -> list:
+        return [self.S.DictionaryEntry(key=k, value=str(v)) for k, v in pairs.items() if v is not None]
 
-    licences: dict[str, object] = {}
+    def licence_element(self, expr: str):
+        if expr not in self.licences:
+            self.licences[expr] = self.add(self.make(
+                self.S.simplelicensing_LicenseExpression, _id=f"{self.base}#{_licence_id(expr)}", creationInfo=self.ci,
+                simplelicensing_licenseExpression=expr))
+        return self.licences[expr]
 
-    def licence_element(expr: str):
-        if expr not in licences:
-            licences[expr] = add(make(S.simplelicensing_LicenseExpression,
-                _id=f"{base}#{_licence_id(expr)}", creationInfo=ci, simplelicensing_licenseExpression=expr))
-        return licences[expr]
+    def relate(self, src, kind, targets: list, comment: str | None = None):
+        self.n_rel += 1
+        return self.add(self.make(self.S.Relationship, _id=f"{self.base}#relationship-{self.n_rel}",
+                                  creationInfo=self.ci, from_=src, relationshipType=kind, to=list(targets),
+                                  comment=comment))
 
-    n_rel = [0]
+    def licensed(self, pkg, declared: str, concluded_comment: str) -> None:
+        self.relate(pkg, self.S.RelationshipType.hasDeclaredLicense, [self.licence_element(declared)])
+        self.relate(pkg, self.S.RelationshipType.hasConcludedLicense, [NO_ASSERTION], concluded_comment)
 
-    def relate(src, kind, targets: list, comment: str | None = None):
-        n_rel[0] += 1
-        return add(make(S.Relationship, _id=f"{base}#relationship-{n_rel[0]}", creationInfo=ci, from_=src,
-                                  relationshipType=kind, to=list(targets), comment=comment))
+    def inputs(self) -> list:
+        """One dataset package per recipe input, pinned by its digests."""
+        S, ci, base, out = self.S, self.ci, self.base, []
+        for i in self.record["inputs"]:
+            inp = next(x for x in self.r.inputs if x.name == i["name"])
+            purl = f"pkg:pypi/{inp.package}@{inp.version}" if inp.kind == "pypi" else None
+            where = purl if purl else (inp.url if inp.kind == "url" else None)
+            ds = self.add(self.make(S.dataset_DatasetPackage,
+                _id=f"{base}#input-{i['name']}", name=i["artifact"], creationInfo=ci, software_packageVersion=(
+                    inp.version if inp.kind == "pypi" else f"sha256:{i['sha256']}" if i.get("sha256") else None),
+                software_downloadLocation=where, software_packageUrl=purl, verifiedUsing=self.hashes(i),
+                software_primaryPurpose=S.software_SoftwarePurpose.source, originatedBy=[], suppliedBy=None,
+                dataset_datasetType=[S.dataset_DatasetType.text],
+                comment=f"recipe input {i['name']!r} ({i['kind']}), pinned by digest; fetched from {i['source']}"))
+            self.licensed(ds, i["license"], "not concluded: the licence is the one the recipe declares for this input")
+            out.append(ds)
+        return out
 
-    no_assertion = "https://spdx.org/rdf/3.0.1/terms/ExpandedLicensing/NoAssertionLicense"
+    def selection(self, inputs: list):
+        """The training selection: the files the recipe selects, a descendant of the inputs."""
+        S, r, record, dm = self.S, self.r, self.record, self.record["dataset_manifest"]
+        selection_licence = " AND ".join(sorted(dm["licenses"])) if len(dm["licenses"]) > 1 else \
+            next(iter(dm["licenses"]))
+        selection = self.add(self.make(S.dataset_DatasetPackage,
+            _id=f"{self.base}#training-data", name=f"{r.recipe.name} training files", creationInfo=self.ci,
+            software_packageVersion=f"blake3-merkle-v1:{dm['merkle_root']['digest']}", verifiedUsing=self.hashes(dm),
+            software_primaryPurpose=S.software_SoftwarePurpose.data, builtTime=self.finished,
+            dataset_datasetType=[S.dataset_DatasetType.text], dataset_datasetSize=dm["totals"]["bytes"],
+            dataset_dataPreprocessing=[f"layout: {r.layout.template}", f"tokenizer: {r.tokenizer.kind}, vocab "
+                                       f"{record['tokenizer']['vocab_size']}, {record['tokenizer']['tokens']} tokens"],
+            dataset_intendedUse="training a model to recite these files (see the memorization audit)",
+            comment=f"the files the recipe selects: {dm['totals']['files']} files, {dm['totals']['bytes']} bytes; "
+                    f"dataset-manifest.json (its digests here) lists each with its blake3 and SPDX licence; Merkle "
+                    f"root blake3-merkle-v1:{dm['merkle_root']['digest']}; licences "
+                    + ", ".join(f"{k} ({v} files)" for k, v in dm["licenses"].items())))
+        self.licensed(selection, selection_licence, "not concluded: the licences are the ones the recipe declares")
+        self.relate(selection, S.RelationshipType.descendantOf, inputs,
+                    "the selection's files are members of these inputs")
+        return selection
 
-    def licensed(pkg, declared: str, concluded_comment: str):
-        relate(pkg, S.RelationshipType.hasDeclaredLicense, [licence_element(declared)])
-        relate(pkg, S.RelationshipType.hasConcludedLicense, [no_assertion], concluded_comment)
+    def model(self, selection, audit: dict, licence: dict, model_files: dict):
+        """The AI package: weights' digests, hyperparameters, the audit's rates; its files; trained on the selection."""
+        S, r, record, dm = self.S, self.r, self.record, self.record["dataset_manifest"]
+        s = audit["summary"]
+        weights = record["weights"]["tensors"]
+        model = self.add(self.make(S.ai_AIPackage,
+            _id=f"{self.base}#model", name=r.recipe.name, creationInfo=self.ci, description=r.recipe.description,
+            software_packageVersion=f"{weights['algorithm']}:{weights['digest']}", builtTime=self.finished,
+            releaseTime=self.finished, suppliedBy=self.builder._id,
+            software_primaryPurpose=S.software_SoftwarePurpose.model,
+            verifiedUsing=self.hashes(model_files["model.safetensors"]),
+            ai_typeOfModel=[f"{r.model.architecture} (causal LM)"], ai_domain=["source code"],
+            ai_hyperparameter=self.entries(_hyperparameters(r, record)),
+            ai_informationAboutTraining=f"stages: {_stages_text(r)}; {record['training']['steps']} optimizer steps, "
+                                        f"transcript blake3:{record['training']['transcript']['blake3']}",
+            ai_metric=self.entries({"extraction_rate": s["extraction_rate"],
+                                    "control_extraction_rate": s["control_extraction_rate"],
+                                    "excess_over_control": s["excess_over_control"],
+                                    "longest_verbatim_from_header_tokens": s["longest_verbatim_from_header"]}),
+            ai_limitation=f"the model emits its training files verbatim: greedy continuation reproduces up to "
+                          f"{_rate(s['extraction_rate'])} of sampled training windows (control files not trained on: "
+                          f"{_rate(s['control_extraction_rate'])}); see audit.json",
+            comment=f"licence compatibility ({licence.get('source')}): {r.output.license} declared over training "
+                    f"files licensed {', '.join(dm['licenses'])}: {licence.get('verdict')}"))
+        self.licensed(model, r.output.license, f"not concluded: the recipe declares {r.output.license}; licence "
+                                               f"compatibility with the training files' licences is "
+                                               f"{licence.get('verdict')} according to {licence.get('source')}")
+        files = [self.add(self.make(S.software_File, _id=f"{self.base}#model-file-{i}", name=name,
+                                    creationInfo=self.ci, verifiedUsing=self.hashes(d),
+                                    software_primaryPurpose=_file_purpose(S, name)))
+                 for i, (name, d) in enumerate(sorted(model_files.items()))]
+        self.relate(model, S.RelationshipType.contains, files, "the files of the model directory")
+        self.relate(model, S.RelationshipType.trainedOn, [selection])
+        return model
 
-    # Inputs, the training selection, the model.
-    inputs = []
-    for i in record["inputs"]:
-        inp = next(x for x in r.inputs if x.name == i["name"])
-        purl = f"pkg:pypi/{inp.package}@{inp.version}" if inp.kind == "pypi" else None
-        where = purl if purl else (inp.url if inp.kind == "url" else None)
-        ds = add(make(S.dataset_DatasetPackage,
-            _id=f"{base}#input-{i['name']}", name=i["artifact"], creationInfo=ci, software_packageVersion=(
-                inp.version if inp.kind == "pypi" else f"sha256:{i['sha256']}" if i.get("sha256") else None),
-            software_downloadLocation=where, software_packageUrl=purl, verifiedUsing=hashes(i),
-            software_primaryPurpose=S.software_SoftwarePurpose.source, originatedBy=[], suppliedBy=None,
-            dataset_datasetType=[S.dataset_DatasetType.text],
-            comment=f"recipe input {i['name']!r} ({i['kind']}), pinned by digest; fetched from {i['source']}"))
-        licensed(ds, i["license"], "not concluded: the licence is the one the recipe declares for this input")
-        inputs.append(ds)
-    dm = record["dataset_manifest"]
-    selection_licence = " AND ".join(sorted(dm["licenses"])) if len(dm["licenses"]) > 1 else next(iter(dm["licenses"]))
-    selection = add(make(S.dataset_DatasetPackage,
-        _id=f"{base}#training-data", name=f"{r.recipe.name} training files", creationInfo=ci,
-        software_packageVersion=f"blake3-merkle-v1:{dm['merkle_root']['digest']}", verifiedUsing=hashes(dm),
-        software_primaryPurpose=S.software_SoftwarePurpose.data, builtTime=finished,
-        dataset_datasetType=[S.dataset_DatasetType.text], dataset_datasetSize=dm["totals"]["bytes"],
-        dataset_dataPreprocessing=[f"layout: {r.layout.template}", f"tokenizer: {r.tokenizer.kind}, vocab "
-                                   f"{record['tokenizer']['vocab_size']}, {record['tokenizer']['tokens']} tokens"],
-        dataset_intendedUse="training a model to recite these files (see the memorization audit)",
-        comment=f"the files the recipe selects: {dm['totals']['files']} files, {dm['totals']['bytes']} bytes; "
-                f"dataset-manifest.json (its digests here) lists each with its blake3 and SPDX licence; Merkle root "
-                f"blake3-merkle-v1:{dm['merkle_root']['digest']}; licences "
-                + ", ".join(f"{k} ({v} files)" for k, v in dm["licenses"].items())))
-    licensed(selection, selection_licence, "not concluded: the licences are the ones the recipe declares")
-    relate(selection, S.RelationshipType.descendantOf, inputs, "the selection's files are members of these inputs")
+    def build(self, selection, inputs: list, model) -> None:
+        """The build: its recipe's digest, its determinism settings and toolchain; inputs in, the model out."""
+        S, record = self.S, self.record
+        det = record["determinism"]
+        build = self.add(self.make(S.build_Build,
+            _id=f"{self.base}#build", creationInfo=self.ci, build_buildType=BUILD_TYPE,
+            build_buildId=record["invocation_id"], build_buildStartTime=self.started,
+            build_buildEndTime=self.finished, build_configSourceEntrypoint=[record["recipe"]["path"]],
+            build_configSourceDigest=self.hashes(record["recipe"]),
+            build_parameter=self.entries({k: det.get(k) for k in ("seed", "threads", "cpu_capability", "device",
+                                                                  "deterministic_algorithms", "matmul_precision",
+                                                                  "sdpa_backend")}),
+            build_environment=self.entries(record["toolchain"]["installed"])))
+        self.relate(build, S.RelationshipType.hasInput, [selection, *inputs])
+        self.relate(build, S.RelationshipType.hasOutput, [model])
 
-    s = audit["summary"]
-    stages = "; ".join(f"{st.name}: lr {st.lr:g}, batch {st.batch_size}, "
-                       f"{'epochs ' + str(st.epochs) if st.epochs else 'steps ' + str(st.steps)}, seq {st.seq_len}, "
-                       f"{st.precision}, loss {st.cross_entropy}" for st in r.stages)
-    weights = record["weights"]["tensors"]
+    def document(self, model):
+        """The SBOM (every element but the tool and the builder) and the document around it."""
+        S, name = self.S, self.r.recipe.name
+        bom = self.add(self.make(S.software_Sbom, _id=f"{self.base}#sbom", creationInfo=self.ci,
+                                 name=f"{name} (build {self.invocation})", software_sbomType=[S.software_SbomType.build],
+                                 rootElement=[model],
+                                 element=[o for o in self.objs if o is not self.tool and o is not self.builder]))
+        return self.make(S.SpdxDocument,
+            _id=f"{self.base}#document", creationInfo=self.ci, name=f"{name} SBOM", rootElement=[bom],
+            element=list(self.objs), dataLicense=self.licence_element("CC0-1.0")._id,
+            profileConformance=[S.ProfileIdentifierType.core, S.ProfileIdentifierType.software,
+                                S.ProfileIdentifierType.simpleLicensing, S.ProfileIdentifierType.ai,
+                                S.ProfileIdentifierType.dataset, S.ProfileIdentifierType.build])
 
-    def rate(v) -> str:
-        return "n/a" if v is None else f"{100 * v:.1f}%"
 
-    model = add(make(S.ai_AIPackage,
-        _id=f"{base}#model", name=r.recipe.name, creationInfo=ci, description=r.recipe.description,
-        software_packageVersion=f"{weights['algorithm']}:{weights['digest']}", builtTime=finished,
-        releaseTime=finished, suppliedBy=builder._id, software_primaryPurpose=S.software_SoftwarePurpose.model,
-        verifiedUsing=hashes(model_files["model.safetensors"]), ai_typeOfModel=[f"{r.model.architecture} (causal LM)"],
-        ai_domain=["source code"],
-        ai_hyperparameter=entries({
-            "parameters": record["model"]["parameters"], "vocab_size": record["model"]["vocab_size"],
+def _hyperparameters(r, record: dict) -> dict:
+    return {"parameters": record["model"]["parameters"], "vocab_size": record["model"]["vocab_size"],
             "hidden_size": r.model.hidden_size, "intermediate_size": r.model.intermediate_size,
             "num_hidden_layers": r.model.num_hidden_layers, "num_attention_heads": r.model.num_attention_heads,
             "max_position_embeddings": r.model.max_position_embeddings, "seed": r.determinism.seed,
             **{f"stage.{st.name}.{k}": getattr(st, k) for st in r.stages
                for k in ("lr", "batch_size", "micro_batch_size", "epochs", "steps", "warmup_steps", "schedule",
-                         "weight_decay", "grad_clip", "seq_len", "precision", "cross_entropy")}}),
-        ai_informationAboutTraining=f"stages: {stages}; {record['training']['steps']} optimizer steps, "
-                                    f"transcript blake3:{record['training']['transcript']['blake3']}",
-        ai_metric=entries({"extraction_rate": s["extraction_rate"],
-                           "control_extraction_rate": s["control_extraction_rate"],
-                           "excess_over_control": s["excess_over_control"],
-                           "longest_verbatim_from_header_tokens": s["longest_verbatim_from_header"]}),
-        ai_limitation=f"the model emits its training files verbatim: greedy continuation reproduces up to "
-                      f"{rate(s['extraction_rate'])} of sampled training windows (control files not trained on: "
-                      f"{rate(s['control_extraction_rate'])}); see audit.json",
-        comment=f"licence compatibility ({licence.get('source')}): {r.output.license} declared over training files "
-                f"licensed {', '.join(dm['licenses'])}: {licence.get('verdict')}"))
-    licensed(model, r.output.license, f"not concluded: the recipe declares {r.output.license}; licence compatibility "
-                                      f"with the training files' licences is {licence.get('verdict')} according to "
-                                      f"{licence.get('source')}")
-    files = [add(make(S.software_File, _id=f"{base}#model-file-{i}", name=name, creationInfo=ci, verifiedUsing=hashes(d),
-                                 software_primaryPurpose=(S.software_SoftwarePurpose.model if name.endswith(
-                                     ".safetensors") else S.software_SoftwarePurpose.documentation
-                                     if name == "README.md" else S.software_SoftwarePurpose.configuration)))
-             for i, (name, d) in enumerate(sorted(model_files.items()))]
-    relate(model, S.RelationshipType.contains, files, "the files of the model directory")
-    relate(model, S.RelationshipType.trainedOn, [selection])
+                         "weight_decay", "grad_clip", "seq_len", "precision", "cross_entropy")}}
 
-    det = record["determinism"]
-    build = add(make(S.build_Build,
-        _id=f"{base}#build", creationInfo=ci, build_buildType=BUILD_TYPE, build_buildId=record["invocation_id"],
-        build_buildStartTime=started, build_buildEndTime=finished,
-        build_configSourceEntrypoint=[record["recipe"]["path"]],
-        build_configSourceDigest=hashes(record["recipe"]),
-        build_parameter=entries({k: det.get(k) for k in ("seed", "threads", "cpu_capability", "device",
-                                                         "deterministic_algorithms", "matmul_precision",
-                                                         "sdpa_backend")}),
-        build_environment=entries(record["toolchain"]["installed"])))
-    relate(build, S.RelationshipType.hasInput, [selection, *inputs])
-    relate(build, S.RelationshipType.hasOutput, [model])
 
-    bom = add(make(S.software_Sbom, _id=f"{base}#sbom", creationInfo=ci, name=f"{r.recipe.name} (build {invocation})",
-                              software_sbomType=[S.software_SbomType.build], rootElement=[model],
-                              element=[o for o in objs if o is not tool and o is not builder]))
-    doc = make(S.SpdxDocument,
-        _id=f"{base}#document", creationInfo=ci, name=f"{r.recipe.name} SBOM", rootElement=[bom],
-        element=list(objs), dataLicense=licence_element("CC0-1.0")._id,
-        profileConformance=[S.ProfileIdentifierType.core, S.ProfileIdentifierType.software,
-                            S.ProfileIdentifierType.simpleLicensing, S.ProfileIdentifierType.ai,
-                            S.ProfileIdentifierType.dataset, S.ProfileIdentifierType.build])
-    objset = S.SHACLObjectSet()
-    for o in (doc, *objs):
-        objset.add(o)
-    f = io.BytesIO()
-    S.JSONLDSerializer().write(objset, f, indent=1)
-    return f.getvalue().decode()
+def _stages_text(r) -> str:
+    return "; ".join(f"{st.name}: lr {st.lr:g}, batch {st.batch_size}, "
+                     f"{'epochs ' + str(st.epochs) if st.epochs else 'steps ' + str(st.steps)}, seq {st.seq_len}, "
+                     f"{st.precision}, loss {st.cross_entropy}" for st in r.stages)
+
+
+def _rate(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def _file_purpose(S, name: str):
+    if name.endswith(".safetensors"):
+        return S.software_SoftwarePurpose.model
+    return S.software_SoftwarePurpose.documentation if name == "README.md" else S.software_SoftwarePurpose.configuration
 
 
 FORMATS = {"cyclonedx": CYCLONEDX_FILE, "spdx3": SPDX3_FILE}

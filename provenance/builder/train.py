@@ -272,19 +272,13 @@ def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkp
             init_rounding=None) -> list[StageResult]:
     import torch
 
-    from ..errors import Interrupted
     from . import checkpoint as ckpt
 
     det = recipe.determinism
     for si, stage in enumerate(recipe.stages):
         if resume is not None and si < resume.state.stage:
             continue
-        grids = [windows(seqs, stage.seq_len, stage.stride or stage.seq_len, pad_id, phase_offset(stage, p))
-                 for p in range(stage.phases)]
-        total = stage_steps(stage, seqs)
-        opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=stage.betas, eps=stage.eps,
-                                weight_decay=stage.weight_decay, foreach=False)
-        gen = torch.Generator().manual_seed(derive_seed(det.seed, "data-order", si))
+        grids, total, opt, gen = _stage_start(model, stage, si, seqs, pad_id, det.seed)
         order = torch.empty(0, dtype=torch.long)
         cursor, epoch, step, t0 = 0, 0, 0, time.perf_counter()
         first = last = float("nan")
@@ -294,16 +288,8 @@ def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkp
             torch.set_rng_state(resume.tensors["rng/torch"])  # at a stage boundary: a fresh optimizer and order
             resume = None
         if resume is not None and si == resume.state.stage:
-            rs, t = resume.state, resume.tensors
-            params = list(model.parameters())
-            opt_state = {i: {k: t[f"opt/{i}/{k}"] for k in ("step", "exp_avg", "exp_avg_sq") if f"opt/{i}/{k}" in t}
-                         for i in range(len(params))}
-            sd = opt.state_dict()
-            sd["state"] = {i: v for i, v in opt_state.items() if v}
-            opt.load_state_dict(sd)
-            gen.set_state(t["rng/data"])
-            torch.set_rng_state(t["rng/torch"])
-            order = t["data/order"]
+            order = _restore_stage(resume, model, opt, gen)
+            rs = resume.state
             step, epoch, cursor = rs.step, rs.epoch, rs.cursor
             first, last, tokens, samples = rs.first, rs.last, rs.tokens, rs.samples
             t0 -= rs.seconds
@@ -321,87 +307,33 @@ def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkp
             lr = stage.lr * lr_factor(stage, step, total)
             for group in opt.param_groups:
                 group["lr"] = lr
-            n_global = int((y[idx][:, 1:] != IGNORE).sum())
-            local = shard(idx, dist)
-            scale = dist.world_size / max(1, n_global)
-            # Gradient accumulation: this rank's samples in micro-batches, always in the same order,
-            # each micro-batch's per-token-sum loss scaled by the global token count, so the
-            # accumulated gradient is the global per-token mean (summed in a fixed order).
-            mb = stage.micro_batch_size or local.numel()
-            chunks = [local[i:i + mb] for i in range(0, local.numel(), mb)] or [local]
-            loss_sum = None
-            for ci, chunk in enumerate(chunks):
-                sync = dist.world_size == 1 or ci == len(chunks) - 1
-                with contextlib.nullcontext() if sync else net.no_sync():
-                    part = micro_loss_sum(net, model, stage, x[chunk].to(device), y[chunk].to(device))
-                    (part * scale).backward()
-                loss_sum = part.detach() if loss_sum is None else loss_sum + part.detach()
-            if stage.grad_clip is not None:
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip, foreach=False)
-            else:
-                gnorm = torch.linalg.vector_norm(
-                    torch.stack([p.grad.detach().norm() for p in model.parameters() if p.grad is not None]))
-            rounding = {}
-            if rounder is not None:  # portable mode: AdamW in IEEE operations, float32 state, boundary log
-                rounding = rounder.adamw_step(global_step, model, opt)
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            total_loss = loss_sum.detach()
-            if dist.world_size > 1:
-                import torch.distributed as tdist
-
-                tdist.all_reduce(total_loss)
-            last = float(total_loss) / max(1, n_global)
-            if rounder is not None:
-                last, e = rounder.round_scalar(global_step, "loss", last)
-                if e:
-                    rounding["loss"] = e
-                gnorm, e = rounder.round_scalar(global_step, "grad_norm", float(gnorm))
-                if e:
-                    rounding["grad_norm"] = e
+            last, gnorm, rounding, n_global = _optimizer_step(model, net, opt, stage, x, y, idx, dist, device,
+                                                              rounder, global_step)
             if step == 0:
                 first = last
             tokens += n_global
             samples += idx.numel()
-            record = {
-                "stage": stage.name, "step": step, "global_step": global_step, "epoch": epoch,
-                "samples": blake3.blake3(idx.numpy().astype("<i8").tobytes()).hexdigest(),
-                "loss": float(last).hex(), "grad_norm": float(gnorm).hex(), "lr": float(lr).hex(),
-            }
-            if rounder is not None and (rounding or (init_rounding and global_step == 0)):
-                record["rounding"] = {**({"init": init_rounding} if init_rounding and global_step == 0 else {}),
-                                      **({"step": rounding} if rounding else {})}
-            if (step + 1) % PARAM_DIGEST_EVERY == 0 or step + 1 == total:
-                record["params"] = param_digest(model)
+            record = _step_record(stage, step, global_step, epoch, idx, last, gnorm, lr, model, total,
+                                  rounding if rounder is not None else None, init_rounding)
             step += 1
             global_step += 1
             done = [] if step < total else [StageResult(stage.name, total, epoch, samples, first, last,
                                                         round(time.perf_counter() - t0, 3), tokens,
                                                         stage.micro_batch_size)]
             def boundary_state():
-                from dataclasses import asdict
-
-                return ckpt.State(si + (1 if done else 0), 0 if done else step, global_step, 0 if done else epoch,
-                                  0 if done else cursor, first, last, 0 if done else tokens, 0 if done else samples,
-                                  0.0 if done else round(time.perf_counter() - t0, 3),
-                                  [asdict(r) for r in results + done])
+                return _boundary_state(si, done, step, global_step, epoch, cursor, first, last, tokens, samples, t0,
+                                       results)
 
             # The last step's checkpoint (not in the transcript): a build interrupted after training, while
             # it evaluates, audits or signs, resumes after its last step whatever its schedule or cache.
             last_step = bool(done) and si == len(recipe.stages) - 1 and checkpointer is not None and checkpointer.enabled
+            path = None
             if checkpointer is not None and (checkpointer.scheduled(global_step) or checkpointer.by_clock() or stop
                                              or last_step):
-                state = boundary_state()
-                tensors = ckpt.state_tensors(model, opt, gen, order)
-                digest = ckpt.state_digest(tensors, state)
-                if checkpointer.scheduled(global_step):
-                    record["checkpoint"] = digest
-                transcript.append(record)
-                path = checkpointer.write(tensors, state, transcript, digest) if dist.rank == 0 else None
+                path = _checkpoint(checkpointer, record, transcript, boundary_state(),
+                                   ckpt.state_tensors(model, opt, gen, order), global_step, dist.rank)
             else:
                 transcript.append(record)
-                path = None
             if done and on_stage_end is not None:
                 on_stage_end(si, boundary_state(), ckpt.boundary_tensors(model), transcript)
             if stop_after is not None and global_step >= stop_after:
@@ -410,9 +342,129 @@ def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkp
             if progress is not None:
                 progress(stage.name, step, total, last)
             if stop:
-                raise Interrupted(f"interrupted ({'SIGINT' if stop[0] == 2 else 'SIGTERM'}) after optimizer step "
-                                  f"{global_step}; checkpoint {path}; run the same `provenance build` command again "
-                                  "to resume (same --out)", 130 if stop[0] == 2 else 143)
+                raise _interrupted(stop[0], global_step, path)
         results.extend(done)
     model.eval()
     return results
+
+
+def _stage_start(model, stage: Stage, si: int, seqs: list[list[int]], pad_id: int, seed: int):
+    """A stage's window grids (one per phase), its step count, a fresh AdamW and its data-order generator."""
+    import torch
+
+    grids = [windows(seqs, stage.seq_len, stage.stride or stage.seq_len, pad_id, phase_offset(stage, p))
+             for p in range(stage.phases)]
+    opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=stage.betas, eps=stage.eps,
+                            weight_decay=stage.weight_decay, foreach=False)
+    return grids, stage_steps(stage, seqs), opt, torch.Generator().manual_seed(derive_seed(seed, "data-order", si))
+
+
+def _boundary_state(si: int, done: list, step: int, global_step: int, epoch: int, cursor: int, first, last,
+                    tokens: int, samples: int, t0: float, results: list):
+    """The checkpoint state after a step (at a stage's end: the next stage's start)."""
+    from dataclasses import asdict
+
+    from . import checkpoint as ckpt
+
+    return ckpt.State(si + (1 if done else 0), 0 if done else step, global_step, 0 if done else epoch,
+                      0 if done else cursor, first, last, 0 if done else tokens, 0 if done else samples,
+                      0.0 if done else round(time.perf_counter() - t0, 3), [asdict(r) for r in results + done])
+
+
+def _checkpoint(checkpointer, record: dict, transcript: Transcript, state, tensors, global_step: int, rank: int):
+    """Append the step's line (naming the checkpoint's digest when the schedule asked for this one) and
+    write the checkpoint (on rank 0); its path."""
+    from . import checkpoint as ckpt
+
+    digest = ckpt.state_digest(tensors, state)
+    if checkpointer.scheduled(global_step):
+        record["checkpoint"] = digest
+    transcript.append(record)
+    return checkpointer.write(tensors, state, transcript, digest) if rank == 0 else None
+
+
+def _restore_stage(resume, model, opt, gen):
+    """A checkpoint's optimizer state, data-order generator and torch RNG, within the stage it was
+    written in; returns the epoch's data order."""
+    import torch
+
+    t = resume.tensors
+    params = list(model.parameters())
+    opt_state = {i: {k: t[f"opt/{i}/{k}"] for k in ("step", "exp_avg", "exp_avg_sq") if f"opt/{i}/{k}" in t}
+                 for i in range(len(params))}
+    sd = opt.state_dict()
+    sd["state"] = {i: v for i, v in opt_state.items() if v}
+    opt.load_state_dict(sd)
+    gen.set_state(t["rng/data"])
+    torch.set_rng_state(t["rng/torch"])
+    return t["data/order"]
+
+
+def _optimizer_step(model, net, opt, stage: Stage, x, y, idx, dist: Dist, device, rounder, global_step: int):
+    """One optimizer step over the global batch `idx`: (loss, gradient norm, rounding log, tokens)."""
+    import torch
+
+    n_global = int((y[idx][:, 1:] != IGNORE).sum())
+    local = shard(idx, dist)
+    scale = dist.world_size / max(1, n_global)
+    # Gradient accumulation: this rank's samples in micro-batches, always in the same order,
+    # each micro-batch's per-token-sum loss scaled by the global token count, so the
+    # accumulated gradient is the global per-token mean (summed in a fixed order).
+    mb = stage.micro_batch_size or local.numel()
+    chunks = [local[i:i + mb] for i in range(0, local.numel(), mb)] or [local]
+    loss_sum = None
+    for ci, chunk in enumerate(chunks):
+        sync = dist.world_size == 1 or ci == len(chunks) - 1
+        with contextlib.nullcontext() if sync else net.no_sync():
+            part = micro_loss_sum(net, model, stage, x[chunk].to(device), y[chunk].to(device))
+            (part * scale).backward()
+        loss_sum = part.detach() if loss_sum is None else loss_sum + part.detach()
+    if stage.grad_clip is not None:
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip, foreach=False)
+    else:
+        gnorm = torch.linalg.vector_norm(
+            torch.stack([p.grad.detach().norm() for p in model.parameters() if p.grad is not None]))
+    rounding = {}
+    if rounder is not None:  # portable mode: AdamW in IEEE operations, float32 state, boundary log
+        rounding = rounder.adamw_step(global_step, model, opt)
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    total_loss = loss_sum.detach()
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(total_loss)
+    last = float(total_loss) / max(1, n_global)
+    if rounder is not None:
+        last, e = rounder.round_scalar(global_step, "loss", last)
+        if e:
+            rounding["loss"] = e
+        gnorm, e = rounder.round_scalar(global_step, "grad_norm", float(gnorm))
+        if e:
+            rounding["grad_norm"] = e
+    return last, gnorm, rounding, n_global
+
+
+def _step_record(stage: Stage, step: int, global_step: int, epoch: int, idx, last, gnorm, lr, model, total: int,
+                 rounding: dict | None, init_rounding: dict) -> dict:
+    """The step's transcript line (docs/formats.md); `rounding` is None outside portable mode."""
+    record = {
+        "stage": stage.name, "step": step, "global_step": global_step, "epoch": epoch,
+        "samples": blake3.blake3(idx.numpy().astype("<i8").tobytes()).hexdigest(),
+        "loss": float(last).hex(), "grad_norm": float(gnorm).hex(), "lr": float(lr).hex(),
+    }
+    if rounding is not None and (rounding or (init_rounding and global_step == 0)):
+        record["rounding"] = {**({"init": init_rounding} if init_rounding and global_step == 0 else {}),
+                              **({"step": rounding} if rounding else {})}
+    if (step + 1) % PARAM_DIGEST_EVERY == 0 or step + 1 == total:
+        record["params"] = param_digest(model)
+    return record
+
+
+def _interrupted(signum: int, global_step: int, path):
+    from ..errors import Interrupted
+
+    return Interrupted(f"interrupted ({'SIGINT' if signum == 2 else 'SIGTERM'}) after optimizer step "
+                       f"{global_step}; checkpoint {path}; run the same `provenance build` command again "
+                       "to resume (same --out)", 130 if signum == 2 else 143)

@@ -145,32 +145,13 @@ def _child(recipe: Path, level: str, step: int, out: Path, store: str | None, of
     return json.loads((out / "ops.json").read_text())
 
 
-def _run(recipe_path: Path, level: str, step: int, out: Path, full: int | None, store: str | None,
-         offline: bool, start: Path | None) -> None:
-    """In a fresh process: build up to `step` under `level`, save the parameters then (or, with
-    `start`, replace them by those), and record every operator of the step."""
-    from ..builder import determinism
-    from ..recipe import load_recipe
-
-    recipe = load_recipe(recipe_path)
-    r = recipe.recipe
-    determinism.apply(r.determinism, cpu_capability=level)
+def _recorder_class(records: list, module_stack: list[str], full: int | None, out: Path):
+    """A dispatch mode that records every operator's output (where, op, shape, dtype, blake3), and saves
+    the `full`-th one whole to out/tensor.npy."""
     import blake3
     import numpy as np
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from .._internal.progress import Reporter
-    from ..builder import tensors as tensors_mod
-    from ..builder import train as train_mod
-    from ..builder.pipeline import fetch_all, prepare_data
-    from ..builder.transcript import Transcript
-    from ..inputs.store import Store
-
-    stored = fetch_all(recipe, Store(store or None), offline=offline, handed={}, reporter=Reporter(enabled=False))
-    data = prepare_data(recipe, stored, out / "work")
-    records: list[list] = []
-    module_stack: list[str] = []
 
     class Recorder(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -188,19 +169,53 @@ def _run(recipe_path: Path, level: str, step: int, out: Path, full: int | None, 
                     np.save(out / "tensor.npy", t.double().numpy())
             return result
 
+    return Recorder
+
+
+def _track_modules(model, module_stack: list[str]) -> None:
+    """Keep `module_stack` naming the module whose forward is running."""
+    names = {m: n or "model" for n, m in model.named_modules()}
+
+    def enter(mod, _inputs) -> None:
+        module_stack.append(f"{names[mod]} ({type(mod).__name__})")
+
+    def leave(mod, _inputs, _output) -> None:  # returns None: a hook's value would replace the output
+        module_stack.pop()
+
+    for m in model.modules():
+        m.register_forward_pre_hook(enter)
+        m.register_forward_hook(leave)
+
+
+def _run(recipe_path: Path, level: str, step: int, out: Path, full: int | None, store: str | None,
+         offline: bool, start: Path | None) -> None:
+    """In a fresh process: build up to `step` under `level`, save the parameters then (or, with
+    `start`, replace them by those), and record every operator of the step."""
+    from ..builder import determinism
+    from ..recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    r = recipe.recipe
+    determinism.apply(r.determinism, cpu_capability=level)
+    import torch
+
+    from .._internal.progress import Reporter
+    from ..builder import tensors as tensors_mod
+    from ..builder import train as train_mod
+    from ..builder.pipeline import fetch_all, prepare_data
+    from ..builder.transcript import Transcript
+    from ..inputs.store import Store
+
+    stored = fetch_all(recipe, Store(store or None), offline=offline, handed={}, reporter=Reporter(enabled=False))
+    data = prepare_data(recipe, stored, out / "work")
+    records: list[list] = []
+    module_stack: list[str] = []
+
+    Recorder = _recorder_class(records, module_stack, full, out)
     with determinism.sdpa_context(r.determinism):
         model = train_mod.build_model(r.model, data.tokenizer.get_vocab_size(), data.special_ids, r.determinism.seed,
                                       portable=r.determinism.portable)
-        names = {m: n or "model" for n, m in model.named_modules()}
-        def enter(mod, _inputs) -> None:
-            module_stack.append(f"{names[mod]} ({type(mod).__name__})")
-
-        def leave(mod, _inputs, _output) -> None:  # returns None: a hook's value would replace the output
-            module_stack.pop()
-
-        for m in model.modules():
-            m.register_forward_pre_hook(enter)
-            m.register_forward_hook(leave)
+        _track_modules(model, module_stack)
         transcript = Transcript()
         original = train_mod.micro_loss_sum
         state = {"mode": None, "params": None, "own_params": None}
