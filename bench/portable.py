@@ -161,7 +161,9 @@ def main() -> None:
         same_w = runs[label]["weights"]["tensors"]["digest"] == w
         same_t = (base / label / "transcript.jsonl").read_bytes() == tr
         print(f"{label:26s} weights {'equal' if same_w else 'DIFFER'}, transcript {'equal' if same_t else 'differs'}")
-    print(f"ordinary avx2 vs portable avx2 weights: {'equal' if runs['ordinary-avx2']['weights']['tensors']['digest'] == w else 'differ (expected: other numerics)'}")
+    print("ordinary avx2 vs portable avx2 weights: "
+          + ("equal" if runs["ordinary-avx2"]["weights"]["tensors"]["digest"] == w
+             else "differ (expected: other numerics)"))
     margin = ref["determinism"]["portable_margin"]
     for level in levels[1:]:
         h = headroom(base / "x64-avx2.safetensors", base / f"x64-{level}.safetensors", margin)

@@ -307,7 +307,8 @@ def cmd_diverge(args) -> int:
     elif res["identical"]:
         print(f"identical: {res['steps_compared']} steps")
     else:
-        extra = f" (loss {res['loss_a']!r} vs {res['loss_b']!r}, diff {res['loss_diff']:.3g})" if "loss_diff" in res else ""
+        extra = (f" (loss {res['loss_a']!r} vs {res['loss_b']!r}, diff {res['loss_diff']:.3g})"
+                 if "loss_diff" in res else "")
         print(f"first divergence at step {res['step']} (stage {res['stage']} step {res['stage_step']}): "
               f"{res['field']} differs: {res['a']} vs {res['b']}{extra}")
     return 0 if res["identical"] else 1

@@ -221,7 +221,8 @@ def test_fixed_order_is_refused_where_it_cannot_hold(tmp_path, edit, field):
 def test_fixed_order_needs_a_pinned_capability(tmp_path):
     from .conftest import TINY, run_cli
 
-    (tmp_path / "r.toml").write_text(TINY.read_text().replace("threads = 2\n", 'threads = 2\nkernels = "fixed-order"\n'))
+    text = TINY.read_text().replace("threads = 2\n", 'threads = 2\nkernels = "fixed-order"\n')
+    (tmp_path / "r.toml").write_text(text)
     p = run_cli("check-recipe", str(tmp_path / "r.toml"))
     assert p.returncode == 2 and "pin determinism.cpu_capability" in p.stderr, p.stderr
 

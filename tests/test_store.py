@@ -96,11 +96,13 @@ def test_directory_input_pinned_by_tree_digest(tmp_path):
     (d / "a.c").write_text("int a;\n")
     (d / "sub" / "b.h").write_text("#define B\n")
     digest = tree_digest(d)["blake3"]
-    got = fetch_input(Input(name="t", kind="path", path="tree", blake3=digest), Store(tmp_path / "s"), recipe_dir=tmp_path)
+    got = fetch_input(Input(name="t", kind="path", path="tree", blake3=digest), Store(tmp_path / "s"),
+                      recipe_dir=tmp_path)
     assert got.is_dir
     (d / "a.c").write_text("int a = 1;\n")
     with pytest.raises(DigestMismatch):
-        fetch_input(Input(name="t", kind="path", path="tree", blake3=digest), Store(tmp_path / "s"), recipe_dir=tmp_path)
+        fetch_input(Input(name="t", kind="path", path="tree", blake3=digest), Store(tmp_path / "s"),
+                    recipe_dir=tmp_path)
 
 
 def test_one_wrong_pin_keeps_the_good_blob_and_says_mismatch(tmp_path):
@@ -210,7 +212,8 @@ def test_sigterm_during_fetch_leaves_nothing_in_the_store(tmp_path):
         tiny = (ROOT / "tests" / "recipes" / "tiny.toml").read_text()
         recipe = tmp_path / "r.toml"
         recipe.write_text(tiny.split("[[inputs]]")[0]
-                          + f'[[inputs]]\nname = "src"\nkind = "url"\nurl = "http://127.0.0.1:{server.server_port}/x.c"\n'
+                          +
+                          f'[[inputs]]\nname = "src"\nkind = "url"\nurl = "http://127.0.0.1:{server.server_port}/x.c"\n'
                           + f'blake3 = "{"0" * 64}"\n[dataset]' + tiny.split("[dataset]")[1])
         store = tmp_path / "store"
         p = subprocess.Popen([sys.executable, "-m", "provenance", "fetch", str(recipe)],

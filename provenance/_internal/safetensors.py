@@ -70,7 +70,8 @@ def parse_header(head: bytes, size: int) -> Header:
     if not isinstance(obj, dict):
         raise SafetensorsError("header is not a JSON object")
     metadata = obj.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k,
+                                                 v in metadata.items()):
         raise SafetensorsError("__metadata__ must map strings to strings")
     tensors: dict[str, TensorInfo] = {}
     for name, info in obj.items():
@@ -87,7 +88,8 @@ def parse_header(head: bytes, size: int) -> Header:
             raise SafetensorsError(f"tensor {name!r}: {len(shape)} dimensions, more than {MAX_RANK}")
         if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
                 or not 0 <= offs[0] <= offs[1]):
-            raise SafetensorsError(f"tensor {name!r}: data_offsets {offs!r} must be [begin, end] with 0 <= begin <= end")
+            raise SafetensorsError(f"tensor {name!r}: data_offsets {offs!r} must be [begin, end] with 0 <= begin <= "
+                                   f"end")
         want = _nbytes(shape, DTYPE_SIZES[dtype], size)
         if want is None:
             raise SafetensorsError(f"tensor {name!r}: shape of {len(shape)} dimension(s) holds more bytes than the "
@@ -99,12 +101,14 @@ def parse_header(head: bytes, size: int) -> Header:
     pos = 0
     for name, t in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
         if t.start != pos:
-            what = "overlaps the previous tensor" if t.start < pos else f"leaves a gap of {t.start - pos} bytes before it"
+            what = ("overlaps the previous tensor" if t.start < pos
+                    else f"leaves a gap of {t.start - pos} bytes before it")
             raise SafetensorsError(f"tensor {name!r} at data offset {t.start} {what}")
         pos = t.end
     if pos != data_len:
         if pos > data_len:
-            raise SafetensorsError(f"tensors end at data offset {pos}, past the end of the file ({data_len} data bytes)")
+            raise SafetensorsError(f"tensors end at data offset {pos}, past the end of the file ({data_len} data "
+                                   f"bytes)")
         raise SafetensorsError(f"{data_len - pos} byte(s) after the last tensor: the tensors must cover the file "
                                f"exactly")
     return Header(n, metadata, tensors)

@@ -114,7 +114,8 @@ def parse_oms(st: object) -> tuple[OmsManifest | None, list[str]]:
     digest = subj.get("digest")
     if not isinstance(name, str) or not name:
         problems.append("subject[0].name must be the model's name")
-    if not isinstance(digest, dict) or not isinstance(digest.get("sha256"), str) or not HEX64.fullmatch(digest["sha256"]):
+    if not isinstance(digest, dict) or not isinstance(digest.get("sha256"),
+                                                      str) or not HEX64.fullmatch(digest["sha256"]):
         problems.append("subject[0].digest.sha256 must be 64 lower-case hex digits")
     pred = st.get("predicate")
     if not isinstance(pred, dict):

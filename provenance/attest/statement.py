@@ -117,7 +117,8 @@ def statement(*, recipe: LoadedRecipe, record: JSONObject, manifest: JSONObject,
         inputs.append({
             "name": f"input:{rec['name']}",
             "uri": input_uri(specs[rec["name"]]),
-            "digest": {"sha256": rec["sha256"], "blake3": rec["blake3"]} if "sha256" in rec else {"blake3": rec["blake3"]},
+            "digest": {"sha256": rec["sha256"], "blake3": rec["blake3"]} if "sha256" in rec else
+                       {"blake3": rec["blake3"]},
             "annotations": {"license": rec["license"], "kind": rec["kind"], "artifact": rec["artifact"],
                             "selected_files": stats["files"], "selected_bytes": stats["bytes"],
                             "file_licenses": sorted(stats["licenses"])},

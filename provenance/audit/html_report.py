@@ -135,7 +135,8 @@ def _digests(record: dict) -> list:
     """The digests table: recipe, inputs, dataset manifest, tokenizer, weights and files, transcript, SBOMs, audit."""
     t, w, dm = record["training"], record["weights"], record["dataset_manifest"]
     return [
-        ["recipe", f"<code>{_e(record['recipe']['path'])}</code>", f"<code>blake3:{_e(record['recipe']['blake3'])}</code>"],
+        ["recipe", f"<code>{_e(record['recipe']['path'])}</code>",
+         f"<code>blake3:{_e(record['recipe']['blake3'])}</code>"],
         *[[f"input {_e(i['name'])}", _e(i["artifact"]), f"<code>sha256:{_e(i.get('sha256', '-'))}</code>"]
           for i in record["inputs"]],
         ["dataset manifest", f"{dm['totals']['files']} files, {dm['totals']['bytes']} bytes",
@@ -170,7 +171,8 @@ def render(build_dir: Path, record: dict, audit: dict, transcript: list[dict], v
     t = record["training"]
     w = record["weights"]
     digests = _digests(record)
-    stage_rows = [[_e(st["name"]), _e(st["steps"]), _e(st["tokens"]), f"{st['first_loss']:.4f} → {st['final_loss']:.4f}",
+    stage_rows = [[_e(st["name"]), _e(st["steps"]), _e(st["tokens"]),
+                   f"{st['first_loss']:.4f} → {st['final_loss']:.4f}",
                    f"{st['seconds']:.1f} s"] for st in t["stages"]]
     machine = record.get("machine") or {}
     det = record.get("determinism") or {}

@@ -73,8 +73,8 @@ def compatibility(outbound: str, inbound: dict[str, int]) -> dict:
 def describe(c: dict, extraction_rate: float | None = None) -> str:
     bad = [f"{r['inbound']} ({r['files']} files)" for r in c["inbound"] if r["compatible"] is False]
     unknown = [r["inbound"] for r in c["inbound"] if r["compatible"] is None]
-    rate = "" if extraction_rate is None else f"; the model completes up to {100 * extraction_rate:.1f}% of sampled training " \
-                                              "windows verbatim"
+    rate = "" if extraction_rate is None else \
+        f"; the model completes up to {100 * extraction_rate:.1f}% of sampled training windows verbatim"
     if c["verdict"] == "incompatible":
         return (f"licence: {c['outbound']} declared for weights trained on {', '.join(bad)}: incompatible "
                 f"according to {c['source']}{rate}")

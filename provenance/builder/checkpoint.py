@@ -155,7 +155,8 @@ def write_file(path: Path, tensors: dict, state: State, transcript, digest: str,
     from safetensors.torch import save
 
     tbytes = transcript.to_bytes()
-    meta = {"format": FORMAT, "identity": ident, "digest": digest, "transcript_blake3": blake3.blake3(tbytes).hexdigest(),
+    meta = {"format": FORMAT, "identity": ident, "digest": digest,
+            "transcript_blake3": blake3.blake3(tbytes).hexdigest(),
             "state": json.dumps({**state.__dict__, "first": float(state.first).hex(),
                                  "last": float(state.last).hex()}, sort_keys=True),
             # the writing build's own code: the identity leaves it out (an edit must not throw away

@@ -46,7 +46,8 @@ def _leftover(name: str) -> bool:
     if name.startswith(".staging-"):
         return True
     base, _, tag = name.removeprefix(".old-").rpartition("-")
-    return name.startswith(".old-") and base in OUTPUT_NAMES and len(tag) == 8 and all(c in "0123456789abcdef" for c in tag)
+    return (name.startswith(".old-") and base in OUTPUT_NAMES and len(tag) == 8
+            and all(c in "0123456789abcdef" for c in tag))
 
 
 def check_out_dir(out: Path, store_root: Path | None = None) -> None:
@@ -816,7 +817,8 @@ def _sign(b: BuildState, record: dict) -> None:
 
     staging, files = b.staging, b.weights["files"]
     sboms = {CYCLONEDX_FILE: ("cyclonedx", "1.6", cyclonedx), SPDX3_FILE: ("spdx3", "3.0.1", spdx3)}
-    made = {name: make(b.recipe, record, b.audit_doc, b.licence, files).encode() for name, (_, _, make) in sboms.items()}
+    made = {name: make(b.recipe, record, b.audit_doc, b.licence, files).encode()
+            for name, (_, _, make) in sboms.items()}
     for name, data in made.items():
         atomic_write_bytes(staging / name, data)
     b.outputs.update(made)

@@ -275,7 +275,8 @@ class _Spdx3:
         """The SBOM (every element but the tool and the builder) and the document around it."""
         S, name = self.S, self.r.recipe.name
         bom = self.add(self.make(S.software_Sbom, _id=f"{self.base}#sbom", creationInfo=self.ci,
-                                 name=f"{name} (build {self.invocation})", software_sbomType=[S.software_SbomType.build],
+                                 name=f"{name} (build {self.invocation})",
+                                 software_sbomType=[S.software_SbomType.build],
                                  rootElement=[model],
                                  element=[o for o in self.objs if o is not self.tool and o is not self.builder]))
         return self.make(S.SpdxDocument,

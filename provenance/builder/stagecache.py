@@ -3,10 +3,11 @@
 An entry is the state at the end of stage i: the model's tensors, the torch RNG state, the
 transcript so far and the counters, in the checkpoint format (builder/checkpoint.py), stored as
 `STORE/stages/<key>.safetensors`. Its key is the blake3 of the canonical JSON of everything the
-bits of stages 0..i depend on: this project's own code (its Python and C sources), the inputs, the dataset manifest root, the
-layout, the tokenizer, the token sequences, the model config and special token ids, the stages up
-to and including i, the determinism settings (not the thread count), the installed toolchain, the
-world size and the checkpoint schedule (scheduled checkpoints' digests are in the transcript).
+bits of stages 0..i depend on: this project's own code (its Python and C sources), the inputs, the
+dataset manifest root, the layout, the tokenizer, the token sequences, the model config and special
+token ids, the stages up to and including i, the determinism settings (not the thread count), the
+installed toolchain, the world size and the checkpoint schedule (scheduled checkpoints' digests are in
+the transcript).
 
 A recipe that changes only its last stage therefore reuses the earlier stages' entries and gives
 the same bits as a full build (tests/cli/test_stage_cache.py). An entry is written atomically and

@@ -53,4 +53,5 @@ def save_hf_files(tok: Tokenizer, model: Model, max_len: int, out: Path) -> None
         **specials,
     }
     atomic_write_bytes(out / "tokenizer_config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    atomic_write_bytes(out / "special_tokens_map.json", (json.dumps(specials, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(out / "special_tokens_map.json", (json.dumps(specials, indent=2, sort_keys=True) +
+                                                         "\n").encode())

@@ -39,7 +39,8 @@ def check(pins: Toolchain, recipe_path, *, allow: bool = False) -> dict:
     allowed = allow or pins.allow_mismatch
     if mismatches and not allowed:
         lines = [f"{recipe_path}: toolchain does not match the recipe's pins:"]
-        lines += [f"  toolchain.{lib}: pinned {m['pinned']}, installed {m['installed']}" for lib, m in mismatches.items()]
+        lines += [f"  toolchain.{lib}: pinned {m['pinned']}, installed {m['installed']}" for lib,
+                  m in mismatches.items()]
         lines.append("  Install the pinned versions (make rebuild does), or pass --allow-toolchain-mismatch "
                      "to build anyway (recorded in build.json).")
         raise ToolchainMismatch("\n".join(lines))

@@ -326,7 +326,8 @@ def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkp
 
             # The last step's checkpoint (not in the transcript): a build interrupted after training, while
             # it evaluates, audits or signs, resumes after its last step whatever its schedule or cache.
-            last_step = bool(done) and si == len(recipe.stages) - 1 and checkpointer is not None and checkpointer.enabled
+            last_step = (bool(done) and si == len(recipe.stages) - 1 and checkpointer is not None
+                         and checkpointer.enabled)
             path = None
             if checkpointer is not None and (checkpointer.scheduled(global_step) or checkpointer.by_clock() or stop
                                              or last_step):

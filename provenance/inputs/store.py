@@ -88,7 +88,8 @@ class Store:
         p = self._blob(b3) if re.fullmatch(r"[0-9a-f]{64}", b3) else None
         return p if p and p.is_file() else None
 
-    def add(self, inp: Input, src: Path, *, what: str, move: bool = False, progress=None) -> tuple[Path, dict[str, str]]:
+    def add(self, inp: Input, src: Path, *, what: str, move: bool = False,
+            progress=None) -> tuple[Path, dict[str, str]]:
         """Copy (or move) `src` into the store's tmp, hash *the copy*, check it against the pins and
         rename it into place: the bytes stored are the bytes hashed. Raises DigestMismatch, storing
         nothing."""

@@ -203,6 +203,9 @@ class Model(Strict):
         return self
 
 
+Beta = Annotated[float, Field(allow_inf_nan=False, ge=0, lt=1)]  # an AdamW beta
+
+
 class Stage(Strict):
     """[[stages]]: one training stage; the optimizer starts afresh in each."""
 
@@ -216,7 +219,7 @@ class Stage(Strict):
     schedule: Literal["constant", "linear", "cosine"] = "linear"
     min_lr_ratio: Annotated[float, Field(allow_inf_nan=False, ge=0, le=1)] = 0.0
     optimizer: Literal["adamw"] = "adamw"
-    betas: tuple[Annotated[float, Field(allow_inf_nan=False, ge=0, lt=1)], Annotated[float, Field(allow_inf_nan=False, ge=0, lt=1)]] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     eps: Annotated[float, Field(allow_inf_nan=False, gt=0)] = 1e-8
     weight_decay: Annotated[float, Field(allow_inf_nan=False, ge=0)] = 0.0
     grad_clip: Annotated[float, Field(allow_inf_nan=False, gt=0)] | None = 1.0

@@ -47,8 +47,8 @@ class MemoryEstimate:
 
 def stage_memory(r: Recipe, stage: Stage, vocab: int | None = None, world_size: int = 1) -> MemoryEstimate:
     """Peak memory of one training step of `stage` in one process, float32 throughout (an upper
-    bound for bf16 autocast), float64 in portable mode. Attention: eager attention and SDPA's math backend both materialize
-    the scores, batch × heads × seq × seq, kept per layer for backward; SDPA's flash backend,
+    bound for bf16 autocast), float64 in portable mode. Attention: eager attention and SDPA's math
+    backend both materialize the scores, batch × heads × seq × seq, kept per layer for backward; SDPA's flash backend,
     `small-head` and `tiled` do not (`tiled` holds two seq × seq matrices per thread while it runs).
     The loss: `cross_entropy = "full"` holds the logits three times over, `"chunked"` one chunk's."""
     m = r.model

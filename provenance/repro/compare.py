@@ -103,7 +103,8 @@ def estimate_from_fingerprint(ref: dict, tensors: dict[str, np.ndarray], *, proj
     for name in sorted(set(cand) & set(ref)):
         r, c = ref[name], cand[name]
         if r.get("shape") != c["shape"] or r.get("dtype") != c["dtype"]:
-            problems.append(f"{name}: shape/dtype {c['shape']}/{c['dtype']}, expected {r.get('shape')}/{r.get('dtype')}")
+            problems.append(f"{name}: shape/dtype {c['shape']}/{c['dtype']}, "
+                            f"expected {r.get('shape')}/{r.get('dtype')}")
             continue
         d2 = float(np.mean([(a - b) ** 2 for a, b in zip(r["projections"], c["projections"], strict=True)]))
         norm = float(r["norm"])
@@ -223,7 +224,8 @@ def judge_against_fingerprint(fp: object, mdir: Path, bounds: Bounds) -> Verdict
                                         seed=int(fp["seed"]))
         ev = fp["eval"]
         per = {n: t["rel_l2_est"] for n, t in est["tensors"].items()}
-        metrics["fingerprint"] = {"rel_l2_est": est["rel_l2_est"], "max_tensor_rel_l2_est": max(per.values(), default=0.0)}
+        metrics["fingerprint"] = {"rel_l2_est": est["rel_l2_est"],
+                                  "max_tensor_rel_l2_est": max(per.values(), default=0.0)}
         if est["problems"]:
             return Verdict(DIVERGED, est["problems"], metrics)
         fb = functional(load_model(mdir), ev["ids"], ev["prompts"], ev["continuation_tokens"], ev["pad_token_id"])

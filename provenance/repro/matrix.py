@@ -220,7 +220,8 @@ def table(cells: list[Cell]) -> str:
              "first divergent step", "transcript")]
     for c in cells:
         step = "-" if c.first_divergent_step is None else f"{c.first_divergent_step} ({c.first_divergent_field})"
-        rows.append((str(c.index), c.label(), c.status, (c.weights or c.reason)[:16] if c.status == "built" else c.reason[:60],
+        what = (c.weights or c.reason)[:16] if c.status == "built" else c.reason[:60]
+        rows.append((str(c.index), c.label(), c.status, what,
                      str(c.group or "-"), c.verdict or "-", "-" if c.rel_l2 is None else f"{c.rel_l2:.3g}",
                      "-" if c.max_abs_diff is None else f"{c.max_abs_diff:.3g}", step if c.status == "built" else "-",
                      (c.transcript or "-")[:16]))

@@ -89,7 +89,8 @@ def vsa_statement(st: dict, attestation: Path, report, rebuild_record: dict | No
             "verificationResult": "PASSED" if passed else "FAILED",
             # SLSA_BUILD_REPRODUCED only for bits equal to the attested ones from an independent
             # rebuild (rebuild never reads the stage cache or an earlier checkpoint).
-            "verifiedLevels": (["SLSA_BUILD_LEVEL_1"] + (["SLSA_BUILD_REPRODUCED"] if report.verdict == "bitwise" else [])
+            "verifiedLevels": (["SLSA_BUILD_LEVEL_1"]
+                               + (["SLSA_BUILD_REPRODUCED"] if report.verdict == "bitwise" else [])
                                if passed else []),
             "dependencyLevels": {},
             "slsaVersion": "1.2",

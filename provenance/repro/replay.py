@@ -82,7 +82,8 @@ def verdict_line(r: ReplayReport) -> str:
     kinds = sorted({s.verdict for s in r.segments} - {"failed"})
     frac = 100.0 * r.replayed_steps / r.total_steps if r.total_steps else 0.0
     if failed:
-        return f"replay FAILED: {len(failed)} of {len(r.segments)} segments did not reproduce ({frac:.1f}% of the steps)"
+        return (f"replay FAILED: {len(failed)} of {len(r.segments)} segments did not reproduce "
+                f"({frac:.1f}% of the steps)")
     return (f"replay passed: {len(r.segments)} of {len(r.points) - 1} segments reproduced "
             f"({', '.join(kinds)}), {r.replayed_steps} of {r.total_steps} steps re-executed ({frac:.1f}%)")
 
@@ -235,8 +236,9 @@ def _run_segment(seg, recipe, data, lines, raw_lines, rdir, every, work, same, b
     first = next(i for i, (g, w) in enumerate(zip(got + [b""] * len(want), want)) if g != w) + seg.start
     if same:
         seg.verdict = "failed"
+        mine = got[first - seg.start] if first - seg.start < len(got) else b""
         seg.reasons = [f"step {first}: the re-executed transcript line differs from the signed one "
-                       f"({_line_diff(got[first - seg.start] if first - seg.start < len(got) else b'', raw_lines[first])})"]
+                       f"({_line_diff(mine, raw_lines[first])})"]
         return
     # Another stack: the data order must be the same, the weights at the end within the bounds.
     bad_order = [seg.start + i for i, (g, w) in enumerate(zip(got, want))

@@ -111,7 +111,8 @@ def check_reproduced(report: Judgement, st, model_dir: Path, bounds: Bounds, *, 
     if ok and reference is None and not inputs:
         # The projections' signs and the eval windows are public: weights can be moved far from the
         # attested ones while every estimate stays equal. Only evidence the signer could not foresee counts.
-        report.add(CheckName.REPRODUCED, False, detail + "; but the fingerprint alone can be steered by anyone who reads "
+        report.add(CheckName.REPRODUCED, False, detail +
+                   "; but the fingerprint alone can be steered by anyone who reads "
                    "the attestation, so this is not established: add --inputs (recitation on windows drawn now) "
                    "or --reference-model DIR (measured distances), docs/threat-model.md")
         report.verdict = NOT_ESTABLISHED
@@ -152,7 +153,8 @@ def _card_check(report: Judgement, model_dir: Path, reference: Path | None) -> N
         report.add(CheckName.MODEL_CARD, False, f"{MODEL_CARD} cannot be read as UTF-8 text: {e}")
         return
     if reference is None:
-        report.add(CheckName.MODEL_CARD, True, f"{MODEL_CARD} differs from the attested card, as a rebuild's does (it states "
+        report.add(CheckName.MODEL_CARD, True,
+                   f"{MODEL_CARD} differs from the attested card, as a rebuild's does (it states "
                    "the rebuild's own weights digest and audit rates); its text is the rebuilder's and not "
                    "vouched for by the attestation: add --reference-model DIR to compare it with the attested card")
         return
@@ -161,7 +163,8 @@ def _card_check(report: Judgement, model_dir: Path, reference: Path | None) -> N
     except (OSError, UnicodeDecodeError):
         theirs = ""
     same = card_skeleton(mine) == card_skeleton(theirs)
-    report.add(CheckName.MODEL_CARD, same, f"{MODEL_CARD} is the attested card with only its figures changed" if same else
+    report.add(CheckName.MODEL_CARD, same,
+               f"{MODEL_CARD} is the attested card with only its figures changed" if same else
                f"{MODEL_CARD} differs from the attested card in more than its figures (weights digest, rates, counts)")
 
 
@@ -172,7 +175,8 @@ def _against_reference(report: Judgement, st, model_dir: Path, reference: Path, 
     ref = inspect(st, reference, sha256=False)
     if not ref.exact:
         bad = ref.missing + ref.unlisted + ref.structure + [f"{n}: {ref.files[n].detail}" for n in ref.differing]
-        report.add(CheckName.REFERENCE_WEIGHTS, False, f"--reference-model {reference} is not exactly the attested model: "
+        report.add(CheckName.REFERENCE_WEIGHTS, False,
+                   f"--reference-model {reference} is not exactly the attested model: "
                    + "; ".join(bad[:3]))
         return
     tm = tensor_metrics(load_tensors(reference / WEIGHTS), load_tensors(model_dir / WEIGHTS))
@@ -182,7 +186,8 @@ def _against_reference(report: Judgement, st, model_dir: Path, reference: Path, 
     report.divergence = {**report.divergence, "reference": o}
     report.add(CheckName.REFERENCE_WEIGHTS, not reasons,
                f"measured against the attested weights (verified exactly): rel L2 {o['rel_l2']:.3g}, worst tensor "
-               f"{o['max_tensor_rel_l2']:.3g}, cosine {o['cosine']:.6f}" + (f"; {'; '.join(reasons)}" if reasons else ""))
+               f"{o['max_tensor_rel_l2']:.3g}, cosine {o['cosine']:.6f}"
+               + (f"; {'; '.join(reasons)}" if reasons else ""))
 
 
 def secret_recitation(report: Checks, st, model_dir: Path, store: Path | None, bounds: Bounds,
@@ -212,7 +217,8 @@ def secret_recitation(report: Checks, st, model_dir: Path, store: Path | None, b
             files, _ = select_dataset(recipe.dataset, stored, Path(work), Path(rec.path), recipe.limits)
             texts = layout_texts(files, recipe.layout)
     except ProvenanceError as e:
-        report.add(CheckName.RECITATION, False, f"cannot re-derive the training texts: {e.diagnostics().splitlines()[0]}")
+        report.add(CheckName.RECITATION, False,
+                   f"cannot re-derive the training texts: {e.diagnostics().splitlines()[0]}")
         return
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))  # exact: checked against its subject
     seqs = encode_all(tok, texts)

@@ -163,8 +163,8 @@ def _build_options(*, recipe: Path | None, inputs: bool, audit: Path | None, pol
                                           ("--audit", audit is not None), ("--policy", policy)) if given)
 
 
-def _files_only_checks(checks: Checks, payload: dict[str, Any], mdir: Path | None, attestation: Path, asked: tuple[str, ...],
-                       prefetch: Any, published: bool) -> Result:
+def _files_only_checks(checks: Checks, payload: dict[str, Any], mdir: Path | None, attestation: Path,
+                       asked: tuple[str, ...], prefetch: Any, published: bool) -> Result:
     """A VSA or an OMS signature: the files it names (the options that judge a build refused)."""
     from ..attest.model import VSA_TYPE
 

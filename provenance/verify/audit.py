@@ -73,16 +73,19 @@ def audit_checks(report: Checks, attestation: Path, explicit: Path | None, keys:
 
 def _licence_check(report: Checks, c: object, rate: float | None, mode: str) -> None:
     if not isinstance(c, dict) or c.get("verdict") not in ("compatible", "incompatible", "unknown"):
-        report.add(CheckName.LICENCE_COMPATIBILITY, mode != "fail", "the signed audit holds no licence verdict (the build ran "
+        report.add(CheckName.LICENCE_COMPATIBILITY, mode != "fail",
+                   "the signed audit holds no licence verdict (the build ran "
                    "with --licence-compatibility ignore)")
         return
     inbound = c.get("inbound")
     rows = inbound if isinstance(inbound, list) else []
     bad = [f"{r.get('inbound')} ({r.get('files')} files)" for r in rows
            if isinstance(r, dict) and r.get("compatible") is not True]
-    recites = "" if rate is None else f"; the model completes up to {100 * rate:.1f}% of sampled training windows verbatim"
+    recites = "" if rate is None else \
+        f"; the model completes up to {100 * rate:.1f}% of sampled training windows verbatim"
     if c["verdict"] == "compatible":
-        report.add(CheckName.LICENCE_COMPATIBILITY, True, f"{c.get('outbound')} is compatible with every training file's "
+        report.add(CheckName.LICENCE_COMPATIBILITY, True,
+                   f"{c.get('outbound')} is compatible with every training file's "
                    f"licence ({c.get('source')})")
         return
     detail = (f"{c.get('outbound')} declared for weights trained on {', '.join(bad) or 'unjudged licences'}: "

@@ -20,7 +20,8 @@ MAX_RECIPE_BYTES = 16 << 20
 def statement_checks(report: Checks, obj: object, policy: Policy) -> Statement | None:
     """Types, the in-toto/SLSA field rules (one model shared with the writer), build type, builder."""
     if not isinstance(obj, dict):
-        report.add(CheckName.STATEMENT, False, f"the signed payload is {type(obj).__name__ if obj is not None else 'null'}, "
+        report.add(CheckName.STATEMENT, False,
+                   f"the signed payload is {type(obj).__name__ if obj is not None else 'null'}, "
                    "not a JSON object")
         return None
     t = obj.get("_type")
@@ -50,7 +51,8 @@ def statement_checks(report: Checks, obj: object, policy: Policy) -> Statement |
 
 
 def _mismatches(want: dict[str, str], got: dict[str, str], got_is: str = "computed") -> list[str]:
-    return [f"{a} attested {want[a]}, {got_is} {got[a]}" for a in ("blake3", "sha256") if a in want and want[a] != got[a]]
+    return [f"{a} attested {want[a]}, {got_is} {got[a]}" for a in ("blake3", "sha256") if a in want and
+            want[a] != got[a]]
 
 
 def embedded_recipe_check(report: Checks, st: Statement) -> bool:
@@ -68,7 +70,8 @@ def recipe_file_check(report: Checks, st: Statement, recipe_path: Path) -> None:
 
     data = read_regular_file(Path(recipe_path), "recipe", MAX_RECIPE_BYTES)
     bad = _mismatches(st.recipe.digest, hash_bytes(data), "this file")
-    report.add(CheckName.RECIPE, not bad, f"{recipe_path} is not the attested recipe ({st.recipe.path!r}, embedded in the "
+    report.add(CheckName.RECIPE, not bad,
+               f"{recipe_path} is not the attested recipe ({st.recipe.path!r}, embedded in the "
                f"attestation): their contents differ; {'; '.join(bad)}" if bad else
                f"{recipe_path} matches externalParameters.recipe ({st.recipe.path!r})")
 
@@ -97,7 +100,8 @@ def inputs_check(report: Checks, st: Statement, store_root: Path | None) -> dict
             s = fetch_input(inp, store, recipe_dir=Path("."), offline=True, limits=recipe.limits)
             want = attested.get(inp.name)
             if want is None:
-                report.add(CheckName.INPUTS, False, f"input {inp.name!r} of the embedded recipe is not among the attested "
+                report.add(CheckName.INPUTS, False,
+                           f"input {inp.name!r} of the embedded recipe is not among the attested "
                            "resolvedDependencies")
                 return None
             bad = [f"{a} attested {h}, stored {s.digests[a]}" for a, h in want.items()

@@ -168,7 +168,8 @@ def verify_dsse(report: Checks, lines: list[str], keys: list[PublicKey], thresho
         report.add(CheckName.ENVELOPE, False, "the attestation file holds no envelope")
         return None
     if len(lines) > 1:
-        report.add(CheckName.ENVELOPE, False, f"the attestation file holds {len(lines)} lines; an attestation file holds "
+        report.add(CheckName.ENVELOPE, False,
+                   f"the attestation file holds {len(lines)} lines; an attestation file holds "
                    "exactly one DSSE envelope (docs/build-type.md), so the others would go unchecked")
         return None
     try:
@@ -297,12 +298,14 @@ def verify_bundle(report: Checks, text: str, *, identity: str | None, issuer: st
     try:
         payload_type, payload = verifier.verify_dsse(bundle, Identity(identity=identity, issuer=issuer))
     except VerificationError as e:
-        report.add(CheckName.SIGNATURE, False, f"Sigstore verification failed for identity {identity!r} / issuer {issuer!r}: "
+        report.add(CheckName.SIGNATURE, False,
+                   f"Sigstore verification failed for identity {identity!r} / issuer {issuer!r}: "
                                        f"{e}")
         return None
     if not report.add(CheckName.PAYLOAD_TYPE, payload_type == PAYLOAD_TYPE, f"payloadType {payload_type!r}"):
         return None
-    report.add(CheckName.SIGNATURE, True, f"Sigstore certificate for {identity!r} from {issuer!r}, in the transparency log")
+    report.add(CheckName.SIGNATURE, True,
+               f"Sigstore certificate for {identity!r} from {issuer!r}, in the transparency log")
     try:
         parsed: object = jsonstrict.loads(payload)
         return parsed

@@ -164,7 +164,8 @@ class Result:
         return next((c for c in self.checks if c.check is name), None)
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"ok": self.exit_code == 0, "exit_code": self.exit_code, "question": self.question, "result": self.result,
+        out: dict[str, Any] = {"ok": self.exit_code == 0, "exit_code": self.exit_code, "question": self.question,
+                               "result": self.result,
                "model_checked": self.model_checked, "checks": [c.as_dict() for c in self.checks]}
         if self.verdict is not None:
             out["verdict"] = self.verdict

@@ -170,7 +170,8 @@ def overlap(h):
     names = first_tensor(h)
     a, b = h[names[0]]["data_offsets"]
     n = b - a
-    h[names[1]]["data_offsets"] = [a, a + n] if h[names[1]]["data_offsets"][1] - h[names[1]]["data_offsets"][0] == n else [a, a + h[names[1]]["data_offsets"][1] - h[names[1]]["data_offsets"][0]]
+    start, end = h[names[1]]["data_offsets"]
+    h[names[1]]["data_offsets"] = [a, a + n] if end - start == n else [a, a + end - start]
     return h
 
 

@@ -64,7 +64,8 @@ def test_policy_bounds_on_the_extraction_rate(built, tmp_path):
     code, obj = _verify(out, "--policy", str(pol))
     if rate < 1.0:
         assert code == 1 and not _checks(obj)["audit"]
-        assert "below the policy's min_extraction_rate" in next(c["detail"] for c in obj["checks"] if c["check"] == "audit")
+        detail = next(c["detail"] for c in obj["checks"] if c["check"] == "audit")
+        assert "below the policy's min_extraction_rate" in detail
     pol.write_text(f"[audit]\nmax_extraction_rate = {rate}\nrequire = true\n")
     code, obj = _verify(out, "--policy", str(pol))
     assert code == 0, obj
@@ -261,7 +262,8 @@ def test_the_cyclonedx_sbom_validates_and_is_bound_to_the_build(built):
     b = build_json(out)
     assert model["version"] == f"blake3-tensors-v1:{b['weights']['tensors']['digest']}"
     data = {c["bom-ref"]: c for c in bom["components"]}
-    assert data["input:ethtool"]["type"] == "data" and data["input:ethtool"]["licenses"] == [{"expression": "GPL-2.0-only"}]
+    assert data["input:ethtool"]["type"] == "data"
+    assert data["input:ethtool"]["licenses"] == [{"expression": "GPL-2.0-only"}]
     deps = {d["ref"]: d.get("dependsOn", []) for d in bom["dependencies"]}
     assert deps["model"] == ["dataset"] and deps["dataset"] == ["input:ethtool"]
     import hashlib

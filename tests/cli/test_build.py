@@ -287,7 +287,8 @@ def _bitwise_across_threads(recipe, store, tmp_path) -> list[str]:
     """Build `recipe` with threads 1, 2, 2 (no cache); assert equal weights and transcripts; the digests."""
     digests = []
     for i, threads in enumerate(("1", "2", "2")):
-        p = run_cli("build", str(recipe), "--out", str(tmp_path / f"o{i}"), "--threads", threads, "--no-cache", store=store)
+        p = run_cli("build", str(recipe), "--out", str(tmp_path / f"o{i}"), "--threads", threads, "--no-cache",
+                    store=store)
         assert p.returncode == 0, p.stderr
         digests.append(last_line(p.stdout))
     assert len(set(digests)) == 1, digests

@@ -134,7 +134,8 @@ def test_schedule_conflict_cases():
 
     every2 = [b'{"step":0}', b'{"checkpoint":"ab","step":1}', b'{"step":2}', b'{"checkpoint":"cd","step":3}']
     assert schedule_conflict(every2, 4, 2) is None
-    assert "every 2 steps" in schedule_conflict(every2, 4, 3) and "--checkpoint-every 2" in schedule_conflict(every2, 4, 3)
+    conflict = schedule_conflict(every2, 4, 3)
+    assert "every 2 steps" in conflict and "--checkpoint-every 2" in conflict
     assert "asks for none" in schedule_conflict(every2, 4, None)
     plain = [b'{"step":0}', b'{"step":1}', b'{"step":2}']  # no schedule (or one longer than 3 steps)
     assert schedule_conflict(plain, 3, None) is None and schedule_conflict(plain, 3, 10) is None
@@ -185,7 +186,8 @@ def test_interrupted_after_training_resumes_after_the_last_step(uninterrupted, u
     assert "resuming from" in p.stderr and build_json(out)["training"]["resumed_after_step"] == 12
     assert re.search(r"^stage one: 8 steps, .* \(trained before the resume\)$", p.stderr, re.MULTILINE), p.stderr
     assert "written by other code" not in p.stderr and "resumed_from_code" not in build_json(out)["training"]
-    assert (out / "model" / "model.safetensors").read_bytes() == (uninterrupted / "model" / "model.safetensors").read_bytes()
+    weights = "model/model.safetensors"
+    assert (out / weights).read_bytes() == (uninterrupted / weights).read_bytes()
     assert (out / "transcript.jsonl").read_bytes() == (unscheduled / "transcript.jsonl").read_bytes()
     assert not (out / "checkpoint").exists()
 

@@ -212,8 +212,8 @@ def _reproduced(model, *extra, store=None):
     return p.returncode, obj, {c["check"]: c for c in obj["checks"]}
 
 
-def test_steered_weights_pass_the_fingerprint_but_not_the_evidence_the_signer_cannot_foresee(default_build, default_store,
-                                                                                            tmp_path):
+def test_steered_weights_pass_the_fingerprint_but_not_the_evidence_the_signer_cannot_foresee(
+        default_build, default_store, tmp_path):
     out, _ = default_build
     steered = _attack(out / "model", tmp_path / "steered", "steered")
     code, obj, checks = _reproduced(steered)

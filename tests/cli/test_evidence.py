@@ -61,14 +61,16 @@ def test_the_spdx3_sbom_conforms_and_is_bound_to_the_build(built):
     assert trained["from"] == model["spdxId"] and g[trained["to"][0]]["type"] == "dataset_DatasetPackage"
     inputs = [o for o in g.values() if o["type"] == "dataset_DatasetPackage" and o["spdxId"].endswith("#input-ethtool")]
     assert len(inputs) == 1 and inputs[0]["software_packageUrl"].startswith("pkg:pypi/")
-    declared = {r["from"]: g[r["to"][0]]["simplelicensing_licenseExpression"] for r in _relations(g, "hasDeclaredLicense")}
+    declared = {r["from"]: g[r["to"][0]]["simplelicensing_licenseExpression"]
+                for r in _relations(g, "hasDeclaredLicense")}
     assert declared[model["spdxId"]] == "MIT" and declared[inputs[0]["spdxId"]] == "GPL-2.0-only"
     concluded = {r["from"]: r for r in _relations(g, "hasConcludedLicense")}
     assert concluded[model["spdxId"]]["to"] == ["expandedlicensing_NoAssertionLicense"]
     assert "incompatible" in concluded[model["spdxId"]]["comment"]
     [build] = [o for o in g.values() if o["type"] == "build_Build"]
     assert build["build_buildId"] == b["invocation_id"]
-    assert {"algorithm": "sha256", "hashValue": b["recipe"]["sha256"], "type": "Hash"} in build["build_configSourceDigest"]
+    recipe_digest = {"algorithm": "sha256", "hashValue": b["recipe"]["sha256"], "type": "Hash"}
+    assert recipe_digest in build["build_configSourceDigest"]
     [contains] = _relations(g, "contains")
     assert sorted(g[f]["name"] for f in contains["to"]) == sorted(b["weights"]["files"])
 
@@ -103,7 +105,8 @@ def test_the_spdx3_check_refuses_broken_documents(built, mutation, expected, tmp
     assert problems and expected in problems[0], problems
     if mutation == "two-documents":  # the SPDX project's checker refuses it too
         (tmp_path / "two.spdx3.json").write_text(json.dumps(doc))
-        p = subprocess.run([str(Path(sys.executable).parent / "sbomcheck"), "-s", "spdx3", str(tmp_path / "two.spdx3.json")],
+        sbomcheck = Path(sys.executable).parent / "sbomcheck"
+        p = subprocess.run([str(sbomcheck), "-s", "spdx3", str(tmp_path / "two.spdx3.json")],
                            capture_output=True, text=True)
         assert p.returncode != 0 and "Multiple SpdxDocument" in p.stdout + p.stderr, p.stdout + p.stderr
 

@@ -291,7 +291,8 @@ def test_a_snapshot_in_huggingface_hubs_cache_verifies_through_its_links(built, 
         code, obj = _verify(receipt, "--key", pub, "--model", str(snap), "--published")
         assert code == 0, obj
         detail = _checks(obj)["unlisted-files"]["detail"]
-        signed_files = [n for n in names if not n.startswith(".provenance/") and n not in ("model.sig", ".gitattributes")]
+        signed_files = [n for n in names
+                        if not n.startswith(".provenance/") and n not in ("model.sig", ".gitattributes")]
         assert f"{len(signed_files)} of them, a snapshot in huggingface_hub's cache, read through their links" in detail
     card = (snap / "README.md").read_text()  # read through its link too
     assert "where `from_pretrained` finds it in huggingface_hub's cache" in card

@@ -53,7 +53,8 @@ def _resign(build, transcript: bytes):
             b["digest"] = {"blake3": blake3.blake3(transcript).hexdigest(),
                            "sha256": __import__("hashlib").sha256(transcript).hexdigest()}
     signer = load_signer(os.environ["PROVENANCE_KEY"])
-    (build / "attestation.intoto.jsonl").write_bytes(envelope_line(sign_envelope(canonical(st), PAYLOAD_TYPE, [signer])))
+    envelope = sign_envelope(canonical(st), PAYLOAD_TYPE, [signer])
+    (build / "attestation.intoto.jsonl").write_bytes(envelope_line(envelope))
 
 
 def _rechain(records: list[dict]) -> bytes:

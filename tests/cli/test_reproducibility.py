@@ -223,7 +223,8 @@ def test_gate_passes_bitwise_and_writes_junit(builds, keys, store, tmp_path):
                 "--attestation-key", str(keys / "k.pub"), "--out", str(tmp_path / "g"), "--junit", str(junit),
                 "--key", str(keys / "k.key"), "--reprotest", store=store, env={"PROVENANCE_BUILDER_ID": ci_id})
     assert p.returncode == 0, p.stdout + p.stderr
-    rebuilt = json.loads(base64.b64decode(json.loads((tmp_path / "g" / "attestation.intoto.jsonl").read_text())["payload"]))
+    envelope = json.loads((tmp_path / "g" / "attestation.intoto.jsonl").read_text())
+    rebuilt = json.loads(base64.b64decode(envelope["payload"]))
     assert rebuilt["predicate"]["runDetails"]["builder"]["id"] == ci_id
     assert "bitwise required" in p.stdout and p.stdout.strip().endswith("gate: PASSED: reproduced (bitwise)")
     assert "PASS  reprotest: every variation at once:" in p.stdout and "weights equal, transcript equal" in p.stdout

@@ -36,7 +36,8 @@ def main() -> None:
     manifest_entries = [
         {"input": "src", "path": "a/one.c", "size": 3, "blake3": "00" * 32, "license": "GPL-2.0-only",
          "license_source": "spdx-tag"},
-        {"input": "src", "path": "b/twö.h", "size": 5, "blake3": "ff" * 32, "license": "MIT", "license_source": "input"},
+        {"input": "src", "path": "b/twö.h", "size": 5, "blake3": "ff" * 32, "license": "MIT",
+         "license_source": "input"},
     ]
     tensors = {"weight": read_tensors(path)["weight"], "bias": np.array([0.5, -0.25, 1e-3], dtype=np.float32)}
     fp = tensor_fingerprint(tensors, projections=4, seed=7)
