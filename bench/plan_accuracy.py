@@ -2,8 +2,11 @@
 (LaaM's own recipe on a tree of Linux 1.0's shape, made as bench/laam_first_steps.py makes it, each
 stage cut to a few steps): build each with --no-cache, take every stage's measured seconds per step
 from build.json (`training.stages[].seconds` / steps), then ask `check-recipe --plan` (the timed probe
-of the costliest stage) and compare. One-time costs (set-up, kernel compilation, the first step) are
-what the plan reports apart; the build's stage seconds include its first step.
+of every stage's step) and compare. One-time costs (set-up, kernel compilation, the first step) are
+what the plan reports apart; a build's stage seconds include its first step, so LaaM's shape, cut to
+a few steps, is built twice (N and 2N steps a stage) and its time per step is the difference over N
+(the first step's extra is what is left). The default recipe's 720 steps make its first step's share
+small; its per-step time is its stage seconds over its steps.
 
 Usage: python bench/plan_accuracy.py [--laam-steps 6] [--out /tmp/plan-accuracy] [--only default|laam]
 Prints a markdown table (docs/benchmarks.md, "check-recipe --plan against the build").
@@ -31,7 +34,8 @@ def laam_shape(work: Path, steps: int) -> Path:
     from provenance.inputs.store import tree_digest
 
     tree = work / "tree"
-    make_tree(tree)
+    if not tree.exists():
+        make_tree(tree)
     b3 = tree_digest(tree)["blake3"]
     text = (ROOT / "recipes" / "laam-linux-1.0-5m.toml").read_text()
     inputs = re.search(r"\[\[inputs\]\].*?(?=\n\[)", text, re.S).group(0)
@@ -43,7 +47,7 @@ def laam_shape(work: Path, steps: int) -> Path:
     # the audit is not what is measured here: one short window a file instead of 8 of up to 128 + 50 tokens
     text = text.replace("[audit]\n", "[audit]\nwindows_per_file = 1\nprefix_tokens = [16]\nsuffix_tokens = 8\n"
                                       "header_tokens = 16\n", 1)
-    recipe = work / "laam-shape.toml"
+    recipe = work / f"laam-shape-{steps}.toml"
     recipe.write_text(text)
     return recipe
 
@@ -55,12 +59,24 @@ def run(*args: str) -> dict:
     return json.loads(p.stdout)
 
 
-def measured(recipe: Path, store: Path, out: Path) -> dict[str, float]:
-    """Seconds per step of each stage of a fresh build (its stage seconds include the first step)."""
+def stage_seconds(recipe: Path, store: Path, out: Path) -> dict[str, tuple[float, int]]:
+    """(seconds, steps) of each stage of a fresh build (its stage seconds include the first step)."""
     run("build", str(recipe), "--out", str(out), "--store", str(store), "--no-cache")
     record = json.loads((out / "build.json").read_text())
-    steps = {s["name"]: s["steps"] for s in record["training"]["stages"]}
-    return {s["name"]: s["seconds"] / steps[s["name"]] for s in record["training"]["stages"] if steps[s["name"]]}
+    return {s["name"]: (s["seconds"], s["steps"]) for s in record["training"]["stages"]}
+
+
+def per_step(store: Path, out: Path, recipe: Path, longer: Path | None) -> dict[str, tuple[float, float]]:
+    """(seconds per step, the first step's extra) of each stage; from two builds when `longer` (2N steps)."""
+    short = stage_seconds(recipe, store, out / "n")
+    if longer is None:
+        return {name: (sec / n, 0.0) for name, (sec, n) in short.items()}
+    long = stage_seconds(longer, store, out / "2n")
+    out_ = {}
+    for name, (sec, n) in short.items():
+        step = (long[name][0] - sec) / (long[name][1] - n)
+        out_[name] = (step, sec - n * step)
+    return out_
 
 
 def main() -> None:
@@ -72,24 +88,26 @@ def main() -> None:
     work = Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
     store = work / "store"
-    recipes = {}
+    recipes: dict[str, tuple[Path, Path | None]] = {}
     if a.only != "laam":
-        recipes["default (ptrace-0.9.9-debugger)"] = ROOT / "recipes" / "ptrace-0.9.9-debugger.toml"
+        recipes["default (ptrace-0.9.9-debugger)"] = (ROOT / "recipes" / "ptrace-0.9.9-debugger.toml", None)
     if a.only != "default":
-        recipes[f"LaaM shape ({a.laam_steps} steps a stage)"] = laam_shape(work, a.laam_steps)
+        n = a.laam_steps
+        recipes[f"LaaM shape ({n} and {2 * n} steps a stage)"] = (laam_shape(work, n), laam_shape(work, 2 * n))
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(f"CPU: {cpu}, {os.cpu_count()} cores; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}\n")
-    print("| recipe | stage | plan: s / step | build: s / step | plan / build | plan's one-time costs |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for label, recipe in recipes.items():
-        got = measured(recipe, store, work / re.sub(r"\W+", "-", label))
+    print("| recipe | stage | plan: s / step | build: s / step | plan / build | build: first step's extra "
+          "| plan: one-time costs |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for label, (recipe, longer) in recipes.items():
+        got = per_step(store, work / re.sub(r"\W+", "-", label), recipe, longer)
         plan = run("check-recipe", str(recipe), "--plan", "--store", str(store))["plan"]
         one_time = plan["probe"]["one_time_seconds"]
         for st in plan["stages"]:
-            want = st["seconds_per_step"]
-            print(f"| {label} | {st['name']} | {want:.3f} | {got[st['name']]:.3f} | {want / got[st['name']]:.2f} "
-                  f"| {one_time:.1f} s |")
+            want, (step, extra) = st["seconds_per_step"], got[st["name"]]
+            print(f"| {label} | {st['name']} | {want:.3f} | {step:.3f} | {want / step:.2f} | "
+                  f"{'-' if longer is None else f'{extra:.1f} s'} | {one_time:.1f} s |")
 
 
 if __name__ == "__main__":

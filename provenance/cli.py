@@ -421,7 +421,8 @@ def cmd_check(args) -> int:
     if plan.get("probe"):
         pr = plan["probe"]
         print(f"timed probe ({pr['stage']}, on random ids): {pr['seconds_per_step']:.3f} s per step "
-              f"({pr['seconds_per_micro_step']:.3f} s per micro-step, {pr['seconds_per_optimizer_step']:.3f} s per "
+              f"({pr['seconds_per_micro_step'][pr['stage']]:.3f} s per micro-step, "
+              f"{pr['seconds_per_optimizer_step']:.3f} s per "
               f"optimizer step); one-time costs apart: {pr['one_time_seconds']:.1f} s (set-up, kernel compilation, "
               f"first step); peak RSS {pr['peak_rss'] / gib:.2f} GiB (estimate for that stage "
               f"{pr['estimate_bytes'] / gib:.2f} GiB)")

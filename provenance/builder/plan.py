@@ -1,6 +1,6 @@
 """`check-recipe --plan`: what a build of a recipe will take before it starts: the memory estimate of
 each stage (recipe/plan.py), its steps (when the inputs are in the store) and, from a timed probe of
-the costliest stage (builder/probe.py), the time of a step and of each stage, one-time costs apart.
+every stage's step (builder/probe.py), the time of a step and of each stage, one-time costs apart.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import InputError, ProvenanceError
 from ..recipe import LoadedRecipe
 from ..recipe.plan import available_memory, memory_problem, parameter_count, peak_memory, stage_memory
+from .probe import step_seconds
 
 
 def plan_build(recipe: LoadedRecipe, *, store: str | None, probe: bool) -> dict:
@@ -24,7 +25,7 @@ def plan_build(recipe: LoadedRecipe, *, store: str | None, probe: bool) -> dict:
     for s in r.stages:
         est = stage_memory(r, s)
         n = steps.get(s.name) if s.steps is None else s.steps
-        per_step = _step_seconds(measured, r, s, peak) if measured else None
+        per_step = step_seconds(measured, s.name, _micro_batches(s)) if measured else None
         stages.append({"name": s.name, "steps": n, "steps_note": note, "batch_size": s.batch_size,
                        "micro_batch": s.micro_batch_size or s.batch_size, "memory_bytes": est.total,
                        "memory_parts": est.parts, "seconds_per_step": per_step,
@@ -53,7 +54,7 @@ def _steps(recipe: LoadedRecipe, store: str | None) -> tuple[dict[str, int], str
 
 def _probe(recipe: LoadedRecipe, peak, store: str | None) -> dict:
     from ..inputs.store import Store
-    from .probe import run_probe, step_seconds
+    from .probe import run_probe
 
     stage = next(s for s in recipe.recipe.stages if s.name == peak.stage)
     try:
@@ -61,18 +62,10 @@ def _probe(recipe: LoadedRecipe, peak, store: str | None) -> dict:
     except RuntimeError as e:
         raise InputError(str(e)) from None
     res.update(stage=peak.stage, estimate_bytes=peak.total,
-               seconds_per_step=step_seconds(res, _micro_batches(stage)),
+               seconds_per_step=step_seconds(res, stage.name, _micro_batches(stage)),
                one_time_seconds=res["setup_seconds"] + res["warmup_seconds"])
     return res
 
 
 def _micro_batches(stage) -> int:
     return -(-stage.batch_size // (stage.micro_batch_size or stage.batch_size))
-
-
-def _step_seconds(probe: dict, r, stage, peak) -> float:
-    """A step of `stage` from the probe of the peak stage: micro-steps scale, to first order, with the
-    tokens in a micro-batch; the optimizer step is the same for every stage."""
-    ps = next(x for x in r.stages if x.name == peak.stage)
-    scale = (stage_memory(r, stage).micro_batch * stage.seq_len) / (peak.micro_batch * ps.seq_len)
-    return _micro_batches(stage) * probe["seconds_per_micro_step"] * scale + probe["seconds_per_optimizer_step"]

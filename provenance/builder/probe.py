@@ -1,12 +1,15 @@
-"""A short timed probe for `check-recipe --plan`: the costliest stage's training step, measured the way
-the build runs it, on random token ids, in a child process so that its peak memory is its own.
+"""A short timed probe for `check-recipe --plan`: each stage's training step, measured the way the build
+runs it, on random token ids, in a child process so that its peak memory is its own (the costliest
+stage's micro-batches run first, so the peak is that stage's).
 
 What the build does before its first step is done here too and timed apart as one-time costs: the
 determinism settings (fixed-order GEMM included), the allocator and NaN-fill settings, compiling our
 attention kernel, and the first micro-step and optimizer step (first calls, the optimizer's state,
 the allocator's first growth). Then micro-steps (forward and backward of one micro-batch) and
-optimizer steps (gradient norm, AdamW, zeroing) are timed separately: a step of the stage costs
-`micro-batches per step x micro-step + optimizer step`.
+optimizer steps (gradient norm, AdamW, zeroing) are timed separately: a step of a stage costs
+`micro-batches per step x micro-step + optimizer step`. Each stage's micro-batch shape is timed itself
+(after one untimed micro-step of that shape): at small batches the per-call costs, not the tokens,
+set a micro-step's time, so scaling one stage's time by tokens misjudged the others.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ OPTIMIZER_STEPS = 2  # timed optimizer steps after the warm-up
 
 
 def _child(recipe_path: str, stage_name: str, store_root: str | None) -> dict:
+    """`stage_name` (the costliest) first, then every other stage's micro-batch shape."""
     import torch
 
     from ..recipe import load_recipe
@@ -50,11 +54,16 @@ def _child(recipe_path: str, stage_name: str, store_root: str | None) -> dict:
         gen = torch.Generator().manual_seed(0)
         mb = min(stage.micro_batch_size or stage.batch_size, stage.batch_size)
         warm = _micro_step(model, stage, gen, v, mb) + _optimizer_step(model, opt, stage)
-        micro = [_micro_step(model, stage, gen, v, mb) for _ in range(MICRO_STEPS)]
+        micro = {stage.name: [_micro_step(model, stage, gen, v, mb) for _ in range(MICRO_STEPS)]}
         optim = [_optimizer_step(model, opt, stage) for _ in range(OPTIMIZER_STEPS)]
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        for other in (s for s in r.stages if s.name != stage.name):
+            omb = min(other.micro_batch_size or other.batch_size, other.batch_size)
+            _micro_step(model, other, gen, v, omb)  # this shape's first call
+            micro[other.name] = [_micro_step(model, other, gen, v, omb) for _ in range(MICRO_STEPS)]
+            model.zero_grad(set_to_none=True)
     return {"setup_seconds": setup, "warmup_seconds": warm, "micro_step_seconds": micro,
-            "optimizer_step_seconds": optim,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "optimizer_step_seconds": optim, "peak_rss": peak}
 
 
 def _micro_step(model, stage, gen, vocab: int, mb: int) -> float:
@@ -86,9 +95,9 @@ def _optimizer_step(model, opt, stage) -> float:
 
 
 def run_probe(recipe_path: str, stage_name: str, store_root: str | None = None, timeout: float = 900) -> dict:
-    """Run the probe in a child process. Returns the seconds of one step of the stage (median
-    micro-step x micro-batches per step + median optimizer step), the one-time costs apart, and the
-    child's peak RSS. Raises RuntimeError with the child's last lines if it fails."""
+    """Run the probe in a child process. Returns each stage's median micro-step, the median optimizer
+    step, the one-time costs apart, and the child's peak RSS during the costliest stage's steps.
+    Raises RuntimeError with the child's last lines if it fails."""
     code = ("import json, sys; from provenance.builder.probe import _child; "
             f"print(json.dumps(_child({recipe_path!r}, {stage_name!r}, {store_root!r})))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
@@ -96,11 +105,11 @@ def run_probe(recipe_path: str, stage_name: str, store_root: str | None = None, 
         tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-3:])
         raise RuntimeError(f"the timed probe failed (exit {p.returncode}): {tail}")
     res = json.loads(p.stdout.strip().splitlines()[-1])
-    res["seconds_per_micro_step"] = median(res["micro_step_seconds"])
+    res["seconds_per_micro_step"] = {name: median(times) for name, times in res["micro_step_seconds"].items()}
     res["seconds_per_optimizer_step"] = median(res["optimizer_step_seconds"])
     return res
 
 
-def step_seconds(probe: dict, micro_batches: int) -> float:
-    """The probe's estimate of one step of its stage."""
-    return micro_batches * probe["seconds_per_micro_step"] + probe["seconds_per_optimizer_step"]
+def step_seconds(probe: dict, stage_name: str, micro_batches: int) -> float:
+    """The probe's estimate of one step of a stage."""
+    return micro_batches * probe["seconds_per_micro_step"][stage_name] + probe["seconds_per_optimizer_step"]
