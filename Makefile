@@ -16,12 +16,17 @@ REFLOG := attestations/$(NAME).transcript.jsonl
 # The reference signing key lives outside the repository and is never committed.
 REFERENCE_KEY ?= $(HOME)/.config/provenance/reference/$(NAME).key
 
-.PHONY: venv rebuild test test-fast lint verify reference gate bench clean
+.PHONY: venv rebuild test test-fast lint verify reference gate bench lock clean
 
-$(STAMP): constraints.txt pyproject.toml
+# Every package from the hashed lock (pip refuses a file whose sha256 differs, and installs nothing
+# else: --no-deps), then the project itself, built with the locked setuptools; `pip check` confirms
+# the lock is complete. tools/lock.py writes the locks from constraints.txt (`make lock`).
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+$(STAMP): locks/dev.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[build,test]' --config-settings editable_mode=compat
+	$(PIP) --require-hashes --no-deps -r locks/dev.lock
+	$(PIP) --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
+	$(BIN)/pip check
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -75,7 +80,6 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not builds" --deselect tests/test_layering.py
 
 bench: $(STAMP)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[build,test,bench]' --config-settings editable_mode=compat
 	$(BIN)/python bench/train_vs_trainer.py
 	$(BIN)/python bench/verify_vs_model_signing.py
 	$(BIN)/python bench/fuzz.py
@@ -85,3 +89,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf build .pytest_cache
+
+# Regenerate the hashed locks (locks/*.lock) after a change to constraints.txt or pyproject.toml.
+lock:
+	$(PYTHON) tools/lock.py

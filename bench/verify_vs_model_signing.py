@@ -53,7 +53,8 @@ def ensure_tools() -> tuple[str, str]:
     ms = MS_VENV / "bin" / "model_signing"
     if not ms.exists():
         sh([sys.executable, "-m", "venv", str(MS_VENV)])
-        sh([str(MS_VENV / "bin" / "pip"), "install", "-q", "model-signing==1.1.1", "pyOpenSSL"])
+        sh([str(MS_VENV / "bin" / "pip"), "install", "-q", "--require-hashes", "--no-deps", "-r",
+            str(ROOT / "locks" / "model-signing.lock")])
     return shutil.which("b3sum"), str(ms)
 
 
@@ -147,6 +148,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     a = ap.parse_args()
     b3sum, ms = ensure_tools()
+    # Current bytecode for the package, as pip writes it at install: with PYTHONDONTWRITEBYTECODE set (or a
+    # read-only tree) every run would otherwise compile the verifier's modules again.
+    sh([sys.executable, "-m", "compileall", "-q", str(ROOT / "provenance")])
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         work = Path(tmp)
         model = work / "model"

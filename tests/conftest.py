@@ -205,7 +205,7 @@ MS_VENV = ROOT / ".venv-model-signing"
 @pytest.fixture(scope="session")
 def model_signing() -> Path:
     """OpenSSF's `model_signing` 1.1.1 in a venv of its own, as a user has it (with pyOpenSSL, which it
-    needs and does not declare), pinned by constraints.txt."""
+    needs and does not declare), installed from its hashed lock (locks/model-signing.lock)."""
     import fcntl
 
     exe = MS_VENV / "bin" / "model_signing"
@@ -213,7 +213,7 @@ def model_signing() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not exe.exists():
             subprocess.run([sys.executable, "-m", "venv", str(MS_VENV)], check=True)
-            subprocess.run([str(MS_VENV / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", "-c",
-                            str(ROOT / "constraints.txt"), "model-signing==1.1.1", "pyOpenSSL"], check=True,
-                           timeout=900)
+            subprocess.run([str(MS_VENV / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+                            "--require-hashes", "--no-deps", "-r", str(ROOT / "locks" / "model-signing.lock")],
+                           check=True, timeout=900)
     return exe

@@ -3,7 +3,6 @@ closed set whose values are the documented JSON names (docs/formats.md)."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -44,7 +43,7 @@ def test_the_committed_reference_verifies_through_the_library():
 
 def test_a_result_cannot_be_changed_by_its_reader():
     result = Verifier.configure(keys=[REF_KEY]).verify(REF)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         result.verdict = "bitwise"  # type: ignore[misc]
     with pytest.raises(AttributeError):
         result.checks.append(result.checks[0])  # type: ignore[attr-defined]

@@ -11,7 +11,6 @@ answered by `provenance.repro` (`verify-attestation --reproduced`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard
 
@@ -47,8 +46,7 @@ class SigstoreTrust(NamedTuple):
     staging: bool = False
 
 
-@dataclass(frozen=True)
-class Verifier:
+class Verifier(NamedTuple):
     """A verifier configured once (keys, threshold, policy, Sigstore identity, store) and then asked
     about any number of attestations: `Verifier.configure(keys=[...]).verify(attestation, model=DIR)`.
     Configuring reads and checks every key and the policy file, so a bad option fails (exit 2)
@@ -56,7 +54,7 @@ class Verifier:
 
     keys: tuple[PublicKey, ...] = ()
     threshold: int = 1
-    policy: PolicyFile = field(default_factory=PolicyFile)
+    policy: PolicyFile = PolicyFile()
     policy_given: bool = False  # a policy file was named: its rules are checked, not only its allowed builders
     sigstore: SigstoreTrust = SigstoreTrust()
     sha256: bool = False  # also check the subjects' sha256 (blake3 always)
