@@ -46,6 +46,18 @@ def make_tree(dest: Path) -> tuple[int, int]:
     return n, total
 
 
+def laam_shape_recipe(tree: Path, blake3: str, steps: int) -> str:
+    """LaaM's own recipe with its input swapped for `tree` (every header in it) and each stage cut to
+    `steps` steps. The tree has no Makefiles, so the audit's control set (LaaM's Makefiles) goes."""
+    text = (ROOT / "recipes" / "laam-linux-1.0-5m.toml").read_text()
+    inputs = re.search(r"\[\[inputs\]\].*?(?=\n\[)", text, re.S).group(0)
+    text = text.replace(inputs, f'[[inputs]]\nname = "linux"\nkind = "path"\npath = "{tree}"\nblake3 = "{blake3}"\n'
+                                f'license = "GPL-2.0-only WITH Linux-syscall-note"\n')
+    text = re.sub(r'include = \[.*?\]', 'include = ["**/*.h"]', text, count=1, flags=re.S)
+    text = re.sub(r"^(exclude|manifest_root|control_include) = .*$", "", text, flags=re.M)
+    return text.replace("epochs = 100", f"steps = {steps}").replace("warmup_steps = 100", "warmup_steps = 1")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=2)
@@ -57,17 +69,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     tree = work / "tree"
     n, total = make_tree(tree)
-    b3 = tree_digest(tree)["blake3"]
-    text = (ROOT / "recipes" / "laam-linux-1.0-5m.toml").read_text()
-    inputs = re.search(r"\[\[inputs\]\].*?(?=\n\[)", text, re.S).group(0)
-    text = text.replace(inputs, f'[[inputs]]\nname = "linux"\nkind = "path"\npath = "{tree}"\nblake3 = "{b3}"\n'
-                                f'license = "GPL-2.0-only WITH Linux-syscall-note"\n')
-    text = re.sub(r'include = \[.*?\]', 'include = ["**/*.h"]', text, count=1, flags=re.S)
-    text = re.sub(r"^exclude = .*$", "", text, flags=re.M)
-    text = re.sub(r"^manifest_root = .*$", "", text, flags=re.M)
-    text = text.replace("epochs = 100", f"steps = {a.steps}").replace("warmup_steps = 100", "warmup_steps = 1")
     recipe = work / "laam-shape.toml"
-    recipe.write_text(text)
+    recipe.write_text(laam_shape_recipe(tree, tree_digest(tree)["blake3"], a.steps))
     print(f"tree: {n} files, {total} bytes (Linux 1.0: 506 files, 4.54 MB)")
     t0 = time.perf_counter()
     p = subprocess.run(["/usr/bin/time", "-v", str(ROOT / ".venv" / "bin" / "provenance"), "build", str(recipe),

@@ -30,20 +30,13 @@ PROVENANCE = [sys.executable, "-m", "provenance"]
 
 def laam_shape(work: Path, steps: int) -> Path:
     """LaaM's recipe over a 506-file tree of the machine's Linux UAPI headers, `steps` steps a stage."""
-    from bench.laam_first_steps import make_tree
+    from bench.laam_first_steps import laam_shape_recipe, make_tree
     from provenance.inputs.store import tree_digest
 
     tree = work / "tree"
     if not tree.exists():
         make_tree(tree)
-    b3 = tree_digest(tree)["blake3"]
-    text = (ROOT / "recipes" / "laam-linux-1.0-5m.toml").read_text()
-    inputs = re.search(r"\[\[inputs\]\].*?(?=\n\[)", text, re.S).group(0)
-    text = text.replace(inputs, f'[[inputs]]\nname = "linux"\nkind = "path"\npath = "{tree}"\nblake3 = "{b3}"\n'
-                                f'license = "GPL-2.0-only WITH Linux-syscall-note"\n')
-    text = re.sub(r'include = \[.*?\]', 'include = ["**/*.h"]', text, count=1, flags=re.S)
-    text = re.sub(r"^(exclude|manifest_root|control_include) = .*$", "", text, flags=re.M)  # no Makefiles here
-    text = text.replace("epochs = 100", f"steps = {steps}").replace("warmup_steps = 100", "warmup_steps = 1")
+    text = laam_shape_recipe(tree, tree_digest(tree)["blake3"], steps)
     # the audit is not what is measured here: one short window a file instead of 8 of up to 128 + 50 tokens
     text = text.replace("[audit]\n", "[audit]\nwindows_per_file = 1\nprefix_tokens = [16]\nsuffix_tokens = 8\n"
                                       "header_tokens = 16\n", 1)
