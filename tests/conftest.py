@@ -22,18 +22,6 @@ TINY = ROOT / "tests" / "recipes" / "tiny.toml"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def pytest_configure(config):
-    """Compile the package's bytecode once, in the process that leads the session. Every test starts
-    the CLI in fresh processes, and where PYTHONDONTWRITEBYTECODE is set (this project's machines set
-    it) each of them compiled every module it imports again: 50 ms of CPU a verification, about 100 ms
-    a build, measured on the AMD EPYC. __pycache__ is ignored by git and by the code digest (.py, .c,
-    .h only)."""
-    if not hasattr(config, "workerinput"):
-        import compileall
-
-        compileall.compile_dir(str(ROOT / "provenance"), quiet=1)
-
-
 # `make test-fast` runs the tests that build no model (`-m "not builds"`): a test builds one when it uses
 # the input store (every build and rebuild through the CLI does) or lives in a module that trains in process.
 BUILDING_FIXTURES = {"store", "default_rebuild"}
