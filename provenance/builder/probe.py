@@ -31,7 +31,7 @@ def _child(recipe_path: str, stage_name: str, store_root: str | None) -> dict:
 
     from ..recipe import load_recipe
     from . import allocator, attention, clib, determinism
-    from .train import build_model
+    from .train import adamw, build_model
 
     t0 = time.perf_counter()
     r = load_recipe(recipe_path).recipe
@@ -48,30 +48,28 @@ def _child(recipe_path: str, stage_name: str, store_root: str | None) -> dict:
     with determinism.sdpa_context(r.determinism):
         model = build_model(r.model, v, ids, r.determinism.seed, portable=r.determinism.portable)
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=stage.betas, eps=stage.eps,
-                                weight_decay=stage.weight_decay, foreach=False)
+        opt = adamw(model, stage)
         setup = time.perf_counter() - t0
         gen = torch.Generator().manual_seed(0)
-        mb = min(stage.micro_batch_size or stage.batch_size, stage.batch_size)
-        warm = _micro_step(model, stage, gen, v, mb) + _optimizer_step(model, opt, stage)
-        micro = {stage.name: [_micro_step(model, stage, gen, v, mb) for _ in range(MICRO_STEPS)]}
+        warm = _micro_step(model, stage, gen, v) + _optimizer_step(model, opt, stage)
+        micro = {stage.name: [_micro_step(model, stage, gen, v) for _ in range(MICRO_STEPS)]}
         optim = [_optimizer_step(model, opt, stage) for _ in range(OPTIMIZER_STEPS)]
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         for other in (s for s in r.stages if s.name != stage.name):
-            omb = min(other.micro_batch_size or other.batch_size, other.batch_size)
-            _micro_step(model, other, gen, v, omb)  # this shape's first call
-            micro[other.name] = [_micro_step(model, other, gen, v, omb) for _ in range(MICRO_STEPS)]
+            _micro_step(model, other, gen, v)  # this shape's first call
+            micro[other.name] = [_micro_step(model, other, gen, v) for _ in range(MICRO_STEPS)]
             model.zero_grad(set_to_none=True)
     return {"setup_seconds": setup, "warmup_seconds": warm, "micro_step_seconds": micro,
             "optimizer_step_seconds": optim, "peak_rss": peak}
 
 
-def _micro_step(model, stage, gen, vocab: int, mb: int) -> float:
+def _micro_step(model, stage, gen, vocab: int) -> float:
     """Forward and backward of one micro-batch of random ids, as the build's step runs each one."""
     import torch
 
     from .train import IGNORE, micro_loss_sum
 
+    mb = min(stage.micro_batch_size or stage.batch_size, stage.batch_size)
     t0 = time.perf_counter()
     x = torch.randint(0, vocab, (mb, stage.seq_len), generator=gen)
     loss = micro_loss_sum(model, model, stage, x, x) / max(1, int((x[:, 1:] != IGNORE).sum()))
@@ -81,14 +79,10 @@ def _micro_step(model, stage, gen, vocab: int, mb: int) -> float:
 
 def _optimizer_step(model, opt, stage) -> float:
     """The end of the build's step: the gradient norm (clipped if the stage says so), AdamW, zeroing."""
-    import torch
+    from .train import grad_norm
 
     t0 = time.perf_counter()
-    if stage.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip, foreach=False)
-    else:
-        torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in model.parameters()
-                                              if p.grad is not None]))
+    grad_norm(model, stage)
     opt.step()
     opt.zero_grad(set_to_none=True)  # as the build does: the next backward allocates them anew
     return time.perf_counter() - t0

@@ -355,9 +355,26 @@ def _stage_start(model, stage: Stage, si: int, seqs: list[list[int]], pad_id: in
 
     grids = [windows(seqs, stage.seq_len, stage.stride or stage.seq_len, pad_id, phase_offset(stage, p))
              for p in range(stage.phases)]
-    opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=stage.betas, eps=stage.eps,
-                            weight_decay=stage.weight_decay, foreach=False)
-    return grids, stage_steps(stage, seqs), opt, torch.Generator().manual_seed(derive_seed(seed, "data-order", si))
+    return grids, stage_steps(stage, seqs), adamw(model, stage), \
+        torch.Generator().manual_seed(derive_seed(seed, "data-order", si))
+
+
+def adamw(model, stage: Stage):
+    """The stage's optimizer: a fresh single-tensor AdamW (foreach=False) with its settings."""
+    import torch
+
+    return torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=stage.betas, eps=stage.eps,
+                             weight_decay=stage.weight_decay, foreach=False)
+
+
+def grad_norm(model, stage: Stage):
+    """The gradients' global L2 norm, clipping them first where the stage says `grad_clip`."""
+    import torch
+
+    if stage.grad_clip is not None:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip, foreach=False)
+    return torch.linalg.vector_norm(
+        torch.stack([p.grad.detach().norm() for p in model.parameters() if p.grad is not None]))
 
 
 def _boundary_state(si: int, done: list, step: int, global_step: int, epoch: int, cursor: int, first, last,
@@ -403,7 +420,6 @@ def _restore_stage(resume, model, opt, gen):
 
 def _optimizer_step(model, net, opt, stage: Stage, x, y, idx, dist: Dist, device, rounder, global_step: int):
     """One optimizer step over the global batch `idx`: (loss, gradient norm, rounding log, tokens)."""
-    import torch
 
     n_global = int((y[idx][:, 1:] != IGNORE).sum())
     local = shard(idx, dist)
@@ -420,11 +436,7 @@ def _optimizer_step(model, net, opt, stage: Stage, x, y, idx, dist: Dist, device
             part = micro_loss_sum(net, model, stage, x[chunk].to(device), y[chunk].to(device))
             (part * scale).backward()
         loss_sum = part.detach() if loss_sum is None else loss_sum + part.detach()
-    if stage.grad_clip is not None:
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip, foreach=False)
-    else:
-        gnorm = torch.linalg.vector_norm(
-            torch.stack([p.grad.detach().norm() for p in model.parameters() if p.grad is not None]))
+    gnorm = grad_norm(model, stage)
     rounding = {}
     if rounder is not None:  # portable mode: AdamW in IEEE operations, float32 state, boundary log
         rounding = rounder.adamw_step(global_step, model, opt)
