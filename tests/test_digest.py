@@ -41,3 +41,58 @@ def test_licence_detection():
     assert detect_licence(b"# SPDX-License-Identifier: MIT\n", "GPL-2.0-only") == ("MIT", "spdx-tag")
     assert detect_licence(b"int x;\n", "GPL-2.0-only") == ("GPL-2.0-only", "input")
     assert detect_licence(b"int x;\n", "NOASSERTION") == ("NOASSERTION", "none")
+
+
+def _big_file(path, size):
+    import os
+
+    path.write_bytes(os.urandom(1 << 20) * (size >> 20))
+    return path
+
+
+def test_a_large_file_is_hashed_through_a_mapping_to_the_same_digests(tmp_path, monkeypatch):
+    """Files of MAP_MIN bytes or more go to the mapping child: the digests are those of the bytes,
+    with and without sha256, and equal what the reading path gives when no child can start."""
+    import hashlib
+    import os
+
+    import blake3
+
+    from provenance._internal import hashing
+
+    path = _big_file(tmp_path / "big.bin", hashing.MAP_MIN + (3 << 20))
+    data = path.read_bytes()
+    want = {"blake3": blake3.blake3(data).hexdigest(), "sha256": hashlib.sha256(data).hexdigest()}
+    steps = []
+    with open(path, "rb") as f:
+        assert hashing._hash_mapped(f.fileno(), len(data), True, steps.append) == want
+        assert steps == [hashing._STEP, 3 << 20]
+        assert hashing.hash_fd(f.fileno(), sha256=False) == {"blake3": want["blake3"]}
+        monkeypatch.setattr("sys.executable", "")
+        assert hashing._hash_mapped(f.fileno(), len(data), True, None) is None
+        assert hashing.hash_fd(f.fileno()) == want
+    assert os.path.getsize(path) == len(data)
+
+
+def test_stopping_a_mapped_hash_kills_its_child(tmp_path, monkeypatch):
+    import os
+
+    import pytest
+
+    from provenance._internal import hashing
+
+    class Stop(Exception):
+        pass
+
+    def stop(_n):
+        raise Stop
+
+    pids = []
+    spawn = os.posix_spawn
+    monkeypatch.setattr(os, "posix_spawn", lambda *a, **k: pids.append(spawn(*a, **k)) or pids[-1])
+    path = _big_file(tmp_path / "big.bin", 4 * hashing._STEP)
+    with open(path, "rb") as f, pytest.raises(Stop):
+        hashing.hash_fd(f.fileno(), progress=stop)
+    assert len(pids) == 1
+    with pytest.raises(ChildProcessError):  # reaped: the child is neither running nor left unwaited
+        os.waitpid(pids[0], os.WNOHANG)

@@ -28,21 +28,67 @@ class FileChanged(OSError):
     """The file shrank or grew while it was being hashed: its digest describes no version of it."""
 
 
+MAP_MIN = 64 << 20  # files this large are hashed through a mapping, in a child process (hash_fd)
+_STEP = 64 << 20  # bytes the child hashes between two progress reports
+
+# The child of _hash_mapped: it hashes `size` bytes of fd 3 (the parent's open file), mapping one
+# step at a time (its resident memory stays near a step), and reports each step's byte count on
+# stdout, then "= BLAKE3 SHA256" ("-" for no sha256).
+# If the file shrinks under the mapping, the kernel kills the child with SIGBUS; the parent, not
+# the child, decides what that means.
+_CHILD = """
+import mmap, os, sys
+import blake3
+size, want_sha = int(sys.argv[1]), sys.argv[2] == "sha256"
+b3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
+if want_sha:
+    import hashlib
+    sha = hashlib.sha256()
+for off in range(0, size, %d):
+    n = min(%d, size - off)
+    with mmap.mmap(3, n, offset=off, access=mmap.ACCESS_READ) as part:  # one step mapped at a time
+        b3.update(part)
+        if want_sha:
+            sha.update(part)
+    os.write(1, b"%%d\\n" %% n)
+os.write(1, ("= " + b3.hexdigest() + " " + (sha.hexdigest() if want_sha else "-") + "\\n").encode())
+""" % (_STEP, _STEP)
+
+
 def hash_fd(fd: int, *, sha256: bool = True, progress: Callable[[int], None] | None = None) -> dict[str, str]:
     """blake3 (multi-threaded) and optionally sha256 of an open file, from offset 0 to its size.
 
-    The file is read CHUNK bytes at a time into one buffer: memory stays bounded whatever the size.
-    It is read, not mapped: a file truncated while it is hashed gives a short read and FileChanged,
-    where a mapping would kill the process with SIGBUS. `progress(n)` is called after each chunk
-    (and may raise to stop). Raises OSError (FileChanged when the size changed underneath).
+    A file of MAP_MIN bytes or more is mapped and hashed by a child process (_hash_mapped): on
+    some virtual machines copying from the page cache costs 4-5 times the hashing itself
+    (docs/benchmarks.md), and a mapping cannot be read safely in this process, where a file
+    truncated underneath would kill it with SIGBUS. Smaller files, and any file the child could not
+    hash, are read CHUNK bytes at a time into one buffer (_hash_read): memory stays bounded whatever
+    the size. `progress(n)` is called after each chunk or step (and may raise to stop). Raises
+    OSError (FileChanged when the size changed underneath).
     """
+    size = os.fstat(fd).st_size
+    out = _hash_mapped(fd, size, sha256, progress) if size >= MAP_MIN else None
+    if out is None:
+        out = _hash_read(fd, size, sha256, progress)
+    now = os.fstat(fd).st_size
+    if now != size:
+        raise FileChanged(_changed(size, now))
+    return out
+
+
+def _changed(size: int, now: int) -> str:
+    how = "shrank" if now < size else "grew"
+    return f"the file {how} from {size} bytes to {now} while being read"
+
+
+def _hash_read(fd: int, size: int, sha256: bool, progress: Callable[[int], None] | None) -> dict[str, str]:
+    """hash_fd's reading path: `size` bytes read with preadv into one reused buffer."""
     b3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
     sha = None
     if sha256:
         import hashlib  # loads OpenSSL: only when asked (verify-attestation's start-up)
 
         sha = hashlib.sha256()
-    size = os.fstat(fd).st_size
     buf = bytearray(min(CHUNK, size))
     view = memoryview(buf)
     offset = 0
@@ -50,19 +96,77 @@ def hash_fd(fd: int, *, sha256: bool = True, progress: Callable[[int], None] | N
         want = min(CHUNK, size - offset)
         got = os.preadv(fd, [view[:want]], offset)
         if got <= 0:
-            raise FileChanged(f"the file shrank from {size} bytes to {offset + got} while being read")
+            raise FileChanged(_changed(size, offset + got))
         b3.update(view[:got])
         if sha is not None:
             sha.update(view[:got])
         offset += got
         if progress is not None:
             progress(got)
-    if os.fstat(fd).st_size != size:
-        raise FileChanged(f"the file's size changed from {size} bytes while being read")
     out = {"blake3": b3.hexdigest()}
     if sha is not None:
         out["sha256"] = sha.hexdigest()
     return out
+
+
+def _hash_mapped(fd: int, size: int, sha256: bool, progress: Callable[[int], None] | None) -> dict[str, str] | None:
+    """hash_fd's mapping path: the digests from a child process that maps the open file, or None
+    when no child could start or it failed before hashing a byte (the caller then reads the file).
+
+    The child is handed this very descriptor (no path is opened twice). A child killed part way
+    (SIGBUS: the file shrank under the mapping, or a read error) is an error here: FileChanged if
+    the size changed, else OSError(EIO). If `progress` raises, the child is killed first."""
+    import sys
+
+    exe = sys.executable
+    if not exe:
+        return None
+    r, w = os.pipe()
+    try:
+        pid = os.posix_spawn(exe, [exe, "-c", _CHILD, str(size), "sha256" if sha256 else "-"], os.environ,
+                             file_actions=[(os.POSIX_SPAWN_DUP2, w, 1), (os.POSIX_SPAWN_DUP2, fd, 3),
+                                           (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)])
+    except OSError:
+        os.close(r)
+        return None
+    finally:
+        os.close(w)
+    done = 0
+    try:
+        digests, done = _child_reply(r, progress)
+    except BaseException:
+        os.kill(pid, 9)  # SIGKILL: the caller stopped (progress raised) or the reply was not read
+        raise
+    finally:
+        os.close(r)
+        status = os.waitpid(pid, 0)[1]
+    if digests is not None and os.waitstatus_to_exitcode(status) == 0:
+        return digests
+    now = os.fstat(fd).st_size
+    if now != size:
+        raise FileChanged(_changed(size, now))
+    if done:
+        import errno
+
+        raise OSError(errno.EIO, f"the file could not be read past byte {done} through its mapping")
+    return None
+
+
+def _child_reply(r: int, progress: Callable[[int], None] | None) -> tuple[dict[str, str] | None, int]:
+    """(digests or None, bytes reported hashed) from the child's pipe, calling progress per step."""
+    pending, done = b"", 0
+    while True:
+        data = os.read(r, 4096)
+        if not data:
+            return None, done
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            if line.startswith(b"= "):
+                _, b3, sha = line.decode().split(" ")
+                return ({"blake3": b3} if sha == "-" else {"blake3": b3, "sha256": sha}), done
+            done += int(line)
+            if progress is not None:
+                progress(int(line))
 
 
 def hash_file(path: Path, *, sha256: bool = True, progress: Callable[[int], None] | None = None) -> dict[str, str]:
