@@ -42,8 +42,7 @@ def cmd_build(args) -> int:
 
     recipe = load_recipe(args.recipe)
     _check_threads(args.threads)
-    if not 1 <= args.world_size <= 1024:
-        raise InputError(f"--world-size must be between 1 and 1024, got {args.world_size}")
+    _check_topology(args)
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise InputError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
@@ -60,7 +59,7 @@ def cmd_build(args) -> int:
 
         read_log(Path(args.rounding_log))
     reporter = Reporter(enabled=not args.json and rank == 0)
-    signing = _signing(args, reporter)
+    signing = _signing(args, reporter) if rank == 0 and args.node_rank == 0 else None  # only rank 0 signs
     if args.world_size > 1 and "RANK" not in os.environ:
         return _launch_ranks(args, recipe, reporter)
     if args.world_size != world:
@@ -71,7 +70,8 @@ def cmd_build(args) -> int:
                    reporter=reporter, signing=signing, cpu_capability=args.cpu_capability,
                    resume=args.resume, checkpoint_every=args.checkpoint_every, use_cache=args.cache,
                    keep_checkpoints=args.keep_checkpoints, licence_compatibility=args.licence_compatibility,
-                   rounding_log=Path(args.rounding_log) if args.rounding_log else None)
+                   rounding_log=Path(args.rounding_log) if args.rounding_log else None,
+                   collective_timeout=args.collective_timeout)
     if record is None:  # a rank other than 0: rank 0 reports
         return 0
     weights = record["weights"]["tensors"]["digest"]
@@ -94,6 +94,36 @@ def cmd_build(args) -> int:
     return 0
 
 
+def _check_topology(args) -> None:
+    """--world-size, --nnodes, --node-rank, --rdzv-endpoint and --collective-timeout, before any work."""
+    if not 1 <= args.nnodes <= 1024:
+        raise InputError(f"--nnodes must be between 1 and 1024, got {args.nnodes}")
+    if args.world_size is None:
+        args.world_size = args.nnodes
+    if not 1 <= args.world_size <= 1024:
+        raise InputError(f"--world-size must be between 1 and 1024, got {args.world_size}")
+    if args.world_size % args.nnodes:
+        raise InputError(f"--world-size {args.world_size} is not a multiple of --nnodes {args.nnodes} (every node "
+                         "runs the same number of ranks)")
+    if not 1 <= args.collective_timeout <= 86400:
+        raise InputError(f"--collective-timeout must be between 1 and 86400 seconds, got {args.collective_timeout}")
+    if args.nnodes == 1:
+        if args.rdzv_endpoint is not None or args.node_rank:
+            raise InputError("--rdzv-endpoint and --node-rank are for a build on several machines: add --nnodes N")
+        return
+    if not 0 <= args.node_rank < args.nnodes:
+        raise InputError(f"--node-rank must be between 0 and {args.nnodes - 1} (--nnodes {args.nnodes}), "
+                         f"got {args.node_rank}")
+    if args.rdzv_endpoint is None:
+        raise InputError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (where node 0 listens)")
+    host, _, port = args.rdzv_endpoint.rpartition(":")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if (not bare or not all(c.isalnum() or c in ".-:" for c in bare) or bare.startswith("-")
+            or not port.isdigit() or not 1 <= int(port) <= 65535):
+        raise InputError(f"--rdzv-endpoint {args.rdzv_endpoint!r}: expected HOST:PORT (a host name or address, a "
+                         "port from 1 to 65535)")
+
+
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None:
@@ -104,28 +134,35 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _launch_ranks(args, recipe, reporter) -> int:
-    """Fetch the inputs here, then start world_size ranks with torchrun; rank 0 writes the outputs."""
-    import subprocess
-
-    from .builder.pipeline import fetch_all
+    """Fetch the inputs here, then start this node's ranks with torchrun; rank 0 writes the outputs."""
+    from .builder.pipeline import fetch_all, topology_problems
     from .inputs.store import Store
 
-    for s in recipe.recipe.stages:
-        if s.batch_size < args.world_size:
-            raise InputError(f"{recipe.path}: stage {s.name!r} batch_size {s.batch_size} is smaller than "
-                             f"--world-size {args.world_size}")
+    for i, s in enumerate(recipe.recipe.stages):
+        for problem in topology_problems(recipe.recipe, s, args.world_size):
+            raise InputError(f"{recipe.path}: stages[{i}].{problem}")
     fetch_all(recipe, Store(args.store), offline=args.offline, handed=parse_handed(args.input, recipe),
               reporter=reporter)
     argv = [a for a in args.argv if a != "--debug"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-           f"--nproc-per-node={args.world_size}", "-m", "provenance", *argv, "--offline"]
-    reporter.log(f"launching {args.world_size} ranks: torchrun --standalone --nproc-per-node={args.world_size}")
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "TORCHELASTIC_ERROR_FILE": os.environ.get("TORCHELASTIC_ERROR_FILE", os.devnull)}
-    code = subprocess.call(cmd, env=env)
+    per_node = args.world_size // args.nnodes
+    if args.nnodes == 1:
+        where = ["--standalone", "--nnodes=1"]
+    else:  # static rendezvous: node R's ranks are R*per_node and up, so node 0 holds rank 0, which writes
+        where = [f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", "--rdzv-backend=static",
+                 f"--rdzv-endpoint={args.rdzv_endpoint}", "--max-restarts=0"]
+    reporter.log(f"launching {per_node} of {args.world_size} ranks: torchrun {' '.join(where)} "
+                 f"--nproc-per-node={per_node}")
+    from .builder.ranks import launch
+
+    code = launch([*where, f"--nproc-per-node={per_node}", "--module", "provenance", *argv, "--offline"],
+                  debug=args.debug)
     if code != 0:
-        print(f"error: a rank of the {args.world_size}-process build failed (exit {code})", file=sys.stderr)
+        how = (f"a rank was killed by signal {code - 128}" if code > 128
+               else f"a rank ended with exit {code} (its message is above)")
+        print(f"error: the {args.world_size}-rank build stopped: {how}", file=sys.stderr)
         return code if code in (1, 2) else 2
+    if args.nnodes > 1 and args.node_rank != 0:
+        reporter.log(f"node {args.node_rank}: its ranks finished; rank 0, on node 0, wrote the outputs")
     return 0
 
 
@@ -477,8 +514,18 @@ def _build_command(sub) -> None:
     b.add_argument("--out", help="output directory (default build/<recipe name>)")
     b.add_argument("--threads", type=int,
                    help="override determinism.threads (on some CPUs the bits change: docs/recipe.md)")
-    b.add_argument("--world-size", type=int, default=1,
-                   help="train on N processes with torch.distributed (gloo on the CPU), launched with torchrun")
+    b.add_argument("--world-size", type=int, default=None,
+                   help="train on N processes in all (default 1, or one per node) with torch.distributed (gloo on "
+                        "the CPU), launched with torchrun; under [determinism] reduction = 'canonical' every world "
+                        "size gives the same bits")
+    b.add_argument("--nnodes", type=int, default=1,
+                   help="machines the build runs on; run the same command on each with its --node-rank")
+    b.add_argument("--node-rank", type=int, default=0,
+                   help="this machine's place, 0 to NNODES-1 (node 0 writes the outputs)")
+    b.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="where node 0 serves torchrun's rendezvous store (needed with --nnodes > 1)")
+    b.add_argument("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="how long a rank waits for the others in a collective before the build stops (default 600)")
     b.add_argument("--cpu-capability", choices=["native", "default", "avx2", "avx512"],
                    help="override determinism.cpu_capability (ATen kernel instruction set; recorded)")
     resume = b.add_mutually_exclusive_group()
@@ -556,6 +603,9 @@ def _rebuild_commands(sub) -> None:
     rb.add_argument("--threads", type=int,
                     help="CPU threads (default: the recipe's; bitwise still required on the reference's stack, "
                          "so use it where the recipe is thread-invariant: docs/recipe.md)")
+    rb.add_argument("--world-size", type=int, default=1,
+                    help="rebuild on N processes (torchrun); under the canonical reduction the bits do not depend on "
+                         "it, so bitwise is still required on the reference's stack")
     rb.add_argument("--policy", help="verifier policy TOML: allowed builders, [reproduced] bounds")
     _signing_args(rb)
     _store_args(rb)
@@ -857,15 +907,46 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
     log = reference_rounding_log(Path(args.attestation), payload, reporter) if recipe.recipe.determinism.portable \
         else None
     signing = signing or _signing(args, reporter)
-    # An independent rebuild trains every step: no stage cache, no checkpoint from an earlier run.
-    record = build(recipe, out=out, store=Store(args.store), offline=args.offline,
-                   handed=parse_handed(args.input, recipe), reporter=reporter, signing=signing,
-                   resume=False, use_cache=False, cpu_capability=getattr(args, "cpu_capability", None),
-                   threads=getattr(args, "threads", None), rounding_log=log)
+    world = getattr(args, "world_size", 1)
+    if world > 1:
+        if log is not None:
+            raise InputError("--world-size: a portable recipe's rebuild follows the reference's rounding log in one "
+                             "process; rebuild it without --world-size")
+        record = _ranks_rebuild(args, recipe.path, out, world)
+    else:  # an independent rebuild trains every step: no stage cache, no checkpoint from an earlier run
+        record = build(recipe, out=out, store=Store(args.store), offline=args.offline,
+                       handed=parse_handed(args.input, recipe), reporter=reporter, signing=signing,
+                       resume=False, use_cache=False, cpu_capability=getattr(args, "cpu_capability", None),
+                       threads=getattr(args, "threads", None), rounding_log=log)
     match, why = stack_matches(payload, record)
     report = judge_build(st, out / "model", bitwise=match if bitwise is None else bitwise, bounds=bounds,
                          store=Path(args.store) if args.store else None)
     return record, report, signing, match, why
+
+
+def _ranks_rebuild(args, recipe_path: Path, out: Path, world: int) -> dict:
+    """`provenance build` of the embedded recipe on `world` ranks (torchrun, as `build --world-size` runs
+    it), every step trained; its build.json. The ranks' stdout goes to stderr: this command's own output
+    (--json: one object) stays the only thing on stdout."""
+    from ._internal import jsonstrict
+
+    argv = ["build", str(recipe_path), "--out", str(out), "--world-size", str(world), "--no-cache", "--no-resume",
+            *(["--store", args.store] if args.store else []), *(["--offline"] if args.offline else []),
+            *[f"--input={i}" for i in args.input], *[f"--key={k}" for k in args.key],
+            *([f"--threads={args.threads}"] if getattr(args, "threads", None) else []),
+            *([f"--cpu-capability={args.cpu_capability}"] if getattr(args, "cpu_capability", None) else [])]
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        code = main(argv)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+    if code != 0:
+        raise InputError(f"the rebuild on {world} ranks failed (exit {code}); its messages are above")
+    return jsonstrict.loads((out / "build.json").read_bytes())
 
 
 def cmd_replay(args) -> int:
@@ -1086,6 +1167,8 @@ def cmd_rebuild(args) -> int:
         raise InputError("--attestation-key PUBLIC_KEY is needed to verify the attestation before rebuilding"
                          + (" (--key is the private key that signs the verification summary)" if args.key else ""))
     _check_threads(args.threads)
+    if not 1 <= args.world_size <= 1024:
+        raise InputError(f"--world-size must be between 1 and 1024, got {args.world_size}")
     att = Path(args.attestation)
     payload, st = verified_statement(att, [Path(k) for k in args.attestation_key],
                                      Path(args.policy) if args.policy else None)

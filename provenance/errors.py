@@ -54,3 +54,7 @@ class Interrupted(ProvenanceError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class RankFailed(ProvenanceError):
+    """A distributed build lost a rank or its network: a collective failed or timed out."""

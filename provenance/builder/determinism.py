@@ -279,6 +279,8 @@ def apply(det: Determinism, *, threads: int | None = None, cpu_capability: str |
         **({"portable": True, "portable_margin": det.portable_margin} if det.portable else {}),
         # only for fixed-order recipes, likewise: the GEMM's source, compiler, flags and library digests
         **({"kernels": "fixed-order", "gemm": gemm} if gemm is not None else {}),
+        # only for canonical-reduction recipes, likewise (builder/train.py, canonical_gradient)
+        **({"reduction": "canonical"} if det.reduction == "canonical" else {}),
     }
 
 

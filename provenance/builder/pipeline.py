@@ -265,6 +265,20 @@ def prepare_data(recipe: LoadedRecipe, stored, work: Path, *, reporter: Reporter
                         [f"{f.input}:{f.path}" for f in control], encode_all(tok, layout_texts(control, r.layout)))
 
 
+def topology_problems(r, st, world_size: int) -> list[str]:
+    """What a stage cannot do at this world size under DistributedDataParallel's all-reduce (the
+    canonical reduction runs any stage at any world size: a rank without a micro-batch waits)."""
+    if world_size == 1 or r.determinism.reduction == "canonical":
+        return []
+    problems = []
+    if st.cross_entropy == "chunked":
+        problems.append(f"cross_entropy: 'chunked' is not supported with reduction 'all-reduce' at world size "
+                        f"{world_size}; use 'full' or [determinism] reduction = 'canonical'")
+    if st.batch_size < world_size:
+        problems.append(f"batch_size: {st.batch_size} is smaller than the world size {world_size}")
+    return problems
+
+
 def check_data(recipe: LoadedRecipe, seqs: list[list[int]], world_size: int = 1) -> list[int]:
     """Preflight after tokenization, before the first step: everything that would otherwise fail
     after training. Returns the steps of each stage. Raises InputError naming the field."""
@@ -279,11 +293,7 @@ def check_data(recipe: LoadedRecipe, seqs: list[list[int]], world_size: int = 1)
             problems.append(f"stages[{i}] ({st.name!r}): no training windows in the data")
         if st.warmup_steps > n:
             problems.append(f"stages[{i}].warmup_steps: {st.warmup_steps} exceeds the stage's {n} steps")
-        if st.cross_entropy == "chunked" and world_size > 1:
-            problems.append(f"stages[{i}].cross_entropy: 'chunked' is not supported in a distributed build yet "
-                            f"(world size {world_size}); use 'full'")
-        if st.batch_size < world_size:
-            problems.append(f"stages[{i}].batch_size: {st.batch_size} is smaller than the world size {world_size}")
+        problems += [f"stages[{i}].{p}" for p in topology_problems(r, st, world_size)]
     longest = max((len(s) for s in seqs), default=0)
     rep = r.reproducibility
     if longest < rep.eval_tokens:
@@ -364,6 +374,7 @@ class BuildOptions:
     use_cache: bool = True
     keep_checkpoints: bool | None = None
     licence_compatibility: str = "warn"
+    collective_timeout: float = 600.0  # seconds (builder/ranks.py)
 
 
 @dataclass
@@ -426,7 +437,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
           cpu_capability: str | None = None, resume: bool | None = None,
           checkpoint_every: int | None = None, use_cache: bool = True,
           keep_checkpoints: bool | None = None, licence_compatibility: str = "warn",
-          rounding_log=None) -> dict | None:
+          rounding_log=None, collective_timeout: float = 600.0) -> dict | None:
     """Run the whole pipeline. Returns build.json's content (None on ranks other than 0).
 
     `resume`: None resumes from a checkpoint in `out` of the same identity if there is one, True
@@ -446,7 +457,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
     fingerprint (_write_outputs), audit (_audit), write build.json, the SBOMs and the signatures
     (_record, _sign), and move the staged outputs into place (_install)."""
     opts = BuildOptions(threads, offline, handed or {}, allow_toolchain_mismatch, cpu_capability, resume,
-                        checkpoint_every, use_cache, keep_checkpoints, licence_compatibility)
+                        checkpoint_every, use_cache, keep_checkpoints, licence_compatibility, collective_timeout)
     b = BuildState(recipe, out, store, opts, reporter or Reporter(enabled=False), signing)
     _preflight(b, rounding_log)
     _fetch_and_set_up(b)
@@ -525,12 +536,13 @@ def _fetch_and_set_up(b: BuildState) -> None:
     t = b.lap("fetch", t)
     b.threads_per_rank = max(1, (b.opts.threads or r.determinism.threads) // b.dist.world_size)
     b.det_record = determinism.apply(r.determinism, threads=b.threads_per_rank, cpu_capability=b.opts.cpu_capability)
-    b.det_record["world_size"] = b.dist.world_size
-    b.det_record["backend"] = b.dist.backend
+    if r.determinism.reduction == "all-reduce":  # the topology decides the bits: part of the determinism
+        b.det_record["world_size"] = b.dist.world_size
+        b.det_record["backend"] = b.dist.backend
     if b.dist.world_size > 1:
-        import torch.distributed as tdist
+        from . import ranks
 
-        tdist.init_process_group(backend=b.dist.backend)
+        ranks.join(b.dist.backend, b.opts.collective_timeout)
     b.lap("setup", t)
 
 
@@ -544,7 +556,7 @@ def _choose_start(b: BuildState) -> None:
     if b.log is not None:  # a build that follows a rounding log is another build than one that makes its own
         ident_det = {**b.det_record, "rounding_log": b.log.digest}
     b.ident = ckpt.identity(b.recipe.digests["blake3"], [s.digests for s in b.stored], b.toolchain["installed"],
-                            ident_det, b.dist.world_size)
+                            ident_det, bit_world_size(b))
     b.cdir = b.out / ckpt.DIRNAME
     b.found = ckpt.latest(b.cdir, b.ident, b.reporter.log) if b.opts.resume is not False else None
     if b.opts.resume and b.found is None:
@@ -560,6 +572,12 @@ def _choose_start(b: BuildState) -> None:
     b.read_cache = b.opts.use_cache and b.dist.world_size == 1 and b.log is None and not b.keep_for_replay
     if b.found is not None and not b.read_cache:  # else a stage cache hit may yet replace the checkpoint
         _refuse_schedule_conflict(b.found, b.every_steps)
+
+
+def bit_world_size(b: BuildState) -> int:
+    """The world size as far as the bits depend on it: 1 under the canonical reduction, which gives every
+    world size the same bits (a checkpoint written by 2 ranks resumes in 1 or 4), else the world size."""
+    return 1 if b.recipe.recipe.determinism.reduction == "canonical" else b.dist.world_size
 
 
 def _open_staging(b: BuildState) -> None:
@@ -594,12 +612,16 @@ def _train(b: BuildState) -> bool:
     with determinism.sdpa_context(r.determinism):
         _make_model(b)
         _find_start(b)
+        _agree(b)
         b.licence = b.licence_verdict()  # before the first step (--licence-compatibility fail stops here)
         _run_stages(b)
         if b.dist.world_size > 1:
             import torch.distributed as tdist
 
-            tdist.barrier()
+            from .ranks import collective
+
+            with collective("waiting for every rank to finish training"):
+                tdist.barrier()
             tdist.destroy_process_group()
             if b.dist.rank != 0:
                 return False
@@ -609,6 +631,20 @@ def _train(b: BuildState) -> bool:
         b.recite = recitation(b.model, b.data.seqs, r.evaluate, b.data.special_ids["pad_token_id"])
         b.lap("evaluate", t)
     return True
+
+
+def _agree(b: BuildState) -> None:
+    """Every rank builds the same thing from the same place, or none starts (builder/ranks.py)."""
+    if b.dist.world_size == 1:
+        return
+    from .ranks import agree
+    from .tensors import param_digest
+
+    data = b.data
+    agree({"recipe": b.recipe.digests["blake3"], "code": code_digest(), "manifest root": data.manifest["merkle_root"],
+           "tokenizer": data.tokenizer_digest, "toolchain": b.toolchain["installed"],
+           "start step": str(b.start.state.global_step if b.start is not None else 0),
+           "initial weights": param_digest(b.model)}, b.dist.rank, b.dist.world_size)
 
 
 def _make_model(b: BuildState) -> None:
@@ -648,7 +684,7 @@ def _find_start(b: BuildState) -> None:
     b.cache = StageCache(b.store.root, stage_keys(
         r, inputs=[s.digests for s in b.stored], manifest_root=data.manifest["merkle_root"],
         tokenizer_digest=data.tokenizer_digest, seqs=data.seqs, special_ids=data.special_ids,
-        determinism=b.det_record, toolchain=b.toolchain["installed"], world_size=b.dist.world_size,
+        determinism=b.det_record, toolchain=b.toolchain["installed"], world_size=bit_world_size(b),
         checkpoint_every=b.opts.checkpoint_every or r.checkpoint.every_steps),
         read=b.read_cache, log=b.reporter.log)
     cached = b.cache.lookup()
@@ -776,14 +812,28 @@ def _record(b: BuildState) -> dict:
                         **hash_bytes(b.outputs["fingerprint.json"])},
         "determinism": b.det_record,
         "machine": determinism.machine(),
-        "distributed": {"world_size": b.dist.world_size, "backend": b.dist.backend,
-                        "threads_per_rank": b.threads_per_rank},
+        "distributed": _topology(b),
         "toolchain": b.toolchain,
         "output_license": r.output.license,
         "started": b.started,
         "finished": _now(),
         "timings": {**b.timings, "total": round(time.perf_counter() - b.t_start, 3)},
     }
+
+
+def _topology(b: BuildState) -> dict:
+    """build.json's "distributed": how the build was spread (under the canonical reduction, a record of where it
+    ran, not of what decides the bits: docs/formats.md)."""
+    r = b.recipe.recipe
+    out = {"world_size": b.dist.world_size, "backend": b.dist.backend, "threads_per_rank": b.threads_per_rank}
+    if r.determinism.reduction == "canonical":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", b.dist.world_size))
+        micro = {s.name: -(-s.batch_size // (s.micro_batch_size or s.batch_size)) for s in r.stages}
+        out.update({"reduction": "canonical", "nnodes": max(1, b.dist.world_size // max(1, local)),
+                    "micro_batches_per_rank": {name: [len(range(rank, m, b.dist.world_size))
+                                                      for rank in range(b.dist.world_size)]
+                                               for name, m in micro.items()}})
+    return out
 
 
 def _training_record(b: BuildState) -> dict:

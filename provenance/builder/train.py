@@ -201,9 +201,11 @@ def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript:
           progress: Callable[[str, int, int, float], None] | None = None, dist: Dist = Dist(),
           checkpointer=None, resume=None, on_stage_end=None, stop_after: int | None = None,
           rounder=None) -> list[StageResult]:
-    """Train `model` through the recipe's stages. With dist.world_size > 1 the model is wrapped in
-    DistributedDataParallel and each rank computes the gradient of its shard of every global batch;
-    the loss is scaled so the all-reduced (averaged) gradient is the global per-token mean.
+    """Train `model` through the recipe's stages. Under `reduction = "canonical"` every step's gradient
+    is the canonical fold of its micro-batches' gradients (canonical_gradient: the same bits at any world
+    size). Under "all-reduce", with dist.world_size > 1, the model is wrapped in DistributedDataParallel
+    and each rank computes the gradient of its shard of every global batch; the loss is scaled so the
+    all-reduced (averaged) gradient is the global per-token mean.
 
     With a `checkpointer` (builder/checkpoint.py), checkpoints are written on its schedule and, on
     SIGINT or SIGTERM, after the step in progress (then Interrupted is raised). With `resume` (a
@@ -227,7 +229,7 @@ def train(model, recipe: Recipe, seqs: list[list[int]], pad_id: int, transcript:
     global_step = 0
     device = next(model.parameters()).device
     net = model
-    if dist.world_size > 1:
+    if dist.world_size > 1 and recipe.determinism.reduction == "all-reduce":
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
@@ -308,7 +310,7 @@ def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkp
             for group in opt.param_groups:
                 group["lr"] = lr
             last, gnorm, rounding, n_global = _optimizer_step(model, net, opt, stage, x, y, idx, dist, device,
-                                                              rounder, global_step)
+                                                              rounder, global_step, det.reduction)
             if step == 0:
                 first = last
             tokens += n_global
@@ -418,10 +420,83 @@ def _restore_stage(resume, model, opt, gen):
     return t["data/order"]
 
 
-def _optimizer_step(model, net, opt, stage: Stage, x, y, idx, dist: Dist, device, rounder, global_step: int):
+def micro_batches(idx, stage: Stage) -> list:
+    """The global batch `idx` cut into micro-batches of micro_batch_size (the whole batch when unset),
+    in order: micro-batch j is the j-th slice, whatever the world size."""
+    mb = stage.micro_batch_size or idx.numel()
+    return [idx[i:i + mb] for i in range(0, idx.numel(), mb)] or [idx]
+
+
+def canonical_gradient(model, stage: Stage, x, y, idx, dist: Dist, device):
+    """A step's summed gradient and summed loss by the canonical fold (docs/formats.md, "canonical
+    reduction"), left in the parameters' .grad; returns the loss sum as a tensor.
+
+    Micro-batch j (micro_batches) is computed on rank j mod world_size, its gradient on its own (zeroed
+    before its backward). Round k gathers micro-batches kW..kW+W-1 from every rank with all_gather, and
+    every rank folds them into one accumulator left to right: acc = g_0, then acc + g_1, acc + g_2, ...
+    over the global index. Each g_j is the same bits on any rank, so the fold is the same on any topology."""
+    params = list(model.parameters())
+    micro = micro_batches(idx, stage)
+    world, rank = dist.world_size, dist.rank
+    acc = None
+    for k in range(-(-len(micro) // world)):
+        j = k * world + rank
+        flat = _micro_gradient(model, params, stage, x, y, micro[j], device) if j < len(micro) else None
+        for r, g in enumerate(_gather(flat, params, world, device)):
+            if k * world + r < len(micro):
+                acc = g.clone() if acc is None else acc.add_(g)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = acc[offset:offset + n].view_as(p).clone()
+        offset += n
+    return acc[offset]
+
+
+def _micro_gradient(model, params, stage: Stage, x, y, chunk, device):
+    """One micro-batch's gradient of its summed loss, flattened, with the loss sum appended."""
+    import torch
+
+    for p in params:
+        p.grad = None
+    part = micro_loss_sum(model, model, stage, x[chunk].to(device), y[chunk].to(device))
+    part.backward()
+    grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=device)
+             for p in params]
+    return torch.cat([*grads, part.detach().reshape(1).to(params[0].dtype)])
+
+
+def _gather(flat, params, world: int, device) -> list:
+    """Every rank's flattened micro-batch gradient of this round, by rank (zeros from a rank with none)."""
+    import torch
+
+    if world == 1:
+        return [flat]
+    import torch.distributed as tdist
+
+    if flat is None:
+        flat = torch.zeros(sum(p.numel() for p in params) + 1, dtype=params[0].dtype, device=device)
+    from .ranks import collective
+
+    out = [torch.empty_like(flat) for _ in range(world)]
+    with collective("gathering the micro-batch gradients"):
+        tdist.all_gather(out, flat)
+    return out
+
+
+def _optimizer_step(model, net, opt, stage: Stage, x, y, idx, dist: Dist, device, rounder, global_step: int,
+                    reduction: str = "all-reduce"):
     """One optimizer step over the global batch `idx`: (loss, gradient norm, rounding log, tokens)."""
 
     n_global = int((y[idx][:, 1:] != IGNORE).sum())
+    if reduction == "canonical":
+        import torch
+
+        loss_sum = canonical_gradient(model, stage, x, y, idx, dist, device)
+        inv = torch.tensor(1.0 / max(1, n_global), dtype=loss_sum.dtype)  # the normalisation, after the fold
+        for p in model.parameters():
+            p.grad.mul_(inv)
+        return _update(model, opt, stage, rounder, global_step, float(loss_sum) / max(1, n_global)) + (n_global,)
     local = shard(idx, dist)
     scale = dist.world_size / max(1, n_global)
     # Gradient accumulation: this rank's samples in micro-batches, always in the same order,
@@ -436,6 +511,19 @@ def _optimizer_step(model, net, opt, stage: Stage, x, y, idx, dist: Dist, device
             part = micro_loss_sum(net, model, stage, x[chunk].to(device), y[chunk].to(device))
             (part * scale).backward()
         loss_sum = part.detach() if loss_sum is None else loss_sum + part.detach()
+    total_loss = loss_sum.detach()
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+
+        from .ranks import collective
+
+        with collective("summing the loss"):
+            tdist.all_reduce(total_loss)
+    return _update(model, opt, stage, rounder, global_step, float(total_loss) / max(1, n_global)) + (n_global,)
+
+
+def _update(model, opt, stage: Stage, rounder, global_step: int, last: float):
+    """Clip, step the optimizer on the gradients in .grad, clear them: (loss, gradient norm, rounding log)."""
     gnorm = grad_norm(model, stage)
     rounding = {}
     if rounder is not None:  # portable mode: AdamW in IEEE operations, float32 state, boundary log
@@ -443,12 +531,6 @@ def _optimizer_step(model, net, opt, stage: Stage, x, y, idx, dist: Dist, device
     else:
         opt.step()
     opt.zero_grad(set_to_none=True)
-    total_loss = loss_sum.detach()
-    if dist.world_size > 1:
-        import torch.distributed as tdist
-
-        tdist.all_reduce(total_loss)
-    last = float(total_loss) / max(1, n_global)
     if rounder is not None:
         last, e = rounder.round_scalar(global_step, "loss", last)
         if e:
@@ -456,7 +538,7 @@ def _optimizer_step(model, net, opt, stage: Stage, x, y, idx, dist: Dist, device
         gnorm, e = rounder.round_scalar(global_step, "grad_norm", float(gnorm))
         if e:
             rounding["grad_norm"] = e
-    return last, gnorm, rounding, n_global
+    return last, gnorm, rounding
 
 
 def _step_record(stage: Stage, step: int, global_step: int, epoch: int, idx, last, gnorm, lr, model, total: int,

@@ -272,6 +272,11 @@ class Determinism(Strict):
     # Whose matrix products: "vendor" (PyTorch's: MKL, whose code branch depends on the CPU's vendor and
     # model) or "fixed-order" (builder/fixed_gemm.c: every sum in one order, the same bits on every x86-64 CPU).
     kernels: Literal["vendor", "fixed-order"] = "vendor"
+    # How a step's gradient is summed: "canonical" (builder/train.py, docs/formats.md): each micro-batch's
+    # gradient on its own, folded left to right over the global micro-batch index, then scaled by 1/tokens:
+    # the same bits for any world size, node count or accumulation split of the same micro_batch_size.
+    # "all-reduce": DistributedDataParallel's averaging (its order is the backend's; bits follow the topology).
+    reduction: Literal["canonical", "all-reduce"] = "all-reduce"
 
 
 class Toolchain(Strict):

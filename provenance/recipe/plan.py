@@ -53,7 +53,8 @@ def stage_memory(r: Recipe, stage: Stage, vocab: int | None = None, world_size: 
     The loss: `cross_entropy = "full"` holds the logits three times over, `"chunked"` one chunk's."""
     m = r.model
     v = m.padded_vocab(vocab or r.tokenizer.vocab_size)
-    b = stage.micro_batch_size or -(-stage.batch_size // world_size)
+    b = stage.micro_batch_size or (stage.batch_size if r.determinism.reduction == "canonical"
+                                   else -(-stage.batch_size // world_size))
     t, f = stage.seq_len, 8 if r.determinism.portable else 4
     p = parameter_count(r, v)
     hidden = b * t * (10 * m.hidden_size + 4 * m.intermediate_size) * f
@@ -84,6 +85,8 @@ def stage_memory(r: Recipe, stage: Stage, vocab: int | None = None, world_size: 
         loss = 3 * b * t * v * f  # logits, log-softmax, its gradient
     parts = {
         "weights+grads+AdamW": 4 * f * p,
+        # the canonical reduction's accumulator, this micro-batch's flattened gradient and one gathered per rank
+        **({"canonical fold": (world_size + 2) * f * p} if r.determinism.reduction == "canonical" else {}),
         "attention scores": attention,
         "other activations": hidden * m.num_hidden_layers,
         "logits and loss": loss,

@@ -162,7 +162,9 @@ def _recorder_class(records: list, module_stack: list[str], full: int | None, ou
                 where = module_stack[-1] if module_stack else (f"backward:{node.name()}" if node else "-")
                 t = first.detach()
                 index = len(records)
-                raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+                # a fresh dense copy: a one-element tensor counts as contiguous whatever its stride
+                flat = torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1))
+                raw = flat.view(torch.uint8).numpy().tobytes() if t.numel() else b""
                 records.append([where, str(func.overloadpacket.__name__), list(t.shape), str(t.dtype),
                                 blake3.blake3(raw).hexdigest()])
                 if full is not None and index == full:

@@ -176,6 +176,18 @@ def _native_diffs(st: dict, ref_det: dict, ref_machine: dict, det: dict, mach: d
     return diffs
 
 
+def _topology_diffs(ref_det: dict, det: dict, ref_dist: dict, dist: dict) -> list[str]:
+    """The world size, where it decides the bits: under DistributedDataParallel's all-reduce, not under
+    the canonical reduction (builder/train.py), whose bits are the same on any number of ranks and nodes."""
+    if ref_det.get("reduction") == "canonical" and det.get("reduction") == "canonical":
+        return []
+    ref_world, world = ref_dist.get("world_size", 1), dist.get("world_size", 1)
+    if ref_world == world:
+        return []
+    return [f"world size {world} vs reference {ref_world} (reduction 'all-reduce': the bits follow the topology; "
+            "[determinism] reduction = 'canonical' makes them independent of it)"]
+
+
 def stack_matches(st: dict, record: dict) -> tuple[bool, str]:
     """Whether a rebuild ran on the reference's stack: same CPU capability, the same MKL and oneDNN
     pins, the same CPU vendor (MKL's code paths are chosen by vendor as well as by ISA) and the same
@@ -191,6 +203,7 @@ def stack_matches(st: dict, record: dict) -> tuple[bool, str]:
     portable = bool(ref_det.get("portable")) and bool(det.get("portable"))
     # The CPU, its numerics libraries and the thread count do not decide a portable build's bits.
     diffs = [] if portable else _native_diffs(st, ref_det, ref_machine, det, mach)
+    diffs += _topology_diffs(ref_det, det, internal.get("distributed", {}), record.get("distributed", {}))
     versions = {d["name"].removeprefix("toolchain:"): d.get("uri", "").rsplit("@", 1)[-1]
                 for d in st["predicate"]["buildDefinition"].get("resolvedDependencies", [])
                 if str(d.get("name", "")).startswith("toolchain:")}

@@ -274,7 +274,7 @@ def test_data_too_short_for_the_fingerprint_is_refused_before_training(store, tm
 
 def test_recipe_that_does_not_fit_in_memory_is_refused_before_fetching(tmp_path):
     recipe = tmp_path / "big.toml"
-    text = TINY.read_text().replace("batch_size = ", "batch_size = 65536 #", 1)
+    text = TINY.read_text().replace("batch_size = ", "batch_size = 65536 #", 1).replace("micro_batch_size = 1\n", "", 1)
     text = text.replace("seq_len = ", "seq_len = 4096 #", 1).replace("max_position_embeddings = ",
                                                                      "max_position_embeddings = 4096 #", 1)
     recipe.write_text(text)
@@ -301,7 +301,7 @@ def test_gradient_accumulation_is_bitwise_run_to_run_and_across_threads(builds, 
     """micro_batch_size 2 of batch_size 4: the same bits for threads 1 and 2 and on rebuild; the
     micro-batches are summed in a fixed order, which is not the order of one batch (docs/recipe.md)."""
     recipe = tmp_path / "acc.toml"
-    recipe.write_text(TINY.read_text().replace("batch_size = 4\n", "batch_size = 4\nmicro_batch_size = 2\n", 1))
+    recipe.write_text(TINY.read_text().replace("micro_batch_size = 1\n", "micro_batch_size = 2\n", 1))
     _bitwise_across_threads(recipe, store, tmp_path)
 
 

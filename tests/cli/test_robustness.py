@@ -123,10 +123,12 @@ def test_the_plan_times_a_step_as_the_build_runs_it_with_one_time_costs_apart(tm
     assert {name: len(times) for name, times in pr["micro_step_seconds"].items()} == {"one": 3, "two": 3}
     assert pr["one_time_seconds"] == pytest.approx(pr["setup_seconds"] + pr["warmup_seconds"])
     one, two = plan["stages"]
-    assert one["seconds_per_step"] == pytest.approx(pr["seconds_per_step"])  # one micro-batch a step
+    assert one["seconds_per_step"] == pytest.approx(pr["seconds_per_step"])  # the probe's own stage
+    assert one["seconds_per_step"] == pytest.approx(4 * pr["seconds_per_micro_step"]["one"]  # 4 micro-batches of 1
+                                                    + pr["seconds_per_optimizer_step"])
     assert one["hours"] == pytest.approx(8 * one["seconds_per_step"] / 3600)
-    # stage two: one micro-batch of its own shape (2 x 32 tokens), timed itself, and the same optimizer step
-    assert two["seconds_per_step"] == pytest.approx(pr["seconds_per_micro_step"]["two"]
+    # stage two: two micro-batches of its own shape (1 x 32 tokens), timed itself, and the same optimizer step
+    assert two["seconds_per_step"] == pytest.approx(2 * pr["seconds_per_micro_step"]["two"]
                                                     + pr["seconds_per_optimizer_step"])
     assert two["hours"] == pytest.approx(4 * two["seconds_per_step"] / 3600)
 
