@@ -86,6 +86,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/laam_first_steps.py
 	$(BIN)/python bench/laam_rehearsal.py
 	$(BIN)/python bench/portable.py
+	$(BIN)/python bench/topology.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -40,16 +40,9 @@ def default_shape(work: Path, steps: int, reduction: str) -> Path:
 
 
 def laam_shape(work: Path, steps: int, reduction: str) -> Path:
-    from bench.laam_first_steps import laam_shape_recipe, make_tree
-    from provenance.inputs.store import tree_digest
+    from bench.plan_accuracy import laam_shape as plan_accuracy_shape  # the same shape, its audit cut short
 
-    tree = work / "tree"
-    if not tree.exists():
-        make_tree(tree)
-    text = laam_shape_recipe(tree, tree_digest(tree)["blake3"], steps)
-    text = text.replace("[audit]\n", "[audit]\nwindows_per_file = 1\nprefix_tokens = [16]\nsuffix_tokens = 8\n"
-                                      "header_tokens = 16\n", 1)
-    return _write(work / f"laam-{reduction}-{steps}.toml", text, reduction)
+    return _write(work / f"laam-{reduction}-{steps}.toml", plan_accuracy_shape(work, steps).read_text(), reduction)
 
 
 def _write(path: Path, text: str, reduction: str) -> Path:

@@ -157,10 +157,11 @@ def _launch_ranks(args, recipe, reporter) -> int:
     code = launch([*where, f"--nproc-per-node={per_node}", "--module", "provenance", *argv, "--offline"],
                   debug=args.debug)
     if code != 0:
-        how = (f"a rank was killed by signal {code - 128}" if code > 128
-               else f"a rank ended with exit {code} (its message is above)")
+        how = (f"a rank ended with exit {code} (its message is above)" if code < 128
+               else "interrupted (the ranks' messages above say how to resume)" if code in (130, 143)
+               else f"a rank was killed by signal {code - 128}")
         print(f"error: the {args.world_size}-rank build stopped: {how}", file=sys.stderr)
-        return code if code in (1, 2) else 2
+        return code if code in (1, 2, 130, 143) else 2
     if args.nnodes > 1 and args.node_rank != 0:
         reporter.log(f"node {args.node_rank}: its ranks finished; rank 0, on node 0, wrote the outputs")
     return 0

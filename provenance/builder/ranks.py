@@ -29,6 +29,7 @@ def launch(torchrun_args: list[str], *, debug: bool = False) -> int:
     rank then sets the recipe's count itself, builder/determinism.py)."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -41,6 +42,8 @@ def launch(torchrun_args: list[str], *, debug: bool = False) -> int:
     except ChildFailedError as e:
         _, failure = e.get_first_failure()
         return failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode
+    except SignalException as e:  # SIGINT or SIGTERM to the launcher: torchrun stopped the ranks (they checkpoint)
+        return 128 + int(e.sigval)
     return 0
 
 
