@@ -35,8 +35,10 @@ def launch(torchrun_args: list[str], *, debug: bool = False) -> int:
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TORCHELASTIC_ERROR_FILE", os.devnull)
-    if not debug:
-        logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    if not debug:  # torch's elastic loggers set their own levels: quiet each one
+        for name in [*logging.root.manager.loggerDict, "torch.distributed"]:
+            if name.startswith("torch.distributed"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(get_args_parser().parse_args(torchrun_args))
     except ChildFailedError as e:

@@ -345,7 +345,7 @@ def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkp
             if progress is not None:
                 progress(stage.name, step, total, last)
             if stop:
-                raise _interrupted(stop[0], global_step, path)
+                raise _interrupted(stop[0], global_step, path, dist.rank)
         results.extend(done)
     model.eval()
     return results
@@ -557,9 +557,11 @@ def _step_record(stage: Stage, step: int, global_step: int, epoch: int, idx, las
     return record
 
 
-def _interrupted(signum: int, global_step: int, path):
+def _interrupted(signum: int, global_step: int, path, rank: int = 0):
     from ..errors import Interrupted
 
-    return Interrupted(f"interrupted ({'SIGINT' if signum == 2 else 'SIGTERM'}) after optimizer step "
-                       f"{global_step}; checkpoint {path}; run the same `provenance build` command again "
-                       "to resume (same --out)", 130 if signum == 2 else 143)
+    name, code = ("SIGINT", 130) if signum == 2 else ("SIGTERM", 143)
+    if rank != 0:  # rank 0 writes the checkpoint and says how to resume
+        return Interrupted(f"rank {rank}: interrupted ({name}) after optimizer step {global_step}", code)
+    return Interrupted(f"interrupted ({name}) after optimizer step {global_step}; checkpoint {path}; run the same "
+                       "`provenance build` command again to resume (same --out)", code)
