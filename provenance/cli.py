@@ -105,6 +105,10 @@ def _check_topology(args) -> None:
     if args.world_size % args.nnodes:
         raise InputError(f"--world-size {args.world_size} is not a multiple of --nnodes {args.nnodes} (every node "
                          "runs the same number of ranks)")
+    if args.collective_timeout is None:
+        from .builder.ranks import DEFAULT_TIMEOUT
+
+        args.collective_timeout = DEFAULT_TIMEOUT
     if not 1 <= args.collective_timeout <= 86400:
         raise InputError(f"--collective-timeout must be between 1 and 86400 seconds, got {args.collective_timeout}")
     if args.nnodes == 1:
@@ -525,7 +529,7 @@ def _build_command(sub) -> None:
                    help="this machine's place, 0 to NNODES-1 (node 0 writes the outputs)")
     b.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
                    help="where node 0 serves torchrun's rendezvous store (needed with --nnodes > 1)")
-    b.add_argument("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
+    b.add_argument("--collective-timeout", type=float, metavar="SECONDS",
                    help="how long a rank waits for the others in a collective before the build stops (default 600)")
     b.add_argument("--cpu-capability", choices=["native", "default", "avx2", "avx512"],
                    help="override determinism.cpu_capability (ATen kernel instruction set; recorded)")

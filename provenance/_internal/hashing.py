@@ -131,7 +131,6 @@ def _hash_mapped(fd: int, size: int, sha256: bool, progress: Callable[[int], Non
         return None
     finally:
         os.close(w)
-    done = 0
     try:
         digests, done = _child_reply(r, progress)
     except BaseException:

@@ -27,6 +27,7 @@ from ..inputs.dataset import layout_texts, manifest_bytes, select_dataset
 from ..inputs.store import Store, fetch_input
 from ..recipe import LoadedRecipe
 from .codedigest import code_digest
+from .ranks import DEFAULT_TIMEOUT
 
 BUILD_FORMAT = "provenance-build-v1"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -374,7 +375,7 @@ class BuildOptions:
     use_cache: bool = True
     keep_checkpoints: bool | None = None
     licence_compatibility: str = "warn"
-    collective_timeout: float = 600.0  # seconds (builder/ranks.py)
+    collective_timeout: float = DEFAULT_TIMEOUT  # seconds (builder/ranks.py)
 
 
 @dataclass
@@ -437,7 +438,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
           cpu_capability: str | None = None, resume: bool | None = None,
           checkpoint_every: int | None = None, use_cache: bool = True,
           keep_checkpoints: bool | None = None, licence_compatibility: str = "warn",
-          rounding_log=None, collective_timeout: float = 600.0) -> dict | None:
+          rounding_log=None, collective_timeout: float = DEFAULT_TIMEOUT) -> dict | None:
     """Run the whole pipeline. Returns build.json's content (None on ranks other than 0).
 
     `resume`: None resumes from a checkpoint in `out` of the same identity if there is one, True
@@ -824,11 +825,13 @@ def _record(b: BuildState) -> dict:
 def _topology(b: BuildState) -> dict:
     """build.json's "distributed": how the build was spread (under the canonical reduction, a record of where it
     ran, not of what decides the bits: docs/formats.md)."""
+    from .train import micro_batch_count
+
     r = b.recipe.recipe
     out = {"world_size": b.dist.world_size, "backend": b.dist.backend, "threads_per_rank": b.threads_per_rank}
     if r.determinism.reduction == "canonical":
         local = int(os.environ.get("LOCAL_WORLD_SIZE", b.dist.world_size))
-        micro = {s.name: -(-s.batch_size // (s.micro_batch_size or s.batch_size)) for s in r.stages}
+        micro = {s.name: micro_batch_count(s) for s in r.stages}
         out.update({"reduction": "canonical", "nnodes": max(1, b.dist.world_size // max(1, local)),
                     "micro_batches_per_rank": {name: [len(range(rank, m, b.dist.world_size))
                                                       for rank in range(b.dist.world_size)]

@@ -12,6 +12,7 @@ from ..errors import InputError, ProvenanceError
 from ..recipe import LoadedRecipe
 from ..recipe.plan import available_memory, memory_problem, parameter_count, peak_memory, stage_memory
 from .probe import step_seconds
+from .train import micro_batch_count
 
 
 def plan_build(recipe: LoadedRecipe, *, store: str | None, probe: bool) -> dict:
@@ -25,7 +26,7 @@ def plan_build(recipe: LoadedRecipe, *, store: str | None, probe: bool) -> dict:
     for s in r.stages:
         est = stage_memory(r, s)
         n = steps.get(s.name) if s.steps is None else s.steps
-        per_step = step_seconds(measured, s.name, _micro_batches(s)) if measured else None
+        per_step = step_seconds(measured, s.name, micro_batch_count(s)) if measured else None
         stages.append({"name": s.name, "steps": n, "steps_note": note, "batch_size": s.batch_size,
                        "micro_batch": s.micro_batch_size or s.batch_size, "memory_bytes": est.total,
                        "memory_parts": est.parts, "seconds_per_step": per_step,
@@ -62,10 +63,6 @@ def _probe(recipe: LoadedRecipe, peak, store: str | None) -> dict:
     except RuntimeError as e:
         raise InputError(str(e)) from None
     res.update(stage=peak.stage, estimate_bytes=peak.total,
-               seconds_per_step=step_seconds(res, stage.name, _micro_batches(stage)),
+               seconds_per_step=step_seconds(res, stage.name, micro_batch_count(stage)),
                one_time_seconds=res["setup_seconds"] + res["warmup_seconds"])
     return res
-
-
-def _micro_batches(stage) -> int:
-    return -(-stage.batch_size // (stage.micro_batch_size or stage.batch_size))

@@ -420,6 +420,11 @@ def _restore_stage(resume, model, opt, gen):
     return t["data/order"]
 
 
+def micro_batch_count(stage: Stage) -> int:
+    """Micro-batches in a full global batch of the stage (1 without micro_batch_size)."""
+    return -(-stage.batch_size // (stage.micro_batch_size or stage.batch_size))
+
+
 def micro_batches(idx, stage: Stage) -> list:
     """The global batch `idx` cut into micro-batches of micro_batch_size (the whole batch when unset),
     in order: micro-batch j is the j-th slice, whatever the world size."""
@@ -502,8 +507,7 @@ def _optimizer_step(model, net, opt, stage: Stage, x, y, idx, dist: Dist, device
     # Gradient accumulation: this rank's samples in micro-batches, always in the same order,
     # each micro-batch's per-token-sum loss scaled by the global token count, so the
     # accumulated gradient is the global per-token mean (summed in a fixed order).
-    mb = stage.micro_batch_size or local.numel()
-    chunks = [local[i:i + mb] for i in range(0, local.numel(), mb)] or [local]
+    chunks = micro_batches(local, stage)
     loss_sum = None
     for ci, chunk in enumerate(chunks):
         sync = dist.world_size == 1 or ci == len(chunks) - 1
