@@ -212,6 +212,8 @@ def cmd_verify(args) -> int:
         raise InputError("--reproduced judges a model dir: pass --model DIR")
     if args.reference_model and not args.reproduced:
         raise InputError("--reference-model answers the reproduced question: add --reproduced")
+    if args.source and args.reproduced:
+        raise InputError("--source checks a corresponding-source archive; ask it without --reproduced")
     prefetch = None
     if args.model and Path(args.model).is_dir():
         from ._internal.prefetch import take  # hashing has begun (verify-attestation) or starts now
@@ -231,7 +233,7 @@ def cmd_verify(args) -> int:
         report = reproduced(verifier, Path(args.attestation), Path(args.model), reference=_path(args.reference_model),
                             **asked)
     else:
-        report = verifier.verify(Path(args.attestation), model=_path(args.model), **asked)
+        report = verifier.verify(Path(args.attestation), model=_path(args.model), source=_path(args.source), **asked)
     if args.json:
         _emit_json(report.as_dict())
     else:
@@ -261,6 +263,9 @@ def add_verify_args(p: argparse.ArgumentParser) -> None:
                    help="with --reproduced: the attested model dir itself (verified exactly first), so distances "
                         "are measured, not estimated from the fingerprint")
     p.add_argument("--recipe", help="check this recipe file against externalParameters")
+    p.add_argument("--source", metavar="ARCHIVE",
+                   help="check this corresponding-source archive (`provenance source`) against the attestation: the "
+                        "build's, or the archive's own signed statement")
     p.add_argument("--inputs", action="store_true",
                    help="re-hash the stored inputs and rebuild the manifest root; with --reproduced, also measure "
                         "recitation on windows of the whole training set drawn with a seed chosen now")
@@ -612,6 +617,9 @@ def _rebuild_commands(sub) -> None:
                     help="rebuild on N processes (torchrun); under the canonical reduction the bits do not depend on "
                          "it, so bitwise is still required on the reference's stack")
     rb.add_argument("--policy", help="verifier policy TOML: allowed builders, [reproduced] bounds")
+    rb.add_argument("--from-source", metavar="ARCHIVE",
+                    help="rebuild from this corresponding-source archive alone (`provenance source`): offline, from "
+                         "an empty store, with the archive's own code")
     _signing_args(rb)
     _store_args(rb)
     _common(rb)
@@ -691,6 +699,16 @@ def _evidence_commands(sub) -> None:
     _store_args(au)
     _common(au)
     au.set_defaults(func=cmd_audit)
+
+    so = sub.add_parser("source", help="write a build's complete corresponding source as one reproducible archive")
+    so.add_argument("build", metavar="BUILD_DIR", nargs="?", help="a finished build's folder")
+    so.add_argument("--recipe", help="instead of a build: the recipe, its inputs fetched, handed over or in the store")
+    so.add_argument("--out", required=True, metavar="FILE", help="the archive to write (an uncompressed tar)")
+    so.add_argument("--key", action="append", default=[], metavar="PRIVATE_KEY",
+                    help="sign the corresponding-source statement into FILE.intoto.jsonl (repeatable)")
+    _store_args(so)
+    _common(so)
+    so.set_defaults(func=cmd_source, sigstore=False)
 
     sb = sub.add_parser("sbom", help="check a build's SBOM (signed, valid) and write it out")
     sb.add_argument("build", metavar="BUILD_DIR")
@@ -897,7 +915,7 @@ def cmd_matrix(args) -> int:
     return 1 if diverged else 0
 
 
-def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool | None, signing=None):
+def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool | None, signing=None, source=None):
     """Build `recipe` into `out` (signed with --key or the default key) and answer the reproduced
     question against the verified statement: bitwise required on the reference's stack."""
     from ._internal.progress import Reporter
@@ -913,7 +931,9 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
         else None
     signing = signing or _signing(args, reporter)
     world = getattr(args, "world_size", 1)
-    if world > 1:
+    if source is not None:
+        record = _from_source_build(args, out, *source)
+    elif world > 1:
         if log is not None:
             raise InputError("--world-size: a portable recipe's rebuild follows the reference's rounding log in one "
                              "process; rebuild it without --world-size")
@@ -927,6 +947,36 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
     report = judge_build(st, out / "model", bitwise=match if bitwise is None else bitwise, bounds=bounds,
                          store=Path(args.store) if args.store else None)
     return record, report, signing, match, why
+
+
+def _from_source_build(args, out: Path, archive: Path, claims) -> dict:
+    """The rebuild from a corresponding-source archive alone: its code, its inputs, offline."""
+    from .attest.sign import default_key_path
+    from .repro.source import rebuild_from_source
+
+    keys = [Path(k) for k in args.key] or [default_key_path()]
+    extra = [*([f"--threads={args.threads}"] if args.threads else []),
+             *([f"--cpu-capability={args.cpu_capability}"] if args.cpu_capability else [])]
+    return rebuild_from_source(archive, claims, out, keys=keys, extra=extra)
+
+
+def _check_from_source(args, st):
+    """--from-source: what it cannot be combined with, then the archive held to the attestation (exit 1
+    when it is not its corresponding source), all before anything is built."""
+    from .recipe import parse_recipe
+    from .repro.source import check_against
+
+    if not args.from_source:
+        return None
+    clash = [flag for flag, given in (("--world-size", args.world_size > 1), ("--input", bool(args.input)),
+                                      ("--sigstore", args.sigstore)) if given]
+    if clash:
+        raise InputError(f"--from-source: {', '.join(clash)} cannot be combined with it (the archive's build runs "
+                         "in one process, from the archive's inputs, signed with local keys)")
+    if parse_recipe(Path(st.recipe.path), st.recipe.content).determinism.portable:
+        raise InputError("--from-source: a portable recipe's rebuild follows the reference's signed rounding log, "
+                         "which the archive does not carry; rebuild it without --from-source")
+    return Path(args.from_source), check_against(Path(args.from_source), st)
 
 
 def _ranks_rebuild(args, recipe_path: Path, out: Path, world: int) -> dict:
@@ -1163,6 +1213,42 @@ def cmd_publish(args) -> int:
     return 0 if done.ok else 1
 
 
+def cmd_source(args) -> int:
+    """`provenance source`: the corresponding-source archive of a build (or of a recipe), signed with --key."""
+    import tempfile
+
+    from ._internal.progress import Reporter
+    from .attest.signing import sign_source
+    from .inputs.store import Store
+    from .recipe import load_recipe
+    from .repro.source import make_source, of_build
+
+    if (args.build is None) == (args.recipe is None):
+        raise InputError("name a build dir (BUILD_DIR) or a recipe (--recipe RECIPE), one of the two")
+    _check_output_file("--out", args.out)
+    signing = _signing(args, Reporter(enabled=not args.json)) if args.key else None
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(prefix="provenance-source.") as work:
+        recipe, code, files = of_build(Path(args.build), Path(work)) if args.build else (load_recipe(args.recipe),
+                                                                                         None, {})
+        claims, digest = make_source(recipe, out, Store(args.store), code=code, offline=args.offline,
+                                     handed=parse_handed(args.input, recipe))
+    signed = out.with_name(out.name + ".intoto.jsonl") if signing else None
+    if signing and signed:
+        sign_source(signed, claims, out.name, digest, files, signing.signers)
+    summary = {"archive": str(out), "bytes": out.stat().st_size, "sha256": digest["sha256"], "blake3": digest["blake3"],
+               "code": claims.code, "inputs": [i.name for i in claims.inputs], "licenses": sorted(claims.licences),
+               "statement": str(signed) if signed else None}
+    if args.json:
+        _emit_json(summary)
+    else:
+        print(f"corresponding source: {out} ({summary['bytes']:,} bytes, sha256 {digest['sha256']})")
+        print(f"  inputs {', '.join(summary['inputs'])}; code digest {claims.code}; licences "
+              f"{', '.join(summary['licenses'])}")
+        print(f"  signed statement: {signed}" if signed else "  not signed (pass --key PRIVATE_KEY to sign it)")
+    return 0
+
+
 def cmd_rebuild(args) -> int:
     from .recipe import load_recipe
     from .repro.rebuild import embedded_recipe, recipe_file_name, sign_vsa, verified_statement, vsa_statement
@@ -1177,6 +1263,7 @@ def cmd_rebuild(args) -> int:
     att = Path(args.attestation)
     payload, st = verified_statement(att, [Path(k) for k in args.attestation_key],
                                      Path(args.policy) if args.policy else None)
+    source = _check_from_source(args, st)
     out = Path(args.out) if args.out else Path("build") / f"rebuild-{Path(recipe_file_name(st)).stem}"
     from ._internal.progress import Reporter
     from .builder.pipeline import check_out_dir
@@ -1187,7 +1274,7 @@ def cmd_rebuild(args) -> int:
     signing = _signing(args, Reporter(enabled=not args.json))
     recipe = load_recipe(embedded_recipe(st, out))
     record, report, signing, match, why = _judged_build(args, recipe, out, payload, st, bitwise=args.bitwise or None,
-                                                        signing=signing)
+                                                        signing=signing, source=source)
     vsa = vsa_statement(payload, att, report, record, "bitwise" if (args.bitwise or match) else "tolerance")
     sign_vsa(vsa, signing.signers, out / "vsa.intoto.jsonl")
     if args.json:

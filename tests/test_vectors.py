@@ -118,3 +118,36 @@ def test_fingerprint_bytes_vector():
     arrays = {n: np.array(t["values"], dtype=np.float32).reshape(t["shape"]) for n, t in v["tensors"].items()}
     ours = tensor_fingerprint(arrays, projections=v["projections"], seed=v["seed"])
     assert json.dumps(ours, sort_keys=True, separators=(",", ":")) + "\n" == v["bytes"]
+
+
+def spec_code_digest(files: dict[str, str]) -> tuple[list[str], str]:
+    # "sorted component by component ... each path and its bytes, both prefixed by their 8-byte
+    # little-endian length, one blake3"
+    order = sorted(files, key=lambda p: p.split("/"))
+    h = blake3.blake3()
+    for p in order:
+        name, data = p.encode(), files[p].encode()
+        h.update(struct.pack("<Q", len(name)) + name + struct.pack("<Q", len(data)) + data)
+    return order, h.hexdigest()
+
+
+def test_code_digest_vector():
+    from provenance._internal.codedigest import digest_entries, sort_paths
+
+    v = V["provenance-code-v1"]
+    assert spec_code_digest(v["files"]) == (v["order"], v["digest"])
+    assert v["order"].index("a/x.py") < v["order"].index("a-b/y.c")  # component order, not string order
+    assert sort_paths(v["files"]) == v["order"]
+    assert digest_entries((p, v["files"][p].encode()) for p in v["order"]) == v["digest"]
+
+
+def test_corresponding_source_statement_vector():
+    from provenance.attest.source import parse_predicate, source_statement
+
+    st = V["corresponding-source-v1"]["statement"]
+    claims, name, problems = parse_predicate(st["predicate"])
+    assert problems == [] and name == "r-source.tar" and claims is not None
+    assert claims.code == "66" * 32 and [i.artifact for i in claims.inputs] == ["src-1.0.tar.gz", ""]
+    archive = st["subject"][0]["digest"]
+    model = {s["name"].removeprefix("model/"): {"sha256": s["digest"]["sha256"]} for s in st["subject"][1:]}
+    assert source_statement(claims, name, archive, model) == st

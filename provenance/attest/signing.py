@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from .._internal.jsonstrict import JSONObject
     from .._internal.progress import Reporter
+    from .source import SourceClaims
 
 
 @dataclass
@@ -92,3 +93,15 @@ def sign_audit(staging: Path, provenance_st: JSONObject, audit_doc: JSONObject, 
 
     st = audit_statement(provenance_st, audit_doc, manifest_digest=manifest_digest, audit_json_digest=audit_digest)
     atomic_write_bytes(staging / AUDIT_FILE, envelope_line(sign_envelope(canonical(st), PAYLOAD_TYPE, signing.signers)))
+
+
+def sign_source(dest: Path, claims: SourceClaims, archive_name: str, archive_digest: dict[str, str],
+                model_files: dict[str, dict[str, str]], signers: list[Signer]) -> None:
+    """Write the corresponding-source statement (attest/source.py), signed, at `dest`."""
+    from ..attest.model import PAYLOAD_TYPE
+    from ..attest.sign import envelope_line, sign_envelope
+    from ..attest.source import source_statement
+    from ..attest.statement import canonical
+
+    st = source_statement(claims, archive_name, archive_digest, model_files)
+    atomic_write_bytes(dest, envelope_line(sign_envelope(canonical(st), PAYLOAD_TYPE, signers)))

@@ -68,9 +68,17 @@ def toolchain_dependencies() -> list[JSONObject]:
 
 
 def source_revision() -> JSONObject:
-    """This project's own source: the git commit it runs from, and whether the tree is dirty."""
-    root = Path(__file__).resolve().parents[2]
-    annotations: JSONObject = {"version": __version__}
+    """This project's own source: its code digest, its toolchain lock's digest, the git commit it runs
+    from and whether the tree is dirty."""
+    from .._internal.codedigest import code_digest, package_root
+
+    root = package_root().parent
+    annotations: JSONObject = {"version": __version__, "code": code_digest()}
+    lock = root / "locks" / "dev.lock"
+    if lock.is_file():  # the toolchain lock a corresponding-source archive carries (docs/formats.md)
+        from .._internal.hashing import hash_file
+
+        annotations["lock"] = hash_file(lock)
     entry: JSONObject = {"name": "builder-source:provenance", "uri": f"pkg:pypi/provenance@{__version__}",
                          "annotations": annotations}
     if not (root / ".git").exists():

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._internal.atomic import atomic_write_bytes
+from .._internal.codedigest import code_digest
 from .._internal.hashing import canonical_json, tensors_digest
-from .codedigest import code_digest
 
 FORMAT = "provenance-checkpoint-v1"
 DIRNAME = "checkpoint"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .. import __version__
 from .._internal.atomic import atomic_write_bytes
+from .._internal.codedigest import code_digest
 from .._internal.hashing import TENSOR_DIGEST, hash_bytes, hash_file, tensor_digest
 from .._internal.progress import Reporter
 from ..attest.signing import Signing, attest_and_sign, sign_audit, write_oms
@@ -26,7 +27,6 @@ from ..errors import InputError
 from ..inputs.dataset import layout_texts, manifest_bytes, select_dataset
 from ..inputs.store import Store, fetch_input
 from ..recipe import LoadedRecipe
-from .codedigest import code_digest
 from .ranks import DEFAULT_TIMEOUT
 
 BUILD_FORMAT = "provenance-build-v1"

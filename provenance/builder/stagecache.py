@@ -22,8 +22,8 @@ from pathlib import Path
 
 import blake3
 
+from .._internal.codedigest import code_digest
 from .._internal.hashing import canonical_json
-from .codedigest import code_digest
 
 FORMAT = "provenance-stage-cache-v1"
 DIRNAME = "stages"

@@ -350,6 +350,7 @@ def fetch_input(inp: Input, store: Store, *, recipe_dir: Path, offline: bool = F
     if inp.kind == "path":
         src = Path(inp.path)
         src = src if src.is_absolute() else (recipe_dir / src)
+        src = handed if handed is not None and handed.is_dir() else src  # a directory handed over in its place
         if src.is_dir():
             if inp.sha256 and not inp.blake3:
                 raise InputError(f"input {inp.name!r}: a directory input is pinned by blake3 (its tree digest), not "

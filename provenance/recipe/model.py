@@ -367,6 +367,8 @@ class Output(Strict):
     """[output]: what the built model declares about itself."""
 
     license: str
+    # false: the inputs are not to be redistributed, so `provenance source` writes no archive
+    source_bundle: bool = True
 
 
 class Recipe(Strict):

@@ -72,7 +72,7 @@ class Verifier(NamedTuple):
 
     def verify(self, attestation: Path, *, model: Path | None = None, recipe: Path | None = None,
                inputs: bool = False, audit: Path | None = None, published: bool = False, prefetch: Any = None,
-               needs_build: tuple[str, ...] = ()) -> Result:
+               needs_build: tuple[str, ...] = (), source: Path | None = None) -> Result:
         """Run every applicable check. Raises InputError when a check cannot be made (exit 2).
 
         `model`: the directory must hold exactly the signed files. `prefetch` (model_dir.Prefetch)
@@ -81,7 +81,8 @@ class Verifier(NamedTuple):
         policy with `[audit] require = true`. `published`: the model dir is a published folder
         whose `.provenance/` receipts are not part of it. `needs_build`: the caller's own options
         that judge a build (repro/'s "--reproduced"), refused by name with the options here when
-        the attestation is a files-only signature (OMS or VSA)."""
+        the attestation is a files-only signature (OMS or VSA). `source`: a corresponding-source
+        archive, held to the build's provenance or to a signed corresponding-source statement."""
         from .envelope import read_attestation
 
         kind, items = read_attestation(attestation)
@@ -90,11 +91,20 @@ class Verifier(NamedTuple):
         if not checks.ok:
             return checks.result(model_checked=model is not None)
         mdir = Path(model) if model is not None else None
+        asked = _build_options(recipe=recipe, inputs=inputs, audit=audit, policy=self.policy_given) + needs_build
+        if _is_source_statement(payload):
+            return _source_statement(checks, payload, mdir, attestation, source, asked, prefetch, published)
         if _files_only(payload):
-            asked = _build_options(recipe=recipe, inputs=inputs, audit=audit, policy=self.policy_given) + needs_build
+            asked += ("--source",) if source is not None else ()
             return _files_only_checks(checks, payload, mdir, Path(attestation), asked, prefetch, published)
         _refuse_audit_as_attestation(attestation, payload)
-        return self._statement(checks, kind, attestation, payload, mdir, recipe, inputs, audit, published, prefetch)
+        result = self._statement(checks, kind, attestation, payload, mdir, recipe, inputs, audit, published, prefetch)
+        if source is None or result.parsed is None:
+            return result
+        from .source import claims_from_provenance, read_archive, source_checks
+
+        source_checks(checks, read_archive(Path(source)), claims_from_provenance(result.parsed))
+        return checks.result(model_checked=mdir is not None, payload=payload, parsed=result.parsed)
 
     def _signed_payload(self, checks: Checks, kind: str, items: list[str]) -> object | None:
         """The envelope, signature and payload-type checks of each kind of attestation file."""
@@ -145,6 +155,35 @@ def _files_only(payload: object) -> TypeGuard[dict[str, Any]]:
     from ..attest.oms import OMS_PREDICATE_TYPE
 
     return isinstance(payload, dict) and payload.get("predicateType") in (VSA_TYPE, OMS_PREDICATE_TYPE)
+
+
+def _is_source_statement(payload: object) -> TypeGuard[dict[str, Any]]:
+    from ..attest.source import SOURCE_PREDICATE_TYPE
+
+    return isinstance(payload, dict) and payload.get("predicateType") == SOURCE_PREDICATE_TYPE
+
+
+def _source_statement(checks: Checks, payload: dict[str, Any], mdir: Path | None, attestation: Path,
+                      source: Path | None, asked: tuple[str, ...], prefetch: Any, published: bool) -> Result:
+    """A signed corresponding-source statement: the archive it names, and with --model the model files."""
+    from .source import read_archive, source_checks, source_statement_checks
+
+    if source is None:
+        raise InputError(f"{attestation}: this is a corresponding-source statement; pass the archive it signs "
+                         "with --source ARCHIVE")
+    if asked:
+        raise InputError(f"{attestation}: a corresponding-source statement names an archive and model files: "
+                         f"{', '.join(asked)} cannot be applied to it; pass the build's attestation for that")
+    got = source_statement_checks(checks, payload, Path(source))
+    if got is not None:
+        claims, model = got
+        source_checks(checks, read_archive(Path(source)), claims)
+        if mdir is not None:
+            from .model_dir import inspect_digests, report_exact
+
+            report_exact(checks, inspect_digests(model, mdir, prefetch=prefetch, published=published), sha256=True,
+                         algos="sha256")
+    return checks.result(model_checked=mdir is not None, payload=payload)
 
 
 def _refuse_audit_as_attestation(attestation: Path, payload: object) -> None:

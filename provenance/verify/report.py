@@ -47,6 +47,15 @@ class CheckName(str, Enum):
     REFERENCE_WEIGHTS = "reference-weights"
     RECITATION = "recitation"
     REPRODUCED = "reproduced"
+    SOURCE_STATEMENT = "source-statement"
+    SOURCE_SUBJECT = "source-subject"
+    SOURCE_ARCHIVE = "source-archive"
+    SOURCE_RECIPE = "source-recipe"
+    SOURCE_INPUTS = "source-inputs"
+    SOURCE_CODE = "source-code"
+    SOURCE_LOCK = "source-lock"
+    SOURCE_LICENCES = "source-licences"
+    SOURCE_COMPLETE = "source-complete"
 
     def __str__(self) -> str:
         return self.value

@@ -127,7 +127,7 @@ def test_the_code_digest_covers_the_c_kernel(tmp_path):
     must miss the cache, as an edit to any Python source does (before, only *.py files were hashed)."""
     import shutil
 
-    from provenance.builder import codedigest
+    from provenance._internal import codedigest
 
     pkg = Path(codedigest.__file__).resolve().parent.parent
     copy = tmp_path / "provenance"

@@ -27,8 +27,10 @@ def write_safetensors() -> Path:
 def main() -> None:
     import numpy as np
 
+    from provenance._internal.codedigest import digest_entries, sort_paths
     from provenance._internal.hashing import canonical_json, merkle_root, tensor_digest
     from provenance._internal.safetensors import read_tensors
+    from provenance.attest.source import SourceClaims, SourceInput, source_statement
     from provenance.builder.fingerprint import tensor_fingerprint
 
     path = write_safetensors()
@@ -41,7 +43,19 @@ def main() -> None:
     ]
     tensors = {"weight": read_tensors(path)["weight"], "bias": np.array([0.5, -0.25, 1e-3], dtype=np.float32)}
     fp = tensor_fingerprint(tensors, projections=4, seed=7)
+    code = {"a/__init__.py": "", "a/x.py": "print(1)\n", "a-b/y.c": "int y;\n", "a/b/z.h": "#define Z 1\n"}
+    claims = SourceClaims("r.toml", {"sha256": "11" * 32, "blake3": "22" * 32},
+                          (SourceInput("src", "src-1.0.tar.gz", {"sha256": "33" * 32, "blake3": "44" * 32},
+                                       "GPL-2.0-only"),
+                           SourceInput("tree", "", {"blake3": "55" * 32}, "MIT")),
+                          "66" * 32, {"sha256": "77" * 32, "blake3": "88" * 32},
+                          frozenset({"Apache-2.0", "GPL-2.0-only", "MIT"}))
+    statement = source_statement(claims, "r-source.tar", {"sha256": "99" * 32, "blake3": "aa" * 32},
+                                 {"model.safetensors": {"sha256": "bb" * 32, "blake3": "cc" * 32}})
     out = {
+        "provenance-code-v1": {"files": code, "order": sort_paths(code),
+                               "digest": digest_entries((p, code[p].encode()) for p in sort_paths(code))},
+        "corresponding-source-v1": {"statement": statement},
         "blake3-tensors-v1": {"file": path.name, "digest": tensor_digest(path)},
         "blake3-merkle-v1": [{"leaves_hex": [x.hex() for x in leaves[:n]], "root": merkle_root(leaves[:n])}
                              for n in range(len(leaves) + 1)],

@@ -1,0 +1,143 @@
+"""The corresponding source on demand (`provenance source`), and the rebuild from an archive alone
+(`provenance rebuild --from-source`). The archive is builder/source.py's; its layout and statement
+attest/source.py's (docs/formats.md, "Corresponding source")."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+
+from .._internal.atomic import atomic_write_bytes
+from .._internal.hashing import hash_bytes
+from ..attest.source import SourceClaims, input_prefix
+from ..errors import InputError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..inputs.store import Store, StoredInput
+    from ..recipe import LoadedRecipe
+
+
+def make_source(recipe: LoadedRecipe, out: Path, store: Store, *, code: str | None, offline: bool,
+                handed: dict[str, Path]) -> tuple[SourceClaims, dict[str, str]]:
+    """Write the corresponding source of `recipe` at `out` and read it back against its claims: (the
+    claims, the archive's digests). Refuses (InputError) a recipe whose source may not be shipped."""
+    from ..builder.source import unshippable, write_source
+
+    why = unshippable(recipe)
+    if why:
+        raise InputError(why)
+    stored = stored_inputs(recipe, store, offline=offline, handed=handed)
+    claims, digest = write_source(recipe, stored, out, code)
+    try:
+        _self_check(out, claims)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    return claims, digest
+
+
+def _self_check(path: Path, claims: SourceClaims) -> None:
+    from ..verify.report import Checks
+    from ..verify.source import read_archive, source_checks
+
+    checks = Checks()
+    source_checks(checks, read_archive(path), claims)
+    bad = [f"{c.check}: {c.detail}" for c in checks.checks if not c.ok]
+    if bad:
+        raise InputError("the archive written does not hold what it should (a file changed while it was "
+                         "read?): " + "; ".join(bad))
+
+
+def stored_inputs(recipe: LoadedRecipe, store: Store, *, offline: bool, handed: dict[str, Path]) -> list[StoredInput]:
+    """Every input's bytes as pinned: handed over, from the store (re-hashed), or fetched unless offline."""
+    from ..inputs.store import StoredInput, check_pins, fetch_input, tree_digest
+
+    out = []
+    for inp in recipe.recipe.inputs:
+        tree = store.root / "trees" / (inp.blake3 or "-")
+        if inp.name not in handed and inp.kind == "path" and tree.is_dir():
+            digests = tree_digest(tree)
+            check_pins(inp, digests, f"stored directory input {inp.name!r} ({tree})")
+            out.append(StoredInput(inp, tree, digests, "store", is_dir=True))
+            continue
+        out.append(fetch_input(inp, store, recipe_dir=recipe.path.parent, offline=offline,
+                               handed=handed.get(inp.name), limits=recipe.recipe.limits))
+    return out
+
+
+def of_build(build_dir: Path, work: Path) -> tuple[LoadedRecipe, str, dict[str, dict[str, str]]]:
+    """A finished build's recipe (from its attestation, checked against build.json's digest, written into
+    `work`), the code digest it recorded and its model files' digests."""
+    from .._internal import jsonstrict
+    from ..recipe import load_recipe
+    from .byproducts import read_bounded
+
+    record_bytes = read_bounded(build_dir / "build.json")
+    env_bytes = read_bounded(build_dir / "attestation.intoto.jsonl")
+    if record_bytes is None or env_bytes is None:
+        raise InputError(f"{build_dir}: no build.json or attestation.intoto.jsonl there; `provenance source` takes a "
+                         "finished build's folder, or a recipe with --recipe RECIPE")
+    try:
+        import base64
+
+        record = jsonstrict.loads(record_bytes)
+        payload = jsonstrict.loads(base64.b64decode(jsonstrict.loads(env_bytes)["payload"], validate=True))
+        embedded = payload["predicate"]["buildDefinition"]["externalParameters"]["recipe"]
+        text, name = embedded["content"].encode(), Path(embedded["path"]).name
+        code, files, want = record["training"]["code"], record["weights"]["files"], record["recipe"]["blake3"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{build_dir}: its build.json or attestation.intoto.jsonl is not one this version wrote "
+                         f"({type(e).__name__}: {e})") from None
+    if hash_bytes(text)["blake3"] != want or not name.endswith(".toml") or "/" in name:
+        raise InputError(f"{build_dir}: the attestation's embedded recipe is not the one build.json records")
+    atomic_write_bytes(work / name, text)
+    return load_recipe(work / name), code, files
+
+
+def check_against(archive: Path, st) -> SourceClaims:
+    """Hold the archive to the build's provenance before anything of it is used. Raises CheckFailed."""
+    from ..errors import CheckFailed
+    from ..verify.report import Checks
+    from ..verify.source import claims_from_provenance, read_archive, source_checks
+
+    claims = claims_from_provenance(st)
+    checks = Checks()
+    source_checks(checks, read_archive(archive), claims)
+    bad = [f"{c.check}: {c.detail}" for c in checks.checks if not c.ok]
+    if bad:
+        raise CheckFailed(f"{archive} is not the corresponding source of this attestation: " + "; ".join(bad))
+    return claims
+
+
+def rebuild_from_source(archive: Path, claims: SourceClaims, out: Path, *, keys: list[Path],
+                        extra: list[str]) -> dict:
+    """Unpack the (checked) archive into a fresh temporary folder and build its recipe there with the
+    archive's own code, offline, from an empty store: every input handed over from the archive. The
+    ranks' output goes to stderr. Returns the build's build.json; refuses one that ran other code."""
+    import subprocess
+    import sys
+
+    from .._internal import jsonstrict
+
+    with tempfile.TemporaryDirectory(prefix="provenance-from-source.") as tmp:
+        with tarfile.open(archive, mode="r:") as tf:
+            tf.extractall(tmp, filter="data")
+        root = next(Path(tmp).iterdir())
+        handed = [f"--input={i.name}={root / input_prefix(i.name) / i.artifact}" for i in claims.inputs]
+        argv = [sys.executable, "-m", "provenance", "build", str(root / "recipe" / claims.recipe_path),
+                "--out", str(out.resolve()), "--store", str(Path(tmp) / "store"), "--offline", "--no-cache",
+                "--no-resume", *handed, *[f"--key={k.resolve()}" for k in keys], *extra]
+        env = {**os.environ, "PYTHONPATH": str(root / "code"), "PROVENANCE_STORE": str(Path(tmp) / "store")}
+        sys.stdout.flush()
+        code = subprocess.run(argv, cwd=root / "code", env=env, stdout=sys.stderr.fileno()).returncode
+    if code != 0:
+        raise InputError(f"the build from {archive} failed (exit {code}); its messages are above")
+    record = jsonstrict.loads((out / "build.json").read_bytes())
+    ran = str(record.get("training", {}).get("code"))
+    if ran != claims.code:
+        raise InputError(f"the build from {archive} did not run the archive's code (code digest {ran[:16]}…, the "
+                         f"archive's {str(claims.code)[:16]}…)")
+    return record
