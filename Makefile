@@ -16,7 +16,7 @@ REFLOG := attestations/$(NAME).transcript.jsonl
 # The reference signing key lives outside the repository and is never committed.
 REFERENCE_KEY ?= $(HOME)/.config/provenance/reference/$(NAME).key
 
-.PHONY: venv rebuild test test-fast lint verify reference gate bench lock clean
+.PHONY: venv rebuild rebuild-from-source test test-fast lint verify reference gate bench lock clean
 
 # Every package from the hashed lock (pip refuses a file whose sha256 differs, and installs nothing
 # else: --no-deps), then the project itself, built with the locked setuptools; `pip check` confirms
@@ -39,6 +39,21 @@ rebuild: $(STAMP)
 	  $(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(OUT)/model --recipe $(RECIPE) --reproduced --inputs \
 	    --audit $(REFAUDIT); \
 	else echo "verdict: no reference attestation for $(NAME) in attestations/"; fi
+
+# The corresponding source proved complete (docs/reproducibility.md, "Rebuilding from the corresponding
+# source"): build the recipe (it writes source.tar beside the model), then rebuild from that archive alone,
+# offline, from an empty store, with the archive's own code and, where `unshare` allows, no network at all;
+# then judge the result against the committed reference too.
+SRCOUT  := build/$(NAME)-from-source
+SIGNKEY ?= $(or $(PROVENANCE_KEY),$(HOME)/.config/provenance/keys/provenance.key)
+NONET   := $(shell unshare -rn true 2>/dev/null && echo unshare -rn)
+rebuild-from-source: $(STAMP)
+	$(BIN)/provenance build $(RECIPE) --out $(OUT) $(ARGS)
+	rm -rf $(SRCOUT) $(SRCOUT).no-store
+	PROVENANCE_STORE=$(CURDIR)/$(SRCOUT).no-store $(NONET) $(BIN)/provenance rebuild $(OUT)/attestation.intoto.jsonl \
+	  --attestation-key $(basename $(SIGNKEY)).pub --from-source $(OUT)/source.tar --out $(SRCOUT)
+	@if [ -f $(REF) ]; then \
+	  $(BIN)/verify-attestation $(REF) --key $(REFKEY) --model $(SRCOUT)/model --reproduced; fi
 
 # Verify the committed reference attestation against the last build: exactly these files, byte for byte.
 verify: $(STAMP)

@@ -727,6 +727,9 @@ def _evidence_commands(sub) -> None:
     pb.add_argument("--out", required=True, metavar="DIR", help="the folder to write (new or empty)")
     pb.add_argument("--key", action="append", required=True, metavar="PUBLIC_KEY",
                     help="the public key that verifies the build; shipped as .provenance/signing-key.pub")
+    pb.add_argument("--source-max-bytes", type=int, metavar="N",
+                    help="ship the corresponding source (source.tar) only up to N bytes; above, its signed statement "
+                         "alone, which names it by digest (default: always ship it)")
     _common(pb)
     pb.set_defaults(func=cmd_publish)
 
@@ -1185,14 +1188,17 @@ def cmd_publish(args) -> int:
 
     if len(args.key) != 1:
         raise InputError("--key: publish ships one public key (signing-key.pub); pass exactly one")
+    if args.source_max_bytes is not None and args.source_max_bytes < 0:
+        raise InputError(f"--source-max-bytes must be 0 or more, got {args.source_max_bytes}")
     out, key = Path(args.out), Path(args.key[0])
-    done = publish(Path(args.build), out, key)
+    done = publish(Path(args.build), out, key, args.source_max_bytes)
     if args.json:
         _emit_json({"ok": done.ok, "out": str(out), "files": done.files, "receipts": done.receipts, "oms": done.oms,
-                    "checks": {what: r.as_dict() for what, r in done.reports}})
+                    "source": done.source, "checks": {what: r.as_dict() for what, r in done.reports}})
     else:
         print(f"published {len(done.files)} model file(s){', model.sig' if done.oms else ''} and {len(done.receipts)} "
               f"receipt(s) under {RECEIPTS_DIR}/ into {out} (nothing uploaded)")
+        print(f"corresponding source: {done.source}")
         for what, r in done.reports:
             failed = [c for c in r.checks if not c.ok]
             print(f"{what}: {r.result}" + "".join(f"\n  FAIL {c.check}: {c.detail}" for c in failed))

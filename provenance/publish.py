@@ -20,7 +20,8 @@ from .verify.model_dir import RECEIPT_NAMES, RECEIPTS_DIR, scan
 
 # The receipts a build may hold, copied under RECEIPTS_DIR/ when present.
 RECEIPTS = ("attestation.intoto.jsonl", "attestation.sigstore.json", "audit.intoto.jsonl", "vsa.intoto.jsonl",
-            "sbom.spdx3.json", "sbom.cdx.json")
+            "sbom.spdx3.json", "sbom.cdx.json", "source.intoto.jsonl", "source.tar")
+SOURCE = "source.tar"  # shipped unless larger than publish's `source_max_bytes`: then its signed statement only
 assert set(RECEIPTS) <= RECEIPT_NAMES
 
 
@@ -30,25 +31,29 @@ class Published:
     files: list[str]  # the model files, relative to the folder
     receipts: list[str]  # under RECEIPTS_DIR/, signing-key.pub included
     oms: bool  # model.sig is there
-    reports: list[tuple[str, Result]]  # ("SLSA provenance" | "OMS signature", its verification as published)
+    reports: list[tuple[str, Result]]  # ("SLSA provenance" | "OMS signature" | "corresponding source", as published)
+    source: str  # what was done with the corresponding source, in a sentence
 
     @property
     def ok(self) -> bool:
         return all(r.exit_code == 0 for _, r in self.reports)
 
 
-def publish(build_dir: Path, out: Path, key: Path) -> Published:
+def publish(build_dir: Path, out: Path, key: Path, source_max_bytes: int | None = None) -> Published:
     """Verify the build with `key`, write the folder, verify it as published. Raises InputError for a
-    bad destination or build dir (exit 2) and CheckFailed when the build does not verify (exit 1)."""
+    bad destination or build dir (exit 2) and CheckFailed when the build does not verify (exit 1).
+    The build's corresponding source (source.tar) goes under RECEIPTS_DIR/ with its signed statement, or,
+    above `source_max_bytes`, the statement alone: a signed pointer that names the archive by digest."""
     _check_destination(out)
     att = build_dir / "attestation.intoto.jsonl"
     if not att.is_file():
         raise InputError(f"{build_dir}: no attestation.intoto.jsonl; publish lays out a signed build")
     verifier = Verifier.configure(keys=[key])
-    first = verifier.verify(att, model=build_dir / "model")
+    shipped, said = _source_plan(build_dir, source_max_bytes)
+    first = verifier.verify(att, model=build_dir / "model", source=build_dir / SOURCE if shipped else None)
     if not first.ok:
         raise CheckFailed(f"{build_dir}: the build does not verify, so it is not published:\n{render(first)}")
-    receipts = [n for n in RECEIPTS if (build_dir / n).is_file()]
+    receipts = [n for n in RECEIPTS if (build_dir / n).is_file() and (n != SOURCE or shipped)]
     staging = _staging_dir(out)
     try:
         files = _lay_out(build_dir, staging, receipts, key)
@@ -57,12 +62,28 @@ def publish(build_dir: Path, out: Path, key: Path) -> Published:
                                                         model=staging, published=True))]
         if oms:
             reports.append(("OMS signature", verifier.verify(staging / "model.sig", model=staging, published=True)))
+        if shipped and "source.intoto.jsonl" in receipts:
+            reports.append(("corresponding source", verifier.verify(
+                staging / RECEIPTS_DIR / "source.intoto.jsonl", model=staging, published=True,
+                source=staging / RECEIPTS_DIR / SOURCE)))
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return Published(out, sorted(files), receipts + ["signing-key.pub"], oms, reports)
+    return Published(out, sorted(files), receipts + ["signing-key.pub"], oms, reports, said)
+
+
+def _source_plan(build_dir: Path, limit: int | None) -> tuple[bool, str]:
+    """(ship the archive?, the sentence that says what happens to the corresponding source)."""
+    archive = build_dir / SOURCE
+    if not archive.is_file():
+        return False, "the build wrote no corresponding source (build.json's \"source\" says why)"
+    size = archive.stat().st_size
+    if limit is not None and size > limit:
+        return False, (f"{SOURCE} is {size:,} bytes, over --source-max-bytes {limit:,}: only its signed statement "
+                       f"(source.intoto.jsonl, which names it by digest) is shipped; publish the archive elsewhere")
+    return True, f"{SOURCE} ({size:,} bytes) and its signed statement shipped under {RECEIPTS_DIR}/"
 
 
 def _check_destination(out: Path) -> None:

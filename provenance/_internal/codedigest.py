@@ -7,14 +7,16 @@ from collections.abc import Iterable
 from functools import cache
 from pathlib import Path, PurePosixPath
 
-SUFFIXES = (".py", ".c", ".h")  # Python and our C kernels (builder/*.c and the header they share)
+# Python, our C kernels (builder/*.c and the header they share) and the licence texts a build's
+# corresponding-source archive carries (builder/licence_texts/*.txt): everything that shapes what a build writes.
+SUFFIXES = (".py", ".c", ".h", ".txt")
 
 
 @cache
 def code_digest() -> str:
-    """blake3 over this package's sources, Python and C (names and bytes): any change to the code
-    that trains invalidates every entry, however small. The C sources are our kernels, whose
-    operations are a recipe's numerics."""
+    """blake3 over this package's sources (names and bytes; SUFFIXES): any change to the code that
+    trains invalidates every entry, however small. The C sources are our kernels, whose operations
+    are a recipe's numerics."""
     return tree_digest(package_root())
 
 
@@ -24,7 +26,8 @@ def package_root() -> Path:
 
 
 def code_files(root: Path) -> list[str]:
-    """The files code_digest covers under `root`, as POSIX paths relative to it, in its order."""
+    """The files code_digest covers under `root` (those ending in SUFFIXES), as POSIX paths relative to
+    it, in its order."""
     found = [p for s in SUFFIXES for p in root.rglob(f"*{s}") if p.is_file()]
     return sort_paths(q.relative_to(root).as_posix() for q in found)
 
@@ -35,7 +38,7 @@ def sort_paths(rels: Iterable[str]) -> list[str]:
 
 
 def tree_digest(root: Path) -> str:
-    """code_digest's hash over the .py, .c and .h files under `root`."""
+    """code_digest's hash over the files under `root` that end in SUFFIXES."""
     return digest_entries((rel, (root / rel).read_bytes()) for rel in code_files(root))
 
 

@@ -7,7 +7,7 @@ The archive is a plain POSIX tar whose entries all sit under one folder, `<recip
     SOURCE.json            the table of contents: every other entry's path, size and digests
     recipe/<file>          the recipe, byte for byte
     inputs/<name>/...      each input as pinned: its artifact file, or a directory input's files
-    code/provenance/...    this project's .py, .c and .h files: the code digest the build recorded
+    code/provenance/...    this project's .py, .c, .h and licence .txt files: the code digest recorded
     code/pyproject.toml    how the code is installed
     code/locks/dev.lock    the toolchain, pinned with hashes
     licenses/<SPDX-ID>.txt the text of every licence involved

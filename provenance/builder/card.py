@@ -40,15 +40,17 @@ def _products(det) -> str:
             else "`vendor` (PyTorch's BLAS)")
 
 
-def model_card(recipe, m: dict, audit: dict, licence: dict, record_hint: dict) -> str:
-    """The card's text. `record_hint`: parameters, tokens, vocab size, weights digest."""
+def model_card(recipe, m: dict, audit: dict, licence: dict, record_hint: dict, no_source: str | None = None) -> str:
+    """The card's text. `record_hint`: parameters, tokens, vocab size, weights digest. `no_source`: why the
+    recipe's corresponding source may not be shipped (builder/source.py's `unshippable`), if it may not."""
     from huggingface_hub import ModelCard, ModelCardData
 
     r = recipe.recipe
     data = ModelCardData(model_name=r.recipe.name, library_name="transformers", pipeline_tag="text-generation",
                          tags=["provenance", "reproducible-build", "memorization-audit", "llama"],
                          eval_results=_eval_results(audit, m) or None, **hub_licence(r.output.license))
-    body = "\n## ".join([_head(r, m, record_hint), _training(r, m), _audit(audit), _licence(r, licence), _REBUILD])
+    body = "\n## ".join([_head(r, m, record_hint), _training(r, m), _audit(audit), _licence(r, licence),
+                         _source(m, no_source), _REBUILD])
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
@@ -145,6 +147,55 @@ def _licence(r, licence: dict) -> str:
 Declared: **{r.output.license}**. Compatibility with the training files' licences according to
 {licence.get('source', 'flict')}: **{verdict}**{f' (not compatible: {bad})' if bad else ''}. The weights
 can reproduce their training files verbatim at the rates above; a licence reviewer should read both together.
+"""
+
+
+# What each family of licences asks of whoever distributes a work in object form, in brief (a reviewer reads
+# the licence itself; the archive carries every text).
+_DUTIES = (
+    ("AGPL-3.0", "AGPL-3.0 §6 and §13: convey the Corresponding Source with the object code (or by one of §6's "
+                 "other means), and offer it to users who interact with a modified version over a network"),
+    ("LGPL-", "the LGPL: provide the source of the library's portion and what is needed to relink or rebuild "
+              "with a modified version of it"),
+    ("GPL-2.0", "GPL-2.0 §3: accompany the object code with the complete corresponding source (the preferred "
+                "form for making modifications, with the scripts that control compilation and installation), or "
+                "with a written offer of it"),
+    ("GPL-3.0", "GPL-3.0 §6: convey the Corresponding Source with the object code, or by one of §6's other means"),
+)
+
+
+def _duties(licences) -> list[str]:
+    found = []
+    for lic in sorted(licences):
+        duty = next((d for prefix, d in _DUTIES if lic.startswith(prefix)), None)
+        found.append(f"- `{lic}`: " + (duty or "keep its copyright and licence notices with every copy"))
+    return found
+
+
+def _source(m: dict, no_source: str | None) -> str:
+    """What the inputs' licences ask of a distributor, and where the corresponding source is. The same
+    text wherever the build ran: it depends on the recipe alone (the card is one of the model's files)."""
+    duties = "\n".join(_duties(m["licenses"]))
+    head = f"""Corresponding source
+
+If these weights are object code of their training files, distributing them carries what those files'
+licences ask of a distributor of object code:
+
+{duties}
+"""
+    if no_source:
+        return head + f"\nNo corresponding-source archive is written for this recipe: {no_source}.\n"
+    return head + """
+The build writes that source as `source.tar` beside the model (`provenance source BUILD_DIR --out FILE`
+writes the same bytes on demand): the recipe, every input as pinned, the code of the builder that trained
+it with its toolchain lock, and the text of every licence involved. The attestation signs its digests (a
+byproduct), `source.intoto.jsonl` binds it to these files, and `provenance publish` ships both under
+`.provenance/`. Check it and rebuild from it alone, offline:
+
+```sh
+verify-attestation attestation.intoto.jsonl --key PUBLIC_KEY --source source.tar
+provenance rebuild attestation.intoto.jsonl --attestation-key PUBLIC_KEY --from-source source.tar
+```
 """
 
 

@@ -21,7 +21,7 @@ from .._internal.atomic import atomic_write_bytes
 from .._internal.codedigest import code_digest
 from .._internal.hashing import TENSOR_DIGEST, hash_bytes, hash_file, tensor_digest
 from .._internal.progress import Reporter
-from ..attest.signing import Signing, attest_and_sign, sign_audit, write_oms
+from ..attest.signing import Signing, attest_and_sign, sign_audit, sign_source, write_oms
 from ..audit.memorization import summary_line
 from ..errors import InputError
 from ..inputs.dataset import layout_texts, manifest_bytes, select_dataset
@@ -36,6 +36,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
 OUTPUT_NAMES = frozenset({"model", "dataset-manifest.json", "transcript.jsonl", "build.json", "fingerprint.json",
                           "attestation.intoto.jsonl", "attestation.sigstore.json", "vsa.intoto.jsonl",
                           "audit.json", "audit.intoto.jsonl", "sbom.cdx.json", "sbom.spdx3.json", "model.sig",
+                          "source.tar", "source.intoto.jsonl",  # the corresponding source (builder/source.py)
                           "report.html",  # written by `provenance report`
                           "checkpoint",  # checkpoints live until the build they belong to completes
                           "replay"})  # scheduled checkpoints kept for `provenance replay`
@@ -425,6 +426,8 @@ class BuildState:
     weights: dict = field(default_factory=dict)
     fingerprint: dict = field(default_factory=dict)
     audit_doc: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)  # build.json's "source": the archive written, or why not
+    source_claims: object = None  # what the archive holds (attest/source.py's SourceClaims)
 
     def lap(self, name: str, t0: float) -> float:
         now = time.perf_counter()
@@ -455,8 +458,8 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
     The phases, in order: check everything that can be checked before work (_preflight), fetch the
     inputs and apply the determinism (_fetch_and_set_up), choose where training starts (_choose_start),
     prepare the data (_prepare), train (_train), evaluate and write the model dir, transcript and
-    fingerprint (_write_outputs), audit (_audit), write build.json, the SBOMs and the signatures
-    (_record, _sign), and move the staged outputs into place (_install)."""
+    fingerprint (_write_outputs), the corresponding source (_source), audit (_audit), write build.json, the
+    SBOMs and the signatures (_record, _sign), and move the staged outputs into place (_install)."""
     opts = BuildOptions(threads, offline, handed or {}, allow_toolchain_mismatch, cpu_capability, resume,
                         checkpoint_every, use_cache, keep_checkpoints, licence_compatibility, collective_timeout)
     b = BuildState(recipe, out, store, opts, reporter or Reporter(enabled=False), signing)
@@ -469,6 +472,7 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         if not _train(b):
             return None  # rank 0 evaluates and writes the outputs
         _write_outputs(b)
+        _source(b)
         _audit(b)
         record = _record(b)
         _sign(b, record)
@@ -758,9 +762,30 @@ def _write_outputs(b: BuildState) -> None:
     b.lap("fingerprint", t)
 
 
+def _source(b: BuildState) -> None:
+    """The corresponding source (builder/source.py) as source.tar beside the model, where the recipe and its
+    inputs' licences allow it and this installation carries its lock; else build.json says why not."""
+    from .source import ARCHIVE_FILE, unshippable, write_source
+
+    t = time.perf_counter()
+    why = unshippable(b.recipe)
+    if why is None:
+        try:
+            b.source_claims, digest = write_source(b.recipe, b.stored, b.staging / ARCHIVE_FILE)
+        except InputError as e:
+            why = str(e)
+        else:
+            b.source = {"file": ARCHIVE_FILE, "bytes": (b.staging / ARCHIVE_FILE).stat().st_size, **digest}
+    if why is not None:
+        b.source = {"file": None, "why_not": why}
+        b.reporter.log(f"no corresponding-source archive: {why}")
+    b.lap("source", t)
+
+
 def _audit(b: BuildState) -> None:
     """The memorization audit of the written model, the licence verdict beside it, and the model card."""
     from .card import model_card
+    from .source import unshippable
 
     r, data = b.recipe.recipe, b.data
     t = time.perf_counter()
@@ -777,7 +802,8 @@ def _audit(b: BuildState) -> None:
     tok = data.tokenizer
     card = model_card(b.recipe, data.manifest, b.audit_doc, b.licence,
                       {"parameters": b.n_params, "vocab_size": tok.get_vocab_size(),
-                       "tokens": sum(map(len, data.seqs)), "weights": b.weights["tensors"]["digest"]})
+                       "tokens": sum(map(len, data.seqs)), "weights": b.weights["tensors"]["digest"]},
+                      unshippable(b.recipe))
     b.weights["files"] = _seal_model_dir(b.staging / "model", card.encode())
     b.lap("audit", t)
 
@@ -816,6 +842,7 @@ def _record(b: BuildState) -> dict:
         "distributed": _topology(b),
         "toolchain": b.toolchain,
         "output_license": r.output.license,
+        "source": b.source,
         "started": b.started,
         "finished": _now(),
         "timings": {**b.timings, "total": round(time.perf_counter() - b.t_start, 3)},
@@ -890,6 +917,10 @@ def _sign(b: BuildState, record: dict) -> None:
                   **{name: hash_bytes(b.outputs[name]) for name in ("fingerprint.json", "audit.json", *sboms)}}
     if oms is not None and "file" in oms:
         byproducts[oms["file"]] = {k: oms[k] for k in ("sha256", "blake3")}
+    if b.source.get("file"):
+        byproducts[b.source["file"]] = {k: b.source[k] for k in ("sha256", "blake3")}
+        sign_source(staging / "source.intoto.jsonl", b.source_claims, b.source["file"], byproducts[b.source["file"]],
+                    files, b.signing.signers)
     st = attest_and_sign(staging, b.recipe, record, b.data.manifest, byproducts, b.signing,
                          fingerprint=b.fingerprint)
     sign_audit(staging, st, b.audit_doc, hash_bytes(b.data.manifest_bytes), hash_bytes(b.outputs["audit.json"]),

@@ -18,7 +18,7 @@ from ..attest.model import BUILD_TYPE
 
 
 def cyclonedx(recipe, record: dict, audit: dict, licence: dict, model_files: dict) -> str:
-    from cyclonedx.model import HashAlgorithm, HashType, Property
+    from cyclonedx.model import ExternalReference, ExternalReferenceType, HashAlgorithm, HashType, Property, XsUri
     from cyclonedx.model.bom import Bom, BomMetaData
     from cyclonedx.model.component import Component, ComponentType
     from cyclonedx.model.license import LicenseExpression
@@ -46,6 +46,9 @@ def cyclonedx(recipe, record: dict, audit: dict, licence: dict, model_files: dic
         version=f"blake3-tensors-v1:{record['weights']['tensors']['digest']}",
         description=r.recipe.description, hashes=hashes(model_files["model.safetensors"]),
         licenses=[LicenseExpression(r.output.license)],
+        external_references=[ExternalReference(
+            type=ExternalReferenceType.SOURCE_DISTRIBUTION, url=XsUri(src["file"]), hashes=hashes(src),
+            comment=SOURCE_COMMENT)] if (src := record.get("source", {})).get("file") else [],
         properties=props({
             "architecture": r.model.architecture, "parameters": record["model"]["parameters"],
             "vocab_size": record["model"]["vocab_size"], "hidden_size": r.model.hidden_size,
@@ -78,6 +81,8 @@ def cyclonedx(recipe, record: dict, audit: dict, licence: dict, model_files: dic
     return JsonV1Dot6(bom).output_as_string(indent=1) + "\n"
 
 
+SOURCE_COMMENT = ("the complete corresponding source (recipe, inputs as pinned, the builder's code and lock, licence "
+                  "texts) that rebuilds this model: `provenance rebuild --from-source`, docs/formats.md")
 SPDX3_FILE = "sbom.spdx3.json"
 CYCLONEDX_FILE = "sbom.cdx.json"
 
@@ -97,7 +102,8 @@ def spdx3(recipe, record: dict, audit: dict, licence: dict, model_files: dict) -
     per model file and was `trainedOn` the training selection, a `dataset_DatasetPackage` that is
     a `descendantOf` one `dataset_DatasetPackage` per input; the `build_Build` that `hasInput` the
     data and `hasOutput` the model, with the recipe's digest and the determinism settings as its
-    parameters; declared and concluded licences (`hasDeclaredLicense`, `hasConcludedLicense`) for
+    parameters; the corresponding-source archive, where the build wrote one, a package that `generates`
+    the model; declared and concluded licences (`hasDeclaredLicense`, `hasConcludedLicense`) for
     every package. The concluded licence is NOASSERTION: this tool reports a compatibility
     verdict, it does not conclude a licence. Ids are the build's invocation id, times are the
     build's, so the same build gives the same bytes.
@@ -111,6 +117,7 @@ def spdx3(recipe, record: dict, audit: dict, licence: dict, model_files: dict) -
     selection = w.selection(inputs)
     model = w.model(selection, audit, licence, model_files)
     w.build(selection, inputs, model)
+    w.source(model)
     objset = S.SHACLObjectSet()
     for o in (w.document(model), *w.objs):
         objset.add(o)
@@ -270,6 +277,22 @@ class _Spdx3:
             build_environment=self.entries(record["toolchain"]["installed"])))
         self.relate(build, S.RelationshipType.hasInput, [selection, *inputs])
         self.relate(build, S.RelationshipType.hasOutput, [model])
+
+    def source(self, model) -> None:
+        """The corresponding-source archive (source.tar), by its digests, which `generates` the model."""
+        S, src = self.S, self.record.get("source", {})
+        if not src.get("file"):
+            return
+        pkg = self.add(self.make(S.software_Package,
+            _id=f"{self.base}#source", name=src["file"], creationInfo=self.ci, suppliedBy=self.builder._id,
+            software_packageVersion=f"sha256:{src['sha256']}", verifiedUsing=self.hashes(src),
+            software_primaryPurpose=S.software_SoftwarePurpose.source, builtTime=self.finished,
+            comment=SOURCE_COMMENT))
+        licences = sorted({i["license"] for i in self.record["inputs"]} | {"Apache-2.0"})
+        self.licensed(pkg, " AND ".join(f"({x})" if " " in x else x for x in licences),
+                      "not concluded: the licences of the inputs and of the builder's code it carries")
+        self.relate(pkg, S.RelationshipType.generates, [model], "`provenance rebuild --from-source` rebuilds the "
+                                                               "model from this archive alone")
 
     def document(self, model):
         """The SBOM (every element but the tool and the builder) and the document around it."""

@@ -58,19 +58,20 @@ def shipped_licences() -> frozenset[str]:
 
 
 def unshippable(recipe: LoadedRecipe) -> str | None:
-    """Why the recipe's corresponding source may not be written (None when it may): the recipe says
-    so, or an input's licence is not one this tool knows to permit redistribution."""
+    """Why the recipe's corresponding source may not be shipped (None when it may): the recipe says so, or
+    an input's licence is not one this tool knows to permit redistribution. It depends on the recipe
+    alone (the model card states it)."""
     r = recipe.recipe
     if not r.output.source_bundle:
-        return (f"{recipe.path}: [output] source_bundle = false: this recipe's inputs are not to be redistributed, "
-                "so no corresponding-source archive is written")
+        return ("the recipe sets [output] source_bundle = false: its inputs are not to be redistributed, so no "
+                "corresponding-source archive is written")
     known = shipped_licences()
     for inp in r.inputs:
         unknown = sorted(spdx_ids(inp.license) - known)
         if unknown:
-            return (f"{recipe.path}: input {inp.name!r} is licensed {inp.license!r}; {', '.join(unknown)} is not "
-                    "among the licences this tool knows to permit redistribution (docs/formats.md, \"Corresponding "
-                    "source\"), so it is not shipped in an archive")
+            return (f"input {inp.name!r} is licensed {inp.license!r}; {', '.join(unknown)} is not among the "
+                    "licences this tool knows to permit redistribution (docs/formats.md, \"Corresponding source\"), "
+                    "so it is not shipped in an archive")
     return None
 
 

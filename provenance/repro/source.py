@@ -28,7 +28,7 @@ def make_source(recipe: LoadedRecipe, out: Path, store: Store, *, code: str | No
 
     why = unshippable(recipe)
     if why:
-        raise InputError(why)
+        raise InputError(f"{recipe.path}: {why}")
     stored = stored_inputs(recipe, store, offline=offline, handed=handed)
     claims, digest = write_source(recipe, stored, out, code)
     try:

@@ -79,7 +79,8 @@ class ModelDirResult:
 PUBLISHED_SIGNATURE = "model.sig"
 RECEIPTS_DIR = ".provenance"
 RECEIPT_NAMES = frozenset({"attestation.intoto.jsonl", "attestation.sigstore.json", "audit.intoto.jsonl",
-                           "vsa.intoto.jsonl", "sbom.spdx3.json", "sbom.cdx.json", "signing-key.pub"})
+                           "vsa.intoto.jsonl", "sbom.spdx3.json", "sbom.cdx.json", "signing-key.pub",
+                           "source.tar", "source.intoto.jsonl"})  # the corresponding source and its statement
 # A published folder that went to the Hugging Face Hub and back also holds the hub's own files: the
 # `.gitattributes` every hub repository is created with (read by git alone), and what
 # huggingface_hub writes into a `--local-dir` download (`.cache/huggingface/`: a `.gitignore`, a

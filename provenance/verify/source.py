@@ -293,7 +293,7 @@ def source_statement_checks(report: Checks, payload: dict[str, Any],
 
 
 def _code_digest(archive: Archive, code: dict[str, str]) -> str:
-    """The code digest of the archive's code/provenance/: its .py, .c and .h files (any other file there
+    """The code digest of the archive's code/provenance/: its .py, .c, .h and .txt files (any other file there
     is left unaccounted for, so extra)."""
     from .._internal.codedigest import SUFFIXES, digest_entries, sort_paths
 

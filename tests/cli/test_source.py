@@ -184,3 +184,40 @@ def test_source_refuses_other_code_and_unshippable_inputs(made, store, tmp_path)
         p = run_cli("source", "--recipe", str(recipe), "--out", str(tmp_path / "x.tar"), "--offline", store=store)
         assert p.returncode == 2 and words in p.stderr, p.stderr
         assert not (tmp_path / "x.tar").exists()
+
+
+def test_build_writes_the_same_archive_and_names_it(made):
+    """The build's own source.tar is `provenance source`'s archive: signed as a byproduct, referenced by
+    both SBOMs by digest, bound to the model by source.intoto.jsonl, named by the model card."""
+    out, d, *_ = made
+    assert (out / "source.tar").read_bytes() == (d / "a.tar").read_bytes()
+    src = build_json(out)["source"]
+    assert src["file"] == "source.tar" and src["sha256"] == hashlib.sha256((d / "a.tar").read_bytes()).hexdigest()
+    cdx = json.loads((out / "sbom.cdx.json").read_text())
+    refs = cdx["metadata"]["component"]["externalReferences"]
+    assert [(r["type"], r["url"]) for r in refs] == [("source-distribution", "source.tar")]
+    assert {"alg": "SHA-256", "content": src["sha256"]} in refs[0]["hashes"]
+    graph = json.loads((out / "sbom.spdx3.json").read_text())["@graph"]
+    pkg = next(o for o in graph if o.get("name") == "source.tar")
+    assert any(h["hashValue"] == src["sha256"] for h in pkg["verifiedUsing"])
+    assert any(o.get("relationshipType") == "generates" and o.get("from") == pkg["spdxId"] for o in graph)
+    card = (out / "model" / "README.md").read_text()
+    assert "## Corresponding source" in card and "GPL-2.0 §3" in card and "--from-source source.tar" in card
+    code, checks = _verify(str(out / "source.intoto.jsonl"), "--key", str(_pub()), "--source", str(out / "source.tar"),
+                           "--model", str(out / "model"))
+    assert code == 0, checks
+
+
+def test_publish_ships_the_source_or_its_signed_pointer(made, tmp_path):
+    out, *_ = made
+    p = run_cli("publish", str(out), "--out", str(tmp_path / "pub"), "--key", str(_pub()), "--json")
+    assert p.returncode == 0, p.stderr
+    done = json.loads(p.stdout)
+    assert done["checks"]["corresponding source"]["result"] == "verified"
+    assert (tmp_path / "pub" / ".provenance" / "source.tar").read_bytes() == (out / "source.tar").read_bytes()
+    p = run_cli("publish", str(out), "--out", str(tmp_path / "small"), "--key", str(_pub()), "--source-max-bytes",
+                "1000", "--json")
+    assert p.returncode == 0, p.stderr
+    assert "over --source-max-bytes 1,000" in json.loads(p.stdout)["source"]
+    receipts = sorted(x.name for x in (tmp_path / "small" / ".provenance").iterdir())
+    assert "source.intoto.jsonl" in receipts and "source.tar" not in receipts
