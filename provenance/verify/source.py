@@ -127,7 +127,9 @@ def _parse_toc(data: bytes | None, problems: list[str]) -> object:
 
 def claims_from_provenance(st: Statement) -> SourceClaims:
     """What the source of the build `st` attests must hold: its recipe, its inputs, its code digest and
-    lock (where the build recorded them) and the licences it names."""
+    lock (where the build recorded them) and the texts of the licences the inputs are shipped under,
+    the model's and the builder's (the writer's rule: builder/source.py's claims_for). A file's own
+    SPDX tag is recorded in the dataset manifest, which the archive's inputs rebuild."""
     deps = st.buildDefinition.resolvedDependencies
     inputs, licences = [], {BUILDER_LICENCE}
     code = lock = None
@@ -138,8 +140,6 @@ def claims_from_provenance(st: Statement) -> SourceClaims:
             artifact = str(ann.get("artifact", "")) if "sha256" in digest else ""
             inputs.append(SourceInput(d.name.removeprefix("input:"), artifact, digest, str(ann.get("license", ""))))
             licences |= spdx_ids(str(ann.get("license", "")))
-            files = ann.get("file_licenses", [])
-            licences |= {x for e in (files if isinstance(files, list) else []) for x in spdx_ids(str(e))}
         elif d.name == "builder-source:provenance":
             code = ann.get("code") if isinstance(ann.get("code"), str) else None
             lock = dict(ann["lock"]) if isinstance(ann.get("lock"), dict) else None

@@ -128,7 +128,8 @@ def test_independent_check_with_securesystemslib_alone(signed, keys):
         assert rd["metadata"][k].endswith("Z") and len(rd["metadata"][k]) == 20
     assert {b["name"] for b in rd["byproducts"]} == {"transcript.jsonl", "build.json", "dataset-manifest.json",
                                                          "fingerprint.json", "audit.json", "sbom.cdx.json",
-                                                         "sbom.spdx3.json", "model.sig"}  # ECDSA key: OMS too
+                                                         "sbom.spdx3.json", "model.sig",  # ECDSA key: OMS too
+                                                         "source.tar"}  # the corresponding source
     assert bd["internalParameters"]["determinism"]["seed"] == "1234"  # a string: may exceed 2^53
     assert parse_statement(st)[1] == []
     # The payload is RFC 8785 canonical JSON.
