@@ -182,7 +182,7 @@ class Store:
     # What a store's root holds: the entries named by their content, which fsck re-hashes, and the ones
     # named by what made them (the stage cache's keys, the compiled kernels), which it can only count.
     HASHED = ("blobs", "sha256", "trees")
-    NAMED = ("stages", "kernels", "tmp")
+    NAMED = ("stages", "kernels", "licences", "tmp")
 
     def census(self) -> dict[str, int]:
         """How many entries each of the store's directories holds, and `other`: names at the root that

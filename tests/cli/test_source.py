@@ -221,3 +221,35 @@ def test_publish_ships_the_source_or_its_signed_pointer(made, tmp_path):
     assert "over --source-max-bytes 1,000" in json.loads(p.stdout)["source"]
     receipts = sorted(x.name for x in (tmp_path / "small" / ".provenance").iterdir())
     assert "source.intoto.jsonl" in receipts and "source.tar" not in receipts
+
+
+def test_a_directory_input_is_shipped_as_its_files(keys, tmp_path):
+    """A directory input goes into the archive as its files; the verifier recomputes its tree digest from
+    them (no build needed: the signed statement of `provenance source --recipe` is enough)."""
+    import re
+
+    from provenance.inputs.store import tree_digest
+
+    tree = tmp_path / "headers"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.h").write_text("/* SPDX-License-Identifier: MIT */\nint a;\n")
+    (tree / "sub" / "b.h").write_text("int b;\n")
+    digest = tree_digest(tree)["blake3"]
+    text = re.sub(r"\[\[inputs\]\].*?(?=\n\[dataset\])",
+                  f'[[inputs]]\nname = "hdrs"\nkind = "path"\npath = "headers"\nblake3 = "{digest}"\nlicense = "MIT"\n',
+                  TINY.read_text(), count=1, flags=re.S)
+    (tmp_path / "dir.toml").write_text(text)
+    out = tmp_path / "dir.tar"
+    p = run_cli("source", "--recipe", str(tmp_path / "dir.toml"), "--out", str(out), "--key", str(keys / "k.key"),
+                store=tmp_path / "store")
+    assert p.returncode == 0, p.stderr
+    with tarfile.open(out) as tf:
+        names = tf.getnames()
+    assert "tiny-source/inputs/hdrs/a.h" in names and "tiny-source/inputs/hdrs/sub/b.h" in names
+    code, checks = _verify(f"{out}.intoto.jsonl", "--key", str(keys / "k.pub"), "--source", str(out))
+    assert code == 0 and "hdrs" in checks["source-inputs"]["detail"], checks
+    bad = tmp_path / "bad.tar"
+    _rewrite(out, bad, lambda f: _flip(f, "inputs/hdrs/sub/b.h"))
+    shutil.copy(f"{out}.intoto.jsonl", f"{bad}.intoto.jsonl")
+    code, checks = _verify(f"{bad}.intoto.jsonl", "--key", str(keys / "k.pub"), "--source", str(bad))
+    assert code == 1 and not checks["source-subject"]["ok"], checks
