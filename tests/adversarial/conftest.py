@@ -10,20 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import TINY, run_cli
+from ..conftest import run_cli
 
 
 @pytest.fixture(scope="session")
-def signed_tiny(store, tmp_path_factory):
-    """The tiny recipe built once and signed with a key made for the suite; another key to forge with."""
+def signed_tiny(tiny_build_copy, signing_key, tmp_path_factory):
+    """A copy of the session's tiny build, signed with the suite's ECDSA key (here as keys/signer.key and
+    signer.pub); another key, ed25519, to forge with. No build of its own: the session's is reused."""
     base = tmp_path_factory.mktemp("adversarial")
     keys = base / "keys"
-    for name, kind in (("signer", "ecdsa"), ("other", "ed25519")):
-        p = run_cli("keygen", str(keys), "--name", name, "--type", kind)
-        assert p.returncode == 0, p.stderr
-    out = base / "build"
-    p = run_cli("build", str(TINY), "--out", str(out), "--key", str(keys / "signer.key"), store=store)
+    p = run_cli("keygen", str(keys), "--name", "other", "--type", "ed25519")
     assert p.returncode == 0, p.stderr
+    shutil.copy(signing_key, keys / "signer.key")
+    shutil.copy(signing_key.with_suffix(".pub"), keys / "signer.pub")
+    out, _ = tiny_build_copy("adversarial")
     return out, keys
 
 

@@ -144,12 +144,9 @@ def test_schedule_conflict_cases():
 
 
 @pytest.fixture(scope="module")
-def unscheduled(store, tmp_path_factory):
-    """The tiny recipe built with no checkpoint schedule (it has no [checkpoint])."""
-    out = tmp_path_factory.mktemp("ckpt") / "plain"
-    p = run_cli("build", str(TINY), "--out", str(out), "--no-resume", "--no-cache", store=store)
-    assert p.returncode == 0, p.stderr
-    return out
+def unscheduled(tiny_build_copy):
+    """The tiny recipe built with no checkpoint schedule (it has no [checkpoint]): the session's build."""
+    return tiny_build_copy("ckpt-plain")[0]
 
 
 def test_checkpoints_never_change_the_bits(uninterrupted, unscheduled):
