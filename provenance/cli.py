@@ -1234,6 +1234,10 @@ def cmd_source(args) -> int:
     _check_output_file("--out", args.out)
     signing = _signing(args, Reporter(enabled=not args.json)) if args.key else None
     out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot make the folder it goes in ({e.strerror})") from None
     with tempfile.TemporaryDirectory(prefix="provenance-source.") as work:
         recipe, code, files = of_build(Path(args.build), Path(work)) if args.build else (load_recipe(args.recipe),
                                                                                          None, {})

@@ -253,3 +253,12 @@ def test_a_directory_input_is_shipped_as_its_files(keys, tmp_path):
     shutil.copy(f"{out}.intoto.jsonl", f"{bad}.intoto.jsonl")
     code, checks = _verify(f"{bad}.intoto.jsonl", "--key", str(keys / "k.pub"), "--source", str(bad))
     assert code == 1 and not checks["source-subject"]["ok"], checks
+
+
+def test_the_archive_goes_where_asked_or_is_refused_before_work(made, store, tmp_path):
+    p = run_cli("source", "--recipe", str(TINY), "--out", str(tmp_path / "a" / "b" / "c.tar"), "--offline", store=store)
+    assert p.returncode == 0 and (tmp_path / "a" / "b" / "c.tar").is_file(), p.stderr
+    assert not [x for x in (tmp_path / "a" / "b").iterdir() if x.name != "c.tar"]  # no partial file left
+    p = run_cli("source", "--recipe", str(TINY), "--out", "/proc/self/nope/c.tar", "--offline", store=store)
+    assert p.returncode == 2 and last_line(p.stderr).startswith("error: --out /proc/self/nope/c.tar: "), p.stderr
+    assert "Traceback" not in p.stderr
