@@ -1243,8 +1243,9 @@ def cmd_source(args) -> int:
                                                                                          None, {})
         claims, digest = make_source(recipe, out, Store(args.store), code=code, offline=args.offline,
                                      handed=parse_handed(args.input, recipe))
-    signed = out.with_name(out.name + ".intoto.jsonl") if signing else None
-    if signing and signed:
+    signed = None
+    if signing is not None:
+        signed = out.with_name(out.name + ".intoto.jsonl")
         sign_source(signed, claims, out.name, digest, files, signing.signers)
     summary = {"archive": str(out), "bytes": out.stat().st_size, "sha256": digest["sha256"], "blake3": digest["blake3"],
                "code": claims.code, "inputs": [i.name for i in claims.inputs], "licenses": sorted(claims.licences),

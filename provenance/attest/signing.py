@@ -87,21 +87,23 @@ def sign_audit(staging: Path, provenance_st: JSONObject, audit_doc: JSONObject, 
                audit_digest: dict[str, str], signing: Signing) -> None:
     """Write audit.intoto.jsonl: the audit as its own Statement, signed with the build's keys."""
     from ..attest.audit import AUDIT_FILE, audit_statement
-    from ..attest.model import PAYLOAD_TYPE
-    from ..attest.sign import envelope_line, sign_envelope
-    from ..attest.statement import canonical
 
     st = audit_statement(provenance_st, audit_doc, manifest_digest=manifest_digest, audit_json_digest=audit_digest)
-    atomic_write_bytes(staging / AUDIT_FILE, envelope_line(sign_envelope(canonical(st), PAYLOAD_TYPE, signing.signers)))
+    write_signed(staging / AUDIT_FILE, st, signing.signers)
 
 
 def sign_source(dest: Path, claims: SourceClaims, archive_name: str, archive_digest: dict[str, str],
                 model_files: dict[str, dict[str, str]], signers: list[Signer]) -> None:
     """Write the corresponding-source statement (attest/source.py), signed, at `dest`."""
+    from ..attest.source import source_statement
+
+    write_signed(dest, source_statement(claims, archive_name, archive_digest, model_files), signers)
+
+
+def write_signed(dest: Path, statement: JSONObject, signers: list[Signer]) -> None:
+    """Write `statement` (RFC 8785 canonical JSON) at `dest` as one DSSE envelope signed by `signers`."""
     from ..attest.model import PAYLOAD_TYPE
     from ..attest.sign import envelope_line, sign_envelope
-    from ..attest.source import source_statement
     from ..attest.statement import canonical
 
-    st = source_statement(claims, archive_name, archive_digest, model_files)
-    atomic_write_bytes(dest, envelope_line(sign_envelope(canonical(st), PAYLOAD_TYPE, signers)))
+    atomic_write_bytes(dest, envelope_line(sign_envelope(canonical(statement), PAYLOAD_TYPE, signers)))

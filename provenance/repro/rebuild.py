@@ -17,7 +17,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from ..attest.model import VSA_TYPE
-from ..attest.statement import PAYLOAD_TYPE, STATEMENT_TYPE, canonical
+from ..attest.statement import STATEMENT_TYPE
 from ..errors import CheckFailed
 from ..verify.report import CheckName
 
@@ -114,10 +114,9 @@ def _version() -> str:
 
 
 def sign_vsa(vsa: dict, signers, path: Path) -> None:
-    from .._internal.atomic import atomic_write_bytes
-    from ..attest.sign import envelope_line, sign_envelope
+    from ..attest.signing import write_signed
 
-    atomic_write_bytes(path, envelope_line(sign_envelope(canonical(vsa), PAYLOAD_TYPE, signers)))
+    write_signed(path, vsa, signers)
 
 
 def _pins(these: dict | None, other: dict | None) -> str:

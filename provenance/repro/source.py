@@ -40,15 +40,20 @@ def make_source(recipe: LoadedRecipe, out: Path, store: Store, *, code: str | No
 
 
 def _self_check(path: Path, claims: SourceClaims) -> None:
+    bad = archive_problems(path, claims)
+    if bad:
+        raise InputError("the archive written does not hold what it should (a file changed while it was "
+                         "read?): " + "; ".join(bad))
+
+
+def archive_problems(archive: Path, claims: SourceClaims) -> list[str]:
+    """The verifier's source checks of `archive` against `claims`: each failed one, as "check: detail"."""
     from ..verify.report import Checks
     from ..verify.source import read_archive, source_checks
 
     checks = Checks()
-    source_checks(checks, read_archive(path), claims)
-    bad = [f"{c.check}: {c.detail}" for c in checks.checks if not c.ok]
-    if bad:
-        raise InputError("the archive written does not hold what it should (a file changed while it was "
-                         "read?): " + "; ".join(bad))
+    source_checks(checks, read_archive(archive), claims)
+    return [f"{c.check}: {c.detail}" for c in checks.checks if not c.ok]
 
 
 def stored_inputs(recipe: LoadedRecipe, store: Store, *, offline: bool, handed: dict[str, Path]) -> list[StoredInput]:
@@ -80,13 +85,15 @@ def of_build(build_dir: Path, work: Path) -> tuple[LoadedRecipe, str, dict[str, 
     if record_bytes is None or env_bytes is None:
         raise InputError(f"{build_dir}: no build.json or attestation.intoto.jsonl there; `provenance source` takes a "
                          "finished build's folder, or a recipe with --recipe RECIPE")
-    try:
-        import base64
+    from ..attest.model import parse_statement
+    from ..verify.envelope import parse_envelope
 
+    try:
         record = jsonstrict.loads(record_bytes)
-        payload = jsonstrict.loads(base64.b64decode(jsonstrict.loads(env_bytes)["payload"], validate=True))
-        embedded = payload["predicate"]["buildDefinition"]["externalParameters"]["recipe"]
-        text, name = embedded["content"].encode(), Path(embedded["path"]).name
+        st, problems = parse_statement(jsonstrict.loads(parse_envelope(jsonstrict.loads(env_bytes)).payload))
+        if st is None:
+            raise ValueError("; ".join(problems[:3]))
+        text, name = st.recipe.content.encode(), Path(st.recipe.path).name
         code, files, want = record["training"]["code"], record["weights"]["files"], record["recipe"]["blake3"]
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"{build_dir}: its build.json or attestation.intoto.jsonl is not one this version wrote "
@@ -100,13 +107,10 @@ def of_build(build_dir: Path, work: Path) -> tuple[LoadedRecipe, str, dict[str, 
 def check_against(archive: Path, st) -> SourceClaims:
     """Hold the archive to the build's provenance before anything of it is used. Raises CheckFailed."""
     from ..errors import CheckFailed
-    from ..verify.report import Checks
-    from ..verify.source import claims_from_provenance, read_archive, source_checks
+    from ..verify.source import claims_from_provenance
 
     claims = claims_from_provenance(st)
-    checks = Checks()
-    source_checks(checks, read_archive(archive), claims)
-    bad = [f"{c.check}: {c.detail}" for c in checks.checks if not c.ok]
+    bad = archive_problems(archive, claims)
     if bad:
         raise CheckFailed(f"{archive} is not the corresponding source of this attestation: " + "; ".join(bad))
     return claims

@@ -98,13 +98,8 @@ class Verifier(NamedTuple):
             asked += ("--source",) if source is not None else ()
             return _files_only_checks(checks, payload, mdir, Path(attestation), asked, prefetch, published)
         _refuse_audit_as_attestation(attestation, payload)
-        result = self._statement(checks, kind, attestation, payload, mdir, recipe, inputs, audit, published, prefetch)
-        if source is None or result.parsed is None:
-            return result
-        from .source import claims_from_provenance, read_archive, source_checks
-
-        source_checks(checks, read_archive(Path(source)), claims_from_provenance(result.parsed))
-        return checks.result(model_checked=mdir is not None, payload=payload, parsed=result.parsed)
+        return self._statement(checks, kind, attestation, payload, mdir, recipe, inputs, audit, published, prefetch,
+                               source)
 
     def _signed_payload(self, checks: Checks, kind: str, items: list[str]) -> object | None:
         """The envelope, signature and payload-type checks of each kind of attestation file."""
@@ -124,9 +119,10 @@ class Verifier(NamedTuple):
         return None
 
     def _statement(self, checks: Checks, kind: str, attestation: Path, payload: Any, mdir: Path | None,
-                   recipe: Path | None, inputs: bool, audit: Path | None, published: bool, prefetch: Any) -> Result:
+                   recipe: Path | None, inputs: bool, audit: Path | None, published: bool, prefetch: Any,
+                   source: Path | None = None) -> Result:
         """An SLSA provenance statement's checks: its fields, the files, the recipe, the audit, the
-        inputs and the policy."""
+        inputs, the policy and a corresponding-source archive."""
         from .audit import audit_checks
         from .checks import inputs_check, policy_check, recipe_file_check, statement_checks
 
@@ -147,6 +143,10 @@ class Verifier(NamedTuple):
         derived = inputs_check(checks, st, self.store) if inputs else None
         if self.policy_given:
             policy_check(checks, st, pf.policy, derived)
+        if source is not None:
+            from .source import claims_from_provenance, read_archive, source_checks
+
+            source_checks(checks, read_archive(Path(source)), claims_from_provenance(st))
         return checks.result(model_checked=mdir is not None, payload=payload, parsed=st)
 
 
