@@ -214,6 +214,8 @@ def cmd_verify(args) -> int:
         raise InputError("--reference-model answers the reproduced question: add --reproduced")
     if args.source and args.reproduced:
         raise InputError("--source checks a corresponding-source archive; ask it without --reproduced")
+    if args.chain and args.reproduced:
+        raise InputError("--chain verifies a model's lineage; ask it without --reproduced")
     prefetch = None
     if args.model and Path(args.model).is_dir():
         from ._internal.prefetch import take  # hashing has begun (verify-attestation) or starts now
@@ -234,6 +236,10 @@ def cmd_verify(args) -> int:
                             **asked)
     else:
         report = verifier.verify(Path(args.attestation), model=_path(args.model), source=_path(args.source), **asked)
+        if args.chain:
+            from .verify.chain import walk
+
+            report = walk(verifier, report, Path(args.attestation), [Path(c) for c in args.chain])
     if args.json:
         _emit_json(report.as_dict())
     else:
@@ -266,6 +272,9 @@ def add_verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", metavar="ARCHIVE",
                    help="check this corresponding-source archive (`provenance source`) against the attestation: the "
                         "build's, or the archive's own signed statement")
+    p.add_argument("--chain", action="append", default=[], metavar="PARENT",
+                   help="walk the model's lineage to its root: each parent's attestation, or its build dir (whose "
+                        "model/ is then checked too), repeatable; every link is verified with the same --key keys")
     p.add_argument("--inputs", action="store_true",
                    help="re-hash the stored inputs and rebuild the manifest root; with --reproduced, also measure "
                         "recitation on windows of the whole training set drawn with a seed chosen now")

@@ -24,7 +24,7 @@ ALLOWED = {
     "inputs": {"_internal", "errors", "recipe"},
     "verify": {"_internal", "errors", "attest", "inputs", "recipe"},
     "audit": {"_internal", "errors", "recipe", "inputs", "attest"},
-    "builder": {"_internal", "errors", "recipe", "inputs", "attest", "audit", "__init__"},
+    "builder": {"_internal", "errors", "recipe", "inputs", "attest", "audit", "verify", "__init__"},
     "repro": {"_internal", "errors", "recipe", "inputs", "attest", "verify", "builder", "__init__"},
     "publish": {"_internal", "errors", "verify"},
     "cli": {"_internal", "errors", "recipe", "inputs", "attest", "verify", "audit", "builder", "repro", "publish"},

@@ -104,6 +104,8 @@ def input_uri(inp: Input) -> str:
         return f"pkg:pypi/{inp.package}@{inp.version}"
     if inp.kind == "url" and inp.url is not None:
         return inp.url
+    if inp.kind == "model":
+        return f"file:{inp.path}#model"
     return f"file:{inp.path}"
 
 
@@ -129,8 +131,10 @@ def statement(*, recipe: LoadedRecipe, record: JSONObject, manifest: JSONObject,
                        {"blake3": rec["blake3"]},
             "annotations": {"license": rec["license"], "kind": rec["kind"], "artifact": rec["artifact"],
                             "selected_files": stats["files"], "selected_bytes": stats["bytes"],
-                            "file_licenses": sorted(stats["licenses"])},
+                            "file_licenses": sorted(stats["licenses"]),
+                            **({"parent": rec["parent"]} if "parent" in rec else {})},
         })
+    carried = {lic for rec in record["inputs"] for lic in rec.get("parent", {}).get("input_licenses", {})}
     dm = record["dataset_manifest"]
     tok = record["tokenizer"]
     deps = inputs + [
@@ -148,7 +152,7 @@ def statement(*, recipe: LoadedRecipe, record: JSONObject, manifest: JSONObject,
                   for name, d in sorted(model_files.items())},
         "recitation": record["recitation"],
         "output_license": r.output.license,
-        "input_licenses": sorted({lic for s in per_input.values() for lic in s["licenses"]}),
+        "input_licenses": sorted({lic for s in per_input.values() for lic in s["licenses"]} | carried),
     }
     if fingerprint is not None:
         outputs["fingerprint"] = fingerprint

@@ -27,6 +27,7 @@ from ..errors import InputError
 from ..inputs.dataset import layout_texts, manifest_bytes, select_dataset
 from ..inputs.store import Store, fetch_input
 from ..recipe import LoadedRecipe
+from .parent import inbound_licences
 from .ranks import DEFAULT_TIMEOUT
 
 BUILD_FORMAT = "provenance-build-v1"
@@ -99,6 +100,14 @@ def _now() -> str:
 def fetch_all(recipe: LoadedRecipe, store: Store, *, offline: bool, handed: dict[str, Path], reporter: Reporter):
     stored = []
     for inp in recipe.recipe.inputs:
+        if inp.kind == "model":  # a parent: verified before anything is built on it (builder/parent.py)
+            from .parent import fetch_parent
+
+            s = fetch_parent(inp, store, recipe_dir=recipe.path.parent, handed=handed.get(inp.name))
+            reporter.log(f"input {inp.name}: the model of {s.parent.recipe_name!r}, verified against its attestation "
+                         f"(sha256:{s.parent.attestation['sha256']}), weights blake3:{s.parent.weights}")
+            stored.append(s)
+            continue
         with reporter.task(f"fetch {inp.name}", total=None) as advance:
             s = fetch_input(inp, store, recipe_dir=recipe.path.parent, offline=offline,
                             handed=handed.get(inp.name), progress=lambda n, total=None: advance(n, total_=total),
@@ -234,11 +243,13 @@ class PreparedData:
     paths: list[str] | None = None  # "input:path" of each training file, in the order of seqs
     control_paths: list[str] | None = None  # the audit's control files (not trained on)
     control_seqs: list[list[int]] | None = None
+    parent: object = None  # a fine-tune's verified parent (builder/parent.py's Parent)
 
 
 def prepare_data(recipe: LoadedRecipe, stored, work: Path, *, reporter: Reporter | None = None,
                  timings: dict[str, float] | None = None) -> PreparedData:
     """Extract inputs into `work`, select and lay out files, train the tokenizer and encode."""
+    from .parent import parent_tokenizer
     from .tokenizer import encode_all, special_ids, tokenizer_json, train_tokenizer
 
     reporter = reporter or Reporter(enabled=False)
@@ -251,7 +262,8 @@ def prepare_data(recipe: LoadedRecipe, stored, work: Path, *, reporter: Reporter
     texts = layout_texts(files, r.layout)
     t1 = time.perf_counter()
     timings["dataset"] = round(t1 - t0, 3)
-    tok = train_tokenizer(texts, r.tokenizer)
+    parent = next((s.parent for s in stored if s.parent is not None), None)
+    tok = train_tokenizer(texts, r.tokenizer) if parent is None else parent_tokenizer(parent, r.model)
     tok_digest = hash_bytes(tokenizer_json(tok))
     seqs = encode_all(tok, texts)
     ids = special_ids(tok, r.model)
@@ -264,7 +276,8 @@ def prepare_data(recipe: LoadedRecipe, stored, work: Path, *, reporter: Reporter
         reporter.log(f"audit control: {len(control)} files not trained on")
     timings["tokenizer"] = round(time.perf_counter() - t1, 3)
     return PreparedData(m, manifest_bytes(m), tok, tok_digest, seqs, ids, [f"{f.input}:{f.path}" for f in files],
-                        [f"{f.input}:{f.path}" for f in control], encode_all(tok, layout_texts(control, r.layout)))
+                        [f"{f.input}:{f.path}" for f in control], encode_all(tok, layout_texts(control, r.layout)),
+                        parent)
 
 
 def topology_problems(r, st, world_size: int) -> list[str]:
@@ -313,7 +326,7 @@ def check_data(recipe: LoadedRecipe, seqs: list[list[int]], world_size: int = 1)
     return steps
 
 
-def judge_licences(r, m: dict, mode: str, reporter: Reporter, cache: Path | None = None):
+def judge_licences(r, inbound: dict[str, int], mode: str, reporter: Reporter, cache: Path | None = None):
     """Start the licence compatibility verdict; the returned function waits for it (flict runs as
     a separate program, about 2.3 s of CPU a call, so it runs while the model is made, and its
     answers are kept in `cache`: audit/licences.py) and, with mode "fail", stops the build when the
@@ -327,7 +340,7 @@ def judge_licences(r, m: dict, mode: str, reporter: Reporter, cache: Path | None
     from ..errors import CheckFailed
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flict")
-    pending = pool.submit(compatibility, r.output.license, m["licenses"], cache)
+    pending = pool.submit(compatibility, r.output.license, inbound, cache)
     pool.shutdown(wait=False)
 
     def finish() -> dict:
@@ -484,6 +497,9 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         raise
     finally:
         shutil.rmtree(b.staging, ignore_errors=True)
+        for s in b.stored:
+            if s.parent is not None:  # the verified copies of a parent's files (builder/parent.py)
+                shutil.rmtree(s.path, ignore_errors=True)
 
 
 def _preflight(b: BuildState, rounding_log) -> None:
@@ -601,8 +617,8 @@ def _prepare(b: BuildState) -> None:
     r = b.recipe.recipe
     b.data = prepare_data(b.recipe, b.stored, b.staging / "work", reporter=b.reporter, timings=b.timings)
     check_data(b.recipe, b.data.seqs, b.dist.world_size)
-    b.licence_verdict = (judge_licences(r, b.data.manifest, b.opts.licence_compatibility, b.reporter,
-                                        b.store.root / "licences")
+    b.licence_verdict = (judge_licences(r, inbound_licences(b.data.manifest["licenses"], b.data.parent),
+                                        b.opts.licence_compatibility, b.reporter, b.store.root / "licences")
                          if b.dist.rank == 0 else (lambda: None))
     atomic_write_bytes(b.staging / "dataset-manifest.json", b.data.manifest_bytes)
 
@@ -660,7 +676,7 @@ def _make_model(b: BuildState) -> None:
 
     r, data = b.recipe.recipe, b.data
     b.model = build_model(r.model, data.tokenizer.get_vocab_size(), data.special_ids, r.determinism.seed,
-                          portable=r.determinism.portable)
+                          portable=r.determinism.portable, parent=data.parent)
     if r.determinism.device == "cuda":
         import torch
 
@@ -809,6 +825,14 @@ def _audit(b: BuildState) -> None:
     b.lap("audit", t)
 
 
+def _input_record(s) -> dict:
+    """One input in build.json: what was pinned and where it came from; a parent model with what its
+    attestation says (builder/parent.py)."""
+    rec = {"name": s.input.name, "kind": s.input.kind, "artifact": s.input.artifact_name, "source": s.source,
+           "license": s.input.license, **s.digests}
+    return rec if s.parent is None else {**rec, "parent": s.parent.record()}
+
+
 def _record(b: BuildState) -> dict:
     """build.json's content (docs/formats.md), without the SBOM and OMS entries `_sign` adds."""
     from . import determinism
@@ -822,8 +846,7 @@ def _record(b: BuildState) -> dict:
         "signing": {"keyids": [sg.public_key.keyid for sg in signing.signers] if signing else [],
                     "sigstore": bool(signing and signing.sigstore_token is not None)},
         "recipe": {"name": r.recipe.name, "path": str(b.recipe.path), **b.recipe.digests},
-        "inputs": [{"name": s.input.name, "kind": s.input.kind, "artifact": s.input.artifact_name,
-                    "source": s.source, "license": s.input.license, **s.digests} for s in b.stored],
+        "inputs": [_input_record(s) for s in b.stored],
         "dataset_manifest": {"merkle_root": m["merkle_root"], "totals": m["totals"], "licenses": m["licenses"],
                              **hash_bytes(data.manifest_bytes)},
         "tokenizer": {"vocab_size": tok.get_vocab_size(), "tokens": sum(map(len, data.seqs)),

@@ -65,6 +65,10 @@ def unshippable(recipe: LoadedRecipe) -> str | None:
     if not r.output.source_bundle:
         return ("the recipe sets [output] source_bundle = false: its inputs are not to be redistributed, so no "
                 "corresponding-source archive is written")
+    parents = [inp.name for inp in r.inputs if inp.kind == "model"]
+    if parents:
+        return (f"input {parents[0]!r} is a parent model: a fine-tune's corresponding source includes its parent's, "
+                "and bundling a parent's is not supported yet; ship the parent's archive beside this one")
     known = shipped_licences()
     for inp in r.inputs:
         unknown = sorted(spdx_ids(inp.license) - known)

@@ -78,10 +78,12 @@ def lr_factor(stage: Stage, step: int, total: int) -> float:
     return stage.min_lr_ratio + (1.0 - stage.min_lr_ratio) * shape
 
 
-def build_model(spec: Model, vocab_size: int, special: dict[str, int], seed: int, portable: bool = False):
+def build_model(spec: Model, vocab_size: int, special: dict[str, int], seed: int, portable: bool = False,
+                parent=None):
     """The recipe's LlamaForCausalLM for the tokenizer's `vocab_size` (padded as the recipe says),
     initialised from the seed: float32, or with `portable` a
-    float64 model whose weights are not yet rounded (train() rounds and logs them, builder/portable.py)."""
+    float64 model whose weights are not yet rounded (train() rounds and logs them, builder/portable.py).
+    With a fine-tune's verified `parent` (builder/parent.py), its weights replace the initialisation."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -123,8 +125,12 @@ def build_model(spec: Model, vocab_size: int, special: dict[str, int], seed: int
         model = model.to(torch.float64)
         make_float64(model)
         return model
-    model = LlamaForCausalLM(config)
-    return model.to(torch.float32)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    if parent is not None:
+        from .parent import load_weights
+
+        load_weights(model, parent)
+    return model
 
 
 @dataclass

@@ -117,7 +117,7 @@ def select_dataset(spec: Dataset, stored: list[StoredInput], work: Path, recipe_
     """Extract the inputs into `work` and select the dataset: (files, manifest). Checks a pinned root.
 
     Used by the builder and by `verify-attestation --inputs` alike."""
-    roots = [(s, materialize(s, work, limits)) for s in stored]
+    roots = [(s, materialize(s, work, limits)) for s in stored if s.parent is None]  # a parent model is no text
     files = select_files(roots, spec)
     m = manifest(files)
     check_root(m, spec, recipe_path)
@@ -130,7 +130,7 @@ def select_control(spec: Dataset, include: list[str], exclude: list[str], stored
     select_dataset) matching `include`, not `exclude`, and not trained on. [] when none is named."""
     if not include:
         return []
-    roots = [(s, s.path if s.is_dir else work / s.input.name) for s in stored]
+    roots = [(s, s.path if s.is_dir else work / s.input.name) for s in stored if s.parent is None]
     cspec = spec.model_copy(update={"include": list(include), "exclude": list(exclude), "manifest_root": None})
     try:
         files = select_files(roots, cspec)

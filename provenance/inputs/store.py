@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .._internal.atomic import atomic_write_bytes
 from .._internal.hashing import CHUNK, hash_file
@@ -42,8 +43,9 @@ class StoredInput:
     input: Input
     path: Path
     digests: dict[str, str]
-    source: str  # "store", "pypi", "url", "path", "handed"
+    source: str  # "store", "pypi", "url", "path", "handed", "model"
     is_dir: bool = False
+    parent: Any = None  # a model input: what builder/parent.py verified (its Parent)
 
 
 def check_pins(inp: Input, digests: dict[str, str], what: str) -> None:

@@ -50,7 +50,7 @@ class Input(Strict):
     """[[inputs]]: one pinned artifact. At least one of sha256/blake3 is required."""
 
     name: Name
-    kind: Literal["pypi", "url", "path"]
+    kind: Literal["pypi", "url", "path", "model"]
     package: str | None = None
     version: str | None = None
     url: str | None = None
@@ -60,19 +60,34 @@ class Input(Strict):
     blake3: Hex64 | None = None
     license: str = "NOASSERTION"
     extract: bool | None = None
+    # kind = "model" (a parent model, docs/recipe.md "Fine-tuning"): `path` is its model directory,
+    # `blake3` its weights digest (blake3-tensors-v1), `attestation` its signed provenance (pinned by
+    # `attestation_sha256`) and `key` the public key that provenance must be signed with.
+    attestation: str | None = None
+    attestation_sha256: Hex64 | None = None
+    key: str | None = None
 
     @model_validator(mode="after")
     def _kind_fields(self) -> Input:
         problems = []
         if self.sha256 is None and self.blake3 is None:
             problems.append("an input must be pinned: set sha256 and/or blake3")
-        wanted = {"pypi": ("package", "version"), "url": ("url",), "path": ("path",)}[self.kind]
+        wanted = {"pypi": ("package", "version"), "url": ("url",), "path": ("path",),
+                  "model": ("path", "blake3", "attestation", "attestation_sha256", "key")}[self.kind]
         for field in wanted:
             if getattr(self, field) is None:
                 problems.append(f"kind = {self.kind!r} needs '{field}'")
-        for field in ("package", "version", "url", "path"):
+        for field in ("package", "version", "url", "path", "attestation", "attestation_sha256", "key"):
             if field not in wanted and getattr(self, field) is not None:
                 problems.append(f"'{field}' does not apply to kind = {self.kind!r}")
+        if self.kind == "model":
+            problems += [f"'{f}' does not apply to kind = 'model' (its pins are blake3, the weights digest, and "
+                         "attestation_sha256)" for f in ("sha256", "filename", "extract")
+                         if getattr(self, f) is not None]
+        for field in ("attestation", "key"):
+            value = getattr(self, field)
+            if value is not None and ("\x00" in value or not value.strip()):
+                problems.append(f"{field} must be a non-empty path without NUL, got {value!r}")
         if self.kind == "url" and self.url and (not re.match(r"https?://[^\s/]", self.url)
                                                  or any(c.isspace() or ord(c) < 0x20 for c in self.url)):
             problems.append(f"url must be an http:// or https:// URL without spaces or control characters, "
@@ -101,8 +116,8 @@ class Input(Strict):
             return self.filename
         if self.kind == "url" and self.url is not None:
             return self.url.rstrip("/").rsplit("/", 1)[-1] or self.name
-        if self.kind == "path" and self.path is not None:
-            return Path(self.path).name
+        if self.kind in ("path", "model") and self.path is not None:
+            return Path(self.path).name or self.name
         return f"{self.package}-{self.version}.tar.gz"
 
     @property
@@ -232,6 +247,9 @@ class Stage(Strict):
     # logits (builder/loss.py). They give different bits; the choice is part of the recipe.
     cross_entropy: Literal["full", "chunked"] = "full"
     cross_entropy_chunk: Annotated[int, Field(ge=64, le=1 << 20)] = 1024
+    # "parent": the first stage starts from the weights and tokenizer of the recipe's model input
+    # (a fine-tune; docs/recipe.md "Fine-tuning") instead of the seed's initialisation.
+    init: Literal["random", "parent"] = "random"
 
     @model_validator(mode="after")
     def _length(self) -> Stage:
@@ -405,6 +423,7 @@ class Recipe(Strict):
                     f"stages[{i}].seq_len: {stage.seq_len} exceeds model.max_position_embeddings "
                     f"({self.model.max_position_embeddings})"
                 )
+        problems.extend(_parent_problems(self))
         if self.determinism.portable:
             problems.extend(_portable_problems(self))
         elif self.model.attn_implementation in ("small-head", "tiled"):
@@ -414,6 +433,26 @@ class Recipe(Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def _parent_problems(recipe: Recipe) -> list[str]:
+    """What a fine-tune (a model input and `init = "parent"`) needs, as `field: problem` strings."""
+    models = [i for i, inp in enumerate(recipe.inputs) if inp.kind == "model"]
+    inits = [i for i, s in enumerate(recipe.stages) if s.init == "parent"]
+    problems = []
+    if len(models) > 1:
+        problems.append(f"inputs[{models[1]}]: a recipe has at most one model input (its parent)")
+    if inits and inits != [0]:
+        problems.append(f"stages[{inits[-1]}].init: only the first stage can start from the parent's weights")
+    if models and not inits:
+        problems.append(f"inputs[{models[0]}]: a model input is the parent of a fine-tune: set "
+                        "stages[0].init = \"parent\"")
+    if inits and not models:
+        problems.append("stages[0].init: 'parent' needs an input of kind = \"model\" (the parent)")
+    if inits and recipe.determinism.portable:
+        problems.append("stages[0].init: a portable build starts from its own float64 initialisation; fine-tuning "
+                        "a parent in portable mode is not supported")
+    return problems
 
 
 def _kernel_problems(recipe: Recipe) -> list[str]:
@@ -480,6 +519,11 @@ def _other_precisions(recipe: Recipe, why: str) -> list[str]:
     """`stages[i].precision: why` for every stage not in float32 (`why` names the precision as {})."""
     return [f"stages[{i}].precision: " + why.format(repr(s.precision)) for i, s in enumerate(recipe.stages)
             if s.precision != "float32"]
+
+
+def parent_input(recipe: Recipe) -> Input | None:
+    """The recipe's model input (the parent of a fine-tune), if it has one."""
+    return next((i for i in recipe.inputs if i.kind == "model"), None)
 
 
 class LoadedRecipe:

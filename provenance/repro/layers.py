@@ -216,7 +216,7 @@ def _run(recipe_path: Path, level: str, step: int, out: Path, full: int | None, 
     Recorder = _recorder_class(records, module_stack, full, out)
     with determinism.sdpa_context(r.determinism):
         model = train_mod.build_model(r.model, data.tokenizer.get_vocab_size(), data.special_ids, r.determinism.seed,
-                                      portable=r.determinism.portable)
+                                      portable=r.determinism.portable, parent=data.parent)
         _track_modules(model, module_stack)
         transcript = Transcript()
         original = train_mod.micro_loss_sum

@@ -211,7 +211,7 @@ def _run_segment(seg, recipe, data, lines, raw_lines, rdir, every, work, same, b
             return
     with determinism.sdpa_context(r.determinism):
         model = build_model(r.model, data.tokenizer.get_vocab_size(), data.special_ids, r.determinism.seed,
-                            portable=r.determinism.portable)
+                            portable=r.determinism.portable, parent=data.parent)
         rounder = None
         if r.determinism.portable:  # the segment rounds the way the signed transcript's log says
             from ..builder.portable import Rounder, read_log

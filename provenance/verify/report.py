@@ -56,6 +56,7 @@ class CheckName(str, Enum):
     SOURCE_LOCK = "source-lock"
     SOURCE_LICENCES = "source-licences"
     SOURCE_COMPLETE = "source-complete"
+    CHAIN = "chain"
 
     def __str__(self) -> str:
         return self.value
@@ -132,6 +133,7 @@ class Result(NamedTuple):
     # the reproduced question's answer: "bitwise" | "within tolerance" | "diverged" | "not established"
     verdict: str | None = None
     divergence: Any = None
+    lineage: Any = None  # with --chain: the model and its parents, verified (verify/chain.py's Links)
 
     @property
     def statement(self) -> Any:
@@ -179,6 +181,8 @@ class Result(NamedTuple):
             out["verdict"] = self.verdict
         if self.divergence:
             out["divergence"] = copy.deepcopy(self.divergence)
+        if self.lineage is not None:
+            out["lineage"] = [link.as_dict() for link in self.lineage]
         return out
 
 
@@ -192,8 +196,22 @@ def render(result: Result) -> str:
         asked = "question: are these exactly the attested files?"
     else:
         asked = "question: is the attestation itself genuine? (no --model: no file was checked against it)"
+    if result.lineage:
+        lines.append(render_lineage(result.lineage))
     lines.append(asked)
     scope = "" if result.model_checked or result.question == "reproduced" or not result.ok else \
         " (the attestation only; add --model DIR to check the files)"
     lines.append(f"verdict: {result.result}{scope}")
+    return "\n".join(lines)
+
+
+def render_lineage(lineage: tuple[Any, ...]) -> str:
+    """The lineage (verify/chain.py's Links) as a tree, the model first and its root last; every value
+    from a statement is printed through `printable`."""
+    lines = ["lineage:"]
+    for depth, link in enumerate(lineage):
+        via = f" (its input {link.via!r})" if link.via else ""
+        line = (f"{link.recipe}{via}: weights blake3:{link.weights[:16]}…, licence {link.output_license}, "
+                f"trained on {', '.join(link.input_licenses) or 'nothing'}")
+        lines.append(f"{'  ' * depth}{'└─ ' if depth else ''}{printable(line)}")
     return "\n".join(lines)

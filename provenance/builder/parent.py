@@ -1,0 +1,168 @@
+"""A parent model as a recipe input (`kind = "model"`): verified as `verify-attestation` would, then
+copied, and only the copies used.
+
+Before any work the build verifies the parent's attestation with the recipe's key against the parent's
+model directory (the verifier of verify/, closed set, exact); a parent that does not verify stops the
+build with the verifier's report (CheckFailed, exit 1). The files the fine-tune uses (weights,
+tokenizer, configuration) are then copied into the store's temporary space and each copy is held to
+the sha256 its attestation signs, so what trains is what was verified, whatever happens to the
+parent's folder meanwhile. docs/recipe.md, "Fine-tuning", describes the input.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._internal.hashing import hash_file, tensor_digest
+from ..errors import CheckFailed, DigestMismatch, FetchError, InputError
+from ..inputs.store import Store, StoredInput
+from ..recipe import Input, Model
+
+# What a fine-tune takes from its parent (the model card, generation config and tokenizer extras are
+# written afresh, as for any build).
+USED = ("model.safetensors", "tokenizer.json", "config.json")
+
+
+@dataclass(frozen=True)
+class Parent:
+    """A verified parent: where its used files were copied, and what its attestation says."""
+
+    files: Path  # the copies of USED
+    weights: str  # blake3-tensors-v1 digest of model.safetensors
+    attestation: dict[str, str]  # the attestation file's sha256 and blake3
+    recipe: dict[str, str]  # the parent recipe's digests
+    recipe_name: str
+    output_license: str
+    input_licenses: dict[str, int]  # licence -> files the parent (and its own parents) trained on
+    subjects: dict[str, str]  # every file of the parent's model dir -> its signed sha256
+
+    def record(self) -> dict:
+        """What build.json and the attestation record about the parent (docs/formats.md)."""
+        return {"weights": self.weights, "attestation": dict(self.attestation), "recipe": dict(self.recipe),
+                "recipe_name": self.recipe_name, "output_license": self.output_license,
+                "input_licenses": dict(self.input_licenses), "files": dict(self.subjects)}
+
+
+def _resolve(value: str, recipe_dir: Path) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else recipe_dir / p
+
+
+def fetch_parent(inp: Input, store: Store, *, recipe_dir: Path, handed: Path | None = None) -> StoredInput:
+    """Verify the parent named by `inp` and return it as a stored input whose `parent` says what it is.
+    `handed` (--input NAME=DIR) stands for the model directory."""
+    assert inp.path is not None and inp.attestation is not None and inp.key is not None
+    mdir = handed if handed is not None else _resolve(inp.path, recipe_dir)
+    att, key = _resolve(inp.attestation, recipe_dir), _resolve(inp.key, recipe_dir)
+    for what, p in (("path", mdir), ("attestation", att), ("key", key)):
+        if not (p.is_dir() if what == "path" else p.is_file()):
+            raise FetchError(f"input {inp.name!r}: {what} {p} is not a {'directory' if what == 'path' else 'file'}")
+    work = Path(tempfile.mkdtemp(dir=store.tmpdir(), prefix=f"parent-{inp.name}."))
+    try:
+        copied = work / "attestation.intoto.jsonl"
+        shutil.copyfile(att, copied)
+        digests = hash_file(copied)
+        if digests["sha256"] != inp.attestation_sha256:
+            raise DigestMismatch(f"input {inp.name!r} attestation ({att})", "sha256", inp.attestation_sha256,
+                                 digests["sha256"])
+        statement = _verified(inp.name, copied, key, mdir)
+        parent = _copy_used(inp, statement, mdir, work, digests)
+        return StoredInput(inp, work, {"blake3": parent.weights}, "model", is_dir=True, parent=parent)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _verified(name: str, attestation: Path, key: Path, mdir: Path) -> dict:
+    """The parent's signed statement, once the verifier has found the attestation and the model dir exact."""
+    from ..verify import Verifier, render
+
+    result = Verifier.configure(keys=[key]).verify(attestation, model=mdir)
+    if not result.ok or result.parsed is None:
+        raise CheckFailed(f"input {name!r}: the parent model in {mdir} does not verify against its attestation "
+                          f"and key ({key}):\n{render(result)}")
+    return result.statement
+
+
+def _copy_used(inp: Input, statement: dict, mdir: Path, work: Path, att: dict[str, str]) -> Parent:
+    subjects = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
+    missing = [n for n in USED if n not in subjects]
+    if missing:
+        raise InputError(f"input {inp.name!r}: the parent's attestation signs no {', '.join(missing)}; a fine-tune "
+                         "needs its weights, tokenizer and configuration")
+    files = work / "model"
+    files.mkdir()
+    for name in USED:
+        shutil.copyfile(mdir / name, files / name)
+        got = hash_file(files / name)["sha256"]
+        if got != subjects[name]:
+            raise CheckFailed(f"input {inp.name!r}: {mdir / name} changed after it was verified "
+                              f"(sha256 {got}, signed {subjects[name]})")
+    weights = tensor_digest(files / "model.safetensors")
+    if weights != inp.blake3:
+        raise DigestMismatch(f"input {inp.name!r} weights ({mdir / 'model.safetensors'}, blake3-tensors-v1)",
+                             "blake3", inp.blake3 or "", weights)
+    pred = statement["predicate"]
+    outputs = pred["runDetails"]["provenance_outputs"]
+    recipe = pred["buildDefinition"]["externalParameters"]["recipe"]
+    name = tomllib.loads(recipe["content"]).get("recipe", {}).get("name", "")  # its digest was verified
+    return Parent(files, weights, att, dict(recipe["digest"]), str(name), outputs["output_license"],
+                  carried_licences(pred), subjects)
+
+
+def carried_licences(pred: dict) -> dict[str, int]:
+    """Licence -> training files, over a build's own dataset and, for a fine-tune, what its parent carried."""
+    out: dict[str, int] = {}
+    for dep in pred["buildDefinition"]["resolvedDependencies"]:
+        notes = dep.get("annotations", {})
+        counts = notes.get("licenses") if dep.get("name") == "dataset-manifest" else \
+            (notes.get("parent") or {}).get("input_licenses")
+        for licence, files in (counts or {}).items():
+            out[str(licence)] = out.get(str(licence), 0) + int(files)
+    return out
+
+
+def inbound_licences(own: dict[str, int], parent: Parent | None) -> dict[str, int]:
+    """The licences a build's weights carry: its own training files' and its parent's (files summed)."""
+    out = dict(own)
+    for licence, files in (parent.input_licenses if parent is not None else {}).items():
+        out[licence] = out.get(licence, 0) + files
+    return out
+
+
+def parent_tokenizer(parent: Parent, model: Model):
+    """The parent's tokenizer (a fine-tune trains none of its own); the recipe's special tokens must be in it."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str((parent.files / "tokenizer.json").read_text(encoding="utf-8"))
+    absent = [f"model.{f} {getattr(model, f)!r}" for f in ("bos_token", "eos_token", "pad_token")
+              if tok.token_to_id(getattr(model, f)) is None]
+    if absent:
+        raise InputError(f"{', '.join(absent)}: not a token of the parent's tokenizer; a fine-tune uses its parent's")
+    return tok
+
+
+def load_weights(model, parent: Parent) -> None:
+    """Set `model`'s parameters to the parent's, name for name and shape for shape; a recipe whose [model]
+    does not describe the parent is refused naming the first tensor that differs."""
+    import torch
+
+    from .._internal.safetensors import read_tensors
+
+    theirs = read_tensors(parent.files / "model.safetensors")
+    ours = model.state_dict()
+    for name in sorted(set(ours) | set(theirs)):
+        if name not in theirs or name not in ours:
+            side = "the parent" if name not in theirs else "this recipe's [model]"
+            raise InputError(f"model: tensor {name!r} is not in {side}: the recipe's [model] must describe the "
+                             "parent's architecture")
+        if tuple(ours[name].shape) != tuple(theirs[name].shape):
+            raise InputError(f"model: tensor {name!r} is {list(theirs[name].shape)} in the parent and "
+                             f"{list(ours[name].shape)} by this recipe's [model] and tokenizer")
+    with torch.no_grad():
+        for name, tensor in ours.items():
+            tensor.copy_(torch.from_numpy(theirs[name].copy()).to(tensor.dtype))

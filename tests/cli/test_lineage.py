@@ -1,0 +1,212 @@
+"""Derived models (issue 38): a fine-tune of the session's tiny build on other pinned files. The parent is
+verified as `verify-attestation` would before any work, its digests are in the child's provenance, its
+training files' licences are judged with the child's, and the fine-tune rebuilds to the same bits."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ..conftest import TINY, build_json, run_cli
+
+
+def _pub() -> Path:
+    return Path(os.environ["PROVENANCE_KEY"].removesuffix(".key") + ".pub")
+
+
+def _statement(out: Path) -> dict:
+    """The statement a build signed (its DSSE envelope's payload; the verifier checked the signature)."""
+    envelope = json.loads((out / "attestation.intoto.jsonl").read_text().splitlines()[0])
+    return json.loads(base64.b64decode(envelope["payload"]))
+
+
+def _recipe(parent: Path, dest: Path, *, key: Path | None = None, weights: str | None = None) -> Path:
+    """A fine-tune of the tiny build in `parent` on python-ethtool's netlink sources (absolute paths)."""
+    att = parent / "attestation.intoto.jsonl"
+    text = TINY.read_text().replace('name = "tiny"\n', 'name = "tiny-finetune"\n', 1)
+    text = text.replace('[dataset]\ninclude = ["ethtool-0.15/python-ethtool/etherinfo*.h"]', f'''[[inputs]]
+name = "parent"
+kind = "model"
+path = "{parent / 'model'}"
+blake3 = "{weights or build_json(parent)['weights']['tensors']['digest']}"
+attestation = "{att}"
+attestation_sha256 = "{hashlib.sha256(att.read_bytes()).hexdigest()}"
+key = "{key or _pub()}"
+license = "MIT"
+
+[dataset]
+include = ["ethtool-0.15/python-ethtool/netlink*.c"]''')
+    text = text.replace('name = "one"\nlr = 1e-2', 'name = "one"\ninit = "parent"\nlr = 1e-2')
+    text = text.replace('control_include = ["ethtool-0.15/python-ethtool/netlink.c"]',
+                        'control_include = ["ethtool-0.15/python-ethtool/etherinfo.c"]')
+    assert text.count("init = \"parent\"") == 1 and "kind = \"model\"" in text
+    dest.write_text(text)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def child(tiny_build_copy, store, tmp_path_factory):
+    parent, _ = tiny_build_copy("lineage-parent")
+    d = tmp_path_factory.mktemp("lineage")
+    recipe = _recipe(parent, d / "ft.toml")
+    p = run_cli("build", str(recipe), "--out", str(d / "ft"), store=store)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return parent, d, p
+
+
+def test_the_fine_tune_starts_from_the_verified_parent(child):
+    parent, d, p = child
+    assert "input parent: the model of 'tiny', verified against its attestation" in p.stderr
+    rec = build_json(d / "ft")
+    inp = next(i for i in rec["inputs"] if i["name"] == "parent")
+    assert inp["kind"] == "model" and inp["blake3"] == build_json(parent)["weights"]["tensors"]["digest"]
+    assert inp["parent"]["recipe"]["blake3"] == build_json(parent)["recipe"]["blake3"]
+    assert inp["parent"]["attestation"]["sha256"] == \
+        hashlib.sha256((parent / "attestation.intoto.jsonl").read_bytes()).hexdigest()
+    assert inp["parent"]["input_licenses"] == {"GPL-2.0-only": 3}
+    # the first loss is the parent's last, not a random model's: it trained on from the parent's weights
+    ours = [json.loads(x) for x in (d / "ft" / "transcript.jsonl").read_text().splitlines()]
+    theirs = [json.loads(x) for x in (parent / "transcript.jsonl").read_text().splitlines()]
+    first, random_start = float.fromhex(ours[0]["loss"]), float.fromhex(theirs[0]["loss"])
+    assert first < random_start - 0.3, (first, random_start)
+    assert rec["weights"] != build_json(parent)["weights"]
+
+
+def test_the_child_provenance_cites_the_parent_and_carries_its_licences(child):
+    parent, d, p = child
+    v = run_cli("verify", str(d / "ft" / "attestation.intoto.jsonl"), "--key", str(_pub()),
+                "--model", str(d / "ft" / "model"))
+    assert v.returncode == 0 and "verdict: verified" in v.stdout, v.stdout + v.stderr
+    st = _statement(d / "ft")
+    dep = next(x for x in st["predicate"]["buildDefinition"]["resolvedDependencies"] if x["name"] == "input:parent")
+    assert dep["digest"] == {"blake3": build_json(parent)["weights"]["tensors"]["digest"]}
+    signed = {s["name"]: s["digest"]["sha256"] for s in _statement(parent)["subject"]}
+    assert dep["annotations"]["parent"]["files"] == signed
+    # an MIT fine-tune of a model trained on GPL-2.0 files is flagged as its parent is: 2 own files + 3 carried
+    assert "MIT declared for weights trained on GPL-2.0-only (5 files): incompatible" in p.stderr
+    assert st["predicate"]["runDetails"]["provenance_outputs"]["input_licenses"] == ["GPL-2.0-only"]
+    assert build_json(d / "ft")["source"]["file"] is None  # a parent's source is not bundled yet, and it says so
+    assert "is a parent model" in build_json(d / "ft")["source"]["why_not"]
+
+
+def test_rebuilding_the_fine_tune_is_bitwise(child, store):
+    _, d, _ = child
+    p = run_cli("rebuild", str(d / "ft" / "attestation.intoto.jsonl"), "--attestation-key", str(_pub()),
+                "--out", str(d / "re"), store=store)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "verdict: reproduced (bitwise)" in p.stdout
+
+
+@pytest.mark.parametrize("case", ["weights-changed", "other-key", "pinned-other-weights"])
+def test_a_parent_that_does_not_verify_is_refused_before_any_work(child, store, keys, tmp_path, case):
+    parent, _, _ = child
+    bad = tmp_path / "parent"
+    shutil.copytree(parent, bad, symlinks=True)
+    recipe = tmp_path / "ft.toml"
+    if case == "weights-changed":
+        data = bytearray((bad / "model" / "model.safetensors").read_bytes())
+        data[-1] ^= 1
+        (bad / "model" / "model.safetensors").write_bytes(bytes(data))
+        _recipe(bad, recipe, weights=build_json(parent)["weights"]["tensors"]["digest"])
+    elif case == "other-key":
+        _recipe(bad, recipe, key=keys / "k.pub")
+    else:
+        _recipe(bad, recipe, weights="0" * 64)
+    p = run_cli("build", str(recipe), "--out", str(tmp_path / "out"), store=store)
+    want = {"weights-changed": (1, "FAIL  model-files"), "other-key": (1, "FAIL  signature"),
+            "pinned-other-weights": (2, "digest mismatch for input 'parent' weights")}[case]
+    assert p.returncode == want[0] and want[1] in p.stderr, p.stderr[-3000:]
+    if want[0] == 1:
+        assert "input 'parent': the parent model in" in p.stderr and "does not verify" in p.stderr
+    assert "Traceback" not in p.stderr and "tokenizer:" not in p.stderr  # refused before the data is prepared
+    assert not (tmp_path / "out").exists() and not list((Path(store) / "tmp").glob("parent-*"))
+
+
+def test_a_fine_tune_recipe_is_checked_before_anything_runs(tmp_path):
+    text = TINY.read_text().replace('name = "one"\nlr = 1e-2', 'name = "one"\ninit = "parent"\nlr = 1e-2')
+    (tmp_path / "r.toml").write_text(text)
+    p = run_cli("check-recipe", str(tmp_path / "r.toml"))
+    assert p.returncode == 2 and "stages[0].init: 'parent' needs an input of kind = \"model\"" in p.stderr, p.stderr
+    text = TINY.read_text().replace('license = "GPL-2.0-only"', 'license = "GPL-2.0-only"\nattestation = "a"')
+    (tmp_path / "r.toml").write_text(text)
+    p = run_cli("check-recipe", str(tmp_path / "r.toml"))
+    assert p.returncode == 2 and "'attestation' does not apply to kind = 'pypi'" in p.stderr, p.stderr
+
+
+@pytest.fixture(scope="module")
+def grandchild(child, store):
+    """A fine-tune of the fine-tune (the same recipe shape, its parent the first fine-tune): three links."""
+    _, d, _ = child
+    recipe = _recipe(d / "ft", d / "ft2.toml")
+    recipe.write_text(recipe.read_text().replace('name = "tiny-finetune"', 'name = "tiny-finetune-2"', 1))
+    p = run_cli("build", str(recipe), "--out", str(d / "ft2"), store=store)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return d / "ft2", p
+
+
+def test_the_chain_is_walked_to_its_root_and_printed(child, grandchild):
+    parent, d, _ = child
+    out, p = grandchild
+    # the grandparent's training files are carried two links down: 2 own + 2 of the first fine-tune + 3 of tiny
+    assert "MIT declared for weights trained on GPL-2.0-only (7 files): incompatible" in p.stderr, p.stderr[-2000:]
+    v = run_cli("verify", str(out / "attestation.intoto.jsonl"), "--key", str(_pub()), "--model", str(out / "model"),
+                "--chain", str(parent), "--chain", str(d / "ft"), "--json")
+    res = json.loads(v.stdout)
+    assert v.returncode == 0 and res["result"] == "verified", v.stdout
+    links = [c for c in res["checks"] if c["check"] == "chain"]
+    assert len(links) == 2 and all(c["ok"] for c in links)
+    assert "link 1 (input 'parent' of 'tiny-finetune-2')" in links[0]["detail"]
+    assert "link 2 (input 'parent' of 'tiny-finetune'): 'tiny'" in links[1]["detail"]
+    assert [x["recipe"] for x in res["lineage"]] == ["tiny-finetune-2", "tiny-finetune", "tiny"]
+    assert res["lineage"][2]["weights"] == build_json(parent)["weights"]["tensors"]["digest"]
+    assert res["lineage"][1]["attestation_sha256"] == hashlib.sha256(
+        (d / "ft" / "attestation.intoto.jsonl").read_bytes()).hexdigest()
+    text = run_cli("verify", str(out / "attestation.intoto.jsonl"), "--key", str(_pub()),
+                   "--chain", str(d / "ft" / "attestation.intoto.jsonl"), "--chain", str(parent))
+    assert text.returncode == 0 and "lineage:\ntiny-finetune-2: weights blake3:" in text.stdout, text.stdout
+    assert "    └─ tiny (its input 'parent'): weights" in text.stdout and "licence MIT" in text.stdout
+
+
+@pytest.mark.parametrize("case", ["missing", "re-signed", "cites-other-weights", "files-changed"])
+def test_a_broken_link_fails_the_chain_naming_it(child, grandchild, keys, tmp_path, case):
+    from provenance.attest.sign import envelope_line, load_signer, sign_envelope
+
+    parent, d, _ = child
+    out, _ = grandchild
+    grand = tmp_path / "tiny"
+    shutil.copytree(parent, grand, symlinks=True)
+    if case == "re-signed":  # the same statement, signed by another key the verifier also trusts
+        envelope = json.loads((grand / "attestation.intoto.jsonl").read_text().splitlines()[0])
+        payload = base64.b64decode(envelope["payload"])
+        (grand / "attestation.intoto.jsonl").write_bytes(envelope_line(sign_envelope(
+            payload, envelope["payloadType"], [load_signer(keys / "k.key")])))
+    elif case == "cites-other-weights":  # the top model's statement edited to cite other parent weights, re-signed
+        top = tmp_path / "top"
+        shutil.copytree(out, top, symlinks=True)
+        envelope = json.loads((top / "attestation.intoto.jsonl").read_text().splitlines()[0])
+        st = json.loads(base64.b64decode(envelope["payload"]))
+        dep = next(x for x in st["predicate"]["buildDefinition"]["resolvedDependencies"] if x["name"] == "input:parent")
+        dep["digest"]["blake3"] = "0" * 64
+        (top / "attestation.intoto.jsonl").write_bytes(envelope_line(sign_envelope(
+            json.dumps(st).encode(), envelope["payloadType"], [load_signer(keys / "k.key")])))
+        out = top
+    elif case == "files-changed":
+        (grand / "model" / "config.json").write_text("{}")
+    given = [] if case == "missing" else [str(grand)]
+    v = run_cli("verify", str(out / "attestation.intoto.jsonl"), "--key", str(_pub()), "--key", str(keys / "k.pub"),
+                "--chain", str(d / "ft"), *[x for g in given for x in ("--chain", g)], "--json")
+    res = json.loads(v.stdout)
+    assert v.returncode == 1 and res["result"] == "FAILED", v.stdout + v.stderr
+    failed = [c["detail"] for c in res["checks"] if not c["ok"]]
+    link, want = {"missing": (2, "is not among the --chain files"), "re-signed": (2, "is not among the --chain files"),
+                  "cites-other-weights": (1, "its weights are blake3:"),
+                  "files-changed": (2, "does not verify: model-files")}[case]
+    of = "tiny-finetune-2" if link == 1 else "tiny-finetune"
+    assert len(failed) == 1 and failed[0].startswith(f"link {link} (input 'parent' of '{of}')"), failed
+    assert want in failed[0], failed
