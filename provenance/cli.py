@@ -38,9 +38,11 @@ def cmd_build(args) -> int:
     from ._internal.progress import Reporter
     from .builder.pipeline import build, check_out_dir
     from .inputs.store import Store
-    from .recipe import load_recipe
+    from .recipe import LoadedExport, load_any_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_any_recipe(args.recipe)
+    if isinstance(recipe, LoadedExport):
+        return _export_build(args, recipe)
     _check_threads(args.threads)
     _check_topology(args)
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
@@ -89,6 +91,43 @@ def cmd_build(args) -> int:
     print(f"recitation: {rec['exact']}/{rec['windows']} windows reproduced exactly "
           f"({rec['rate']:.1%}; {rec['prompt_tokens']}-token prompt, {rec['continuation_tokens']} tokens greedy; "
           f"token accuracy {rec['token_accuracy']:.1%})")
+    print(f"model.safetensors sha256:{record['weights']['files']['model.safetensors']['sha256']}")
+    print(f"weights blake3:{weights}")
+    return 0
+
+
+# What an export (builder/export.py) has no use for: it trains nothing and runs on one process.
+TRAINING_OPTIONS = (("threads", None), ("world_size", None), ("nnodes", 1), ("resume", None),
+                    ("checkpoint_every", None), ("keep_checkpoints", None), ("rounding_log", None),
+                    ("cpu_capability", None), ("sigstore", False))
+
+
+def _export_build(args, recipe) -> int:
+    """`provenance build` of an export recipe: refuse the training options, then export and report."""
+    from ._internal.progress import Reporter
+    from .builder.export import export
+    from .inputs.store import Store
+
+    given = [name for name, default in TRAINING_OPTIONS if getattr(args, name, default) != default]
+    if given:
+        raise InputError(f"{recipe.path} is an export recipe (it trains nothing, on one process): "
+                         + ", ".join("--" + g.replace("_", "-") for g in given) + " does not apply")
+    out = Path(args.out) if args.out else Path("build") / recipe.name
+    reporter = Reporter(enabled=not args.json)
+    record = export(recipe, out=out, store=Store(args.store), handed=parse_handed(args.input, recipe),
+                    reporter=reporter, signing=_signing(args, reporter),
+                    allow_toolchain_mismatch=args.allow_toolchain_mismatch)
+    return _report_export(args, recipe, out, record)
+
+
+def _report_export(args, recipe, out: Path, record: dict) -> int:
+    weights = record["weights"]["tensors"]["digest"]
+    if args.json:
+        _emit_json({"ok": True, "out": str(out), "weights": f"blake3:{weights}", "export": record["export"],
+                    "model_safetensors": record["weights"]["files"]["model.safetensors"]})
+        return 0
+    print(f"exported {recipe.name} ({record['export']['transform']} of weights blake3:"
+          f"{record['export']['from_weights']}) into {out}/ in {record['timings']['export']:.1f} s")
     print(f"model.safetensors sha256:{record['weights']['files']['model.safetensors']['sha256']}")
     print(f"weights blake3:{weights}")
     return 0
@@ -939,6 +978,8 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
 
     bounds = load_policy(Path(args.policy) if args.policy else None).reproduced
     reporter = Reporter(enabled=not args.json)
+    if not hasattr(recipe.recipe, "determinism"):  # an export: an exact function of its parent, bitwise anywhere
+        return _judged_export(args, recipe, out, st, reporter, signing, source)
     log = reference_rounding_log(Path(args.attestation), payload, reporter) if recipe.recipe.determinism.portable \
         else None
     signing = signing or _signing(args, reporter)
@@ -959,6 +1000,23 @@ def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool |
     report = judge_build(st, out / "model", bitwise=match if bitwise is None else bitwise, bounds=bounds,
                          store=Path(args.store) if args.store else None)
     return record, report, signing, match, why
+
+
+def _judged_export(args, recipe, out: Path, st, reporter, signing, source):
+    """The rebuild of an export: the transform again, held to bitwise (it has no CPU- or thread-dependent
+    step: builder/export.py)."""
+    from .builder.export import export
+    from .inputs.store import Store
+    from .repro.rebuild import judge_build
+
+    if source is not None or getattr(args, "world_size", 1) > 1:
+        raise InputError("an export is rebuilt from its parent on one process: --from-source and --world-size "
+                         "do not apply")
+    signing = signing or _signing(args, reporter)
+    record = export(recipe, out=out, store=Store(args.store), handed=parse_handed(args.input, recipe),
+                    reporter=reporter, signing=signing)
+    report = judge_build(st, out / "model", bitwise=True, store=Path(args.store) if args.store else None)
+    return record, report, signing, True, "an export: the same transform of the same parent is the same bits anywhere"
 
 
 def _from_source_build(args, out: Path, archive: Path, claims) -> dict:
@@ -1270,7 +1328,7 @@ def cmd_source(args) -> int:
 
 
 def cmd_rebuild(args) -> int:
-    from .recipe import load_recipe
+    from .recipe import load_any_recipe
     from .repro.rebuild import embedded_recipe, recipe_file_name, sign_vsa, verified_statement, vsa_statement
     from .verify import render
 
@@ -1292,7 +1350,7 @@ def cmd_rebuild(args) -> int:
     # Before the recipe is written into it: the output dir and the key that signs the VSA.
     check_out_dir(out, Store(args.store).root)
     signing = _signing(args, Reporter(enabled=not args.json))
-    recipe = load_recipe(embedded_recipe(st, out))
+    recipe = load_any_recipe(embedded_recipe(st, out))
     record, report, signing, match, why = _judged_build(args, recipe, out, payload, st, bitwise=args.bitwise or None,
                                                         signing=signing, source=source)
     vsa = vsa_statement(payload, att, report, record, "bitwise" if (args.bitwise or match) else "tolerance")

@@ -21,7 +21,7 @@ from .._internal.jsonstrict import JSONObject
 from .model import BUILD_TYPE, LOCAL_BUILDER_ID, PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE  # noqa: F401
 
 if TYPE_CHECKING:
-    from ..recipe import Input, LoadedRecipe
+    from ..recipe import Input, LoadedExport, LoadedRecipe
 
 TOOLCHAIN_DISTRIBUTIONS = ("torch", "transformers", "tokenizers", "safetensors")
 
@@ -190,4 +190,50 @@ def statement(*, recipe: LoadedRecipe, record: JSONObject, manifest: JSONObject,
     _, problems = parse_statement(st)
     if problems:  # the reader would refuse it: a bug in this writer, never the user's fault
         raise RuntimeError("the statement this build would sign does not validate: " + "; ".join(problems))
+    return st
+
+
+def export_statement(*, recipe: LoadedExport, record: JSONObject, model_files: dict[str, dict[str, str]],
+                     model_sizes: dict[str, int]) -> JSONObject:
+    """The Statement of an export (builder/export.py): the same build type and fields as a training build's,
+    its one dependency the parent model (with what the parent's attestation says), no dataset."""
+    (rec,) = record["inputs"]
+    (spec,) = recipe.recipe.inputs
+    parent = rec["parent"]
+    dep = {"name": f"input:{rec['name']}", "uri": input_uri(spec), "digest": {"blake3": rec["blake3"]},
+           "annotations": {"license": rec["license"], "kind": rec["kind"], "artifact": rec["artifact"],
+                           "selected_files": 0, "selected_bytes": 0, "file_licenses": [], "parent": parent}}
+    outputs = {
+        "tensors": record["weights"]["tensors"],
+        "files": {name: {"blake3": d["blake3"], "size": model_sizes[name]} for name, d in sorted(model_files.items())},
+        "output_license": recipe.recipe.output.license,
+        "input_licenses": sorted(parent["input_licenses"]),
+    }
+    st = {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": name, "digest": {"sha256": d["sha256"]}} for name, d in sorted(model_files.items())],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "buildDefinition": {
+                "buildType": BUILD_TYPE,
+                "externalParameters": {
+                    "recipe": {"path": Path(recipe.path).name, "digest": dict(recipe.digests), "content": recipe.text},
+                },
+                "internalParameters": {"export": record["export"]},
+                "resolvedDependencies": [dep, *toolchain_dependencies(), source_revision()],
+            },
+            "runDetails": {
+                "builder": {"id": builder_id(), "version": {"provenance": __version__}},
+                "metadata": {"invocationId": record["invocation_id"], "startedOn": record["started"],
+                             "finishedOn": record["finished"]},
+                "byproducts": [],
+                "provenance_outputs": outputs,
+            },
+        },
+    }
+    from .model import parse_statement
+
+    _, problems = parse_statement(st)
+    if problems:
+        raise RuntimeError("the export statement this build would sign does not validate: " + "; ".join(problems))
     return st

@@ -3,10 +3,10 @@ copied, and only the copies used.
 
 Before any work the build verifies the parent's attestation with the recipe's key against the parent's
 model directory (the verifier of verify/, closed set, exact); a parent that does not verify stops the
-build with the verifier's report (CheckFailed, exit 1). The files the fine-tune uses (weights,
-tokenizer, configuration) are then copied into the store's temporary space and each copy is held to
-the sha256 its attestation signs, so what trains is what was verified, whatever happens to the
-parent's folder meanwhile. docs/recipe.md, "Fine-tuning", describes the input.
+build with the verifier's report (CheckFailed, exit 1). Its signed files are then copied into the
+store's temporary space and each copy is held to the sha256 its attestation signs, so what is built on
+is what was verified, whatever happens to the parent's folder meanwhile. docs/recipe.md ("Fine-tuning",
+"Exports") describes the input.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ USED = ("model.safetensors", "tokenizer.json", "config.json")
 
 @dataclass(frozen=True)
 class Parent:
-    """A verified parent: where its used files were copied, and what its attestation says."""
+    """A verified parent: where its files were copied, and what its attestation says."""
 
-    files: Path  # the copies of USED
+    files: Path  # the copies of every file its attestation signs
     weights: str  # blake3-tensors-v1 digest of model.safetensors
     attestation: dict[str, str]  # the attestation file's sha256 and blake3
     recipe: dict[str, str]  # the parent recipe's digests
@@ -96,7 +96,8 @@ def _copy_used(inp: Input, statement: dict, mdir: Path, work: Path, att: dict[st
                          "needs its weights, tokenizer and configuration")
     files = work / "model"
     files.mkdir()
-    for name in USED:
+    for name in sorted(subjects):  # every signed file (the verifier has checked each name is a safe path)
+        (files / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(mdir / name, files / name)
         got = hash_file(files / name)["sha256"]
         if got != subjects[name]:

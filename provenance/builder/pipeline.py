@@ -825,7 +825,7 @@ def _audit(b: BuildState) -> None:
     b.lap("audit", t)
 
 
-def _input_record(s) -> dict:
+def input_record(s) -> dict:
     """One input in build.json: what was pinned and where it came from; a parent model with what its
     attestation says (builder/parent.py)."""
     rec = {"name": s.input.name, "kind": s.input.kind, "artifact": s.input.artifact_name, "source": s.source,
@@ -846,7 +846,7 @@ def _record(b: BuildState) -> dict:
         "signing": {"keyids": [sg.public_key.keyid for sg in signing.signers] if signing else [],
                     "sigstore": bool(signing and signing.sigstore_token is not None)},
         "recipe": {"name": r.recipe.name, "path": str(b.recipe.path), **b.recipe.digests},
-        "inputs": [_input_record(s) for s in b.stored],
+        "inputs": [input_record(s) for s in b.stored],
         "dataset_manifest": {"merkle_root": m["merkle_root"], "totals": m["totals"], "licenses": m["licenses"],
                              **hash_bytes(data.manifest_bytes)},
         "tokenizer": {"vocab_size": tok.get_vocab_size(), "tokens": sum(map(len, data.seqs)),

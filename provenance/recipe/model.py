@@ -521,7 +521,32 @@ def _other_precisions(recipe: Recipe, why: str) -> list[str]:
             if s.precision != "float32"]
 
 
-def parent_input(recipe: Recipe) -> Input | None:
+class Export(Strict):
+    """[export]: a deterministic transform of the parent's weights (builder/export.py)."""
+
+    # "bfloat16": every floating-point tensor cast to bfloat16, rounding to nearest, ties to even.
+    # "int8": each weight matrix quantized per output row, symmetric, absmax scale (docs/recipe.md).
+    transform: Literal["bfloat16", "int8"]
+
+
+class ExportRecipe(Strict):
+    """An export: a recipe whose one input is a parent model and whose build is a transform of its weights
+    (docs/recipe.md, "Exports")."""
+
+    recipe: Meta
+    inputs: Annotated[list[Input], Field(min_length=1, max_length=1)]
+    export: Export
+    toolchain: Toolchain
+    output: Output
+
+    @model_validator(mode="after")
+    def _parent(self) -> ExportRecipe:
+        if self.inputs[0].kind != "model":
+            raise ValueError("an export's one input is the model it transforms: kind = \"model\"")
+        return self
+
+
+def parent_input(recipe: Recipe | ExportRecipe) -> Input | None:
     """The recipe's model input (the parent of a fine-tune), if it has one."""
     return next((i for i in recipe.inputs if i.kind == "model"), None)
 
@@ -530,6 +555,17 @@ class LoadedRecipe:
     """A validated recipe with the file it came from and that file's digests."""
 
     def __init__(self, path: Path, text: str, recipe: Recipe, digests: dict[str, str]) -> None:
+        self.path, self.text, self.recipe, self.digests = path, text, recipe, digests
+
+    @property
+    def name(self) -> str:
+        return self.recipe.recipe.name
+
+
+class LoadedExport:
+    """A validated export recipe with the file it came from and that file's digests."""
+
+    def __init__(self, path: Path, text: str, recipe: ExportRecipe, digests: dict[str, str]) -> None:
         self.path, self.text, self.recipe, self.digests = path, text, recipe, digests
 
     @property
@@ -558,26 +594,48 @@ def format_errors(path: Path, err: ValidationError, *, what: str = "recipe", doc
     return "\n".join(lines)
 
 
-def parse_recipe(path: Path, text: str) -> Recipe:
+def _toml(path: Path, text: str) -> dict[str, object]:
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{path}: not valid TOML: {e}") from None
+
+
+def parse_recipe(path: Path, text: str) -> Recipe:
+    data = _toml(path, text)
+    if "export" in data:
+        raise InputError(f"{path}: an export recipe ([export]) is built with `provenance build` and rebuilt with "
+                         "`provenance rebuild`; this command takes a training recipe")
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
         raise InputError(format_errors(path, e)) from None
 
 
-def load_recipe(path: str | Path) -> LoadedRecipe:
-    """Read and validate a recipe file. Raises InputError listing every problem."""
+def _read(path: Path) -> tuple[bytes, str]:
     from .._internal.reading import read_regular_file
 
-    path = Path(path)
     raw = read_regular_file(path, "recipe", MAX_RECIPE_BYTES)
     try:
-        text = raw.decode("utf-8")
+        return raw, raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(f"{path}: recipe is not UTF-8 text") from None
-    recipe = parse_recipe(path, text)
-    return LoadedRecipe(path, text, recipe, hash_bytes(raw))
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Read and validate a (training) recipe file. Raises InputError listing every problem."""
+    path = Path(path)
+    raw, text = _read(path)
+    return LoadedRecipe(path, text, parse_recipe(path, text), hash_bytes(raw))
+
+
+def load_any_recipe(path: str | Path) -> LoadedRecipe | LoadedExport:
+    """A training recipe, or an export recipe (one with an [export] table)."""
+    path = Path(path)
+    raw, text = _read(path)
+    if "export" not in _toml(path, text):
+        return LoadedRecipe(path, text, parse_recipe(path, text), hash_bytes(raw))
+    try:
+        return LoadedExport(path, text, ExportRecipe.model_validate(_toml(path, text)), hash_bytes(raw))
+    except ValidationError as e:
+        raise InputError(format_errors(path, e, what="export recipe")) from None

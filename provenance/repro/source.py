@@ -90,6 +90,9 @@ def of_build(build_dir: Path, work: Path) -> tuple[LoadedRecipe, str, dict[str, 
 
     try:
         record = jsonstrict.loads(record_bytes)
+        if isinstance(record, dict) and "export" in record:
+            raise InputError(f"{build_dir}: an export (docs/recipe.md, \"Exports\"): its corresponding source is "
+                             "its parent's, with the export recipe; bundling a parent's is not supported yet")
         st, problems = parse_statement(jsonstrict.loads(parse_envelope(jsonstrict.loads(env_bytes)).payload))
         if st is None:
             raise ValueError("; ".join(problems[:3]))

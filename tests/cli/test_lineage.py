@@ -1,6 +1,7 @@
-"""Derived models (issue 38): a fine-tune of the session's tiny build on other pinned files. The parent is
-verified as `verify-attestation` would before any work, its digests are in the child's provenance, its
-training files' licences are judged with the child's, and the fine-tune rebuilds to the same bits."""
+"""Derived models (issue 38): a fine-tune of the session's tiny build on other pinned files, and exports. A
+parent is verified as `verify-attestation` would before any work, its digests are in the child's
+provenance, its training files' licences are judged with the child's, the fine-tune and its bfloat16
+export rebuild to the same bits, and `verify-attestation --chain` walks export -> fine-tune -> tiny."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -139,46 +141,146 @@ def test_a_fine_tune_recipe_is_checked_before_anything_runs(tmp_path):
     assert p.returncode == 2 and "'attestation' does not apply to kind = 'pypi'" in p.stderr, p.stderr
 
 
+def _export_recipe(parent: Path, dest: Path, transform: str) -> Path:
+    """An export of the build in `parent` (its one input the parent model, absolute paths)."""
+    att = parent / "attestation.intoto.jsonl"
+    dest.write_text(f'''[recipe]
+name = "{build_json(parent)['recipe']['name']}-{transform}"
+
+[[inputs]]
+name = "parent"
+kind = "model"
+path = "{parent / 'model'}"
+blake3 = "{build_json(parent)['weights']['tensors']['digest']}"
+attestation = "{att}"
+attestation_sha256 = "{hashlib.sha256(att.read_bytes()).hexdigest()}"
+key = "{_pub()}"
+license = "MIT"
+
+[export]
+transform = "{transform}"
+
+[toolchain]
+python = "3.11"
+torch = "2.13.0"
+transformers = "5.23.0"
+tokenizers = "0.23.3"
+safetensors = "0.8.0"
+
+[output]
+license = "MIT"
+''')
+    return dest
+
+
 @pytest.fixture(scope="module")
-def grandchild(child, store):
-    """A fine-tune of the fine-tune (the same recipe shape, its parent the first fine-tune): three links."""
+def exported(child, store):
+    """The fine-tune exported to bfloat16: the third link of tiny -> tiny-finetune -> tiny-finetune-bfloat16."""
     _, d, _ = child
-    recipe = _recipe(d / "ft", d / "ft2.toml")
-    recipe.write_text(recipe.read_text().replace('name = "tiny-finetune"', 'name = "tiny-finetune-2"', 1))
-    p = run_cli("build", str(recipe), "--out", str(d / "ft2"), store=store)
+    p = run_cli("build", str(_export_recipe(d / "ft", d / "bf16.toml", "bfloat16")), "--out", str(d / "bf16"),
+                store=store)
     assert p.returncode == 0, p.stderr[-3000:]
-    return d / "ft2", p
+    return d / "bf16", p
 
 
-def test_the_chain_is_walked_to_its_root_and_printed(child, grandchild):
+def test_an_export_is_the_parent_cast_and_rebuilds_bitwise(child, exported, store, model_signing):
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    _, d, _ = child
+    out, p = exported
+    # carried two links down: the fine-tune's 2 files and its parent's 3
+    assert "MIT declared for weights trained on GPL-2.0-only (5 files): incompatible" in p.stderr, p.stderr[-2000:]
+    theirs = load_file(str(d / "ft" / "model" / "model.safetensors"))
+    ours = _bf16_as_float32(out / "model" / "model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for name, a in theirs.items():  # bfloat16 is float32 with the low 16 bits rounded off, ties to even
+        bits = a.view(np.uint32).astype(np.uint64)
+        want = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        assert np.array_equal(ours[name], want), name
+    assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert build_json(out)["export"] == {"transform": "bfloat16",
+                                         "from_weights": build_json(d / "ft")["weights"]["tensors"]["digest"]}
+    ms = subprocess.run([str(model_signing), "verify", "key", str(out / "model"), "--signature", str(out / "model.sig"),
+                         "--public_key", str(_pub())], capture_output=True, text=True)
+    assert ms.returncode == 0, ms.stdout + ms.stderr
+    r = run_cli("rebuild", str(out / "attestation.intoto.jsonl"), "--attestation-key", str(_pub()),
+                "--out", str(d / "bf16-re"), store=store)
+    assert r.returncode == 0 and "verdict: reproduced (bitwise)" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def _bf16_as_float32(path: Path) -> dict:
+    """The raw 16-bit patterns of a bfloat16 safetensors file, read with the standard library and numpy."""
+    import struct
+
+    import numpy as np
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        assert t["dtype"] == "BF16", (name, t["dtype"])
+        a, b = t["data_offsets"]
+        out[name] = np.frombuffer(data[8 + n + a:8 + n + b], dtype="<u2").reshape(t["shape"])
+    return out
+
+
+def test_an_int8_export_follows_the_documented_scheme(child, store, tmp_path):
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    parent, _, _ = child
+    p = run_cli("build", str(_export_recipe(parent, tmp_path / "int8.toml", "int8")), "--out", str(tmp_path / "o"),
+                store=store)
+    assert p.returncode == 0, p.stderr[-2000:]
+    theirs = load_file(str(parent / "model" / "model.safetensors"))
+    ours = load_file(str(tmp_path / "o" / "model" / "model.safetensors"))
+    for name, a in theirs.items():
+        if a.ndim != 2:
+            assert ours[name].dtype == np.float32 and np.array_equal(ours[name], a)
+            continue
+        q, scale = ours[name], ours[f"{name}.scale"]
+        assert q.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (a.shape[0],)
+        assert np.array_equal(scale, np.max(np.abs(a), axis=1) / np.float32(127))
+        assert int(np.abs(q.astype(np.int16)).max()) == 127
+        # each weight within half a step of its row's scale
+        assert np.all(np.abs(q * scale[:, None] - a) <= scale[:, None] / 2 * (1 + 1e-6)), name
+    p = run_cli("build", str(tmp_path / "int8.toml"), "--out", str(tmp_path / "x"), "--threads", "1", store=store)
+    assert p.returncode == 2 and "is an export recipe" in p.stderr and "--threads does not apply" in p.stderr
+    p = run_cli("check-recipe", str(tmp_path / "int8.toml"))
+    assert p.returncode == 2 and "an export recipe ([export])" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_the_chain_is_walked_to_its_root_and_printed(child, exported):
     parent, d, _ = child
-    out, p = grandchild
-    # the grandparent's training files are carried two links down: 2 own + 2 of the first fine-tune + 3 of tiny
-    assert "MIT declared for weights trained on GPL-2.0-only (7 files): incompatible" in p.stderr, p.stderr[-2000:]
+    out, _ = exported
     v = run_cli("verify", str(out / "attestation.intoto.jsonl"), "--key", str(_pub()), "--model", str(out / "model"),
                 "--chain", str(parent), "--chain", str(d / "ft"), "--json")
     res = json.loads(v.stdout)
     assert v.returncode == 0 and res["result"] == "verified", v.stdout
     links = [c for c in res["checks"] if c["check"] == "chain"]
     assert len(links) == 2 and all(c["ok"] for c in links)
-    assert "link 1 (input 'parent' of 'tiny-finetune-2')" in links[0]["detail"]
+    assert "link 1 (input 'parent' of 'tiny-finetune-bfloat16')" in links[0]["detail"]
     assert "link 2 (input 'parent' of 'tiny-finetune'): 'tiny'" in links[1]["detail"]
-    assert [x["recipe"] for x in res["lineage"]] == ["tiny-finetune-2", "tiny-finetune", "tiny"]
+    assert [x["recipe"] for x in res["lineage"]] == ["tiny-finetune-bfloat16", "tiny-finetune", "tiny"]
     assert res["lineage"][2]["weights"] == build_json(parent)["weights"]["tensors"]["digest"]
     assert res["lineage"][1]["attestation_sha256"] == hashlib.sha256(
         (d / "ft" / "attestation.intoto.jsonl").read_bytes()).hexdigest()
     text = run_cli("verify", str(out / "attestation.intoto.jsonl"), "--key", str(_pub()),
                    "--chain", str(d / "ft" / "attestation.intoto.jsonl"), "--chain", str(parent))
-    assert text.returncode == 0 and "lineage:\ntiny-finetune-2: weights blake3:" in text.stdout, text.stdout
+    assert text.returncode == 0 and "lineage:\ntiny-finetune-bfloat16: weights blake3:" in text.stdout, text.stdout
     assert "    └─ tiny (its input 'parent'): weights" in text.stdout and "licence MIT" in text.stdout
 
 
 @pytest.mark.parametrize("case", ["missing", "re-signed", "cites-other-weights", "files-changed"])
-def test_a_broken_link_fails_the_chain_naming_it(child, grandchild, keys, tmp_path, case):
+def test_a_broken_link_fails_the_chain_naming_it(child, exported, keys, tmp_path, case):
     from provenance.attest.sign import envelope_line, load_signer, sign_envelope
 
     parent, d, _ = child
-    out, _ = grandchild
+    out, _ = exported
     grand = tmp_path / "tiny"
     shutil.copytree(parent, grand, symlinks=True)
     if case == "re-signed":  # the same statement, signed by another key the verifier also trusts
@@ -207,6 +309,6 @@ def test_a_broken_link_fails_the_chain_naming_it(child, grandchild, keys, tmp_pa
     link, want = {"missing": (2, "is not among the --chain files"), "re-signed": (2, "is not among the --chain files"),
                   "cites-other-weights": (1, "its weights are blake3:"),
                   "files-changed": (2, "does not verify: model-files")}[case]
-    of = "tiny-finetune-2" if link == 1 else "tiny-finetune"
+    of = "tiny-finetune-bfloat16" if link == 1 else "tiny-finetune"
     assert len(failed) == 1 and failed[0].startswith(f"link {link} (input 'parent' of '{of}')"), failed
     assert want in failed[0], failed
