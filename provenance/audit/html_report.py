@@ -25,6 +25,8 @@ text-align:left;vertical-align:top} th{background:#eef0f6} code{font:12px ui-mon
 .verdict{font-weight:600;padding:.5rem .8rem;border-radius:4px;display:inline-block;margin:.3rem 0}
 .ok{background:#dff3e3;color:#135c25} .bad{background:#fbe0e0;color:#7c1616} .none{background:#eee;color:#444}
 .plot svg{max-width:100%;height:auto} .muted{color:#666}
+#lineage-tree{font:13px system-ui,sans-serif} #lineage-tree .node{fill:#eef0f6;stroke:#8890a8}
+#lineage-tree .edge{stroke:#8890a8;stroke-width:2} #lineage-tree .small{font-size:11px;fill:#444}
 """
 SCRIPT = """
 (function(){var n=0;document.querySelectorAll('.plot svg').forEach(function(s){var b=s.getBoundingClientRect();
@@ -153,6 +155,36 @@ def _digests(record: dict) -> list:
     ]
 
 
+def _lineage(record: dict, outbound: str) -> str:
+    """A fine-tune's lineage as drawn boxes: this model above the parent it was trained on (docs/recipe.md,
+    "Fine-tuning"); "" for a model trained from scratch. The whole chain is `verify-attestation --chain`'s."""
+    parents = [i for i in record["inputs"] if "parent" in i]
+    if not parents:
+        return ""
+    nodes = [(record["recipe"]["name"], record["weights"]["tensors"]["digest"], outbound, "this model")]
+    nodes += [(i["parent"]["recipe_name"], i["parent"]["weights"], i["parent"]["output_license"],
+               f"its input {i['name']}: trained on " + ", ".join(f"{k} ({v} files)" for k, v in
+                                                                  sorted(i["parent"]["input_licenses"].items())))
+              for i in parents]
+    box, gap, width = 56, 28, 640
+    parts = []
+    for k, (name, weights, licence, note) in enumerate(nodes):
+        y = k * (box + gap)
+        parts.append(f'<rect x="1" y="{y + 1}" width="{width - 2}" height="{box}" rx="6" class="node"/>'
+                     f'<text x="12" y="{y + 22}"><tspan font-weight="bold">{_e(name)}</tspan> · licence '
+                     f'{_e(licence)}</text><text x="12" y="{y + 44}" class="small">'
+                     f'weights blake3:{_e(weights[:32])}… · {_e(note)}</text>')
+        if k:
+            parts.append(f'<line x1="40" y1="{y - gap + 1}" x2="40" y2="{y - 2}" class="edge"/>'
+                         f'<text x="52" y="{y - gap / 2 + 5}" class="small">fine-tuned from</text>')
+    height = len(nodes) * (box + gap) - gap + 2
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" id="lineage-tree" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="lineage">{"".join(parts)}</svg>')
+    return (f'<h2 id="lineage">Lineage</h2>\n<div class="plot">{svg}</div>\n<p class="muted">Each parent was '
+            "verified against its attestation before the build; <code>verify-attestation --chain</code> walks the "
+            "whole lineage to its root.</p>\n")
+
+
 def render(build_dir: Path, record: dict, audit: dict, transcript: list[dict], verification: dict | None) -> str:
     """The page's text. `verification`: {"ok", "verdict", "checks": [...], "keys": [...]} or None."""
     lic = audit.get("licence_compatibility") or {}
@@ -198,6 +230,7 @@ the model completes up to {_pct(s['extraction_rate'])} of sampled training windo
 {_table(["training files' licence", "files", "with " + str(lic.get('outbound', '')), "outbound licences it allows"],
         inbound) if inbound else ''}
 
+{_lineage(record, lic.get('outbound', ''))}
 <h2 id="training">Training</h2>
 <div class="plot" id="plot-loss">{plots['loss']}</div>
 {_table(["stage", "steps", "tokens", "loss", "time"], stage_rows)}

@@ -69,16 +69,38 @@ def cyclonedx(recipe, record: dict, audit: dict, licence: dict, model_files: dic
     inputs = [Component(type=ComponentType.DATA, name=i["artifact"], bom_ref=f"input:{i['name']}",
                         hashes=hashes(i), licenses=[LicenseExpression(i["license"])],
                         properties=props({"input": i["name"], "kind": i["kind"], "source": i["source"]}))
-              for i in record["inputs"]]
+              for i in record["inputs"] if "parent" not in i]
+    parents = [_cdx_parent(i, ref, hashes, props) for i in record["inputs"] if "parent" in i
+               for ref in (f"input:{i['name']}", f"ancestor:{i['name']}")]
+    if parents:  # a fine-tune: its parent model, a dependency and (a copy) the model's pedigree
+        from cyclonedx.model.component import Pedigree
+
+        model.pedigree = Pedigree(ancestors=parents[1::2])
     ts = datetime.strptime(record["finished"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
     serial = uuid.UUID(record["invocation_id"].removeprefix("urn:uuid:"))
     bom = Bom(serial_number=serial, metadata=BomMetaData(timestamp=ts, component=model))
     bom.components.add(dataset)
-    for c in inputs:
+    for c in [*inputs, *parents[0::2]]:
         bom.components.add(c)
-    bom.register_dependency(model, [dataset])
+    bom.register_dependency(model, [dataset, *parents[0::2]])
     bom.register_dependency(dataset, inputs)
     return JsonV1Dot6(bom).output_as_string(indent=1) + "\n"
+
+
+def _cdx_parent(i: dict, ref: str, hashes, props):
+    """A fine-tune's parent model as a CycloneDX component (docs/recipe.md, "Fine-tuning")."""
+    from cyclonedx.model.component import Component, ComponentType
+    from cyclonedx.model.license import LicenseExpression
+
+    p = i["parent"]
+    return Component(type=ComponentType.MACHINE_LEARNING_MODEL, name=p["recipe_name"] or i["name"], bom_ref=ref,
+                     version=f"blake3-tensors-v1:{p['weights']}",
+                     hashes=hashes({"sha256": p["files"].get("model.safetensors")}),
+                     licenses=[LicenseExpression(p["output_license"])],
+                     properties=props({"input": i["name"], "kind": "model", "attestation_sha256":
+                                       p["attestation"]["sha256"], "recipe_blake3": p["recipe"].get("blake3"),
+                                       "trained_on": ", ".join(f"{k} ({v} files)" for k, v in
+                                                               sorted(p["input_licenses"].items()))}))
 
 
 SOURCE_COMMENT = ("the complete corresponding source (recipe, inputs as pinned, the builder's code and lock, licence "
@@ -116,7 +138,8 @@ def spdx3(recipe, record: dict, audit: dict, licence: dict, model_files: dict) -
     inputs = w.inputs()
     selection = w.selection(inputs)
     model = w.model(selection, audit, licence, model_files)
-    w.build(selection, inputs, model)
+    parents = w.parents(model)
+    w.build(selection, [*inputs, *parents], model)
     w.source(model)
     objset = S.SHACLObjectSet()
     for o in (w.document(model), *w.objs):
@@ -191,6 +214,8 @@ class _Spdx3:
         """One dataset package per recipe input, pinned by its digests."""
         S, ci, base, out = self.S, self.ci, self.base, []
         for i in self.record["inputs"]:
+            if "parent" in i:  # a fine-tune's parent model: an AI package of its own (parents())
+                continue
             inp = next(x for x in self.r.inputs if x.name == i["name"])
             purl = f"pkg:pypi/{inp.package}@{inp.version}" if inp.kind == "pypi" else None
             where = purl if purl else (inp.url if inp.kind == "url" else None)
@@ -261,6 +286,27 @@ class _Spdx3:
         self.relate(model, S.RelationshipType.contains, files, "the files of the model directory")
         self.relate(model, S.RelationshipType.trainedOn, [selection])
         return model
+
+    def parents(self, model) -> list:
+        """A fine-tune's parent (docs/recipe.md, "Fine-tuning"): an AI package pinned by its weights, of which
+        the model is a `descendantOf`."""
+        S, out = self.S, []
+        for i in [x for x in self.record["inputs"] if "parent" in x]:
+            p = i["parent"]
+            pkg = self.add(self.make(S.ai_AIPackage,
+                _id=f"{self.base}#parent-{i['name']}", name=p["recipe_name"] or i["name"], creationInfo=self.ci,
+                software_packageVersion=f"blake3-tensors-v1:{p['weights']}",
+                software_primaryPurpose=S.software_SoftwarePurpose.model,
+                verifiedUsing=self.hashes({"sha256": p["files"].get("model.safetensors")}),
+                comment=f"recipe input {i['name']!r}: the parent model, verified against its attestation "
+                        f"(sha256:{p['attestation']['sha256']}; recipe blake3:{p['recipe'].get('blake3')}) before "
+                        "the build; trained on files licensed "
+                        + ", ".join(f"{k} ({v} files)" for k, v in sorted(p["input_licenses"].items()))))
+            self.licensed(pkg, p["output_license"], "not concluded: the licence the parent's recipe declares")
+            out.append(pkg)
+        if out:
+            self.relate(model, S.RelationshipType.descendantOf, out, "fine-tuned from the parent's weights")
+        return out
 
     def build(self, selection, inputs: list, model) -> None:
         """The build: its recipe's digest, its determinism settings and toolchain; inputs in, the model out."""

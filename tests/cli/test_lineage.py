@@ -312,3 +312,44 @@ def test_a_broken_link_fails_the_chain_naming_it(child, exported, keys, tmp_path
     of = "tiny-finetune-bfloat16" if link == 1 else "tiny-finetune"
     assert len(failed) == 1 and failed[0].startswith(f"link {link} (input 'parent' of '{of}')"), failed
     assert want in failed[0], failed
+
+
+def test_the_sboms_name_the_parent_model(child):
+    """CycloneDX: the parent a machine-learning-model component the model depends on, and its pedigree;
+    SPDX 3: an ai_AIPackage of which the model is a descendantOf. Both pass the validators the suite uses."""
+    import sys
+
+    from provenance.builder.sbom import validate
+
+    parent, d, _ = child
+    weights = f"blake3-tensors-v1:{build_json(parent)['weights']['tensors']['digest']}"
+    cdx_text = (d / "ft" / "sbom.cdx.json").read_text()
+    assert validate("cyclonedx", cdx_text) == []
+    cdx = json.loads(cdx_text)
+    comp = next(c for c in cdx["components"] if c["bom-ref"] == "input:parent")
+    assert comp["type"] == "machine-learning-model" and comp["version"] == weights and comp["name"] == "tiny"
+    assert {"ref": "model", "dependsOn": ["dataset", "input:parent"]} in cdx["dependencies"]
+    assert cdx["metadata"]["component"]["pedigree"]["ancestors"][0]["version"] == weights
+    spdx_text = (d / "ft" / "sbom.spdx3.json").read_text()
+    assert validate("spdx3", spdx_text) == []
+    graph = json.loads(spdx_text)["@graph"]
+    pkg = next(o for o in graph if o.get("spdxId", "").endswith("#parent-parent"))
+    assert pkg["type"] == "ai_AIPackage" and pkg["software_packageVersion"] == weights
+    assert any(o.get("relationshipType") == "descendantOf" and o["from"].endswith("#model")
+               and o["to"] == [pkg["spdxId"]] for o in graph)
+    p = subprocess.run([str(Path(sys.executable).parent / "sbomcheck"), "-s", "spdx3",
+                        str(d / "ft" / "sbom.spdx3.json")], capture_output=True, text=True)
+    assert p.returncode == 0 and "Conformant: True" in p.stdout, p.stdout + p.stderr
+
+
+def test_the_report_draws_the_lineage(child, tmp_path):
+    parent, d, _ = child
+    p = run_cli("report", str(d / "ft"), "--key", str(_pub()), "--out", str(tmp_path / "r.html"))
+    assert p.returncode == 0, p.stderr
+    page = (tmp_path / "r.html").read_text()
+    drawn = page[page.index('<h2 id="lineage">'):page.index('<h2 id="training">')]
+    assert "<svg" in drawn and "tiny-finetune" in drawn and "fine-tuned from" in drawn
+    assert f"weights blake3:{build_json(parent)['weights']['tensors']['digest'][:32]}" in drawn
+    assert "its input parent: trained on GPL-2.0-only (3 files)" in drawn
+    p = run_cli("report", str(parent), "--out", str(tmp_path / "p.html"))
+    assert p.returncode == 0 and 'id="lineage"' not in (tmp_path / "p.html").read_text()
