@@ -156,6 +156,22 @@ def statement(*, recipe: LoadedRecipe, record: JSONObject, manifest: JSONObject,
     }
     if fingerprint is not None:
         outputs["fingerprint"] = fingerprint
+    internal = {
+        "determinism": record["determinism"],
+        "machine": record.get("machine", {}),
+        "toolchain_mismatches": record["toolchain"]["mismatches"],
+        "distributed": record.get("distributed", {"world_size": 1, "backend": None}),
+        "training": {k: record["training"][k] for k in ("resumed_after_step", "stage_cache", "portable")
+                     if k in record["training"]},
+    }
+    return _provenance(recipe, model_files, record, internal=internal, deps=deps, outputs=outputs,
+                       byproducts=byproducts, invocation_id=invocation_id)
+
+
+def _provenance(recipe: LoadedRecipe | LoadedExport, model_files: dict[str, dict[str, str]], record: JSONObject, *,
+                internal: JSONObject, deps: list[JSONObject], outputs: JSONObject,
+                byproducts: dict[str, dict[str, str]], invocation_id: str) -> JSONObject:
+    """The Statement around a build's parts, checked with the reader's own model before it is signed."""
     st = {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": name, "digest": {"sha256": d["sha256"]}} for name, d in sorted(model_files.items())],
@@ -166,14 +182,7 @@ def statement(*, recipe: LoadedRecipe, record: JSONObject, manifest: JSONObject,
                 "externalParameters": {
                     "recipe": {"path": Path(recipe.path).name, "digest": dict(recipe.digests), "content": recipe.text},
                 },
-                "internalParameters": {
-                    "determinism": record["determinism"],
-                    "machine": record.get("machine", {}),
-                    "toolchain_mismatches": record["toolchain"]["mismatches"],
-                    "distributed": record.get("distributed", {"world_size": 1, "backend": None}),
-                    "training": {k: record["training"][k] for k in ("resumed_after_step", "stage_cache", "portable")
-                                 if k in record["training"]},
-                },
+                "internalParameters": internal,
                 "resolvedDependencies": deps,
             },
             "runDetails": {
@@ -194,7 +203,7 @@ def statement(*, recipe: LoadedRecipe, record: JSONObject, manifest: JSONObject,
 
 
 def export_statement(*, recipe: LoadedExport, record: JSONObject, model_files: dict[str, dict[str, str]],
-                     model_sizes: dict[str, int]) -> JSONObject:
+                     model_sizes: dict[str, int], byproducts: dict[str, dict[str, str]]) -> JSONObject:
     """The Statement of an export (builder/export.py): the same build type and fields as a training build's,
     its one dependency the parent model (with what the parent's attestation says), no dataset."""
     (rec,) = record["inputs"]
@@ -209,31 +218,6 @@ def export_statement(*, recipe: LoadedExport, record: JSONObject, model_files: d
         "output_license": recipe.recipe.output.license,
         "input_licenses": sorted(parent["input_licenses"]),
     }
-    st = {
-        "_type": STATEMENT_TYPE,
-        "subject": [{"name": name, "digest": {"sha256": d["sha256"]}} for name, d in sorted(model_files.items())],
-        "predicateType": PREDICATE_TYPE,
-        "predicate": {
-            "buildDefinition": {
-                "buildType": BUILD_TYPE,
-                "externalParameters": {
-                    "recipe": {"path": Path(recipe.path).name, "digest": dict(recipe.digests), "content": recipe.text},
-                },
-                "internalParameters": {"export": record["export"]},
-                "resolvedDependencies": [dep, *toolchain_dependencies(), source_revision()],
-            },
-            "runDetails": {
-                "builder": {"id": builder_id(), "version": {"provenance": __version__}},
-                "metadata": {"invocationId": record["invocation_id"], "startedOn": record["started"],
-                             "finishedOn": record["finished"]},
-                "byproducts": [],
-                "provenance_outputs": outputs,
-            },
-        },
-    }
-    from .model import parse_statement
-
-    _, problems = parse_statement(st)
-    if problems:
-        raise RuntimeError("the export statement this build would sign does not validate: " + "; ".join(problems))
-    return st
+    return _provenance(recipe, model_files, record, internal={"export": record["export"]},
+                       deps=[dep, *toolchain_dependencies(), source_revision()], outputs=outputs, byproducts=byproducts,
+                       invocation_id=record["invocation_id"])

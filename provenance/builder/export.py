@@ -93,9 +93,11 @@ def export(recipe: LoadedExport, *, out: Path, store: Store, handed: dict[str, P
             "toolchain": tc, "licence_compatibility": verdict, "started": started, "finished": _now(),
             "timings": {"export": round(time.perf_counter() - t0, 3)},
         }
+        byproducts = _sboms(staging, recipe, record)
         if signing is not None:
-            _sign(staging, recipe, record, signing, reporter)
-        atomic_write_bytes(staging / "build.json", (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+            _sign(staging, recipe, record, signing, reporter, byproducts)
+        else:
+            atomic_write_bytes(staging / "build.json", _json(record))
         _install(staging, out)
         return record
     finally:
@@ -156,13 +158,38 @@ def _licence(outbound: str, inbound: dict[str, int], store: Store, reporter: Rep
     return str(c["verdict"])
 
 
-def _sign(staging: Path, recipe: LoadedExport, record: dict, signing: Signing, reporter: Reporter) -> None:
+def _json(record: dict) -> bytes:
+    return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _sboms(staging: Path, recipe: LoadedExport, record: dict) -> dict[str, dict[str, str]]:
+    """The export's CycloneDX and SPDX 3 documents (builder/sbom.py), recorded in build.json; their digests."""
+    from .sbom import CYCLONEDX_FILE, SPDX3_FILE, export_cyclonedx, export_spdx3
+
+    files = record["weights"]["files"]
+    made = {CYCLONEDX_FILE: ("cyclonedx", "1.6", export_cyclonedx(recipe, record, files)),
+            SPDX3_FILE: ("spdx3", "3.0.1", export_spdx3(recipe, record, files))}
+    for name, (_, _, text) in made.items():
+        atomic_write_bytes(staging / name, text.encode())
+    record["sbom"] = {key: {"file": name, "specVersion": version, **hash_file(staging / name)}
+                      for name, (key, version, _) in made.items()}
+    return {name: hash_file(staging / name) for name in made}
+
+
+def _sign(staging: Path, recipe: LoadedExport, record: dict, signing: Signing, reporter: Reporter,
+          byproducts: dict[str, dict[str, str]]) -> None:
+    """The OMS signature, build.json, then the provenance, which signs them and the SBOMs as byproducts."""
     from ..attest.statement import export_statement
 
     files = record["weights"]["files"]
-    sizes = {name: (staging / "model" / name).stat().st_size for name in files}
-    write_signed(staging / "attestation.intoto.jsonl",
-                 export_statement(recipe=recipe, record=record, model_files=files, model_sizes=sizes), signing.signers)
     oms = write_oms(staging, files, signing, reporter)
     if oms is not None:
         record["oms"] = oms
+        if "file" in oms:
+            byproducts[oms["file"]] = {k: oms[k] for k in ("sha256", "blake3")}
+    atomic_write_bytes(staging / "build.json", _json(record))
+    byproducts["build.json"] = hash_file(staging / "build.json")
+    sizes = {name: (staging / "model" / name).stat().st_size for name in files}
+    write_signed(staging / "attestation.intoto.jsonl",
+                 export_statement(recipe=recipe, record=record, model_files=files, model_sizes=sizes,
+                                  byproducts=byproducts), signing.signers)

@@ -55,21 +55,23 @@ def _resolve(value: str, recipe_dir: Path) -> Path:
 def fetch_parent(inp: Input, store: Store, *, recipe_dir: Path, handed: Path | None = None) -> StoredInput:
     """Verify the parent named by `inp` and return it as a stored input whose `parent` says what it is.
     `handed` (--input NAME=DIR) stands for the model directory."""
-    assert inp.path is not None and inp.attestation is not None and inp.key is not None
+    assert inp.path is not None and inp.attestation is not None
     mdir = handed if handed is not None else _resolve(inp.path, recipe_dir)
-    att, key = _resolve(inp.attestation, recipe_dir), _resolve(inp.key, recipe_dir)
-    for what, p in (("path", mdir), ("attestation", att), ("key", key)):
+    named = {"path": mdir, **{f: _resolve(getattr(inp, f), recipe_dir) for f in ("attestation", "key", "trust_config")
+                              if getattr(inp, f) is not None}}
+    for what, p in named.items():
         if not (p.is_dir() if what == "path" else p.is_file()):
             raise FetchError(f"input {inp.name!r}: {what} {p} is not a {'directory' if what == 'path' else 'file'}")
+    att = named["attestation"]
     work = Path(tempfile.mkdtemp(dir=store.tmpdir(), prefix=f"parent-{inp.name}."))
     try:
-        copied = work / "attestation.intoto.jsonl"
+        copied = work / "attestation"
         shutil.copyfile(att, copied)
         digests = hash_file(copied)
         if digests["sha256"] != inp.attestation_sha256:
             raise DigestMismatch(f"input {inp.name!r} attestation ({att})", "sha256", inp.attestation_sha256,
                                  digests["sha256"])
-        statement = _verified(inp.name, copied, key, mdir)
+        statement = _verified(inp, copied, named, mdir)
         parent = _copy_used(inp, statement, mdir, work, digests)
         return StoredInput(inp, work, {"blake3": parent.weights}, "model", is_dir=True, parent=parent)
     except BaseException:
@@ -77,14 +79,20 @@ def fetch_parent(inp: Input, store: Store, *, recipe_dir: Path, handed: Path | N
         raise
 
 
-def _verified(name: str, attestation: Path, key: Path, mdir: Path) -> dict:
-    """The parent's signed statement, once the verifier has found the attestation and the model dir exact."""
-    from ..verify import Verifier, render
+def _verified(inp: Input, attestation: Path, named: dict[str, Path], mdir: Path) -> dict:
+    """The parent's signed statement, once the verifier has found the attestation and the model dir exact:
+    signed by the recipe's key, or (a Sigstore bundle) by the recipe's identity and issuer."""
+    from ..verify import SigstoreTrust, Verifier, render
 
-    result = Verifier.configure(keys=[key]).verify(attestation, model=mdir)
+    if "key" in named:
+        verifier, by = Verifier.configure(keys=[named["key"]]), f"key ({named['key']})"
+    else:
+        verifier = Verifier.configure(sigstore=SigstoreTrust(inp.identity, inp.issuer, named.get("trust_config")))
+        by = f"Sigstore identity ({inp.identity}, issuer {inp.issuer})"
+    result = verifier.verify(attestation, model=mdir)
     if not result.ok or result.parsed is None:
-        raise CheckFailed(f"input {name!r}: the parent model in {mdir} does not verify against its attestation "
-                          f"and key ({key}):\n{render(result)}")
+        raise CheckFailed(f"input {inp.name!r}: the parent model in {mdir} does not verify against its attestation "
+                          f"and {by}:\n{render(result)}")
     return result.statement
 
 

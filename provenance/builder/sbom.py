@@ -87,6 +87,42 @@ def cyclonedx(recipe, record: dict, audit: dict, licence: dict, model_files: dic
     return JsonV1Dot6(bom).output_as_string(indent=1) + "\n"
 
 
+def export_cyclonedx(recipe, record: dict, model_files: dict) -> str:
+    """An export's CycloneDX 1.6 document: the model (the transform as properties) depending on its parent,
+    which is also its pedigree."""
+    from cyclonedx.model import HashAlgorithm, HashType, Property
+    from cyclonedx.model.bom import Bom, BomMetaData
+    from cyclonedx.model.component import Component, ComponentType, Pedigree
+    from cyclonedx.model.license import LicenseExpression
+    from cyclonedx.output.json import JsonV1Dot6
+
+    r = recipe.recipe
+
+    def hashes(d: dict) -> list:
+        return [HashType(alg=alg, content=d[k]) for k, alg in (("sha256", HashAlgorithm.SHA_256),
+                                                               ("blake3", HashAlgorithm.BLAKE3)) if d.get(k)]
+
+    def props(pairs: dict) -> list:
+        return [Property(name=f"provenance:{k}", value=str(v)) for k, v in pairs.items() if v is not None]
+
+    (i,) = record["inputs"]
+    parent, ancestor = (_cdx_parent(i, ref, hashes, props) for ref in (f"input:{i['name']}", f"ancestor:{i['name']}"))
+    model = Component(
+        type=ComponentType.MACHINE_LEARNING_MODEL, name=r.recipe.name, bom_ref="model",
+        version=f"blake3-tensors-v1:{record['weights']['tensors']['digest']}", description=r.recipe.description,
+        hashes=hashes(model_files["model.safetensors"]), licenses=[LicenseExpression(r.output.license)],
+        pedigree=Pedigree(ancestors=[ancestor]),
+        properties=props({**record["export"], "recipe_blake3": record["recipe"]["blake3"],
+                          "licence_compatibility": record["licence_compatibility"]}))
+    ts = datetime.strptime(record["finished"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    bom = Bom(serial_number=uuid.UUID(record["invocation_id"].removeprefix("urn:uuid:")),
+              metadata=BomMetaData(timestamp=ts, component=model))
+    bom.components.add(parent)
+    bom.register_dependency(model, [parent])
+    bom.register_dependency(parent, [])
+    return JsonV1Dot6(bom).output_as_string(indent=1) + "\n"
+
+
 def _cdx_parent(i: dict, ref: str, hashes, props):
     """A fine-tune's parent model as a CycloneDX component (docs/recipe.md, "Fine-tuning")."""
     from cyclonedx.model.component import Component, ComponentType
@@ -130,7 +166,6 @@ def spdx3(recipe, record: dict, audit: dict, licence: dict, model_files: dict) -
     verdict, it does not conclude a licence. Ids are the build's invocation id, times are the
     build's, so the same build gives the same bytes.
     """
-    import io
 
     from spdx_python_model import v3_0_1 as S
 
@@ -141,12 +176,18 @@ def spdx3(recipe, record: dict, audit: dict, licence: dict, model_files: dict) -
     parents = w.parents(model)
     w.build(selection, [*inputs, *parents], model)
     w.source(model)
-    objset = S.SHACLObjectSet()
-    for o in (w.document(model), *w.objs):
-        objset.add(o)
-    f = io.BytesIO()
-    S.JSONLDSerializer().write(objset, f, indent=1)
-    return f.getvalue().decode()
+    return w.serialized(model)
+
+
+def export_spdx3(recipe, record: dict, model_files: dict) -> str:
+    """An export's SPDX 3.0.1 document: its `ai_AIPackage` (files, transform) a `descendantOf` the parent's,
+    and the `build_Build` that `hasInput` the parent and `hasOutput` it."""
+    from spdx_python_model import v3_0_1 as S
+
+    w = _Spdx3(S, recipe, record)
+    model = w.export_model(model_files)
+    w.export_build(w.parents(model), model)
+    return w.serialized(model)
 
 
 NO_ASSERTION = "https://spdx.org/rdf/3.0.1/terms/ExpandedLicensing/NoAssertionLicense"
@@ -279,13 +320,49 @@ class _Spdx3:
         self.licensed(model, r.output.license, f"not concluded: the recipe declares {r.output.license}; licence "
                                                f"compatibility with the training files' licences is "
                                                f"{licence.get('verdict')} according to {licence.get('source')}")
+        self.files(model, model_files)
+        self.relate(model, S.RelationshipType.trainedOn, [selection])
+        return model
+
+    def files(self, model, model_files: dict) -> None:
+        """One `software_File` per file of the model directory, which the model `contains`."""
+        S = self.S
         files = [self.add(self.make(S.software_File, _id=f"{self.base}#model-file-{i}", name=name,
                                     creationInfo=self.ci, verifiedUsing=self.hashes(d),
                                     software_primaryPurpose=_file_purpose(S, name)))
                  for i, (name, d) in enumerate(sorted(model_files.items()))]
         self.relate(model, S.RelationshipType.contains, files, "the files of the model directory")
-        self.relate(model, S.RelationshipType.trainedOn, [selection])
+
+    def export_model(self, model_files: dict):
+        """An export's AI package (builder/export.py): its weights' digests, the transform, its files."""
+        S, r, record = self.S, self.r, self.record
+        weights = record["weights"]["tensors"]
+        model = self.add(self.make(S.ai_AIPackage,
+            _id=f"{self.base}#model", name=r.recipe.name, creationInfo=self.ci, description=r.recipe.description,
+            software_packageVersion=f"{weights['algorithm']}:{weights['digest']}", builtTime=self.finished,
+            releaseTime=self.finished, suppliedBy=self.builder._id,
+            software_primaryPurpose=S.software_SoftwarePurpose.model,
+            verifiedUsing=self.hashes(model_files["model.safetensors"]),
+            ai_informationAboutTraining=f"not trained: an export ({record['export']['transform']}) of the weights "
+                                        f"blake3-tensors-v1:{record['export']['from_weights']}",
+            comment=f"licence compatibility: {r.output.license} declared; {record['licence_compatibility']} with the "
+                    "parent's training files' licences"))
+        self.licensed(model, r.output.license, f"not concluded: the recipe declares {r.output.license}")
+        self.files(model, model_files)
         return model
+
+    def export_build(self, parents: list, model) -> None:
+        """The export as a build: its recipe's digest, the transform and toolchain; the parent in, the model out."""
+        S, record = self.S, self.record
+        build = self.add(self.make(S.build_Build,
+            _id=f"{self.base}#build", creationInfo=self.ci, build_buildType=BUILD_TYPE,
+            build_buildId=record["invocation_id"], build_buildStartTime=self.started,
+            build_buildEndTime=self.finished, build_configSourceEntrypoint=[record["recipe"]["path"]],
+            build_configSourceDigest=self.hashes(record["recipe"]),
+            build_parameter=self.entries(record["export"]),
+            build_environment=self.entries(record["toolchain"]["installed"])))
+        self.relate(build, S.RelationshipType.hasInput, parents)
+        self.relate(build, S.RelationshipType.hasOutput, [model])
 
     def parents(self, model) -> list:
         """A fine-tune's parent (docs/recipe.md, "Fine-tuning"): an AI package pinned by its weights, of which
@@ -339,6 +416,17 @@ class _Spdx3:
                       "not concluded: the licences of the inputs and of the builder's code it carries")
         self.relate(pkg, S.RelationshipType.generates, [model], "`provenance rebuild --from-source` rebuilds the "
                                                                "model from this archive alone")
+
+    def serialized(self, model) -> str:
+        """The document around every element made, as JSON-LD text."""
+        import io
+
+        objset = self.S.SHACLObjectSet()
+        for o in (self.document(model), *self.objs):
+            objset.add(o)
+        f = io.BytesIO()
+        self.S.JSONLDSerializer().write(objset, f, indent=1)
+        return f.getvalue().decode()
 
     def document(self, model):
         """The SBOM (every element but the tool and the builder) and the document around it."""

@@ -66,25 +66,35 @@ class Input(Strict):
     attestation: str | None = None
     attestation_sha256: Hex64 | None = None
     key: str | None = None
+    # or, for a parent signed keyless: the Sigstore bundle as `attestation`, the certificate identity and
+    # OIDC issuer it must carry, and (for a Sigstore instance other than the public one) its trust config
+    identity: str | None = None
+    issuer: str | None = None
+    trust_config: str | None = None
 
     @model_validator(mode="after")
     def _kind_fields(self) -> Input:
         problems = []
         if self.sha256 is None and self.blake3 is None:
             problems.append("an input must be pinned: set sha256 and/or blake3")
+        keyless = self.kind == "model" and self.key is None and self.identity is not None
         wanted = {"pypi": ("package", "version"), "url": ("url",), "path": ("path",),
-                  "model": ("path", "blake3", "attestation", "attestation_sha256", "key")}[self.kind]
+                  "model": ("path", "blake3", "attestation", "attestation_sha256",
+                            *(("identity", "issuer", "trust_config") if keyless else ("key",)))}[self.kind]
         for field in wanted:
-            if getattr(self, field) is None:
-                problems.append(f"kind = {self.kind!r} needs '{field}'")
-        for field in ("package", "version", "url", "path", "attestation", "attestation_sha256", "key"):
+            if getattr(self, field) is None and (field != "trust_config" or not keyless):
+                problems.append(f"kind = {self.kind!r} needs '{field}'" + (
+                    " (or 'identity' and 'issuer' for a parent signed with Sigstore)" if field == "key" else ""))
+        for field in ("package", "version", "url", "path", "attestation", "attestation_sha256", "key", "identity",
+                      "issuer", "trust_config"):
             if field not in wanted and getattr(self, field) is not None:
-                problems.append(f"'{field}' does not apply to kind = {self.kind!r}")
+                problems.append(f"'{field}' does not apply to kind = {self.kind!r}" + (
+                    " with a 'key'" if self.kind == "model" else ""))
         if self.kind == "model":
             problems += [f"'{f}' does not apply to kind = 'model' (its pins are blake3, the weights digest, and "
                          "attestation_sha256)" for f in ("sha256", "filename", "extract")
                          if getattr(self, f) is not None]
-        for field in ("attestation", "key"):
+        for field in ("attestation", "key", "trust_config"):
             value = getattr(self, field)
             if value is not None and ("\x00" in value or not value.strip()):
                 problems.append(f"{field} must be a non-empty path without NUL, got {value!r}")

@@ -199,6 +199,15 @@ def test_an_export_is_the_parent_cast_and_rebuilds_bitwise(child, exported, stor
         want = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
         assert np.array_equal(ours[name], want), name
     assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+    from provenance.builder.sbom import validate
+
+    for fmt, name in (("cyclonedx", "sbom.cdx.json"), ("spdx3", "sbom.spdx3.json")):
+        assert validate(fmt, (out / name).read_text()) == [], name
+    cdx = json.loads((out / "sbom.cdx.json").read_text())
+    assert {"ref": "model", "dependsOn": ["input:parent"]} in cdx["dependencies"]
+    assert cdx["metadata"]["component"]["pedigree"]["ancestors"][0]["name"] == "tiny-finetune"
+    signed = {b["name"] for b in _statement(out)["predicate"]["runDetails"]["byproducts"]}
+    assert signed == {"build.json", "model.sig", "sbom.cdx.json", "sbom.spdx3.json"}
     assert build_json(out)["export"] == {"transform": "bfloat16",
                                          "from_weights": build_json(d / "ft")["weights"]["tensors"]["digest"]}
     ms = subprocess.run([str(model_signing), "verify", "key", str(out / "model"), "--signature", str(out / "model.sig"),

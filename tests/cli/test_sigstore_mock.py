@@ -186,3 +186,26 @@ def test_real_public_good_bundle_rejects_another_identity(real_bundle):
     code, obj = vjson(str(real_bundle / "bundle.sigstore.json"), "--identity", "https://github.com/evil/repo",
                       "--issuer", REAL_ISSUER, "--trusted-root", str(real_bundle / "trusted_root.json"))
     assert code == 1 and [c["check"] for c in obj["checks"] if not c["ok"]] == ["signature"]
+
+
+def test_mock_sigstore_parent_named_by_identity_is_verified_before_a_fine_tune(keyless_build, mock_sigstore, store,
+                                                                                tmp_path):
+    """A fine-tune whose parent was signed keyless: the recipe pins the bundle and names the identity and
+    issuer (and this mock's trust config); another identity is refused before any work (exit 1)."""
+    from .test_lineage import _recipe
+
+    bundle = keyless_build / "attestation.sigstore.json"
+    recipe = _recipe(keyless_build, tmp_path / "ft.toml", key=Path("unused.pub"))
+    envelope = keyless_build / "attestation.intoto.jsonl"
+    text = recipe.read_text().replace(str(envelope), str(bundle))
+    sha = {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in (envelope, bundle)}
+    text = text.replace(sha[envelope], sha[bundle])
+    signed_by = f'identity = "{IDENTITY}"\nissuer = "{ISSUER}"\ntrust_config = "{mock_sigstore}"'
+    recipe.write_text(text.replace('key = "unused.pub"', signed_by))
+    p = run_cli("build", str(recipe), "--out", str(tmp_path / "ft"), store=store)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "input parent: the model of 'tiny', verified against its attestation" in p.stderr
+    recipe.write_text(recipe.read_text().replace(IDENTITY, "https://evil.test/builder"))
+    p = run_cli("build", str(recipe), "--out", str(tmp_path / "other"), store=store)
+    assert p.returncode == 1 and "Sigstore identity (https://evil.test/builder" in p.stderr, p.stderr[-2000:]
+    assert "FAIL  signature" in p.stderr and not (tmp_path / "other").exists()
