@@ -39,6 +39,7 @@ class Parent:
     output_license: str
     input_licenses: dict[str, int]  # licence -> files the parent (and its own parents) trained on
     subjects: dict[str, str]  # every file of the parent's model dir -> its signed sha256
+    recipe_text: str = ""  # the parent's recipe as its attestation embeds it (its digest verified)
 
     def record(self) -> dict:
         """What build.json and the attestation record about the parent (docs/formats.md)."""
@@ -120,7 +121,7 @@ def _copy_used(inp: Input, statement: dict, mdir: Path, work: Path, att: dict[st
     recipe = pred["buildDefinition"]["externalParameters"]["recipe"]
     name = tomllib.loads(recipe["content"]).get("recipe", {}).get("name", "")  # its digest was verified
     return Parent(files, weights, att, dict(recipe["digest"]), str(name), outputs["output_license"],
-                  carried_licences(pred), subjects)
+                  carried_licences(pred), subjects, recipe["content"])
 
 
 def carried_licences(pred: dict) -> dict[str, int]:
@@ -175,3 +176,28 @@ def load_weights(model, parent: Parent) -> None:
     with torch.no_grad():
         for name, tensor in ours.items():
             tensor.copy_(torch.from_numpy(theirs[name].copy()).to(tensor.dtype))
+
+
+def parent_training(parent: Parent, store: Store, *, offline: bool, work: Path, tokenizer):
+    """The parent's own training files, as the parent's recipe selects and lays them out, encoded with
+    `tokenizer` (the fine-tune's, which is the parent's): (token sequences, "input:path" names), for the
+    child's memorization audit. A str saying why they cannot be had (the parent is an export, or names an
+    input by a path relative to its own recipe) instead."""
+    from ..inputs.dataset import layout_texts, select_dataset
+    from ..inputs.store import fetch_input
+    from ..recipe import parse_recipe
+    from .tokenizer import encode_all
+
+    where = Path(f"{parent.recipe_name or 'parent'}.toml")  # names only: the recipe is the verified text
+    try:
+        recipe = parse_recipe(where, parent.recipe_text)
+    except InputError as e:
+        return f"the parent's recipe is not a training recipe ({str(e).splitlines()[0]})"
+    own = [i for i in recipe.inputs if i.kind != "model"]
+    local = [i.name for i in own if i.kind == "path" and not Path(i.path or "").is_absolute()]
+    if local:
+        return f"the parent's input {local[0]!r} is a path relative to the parent's recipe file"
+    stored = [fetch_input(i, store, recipe_dir=Path("/nonexistent"), offline=offline, limits=recipe.limits)
+              for i in own]
+    files, _ = select_dataset(recipe.dataset, stored, work, where, recipe.limits)
+    return encode_all(tokenizer, layout_texts(files, recipe.layout)), [f"{f.input}:{f.path}" for f in files]

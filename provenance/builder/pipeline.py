@@ -244,6 +244,8 @@ class PreparedData:
     control_paths: list[str] | None = None  # the audit's control files (not trained on)
     control_seqs: list[list[int]] | None = None
     parent: object = None  # a fine-tune's verified parent (builder/parent.py's Parent)
+    # the parent's own training files for the audit: (seqs, paths), or why they could not be had
+    parent_training: object = None
 
 
 def prepare_data(recipe: LoadedRecipe, stored, work: Path, *, reporter: Reporter | None = None,
@@ -353,16 +355,34 @@ def judge_licences(r, inbound: dict[str, int], mode: str, reporter: Reporter, ca
     return finish
 
 
+def add_parent_training(data: PreparedData, store: Store, *, offline: bool, work: Path) -> None:
+    """For a fine-tune, the parent's own training files (builder/parent.py), which the audit measures too."""
+    if data.parent is not None:
+        from .parent import parent_training
+
+        data.parent_training = parent_training(data.parent, store, offline=offline, work=work,
+                                               tokenizer=data.tokenizer)
+
+
 def run_audit(model_dir: Path, data: PreparedData, r) -> dict:
-    """The memorization audit (provenance/audit/memorization.py) of the written model dir."""
-    from ..audit.memorization import audit, texts_of
+    """The memorization audit (provenance/audit/memorization.py) of the written model dir; for a fine-tune
+    also on its parent's training files (`parent_training`, with its rate in the summary)."""
+    from ..audit.memorization import audit, measure, texts_of
     from .fingerprint import load_model
 
     model = load_model(model_dir)
     end_header = data.tokenizer.token_to_id("<|end_header|>")
     train = texts_of(data.seqs, data.paths, end_header)
     control = texts_of(data.control_seqs or [], data.control_paths or [], end_header)
-    return audit(model, train, control, r.audit, data.special_ids["pad_token_id"], r.model.max_position_embeddings)
+    pad, positions = data.special_ids["pad_token_id"], r.model.max_position_embeddings
+    out = audit(model, train, control, r.audit, pad, positions)
+    got = data.parent_training
+    if isinstance(got, str):
+        out["parent_training"] = {"not_measured": got}
+    elif got is not None:
+        out["parent_training"] = measure(model, texts_of(got[0], got[1], end_header), r.audit, pad, positions)
+        out["summary"]["parent_extraction_rate"] = out["parent_training"]["extraction_rate"]
+    return out
 
 
 def current_dist(device: str):
@@ -616,6 +636,8 @@ def _prepare(b: BuildState) -> None:
     """The dataset, tokenizer and token sequences; the data checks; the licence verdict started."""
     r = b.recipe.recipe
     b.data = prepare_data(b.recipe, b.stored, b.staging / "work", reporter=b.reporter, timings=b.timings)
+    if b.dist.rank == 0:
+        add_parent_training(b.data, b.store, offline=b.opts.offline, work=b.staging / "work" / "parent")
     check_data(b.recipe, b.data.seqs, b.dist.world_size)
     b.licence_verdict = (judge_licences(r, inbound_licences(b.data.manifest["licenses"], b.data.parent),
                                         b.opts.licence_compatibility, b.reporter, b.store.root / "licences")

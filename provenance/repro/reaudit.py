@@ -4,6 +4,7 @@ the recipe its attestation embeds and the inputs its pins name, and compare it w
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from ..errors import CheckFailed
 from ..recipe import LoadedRecipe, load_recipe
 
 # The parts of audit.json a re-run must reproduce (the rest records when and where it ran).
-COMPARED = ("method", "training", "control", "control_spec", "summary")
+COMPARED = ("method", "training", "control", "control_spec", "summary", "parent_training")
 
 
 def rerun_audit(build_dir: Path, keys: list[str], *, store: str | None, offline: bool, threads: int | None,
@@ -21,7 +22,7 @@ def rerun_audit(build_dir: Path, keys: list[str], *, store: str | None, offline:
     model dir must be exactly the attested files (CheckFailed otherwise). `handed(recipe)`: the
     files handed over for the embedded recipe's inputs."""
     from ..builder import determinism
-    from ..builder.pipeline import fetch_all, prepare_data, run_audit
+    from ..builder.pipeline import add_parent_training, fetch_all, prepare_data, run_audit
     from ..inputs.store import Store
     from ..verify.model_dir import inspect, report_exact
     from ..verify.report import Checks
@@ -38,6 +39,10 @@ def rerun_audit(build_dir: Path, keys: list[str], *, store: str | None, offline:
         determinism.apply(recipe.recipe.determinism, threads=threads)
         stored = fetch_all(recipe, Store(store), offline=offline, handed=handed(recipe), reporter=reporter)
         data = prepare_data(recipe, stored, Path(tmp) / "work", reporter=reporter)
+        add_parent_training(data, Store(store), offline=offline, work=Path(tmp) / "parent")
         fresh = run_audit(build_dir / "model", data, recipe.recipe)
+        for s in stored:  # the verified copies of a parent's files (builder/parent.py)
+            if s.parent is not None:
+                shutil.rmtree(s.path, ignore_errors=True)
     signed = json.loads(ajson.read_text())
     return fresh, [k for k in COMPARED if signed.get(k) != fresh.get(k)]

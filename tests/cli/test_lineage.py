@@ -62,7 +62,7 @@ def child(tiny_build_copy, store, tmp_path_factory):
     return parent, d, p
 
 
-def test_the_fine_tune_starts_from_the_verified_parent(child):
+def test_the_fine_tune_starts_from_the_verified_parent(child, store):
     parent, d, p = child
     assert "input parent: the model of 'tiny', verified against its attestation" in p.stderr
     rec = build_json(d / "ft")
@@ -78,6 +78,14 @@ def test_the_fine_tune_starts_from_the_verified_parent(child):
     first, random_start = float.fromhex(ours[0]["loss"]), float.fromhex(theirs[0]["loss"])
     assert first < random_start - 0.3, (first, random_start)
     assert rec["weights"] != build_json(parent)["weights"]
+    # the audit measures the parent's own training files in the child too, and a re-run gives the same
+    audit = json.loads((d / "ft" / "audit.json").read_text())
+    assert audit["parent_training"]["files"] == 3 and audit["training"]["files"] == 2
+    assert audit["summary"]["parent_extraction_rate"] == audit["parent_training"]["extraction_rate"]
+    assert "the parent's 3 training files:" in p.stderr
+    again = run_cli("audit", str(d / "ft"), "--key", str(_pub()), store=store)
+    assert again.returncode == 0 and "the re-run audit equals the signed one" in again.stdout + again.stderr, \
+        again.stdout + again.stderr
 
 
 def test_the_child_provenance_cites_the_parent_and_carries_its_licences(child):
