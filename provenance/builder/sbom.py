@@ -293,17 +293,21 @@ class _Spdx3:
                     "the selection's files are members of these inputs")
         return selection
 
-    def model(self, selection, audit: dict, licence: dict, model_files: dict):
-        """The AI package: weights' digests, hyperparameters, the audit's rates; its files; trained on the selection."""
-        S, r, record, dm = self.S, self.r, self.record, self.record["dataset_manifest"]
-        s = audit["summary"]
-        weights = record["weights"]["tensors"]
-        model = self.add(self.make(S.ai_AIPackage,
+    def model_package(self, model_files: dict, **extra):
+        """The model's `ai_AIPackage`: its name, weights' digests and times, and `extra` properties."""
+        S, r, weights = self.S, self.r, self.record["weights"]["tensors"]
+        return self.add(self.make(S.ai_AIPackage,
             _id=f"{self.base}#model", name=r.recipe.name, creationInfo=self.ci, description=r.recipe.description,
             software_packageVersion=f"{weights['algorithm']}:{weights['digest']}", builtTime=self.finished,
             releaseTime=self.finished, suppliedBy=self.builder._id,
             software_primaryPurpose=S.software_SoftwarePurpose.model,
-            verifiedUsing=self.hashes(model_files["model.safetensors"]),
+            verifiedUsing=self.hashes(model_files["model.safetensors"]), **extra))
+
+    def model(self, selection, audit: dict, licence: dict, model_files: dict):
+        """The AI package: weights' digests, hyperparameters, the audit's rates; its files; trained on the selection."""
+        S, r, record, dm = self.S, self.r, self.record, self.record["dataset_manifest"]
+        s = audit["summary"]
+        model = self.model_package(model_files,
             ai_typeOfModel=[f"{r.model.architecture} (causal LM)"], ai_domain=["source code"],
             ai_hyperparameter=self.entries(_hyperparameters(r, record)),
             ai_informationAboutTraining=f"stages: {_stages_text(r)}; {record['training']['steps']} optimizer steps, "
@@ -316,7 +320,7 @@ class _Spdx3:
                           f"{_rate(s['extraction_rate'])} of sampled training windows (control files not trained on: "
                           f"{_rate(s['control_extraction_rate'])}); see audit.json",
             comment=f"licence compatibility ({licence.get('source')}): {r.output.license} declared over training "
-                    f"files licensed {', '.join(dm['licenses'])}: {licence.get('verdict')}"))
+                    f"files licensed {', '.join(dm['licenses'])}: {licence.get('verdict')}")
         self.licensed(model, r.output.license, f"not concluded: the recipe declares {r.output.license}; licence "
                                                f"compatibility with the training files' licences is "
                                                f"{licence.get('verdict')} according to {licence.get('source')}")
@@ -335,18 +339,12 @@ class _Spdx3:
 
     def export_model(self, model_files: dict):
         """An export's AI package (builder/export.py): its weights' digests, the transform, its files."""
-        S, r, record = self.S, self.r, self.record
-        weights = record["weights"]["tensors"]
-        model = self.add(self.make(S.ai_AIPackage,
-            _id=f"{self.base}#model", name=r.recipe.name, creationInfo=self.ci, description=r.recipe.description,
-            software_packageVersion=f"{weights['algorithm']}:{weights['digest']}", builtTime=self.finished,
-            releaseTime=self.finished, suppliedBy=self.builder._id,
-            software_primaryPurpose=S.software_SoftwarePurpose.model,
-            verifiedUsing=self.hashes(model_files["model.safetensors"]),
+        r, record = self.r, self.record
+        model = self.model_package(model_files,
             ai_informationAboutTraining=f"not trained: an export ({record['export']['transform']}) of the weights "
                                         f"blake3-tensors-v1:{record['export']['from_weights']}",
             comment=f"licence compatibility: {r.output.license} declared; {record['licence_compatibility']} with the "
-                    "parent's training files' licences"))
+                    "parent's training files' licences")
         self.licensed(model, r.output.license, f"not concluded: the recipe declares {r.output.license}")
         self.files(model, model_files)
         return model
