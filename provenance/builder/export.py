@@ -34,7 +34,7 @@ from ..attest.signing import Signing, write_oms, write_signed
 from ..inputs.store import Store
 from ..recipe import LoadedExport
 from .parent import fetch_parent
-from .pipeline import BUILD_FORMAT, _install, _now, check_out_dir, input_record
+from .pipeline import BUILD_FORMAT, _install, _now, _seal_model_dir, check_out_dir, input_record
 
 CARRIED_OVER = "README.md"  # the one parent file not carried: the card describes the export
 
@@ -73,8 +73,7 @@ def export(recipe: LoadedExport, *, out: Path, store: Store, handed: dict[str, P
     (inp,) = r.inputs
     stored = fetch_parent(inp, store, recipe_dir=recipe.path.parent, handed=(handed or {}).get(inp.name))
     parent = stored.parent
-    reporter.log(f"input {inp.name}: the model of {parent.recipe_name!r}, verified against its attestation "
-                 f"(sha256:{parent.attestation['sha256']}), weights blake3:{parent.weights}")
+    reporter.log(parent.verified_line(inp.name))
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
     try:
@@ -125,12 +124,7 @@ def _write_model(d: Path, recipe: LoadedExport, parent) -> dict[str, dict[str, s
             config["provenance_export"] = {"transform": "int8", "scheme": "per-row absmax, symmetric",
                                            "dequantize": "W = NAME (int8) * NAME.scale (float32, one per row)"}
         atomic_write_bytes(d / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    atomic_write_bytes(d / "README.md", card(recipe, parent).encode())
-    mask = os.umask(0)
-    os.umask(mask)
-    for name in os.listdir(d):
-        os.chmod(d / name, 0o644 & ~mask)
-    return {name: hash_file(d / name) for name in sorted(os.listdir(d))}
+    return _seal_model_dir(d, card(recipe, parent).encode())
 
 
 def card(recipe: LoadedExport, parent) -> str:
@@ -171,9 +165,10 @@ def _sboms(staging: Path, recipe: LoadedExport, record: dict) -> dict[str, dict[
             SPDX3_FILE: ("spdx3", "3.0.1", export_spdx3(recipe, record, files))}
     for name, (_, _, text) in made.items():
         atomic_write_bytes(staging / name, text.encode())
-    record["sbom"] = {key: {"file": name, "specVersion": version, **hash_file(staging / name)}
+    digests = {name: hash_file(staging / name) for name in made}
+    record["sbom"] = {key: {"file": name, "specVersion": version, **digests[name]}
                       for name, (key, version, _) in made.items()}
-    return {name: hash_file(staging / name) for name in made}
+    return digests
 
 
 def _sign(staging: Path, recipe: LoadedExport, record: dict, signing: Signing, reporter: Reporter,

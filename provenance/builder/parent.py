@@ -41,6 +41,11 @@ class Parent:
     subjects: dict[str, str]  # every file of the parent's model dir -> its signed sha256
     recipe_text: str = ""  # the parent's recipe as its attestation embeds it (its digest verified)
 
+    def verified_line(self, name: str) -> str:
+        """The build's log line for the verified parent behind input `name`."""
+        return (f"input {name}: the model of {self.recipe_name!r}, verified against its attestation "
+                f"(sha256:{self.attestation['sha256']}), weights blake3:{self.weights}")
+
     def record(self) -> dict:
         """What build.json and the attestation record about the parent (docs/formats.md)."""
         return {"weights": self.weights, "attestation": dict(self.attestation), "recipe": dict(self.recipe),

@@ -104,8 +104,7 @@ def fetch_all(recipe: LoadedRecipe, store: Store, *, offline: bool, handed: dict
             from .parent import fetch_parent
 
             s = fetch_parent(inp, store, recipe_dir=recipe.path.parent, handed=handed.get(inp.name))
-            reporter.log(f"input {inp.name}: the model of {s.parent.recipe_name!r}, verified against its attestation "
-                         f"(sha256:{s.parent.attestation['sha256']}), weights blake3:{s.parent.weights}")
+            reporter.log(s.parent.verified_line(inp.name))
             stored.append(s)
             continue
         with reporter.task(f"fetch {inp.name}", total=None) as advance:
