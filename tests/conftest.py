@@ -88,6 +88,35 @@ def tiny_build_copy(_tiny_pristine, tmp_path_factory):
     return copy
 
 
+@pytest.fixture(scope="session")
+def tiny_other_seed(store, signing_key, tmp_path_factory):
+    """(out dir, CompletedProcess) of the tiny recipe with seed 1235 instead of 1234, built once for the
+    session (default key): another build of the same shape, for the modules that need one to read."""
+    base = tmp_path_factory.mktemp("tiny-seed-1235")
+    recipe = base / "tiny-seed.toml"
+    recipe.write_text(TINY.read_text().replace("seed = 1234", "seed = 1235"))
+    p = run_cli("build", str(recipe), "--out", str(base / "b"), "--no-cache", store=store)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return base / "b", p
+
+
+@pytest.fixture(scope="session")
+def tiny_at_level(store, signing_key, tmp_path_factory):
+    """level -> out dir: the tiny recipe built (default key, --no-cache) at that ATen kernel level
+    (`--cpu-capability`), once per level for the session, for the modules that compare levels."""
+    built: dict[str, Path] = {}
+
+    def at(level: str) -> Path:
+        if level not in built:
+            out = tmp_path_factory.mktemp(f"tiny-{level}") / "b"
+            p = run_cli("build", str(TINY), "--out", str(out), "--no-cache", "--cpu-capability", level, store=store)
+            assert p.returncode == 0, (level, p.stderr[-3000:])
+            built[level] = out
+        return built[level]
+
+    return at
+
+
 DEFAULT_RECIPE_TESTS = "tests/cli/test_default_recipe.py"
 DEFAULT_RECIPE = RECIPES / "ptrace-0.9.9-debugger.toml"
 DEFAULT_REF = ROOT / "attestations" / f"{DEFAULT_RECIPE.stem}.intoto.jsonl"
@@ -188,6 +217,48 @@ def run_cli(*args: str, store: Path | None = None, env: dict | None = None, cwd:
         full_env["PROVENANCE_STORE"] = str(store)
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd or ROOT)
+
+
+def cli_here(*args: str) -> subprocess.CompletedProcess:
+    """`provenance ARGS` run by its entry point (provenance.cli.main) in this process, with its output
+    captured: the same code, parsing, checks, messages and exit code as run_cli(ARGS).
+
+    For the commands that load a model with torch (verify --reproduced or --inputs, compare): in a process
+    of its own each such call spends about 6 s of CPU importing torch and transformers before its first
+    check (docs/benchmarks.md, "The test suite's time"), and the test process has them loaded already. Only
+    for commands that leave the process as they found it: the one process-wide setting these change
+    (deterministic algorithms, and the SIGTERM handler every command installs) is put back; a command that
+    applies a recipe's determinism settings (threads, ATen level) runs in its own process (run_cli). The
+    process boundary (no traceback, exit codes, a verifier without torch) is tested through run_cli."""
+    import contextlib
+    import io
+    import signal
+
+    import torch
+
+    from provenance.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    deterministic, on_term = torch.are_deterministic_algorithms_enabled(), signal.getsignal(signal.SIGTERM)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        signal.signal(signal.SIGTERM, on_term)
+    return subprocess.CompletedProcess(["provenance", *args], code, out.getvalue(), err.getvalue())
+
+
+def sign_as_is(att: Path, key: Path) -> None:
+    """Sign an attestation's statement, its exact bytes, with `key` in place of the signatures it had:
+    another signer's receipt for the same build (a module's own key over the session's build)."""
+    import base64
+
+    from provenance.attest.sign import envelope_line, load_signer, sign_envelope
+
+    env = json.loads(att.read_text().splitlines()[0])
+    att.write_bytes(envelope_line(sign_envelope(base64.b64decode(env["payload"]), env["payloadType"],
+                                                [load_signer(key)])))
 
 
 def build_json(out: Path) -> dict:

@@ -12,7 +12,7 @@ import pytest
 
 from provenance.attest.model import parse_statement
 
-from ..conftest import ROOT, TINY, run_cli
+from ..conftest import ROOT, TINY, cli_here, run_cli, sign_as_is
 
 
 @pytest.fixture(scope="module")
@@ -25,23 +25,28 @@ def keys(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def signed(store, keys, tmp_path_factory):
-    """The tiny recipe built and signed twice: seed 1234 (the build under test) and 1235 (for replay)."""
+def signed(store, keys, tmp_path_factory, tiny_other_seed):
+    """The tiny recipe built and signed by two keys (the build under test, "main"), and another build
+    (seed 1235, the session's) whose statement the same signer signed too ("other", for replay)."""
     base = tmp_path_factory.mktemp("signed")
-    other_recipe = base / "tiny-other.toml"
-    other_recipe.write_text(TINY.read_text().replace("seed = 1234", "seed = 1235"))
-    outs = {}
-    for label, recipe, extra in (("main", TINY, ["--key", str(keys / "signer.key"), "--key", str(keys / "p256.key")]),
-                                 ("other", other_recipe, ["--key", str(keys / "signer.key")])):
-        out = base / label
-        p = run_cli("build", str(recipe), "--out", str(out), *extra, store=store)
-        assert p.returncode == 0, p.stderr
-        outs[label] = out
-    return outs
+    main = base / "main"
+    p = run_cli("build", str(TINY), "--out", str(main), "--key", str(keys / "signer.key"), "--key",
+                str(keys / "p256.key"), store=store)
+    assert p.returncode == 0, p.stderr
+    other = base / "other"
+    shutil.copytree(tiny_other_seed[0], other)
+    sign_as_is(other / "attestation.intoto.jsonl", keys / "signer.key")
+    return {"main": main, "other": other}
 
 
 def vjson(*args):
     p = run_cli("verify", *args, "--json")
+    return p.returncode, json.loads(p.stdout)
+
+
+def vjson_here(*args):
+    """vjson in this process (conftest.cli_here): for the checks that load the model."""
+    p = cli_here("verify", *args, "--json")
     return p.returncode, json.loads(p.stdout)
 
 
@@ -232,15 +237,15 @@ def test_one_ulp_is_not_verified_but_is_reproduced_within_tolerance(signed, keys
     args = [str(d / "attestation.intoto.jsonl"), "--key", str(keys / "signer.pub"), "--model", str(d / "model")]
     code, obj = vjson(*args)
     assert code == 1 and failing(obj) == ["model-files"] and obj["result"] == "FAILED", obj
-    code, obj = vjson(*args, "--reproduced", "--inputs", "--store", str(store))
+    code, obj = vjson_here(*args, "--reproduced", "--inputs", "--store", str(store))
     assert code == 0 and obj["verdict"] == "within tolerance" and obj["result"] == "reproduced (within tolerance)", obj
     detail = next(c["detail"] for c in obj["checks"] if c["check"] == "reproduced")
     assert "model.safetensors is not bitwise equal" in detail and "rel_l2~" in detail
     assert "drawn now" in next(c["detail"] for c in obj["checks"] if c["check"] == "recitation")
-    p = run_cli("verify", *args, "--reproduced", "--inputs", "--store", str(store))
+    p = cli_here("verify", *args, "--reproduced", "--inputs", "--store", str(store))
     assert p.returncode == 0 and p.stdout.strip().endswith("verdict: reproduced (within tolerance)")
     assert "verified" not in p.stdout.splitlines()[-1]
-    code, obj = vjson(*args, "--reproduced")
+    code, obj = vjson_here(*args, "--reproduced")
     assert code == 1 and obj["result"] == "not established" and "can be steered" in json.dumps(obj), obj
 
 

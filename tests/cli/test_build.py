@@ -62,11 +62,9 @@ def test_rebuild_thread_count_and_allocator_give_identical_bits(builds):
     assert build_json(builds["t2"][0])["determinism"]["threads"] == 2
 
 
-def test_other_seed_gives_other_weights(builds, store, tmp_path):
-    recipe = tmp_path / "tiny-seed.toml"
-    recipe.write_text(TINY.read_text().replace("seed = 1234", "seed = 1235"))
-    p = run_cli("build", str(recipe), "--out", str(tmp_path / "out"), store=store)
-    assert p.returncode == 0, p.stderr
+def test_other_seed_gives_other_weights(builds, tiny_other_seed):
+    _, p = tiny_other_seed
+    assert last_line(p.stdout).startswith("weights blake3:")
     assert last_line(p.stdout) != last_line(builds["t2"][1].stdout)
 
 
@@ -110,13 +108,6 @@ def test_pipeline_loads_and_generates(builds):
     gen = pipeline("text-generation", model=str(out / "model"))
     text = gen("struct etherinfo", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert text.startswith("struct etherinfo") and len(text) > len("struct etherinfo")
-
-
-def test_json_output_is_one_object(store, tmp_path):
-    p = run_cli("build", str(TINY), "--out", str(tmp_path / "o"), "--json", "--offline", store=store)
-    assert p.returncode == 0, p.stderr
-    obj = json.loads(p.stdout)
-    assert obj["ok"] is True and obj["weights"].startswith("blake3:")
 
 
 def _flip(hex_digest: str) -> str:
@@ -198,9 +189,10 @@ def test_a_written_path_with_a_control_character_is_refused(store, tmp_path):
     assert sorted(os.listdir(tmp_path)) == []
 
 
-def test_output_dir_holds_exactly_one_build(store, tmp_path):
+def test_output_dir_holds_exactly_one_build_and_json_is_one_object(store, tmp_path):
     """An earlier build's Sigstore bundle and VSA do not survive beside new weights; a directory
-    holding files this tool did not write is refused before any work; model files are 0644."""
+    holding files this tool did not write is refused before any work; model files are 0644. The build
+    (offline: the store holds the pins) prints one JSON object with --json."""
     import os
 
     out = tmp_path / "out"
@@ -208,8 +200,10 @@ def test_output_dir_holds_exactly_one_build(store, tmp_path):
     (out / "attestation.sigstore.json").write_text("{}")
     (out / "vsa.intoto.jsonl").write_text("{}")
     (out / "build.json").write_text("{}")
-    p = run_cli("build", str(TINY), "--out", str(out), store=store)
+    p = run_cli("build", str(TINY), "--out", str(out), "--json", "--offline", store=store)
     assert p.returncode == 0, p.stderr
+    obj = json.loads(p.stdout)
+    assert obj["ok"] is True and obj["weights"] == "blake3:" + build_json(out)["weights"]["tensors"]["digest"], obj
     assert not (out / "attestation.sigstore.json").exists() and not (out / "vsa.intoto.jsonl").exists()
     assert oct(os.stat(out / "model" / "model.safetensors").st_mode & 0o777) == "0o644"
     foreign = tmp_path / "foreign"
@@ -284,21 +278,23 @@ def test_recipe_that_does_not_fit_in_memory_is_refused_before_fetching(tmp_path)
 
 
 def _bitwise_across_threads(recipe, store, tmp_path) -> list[str]:
-    """Build `recipe` with threads 1, 2, 2 (no cache); assert equal weights and transcripts; the digests."""
+    """Build `recipe` with threads 1 and 2 (no cache); assert equal weights and transcripts; the digests.
+    (Two runs at one thread count agreeing is the weaker claim, and every module that builds the tiny
+    recipe again makes it; a third build here cost 6 s of the suite's budget for nothing new.)"""
     digests = []
-    for i, threads in enumerate(("1", "2", "2")):
+    for i, threads in enumerate(("1", "2")):
         p = run_cli("build", str(recipe), "--out", str(tmp_path / f"o{i}"), "--threads", threads, "--no-cache",
                     store=store)
         assert p.returncode == 0, p.stderr
         digests.append(last_line(p.stdout))
     assert len(set(digests)) == 1, digests
-    t = [(tmp_path / f"o{i}" / "transcript.jsonl").read_bytes() for i in range(3)]
-    assert t[0] == t[1] == t[2]
+    t = [(tmp_path / f"o{i}" / "transcript.jsonl").read_bytes() for i in range(2)]
+    assert t[0] == t[1]
     return digests
 
 
-def test_gradient_accumulation_is_bitwise_run_to_run_and_across_threads(builds, store, tmp_path):
-    """micro_batch_size 2 of batch_size 4: the same bits for threads 1 and 2 and on rebuild; the
+def test_gradient_accumulation_is_bitwise_across_threads(builds, store, tmp_path):
+    """micro_batch_size 2 of batch_size 4: the same bits for threads 1 and 2; the
     micro-batches are summed in a fixed order, which is not the order of one batch (docs/recipe.md)."""
     recipe = tmp_path / "acc.toml"
     recipe.write_text(TINY.read_text().replace("micro_batch_size = 1\n", "micro_batch_size = 2\n", 1))
@@ -307,7 +303,7 @@ def test_gradient_accumulation_is_bitwise_run_to_run_and_across_threads(builds, 
 
 def test_flash_attention_and_chunked_loss_are_bitwise_across_threads(store, tmp_path, tiny_build_copy):
     """LaaM's fast path (SDPA's flash kernel, the fused chunked loss, float32): the same bits for threads
-    1 and 2 and on rebuild, and not the bits of the full-logits path (the choice is the recipe's)."""
+    1 and 2, and not the bits of the full-logits path (the choice is the recipe's)."""
     recipe = tmp_path / "fast.toml"
     text = TINY.read_text().replace('seq_len = 64\n', 'seq_len = 64\ncross_entropy = "chunked"\ncross_entropy_chunk = '
                                                       '64\n', 1)

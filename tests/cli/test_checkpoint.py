@@ -1,11 +1,10 @@
-"""Checkpoints and resume: a build killed (SIGKILL) at several points, or interrupted (SIGINT,
+"""Checkpoints and resume: a build killed (SIGKILL) early or late, or interrupted (SIGINT,
 SIGTERM), resumes to the same weights and the same transcript, byte for byte, as a build that was
 never interrupted."""
 
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import subprocess
@@ -49,8 +48,10 @@ def _same_as_uninterrupted(out, whole):
     assert not (out / "checkpoint").exists() and not list(out.glob(".staging-*"))
 
 
-@pytest.mark.parametrize("kill_at", sorted(random.Random(20261123).sample(range(1, 12), 3)))
-def test_sigkill_then_resume_is_bitwise_equal(uninterrupted, store, tmp_path, kill_at):
+def test_sigkill_late_then_resume_is_bitwise_equal(uninterrupted, store, tmp_path):
+    """Killed late in the tiny recipe's 12 steps; the tests below kill it early (at steps 3, 4 and 5) and
+    hold those resumes to the same bits too, so every resume here starts from a whole checkpoint."""
+    kill_at = 10
     out = tmp_path / "b"
     proc = _start(out, store)
     reached = _wait_for_step(out, kill_at, proc)

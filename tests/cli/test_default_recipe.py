@@ -13,7 +13,7 @@ from provenance._internal.hashing import tensor_digest
 from ..conftest import DEFAULT_RECIPE as DEFAULT
 from ..conftest import DEFAULT_REF as REF
 from ..conftest import DEFAULT_REF_KEY as REF_KEY
-from ..conftest import RECIPES, build_json, run_cli
+from ..conftest import RECIPES, build_json, cli_here, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -93,15 +93,14 @@ def test_default_build_matches_the_committed_reference(default_build, default_st
         assert p.stdout.strip().endswith("verdict: verified")
     else:
         assert p.returncode == 1 and "model.safetensors" in p.stdout, (why, p.stdout)
-    p = run_cli("verify", str(REF), "--key", str(REF_KEY),
-                "--model", str(out / "model"), "--reproduced")
+    p = cli_here("verify", str(REF), "--key", str(REF_KEY), "--model", str(out / "model"), "--reproduced")
     if equal:
         assert p.returncode == 0 and p.stdout.strip().endswith("verdict: reproduced (bitwise)"), p.stdout + p.stderr
         return
     assert p.returncode == 1 and p.stdout.strip().endswith("verdict: not established"), (why, p.stdout + p.stderr)
     assert "within tolerance" in p.stdout and "can be steered" in p.stdout, p.stdout
-    p = run_cli("verify", str(REF), "--key", str(REF_KEY), "--model", str(out / "model"), "--reproduced",
-                "--inputs", "--store", str(default_store))
+    p = cli_here("verify", str(REF), "--key", str(REF_KEY), "--model", str(out / "model"), "--reproduced",
+                    "--inputs", "--store", str(default_store))
     assert p.returncode == 0 and p.stdout.strip().endswith("verdict: reproduced (within tolerance)"), (
         why, p.stdout + p.stderr)
 
@@ -202,12 +201,10 @@ def _attack(model_dir, out, kind: str):
 def _reproduced(model, *extra, store=None):
     import json
 
-    args = ["verify", str(REF),
-            "--key", str(REF_KEY),
-            "--model", str(model), "--reproduced", "--json", *extra]
+    args = [str(REF), "--key", str(REF_KEY), "--model", str(model), "--reproduced", "--json", *extra]
     if store is not None:
         args += ["--store", str(store)]
-    p = run_cli(*args)
+    p = cli_here("verify", *args)
     obj = json.loads(p.stdout)
     return p.returncode, obj, {c["check"]: c for c in obj["checks"]}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ..conftest import TINY, build_json, last_line, run_cli
+from ..conftest import TINY, build_json, cli_here, last_line, run_cli, sign_as_is
 
 NATIVE = torch.backends.cpu.get_cpu_capability().lower()
 # A level below the native one gives other bits: the local stand-in for "another GPU".
@@ -20,16 +20,21 @@ OTHER = "default" if NATIVE != "default" else None
 
 
 @pytest.fixture(scope="module")
-def builds(store, keys, tmp_path_factory):
+def builds(store, keys, tmp_path_factory, tiny_build_copy, tiny_at_level):
+    """The tiny recipe ("native": the session's plain build, its attestations signed again by this module's
+    key, as its builder would have), and built again with another learning rate, the all-reduce
+    reduction on two ranks and, where the CPU offers one, at a lower ATen level (the session's build)."""
     base = tmp_path_factory.mktemp("repro")
     lr_recipe = base / "tiny-lr.toml"
     lr_recipe.write_text(TINY.read_text().replace("lr = 1e-2", "lr = 5e-2"))
     all_reduce = base / "tiny-all-reduce.toml"
     all_reduce.write_text(TINY.read_text().replace('reduction = "canonical"', 'reduction = "all-reduce"'))
-    plan = {"native": (TINY, []), "lr": (lr_recipe, []), "all-reduce-2": (all_reduce, ["--world-size", "2"])}
+    plan = {"lr": (lr_recipe, []), "all-reduce-2": (all_reduce, ["--world-size", "2"])}
+    outs = {"native": tiny_build_copy("repro-native")}
     if OTHER:
-        plan["other-cpu"] = (TINY, ["--cpu-capability", OTHER])
-    outs = {}
+        outs["other-cpu"] = (tiny_at_level(OTHER), None)
+    for att in ("attestation.intoto.jsonl", "audit.intoto.jsonl"):
+        sign_as_is(outs["native"][0] / att, keys / "k.key")
     for label, (recipe, extra) in plan.items():
         out = base / label
         p = run_cli("build", str(recipe), "--out", str(out), "--key", str(keys / "k.key"), "--no-cache", *extra,
@@ -40,7 +45,7 @@ def builds(store, keys, tmp_path_factory):
 
 
 def compare(a, b):
-    p = run_cli("compare", str(a), str(b), "--json")
+    p = cli_here("compare", str(a), str(b), "--json")
     return p.returncode, json.loads(p.stdout)
 
 
@@ -67,8 +72,8 @@ def test_fingerprint_judges_other_hardware_without_the_reference_weights(builds,
     (a, _), (b, _) = builds["native"], builds["other-cpu"]
     lone = tmp_path / "candidate-model"
     shutil.copytree(b / "model", lone)  # only the candidate's files: no reference weights anywhere near
-    p = run_cli("verify", str(a / "attestation.intoto.jsonl"), "--key", str(keys / "k.pub"), "--model", str(lone),
-                "--reproduced", "--inputs", "--store", str(store), "--json")
+    p = cli_here("verify", str(a / "attestation.intoto.jsonl"), "--key", str(keys / "k.pub"), "--model", str(lone),
+                    "--reproduced", "--inputs", "--store", str(store), "--json")
     res = json.loads(p.stdout)
     assert p.returncode == 0 and res["verdict"] == "within tolerance", res
     assert res["result"] == "reproduced (within tolerance)"
@@ -80,8 +85,8 @@ def test_other_learning_rate_diverges(builds, keys):
     (a, _), (b, _) = builds["native"], builds["lr"]
     code, res = compare(a, b)
     assert code == 1 and res["verdict"] == "diverged" and res["reasons"]
-    p = run_cli("verify", str(a / "attestation.intoto.jsonl"), "--key", str(keys / "k.pub"), "--model",
-                str(b / "model"), "--reproduced", "--json")
+    p = cli_here("verify", str(a / "attestation.intoto.jsonl"), "--key", str(keys / "k.pub"), "--model",
+                    str(b / "model"), "--reproduced", "--json")
     assert p.returncode == 1 and json.loads(p.stdout)["verdict"] == "diverged"
     assert json.loads(p.stdout)["result"] == "diverged"
     code, d = diverge(a, b)
