@@ -1424,6 +1424,9 @@ def cmd_gate(args) -> int:
         rr = Checks()
         recipe_file_check(rr, st, recipe_path)
         cases.append(("recipe matches the reference", rr.ok, rr.checks[0].detail))
+        if not rr.ok:  # a build of another recipe cannot reproduce the reference: minutes saved, not spent
+            cases.append(("rebuild", False, "not started: the recipe differs from the one the reference attests"))
+            return _gate_verdict(args, cases, "FAILED", None, t0)
         out = Path(args.out) if args.out else Path("build") / "gate" / name
         record, report, _, match, why = _judged_build(args, recipe, out, payload, st,
                                                       bitwise=True if args.bitwise else None)
@@ -1438,15 +1441,24 @@ def cmd_gate(args) -> int:
         if args.junit:
             junit(Path(args.junit), "provenance-gate", cases, time.perf_counter() - t0)
         raise
+    return _gate_verdict(args, cases, report.result, report.verdict, t0)
+
+
+def _gate_verdict(args, cases: list[tuple[str, bool, str]], result: str, verdict: str | None, t0: float) -> int:
+    """The gate's JUnit file and its answer (one JSON object, or a line a case and the verdict)."""
+    import time
+
+    from .repro.rebuild import junit
+
     ok = all(c[1] for c in cases)
     if args.junit:
         junit(Path(args.junit), "provenance-gate", cases, time.perf_counter() - t0)
     if args.json:
-        _emit_json({"ok": ok, "question": "reproduced", "result": report.result, "verdict": report.verdict,
+        _emit_json({"ok": ok, "question": "reproduced", "result": result, "verdict": verdict,
                     "checks": [{"check": n, "ok": o, "detail": d} for n, o, d in cases]})
     else:
         for n, o, d in cases:
             print(f"{'PASS' if o else 'FAIL'}  {n}: {d}")
         print("question: is the rebuild a reproduction of the committed reference? (reproduced)")
-        print(f"gate: {'PASSED' if ok else 'FAILED'}: {report.result}")
+        print(f"gate: {'PASSED' if ok else 'FAILED'}: {result}")
     return 0 if ok else 1

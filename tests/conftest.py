@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,19 +30,74 @@ BUILDING_FIXTURES = {"store", "default_rebuild"}
 TRAINING_MODULES = {"test_train.py"}
 
 
+# The modules that take longest (docs/benchmarks.md, "The test suite's time"), collected first:
+# pytest-xdist's `--dist loadfile` hands the files to the workers in collection order, so a long file
+# collected last would keep one worker busy while the other core idles at the end.
+LONGEST_FIRST = ("test_checkpoint.py", "test_reproducibility.py", "test_build.py", "test_attest.py",
+                 "test_portable.py", "test_topology.py", "test_replay.py", "test_stage_cache.py")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if BUILDING_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in TRAINING_MODULES:
             item.add_marker(pytest.mark.builds)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: otherwise as collected
+
+
+# What a session makes once is shared by pytest-xdist's workers (`make test` runs two): each worker's
+# session fixtures would otherwise make their own (a tiny build is about 7 s of CPU, most of it importing
+# torch and transformers). The first worker to ask makes it under a lock, in the directory that holds
+# the workers' own temporary directories; the others wait for it and reuse it.
+def _shared(tmp_path_factory, name: str) -> Path:
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / f"shared-{name}"
+
+
+@contextlib.contextmanager
+def _made_once(tmp_path_factory, name: str):
+    """Yields (dir, made): `made` is False for the first caller of the session, who must fill `dir`
+    (and then touch `dir/.made`); True for every later caller, who finds it made."""
+    import fcntl
+
+    d = _shared(tmp_path_factory, name)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    with open(d.parent / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        made = (d / ".made").exists()
+        if not made:
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir()
+        yield d, made
+        (d / ".made").touch()
+
+
+def _shared_build(tmp_path_factory, name: str, recipe: Path, *args: str, store: Path,
+                  recipe_text: str | None = None) -> tuple[Path, subprocess.CompletedProcess]:
+    """(out dir, CompletedProcess) of `provenance build RECIPE --out DIR ARGS`, run once for the session
+    (RECIPE written from `recipe_text` when given); a failed build fails every test that asks."""
+    with _made_once(tmp_path_factory, name) as (d, made):
+        if not made:
+            if recipe_text is not None:
+                (d / recipe.name).write_text(recipe_text)
+                recipe = d / recipe.name
+            p = run_cli("build", str(recipe), "--out", str(d / "b"), *args, store=store)
+            (d / "result.json").write_text(json.dumps([p.args, p.returncode, p.stdout, p.stderr]))
+        p = subprocess.CompletedProcess(*json.loads((d / "result.json").read_text()))
+    assert p.returncode == 0, (name, p.stderr[-3000:])
+    return d / "b", p
 
 
 @pytest.fixture(scope="session", autouse=True)
 def signing_key(tmp_path_factory) -> Path:
     """Builds without --key sign with $PROVENANCE_KEY: a temporary ECDSA P-256 key (keygen's default),
-    made here before any build, so builds running side by side never both make it."""
-    key = tmp_path_factory.mktemp("default-key") / "provenance.key"
-    p = run_cli("keygen", str(key.parent), "--name", key.stem)
-    assert p.returncode == 0, p.stderr
+    made here before any build, so builds running side by side never both make it; one for the session
+    (the workers share it, as they share the builds it signs)."""
+    with _made_once(tmp_path_factory, "default-key") as (d, made):
+        key = d / "provenance.key"
+        if not made:
+            p = run_cli("keygen", str(d), "--name", key.stem)
+            assert p.returncode == 0, p.stderr
     os.environ["PROVENANCE_KEY"] = str(key)
     return key
 
@@ -57,27 +114,27 @@ def keys(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def store(tmp_path_factory) -> Path:
-    """One store for the whole session: the pinned sdist is downloaded into it once."""
+    """One store for the whole session, the workers' too: the pinned sdist is downloaded into it once
+    (a store takes concurrent writers: every entry is written to a temporary name and renamed)."""
     env_store = os.environ.get("PROVENANCE_TEST_STORE")
-    return Path(env_store) if env_store else tmp_path_factory.mktemp("store")
+    if env_store:
+        return Path(env_store)
+    with _made_once(tmp_path_factory, "store") as (d, _):
+        (d / "store").mkdir(exist_ok=True)
+        return d / "store"
 
 
 @pytest.fixture(scope="session")
 def _tiny_pristine(store, signing_key, tmp_path_factory):
     """The tiny recipe built once for the session (default key, --no-cache: a full build, whatever
     the store's stage cache holds). Modules get copies from `tiny_build_copy`, never this dir."""
-    out = tmp_path_factory.mktemp("tiny-pristine") / "b"
-    p = run_cli("build", str(TINY), "--out", str(out), "--no-cache", store=store)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return out, p
+    return _shared_build(tmp_path_factory, "tiny-pristine", TINY, "--no-cache", store=store)
 
 
 @pytest.fixture(scope="session")
 def tiny_build_copy(_tiny_pristine, tmp_path_factory):
     """copy(name) -> (out dir, the build's CompletedProcess): a fresh copy of the session's one
     plain tiny build, for a module to read or damage without building the recipe again."""
-    import shutil
-
     src, p = _tiny_pristine
 
     def copy(name: str):
@@ -92,27 +149,17 @@ def tiny_build_copy(_tiny_pristine, tmp_path_factory):
 def tiny_other_seed(store, signing_key, tmp_path_factory):
     """(out dir, CompletedProcess) of the tiny recipe with seed 1235 instead of 1234, built once for the
     session (default key): another build of the same shape, for the modules that need one to read."""
-    base = tmp_path_factory.mktemp("tiny-seed-1235")
-    recipe = base / "tiny-seed.toml"
-    recipe.write_text(TINY.read_text().replace("seed = 1234", "seed = 1235"))
-    p = run_cli("build", str(recipe), "--out", str(base / "b"), "--no-cache", store=store)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return base / "b", p
+    return _shared_build(tmp_path_factory, "tiny-seed-1235", Path("tiny-seed.toml"), "--no-cache", store=store,
+                         recipe_text=TINY.read_text().replace("seed = 1234", "seed = 1235"))
 
 
 @pytest.fixture(scope="session")
 def tiny_at_level(store, signing_key, tmp_path_factory):
     """level -> out dir: the tiny recipe built (default key, --no-cache) at that ATen kernel level
     (`--cpu-capability`), once per level for the session, for the modules that compare levels."""
-    built: dict[str, Path] = {}
-
     def at(level: str) -> Path:
-        if level not in built:
-            out = tmp_path_factory.mktemp(f"tiny-{level}") / "b"
-            p = run_cli("build", str(TINY), "--out", str(out), "--no-cache", "--cpu-capability", level, store=store)
-            assert p.returncode == 0, (level, p.stderr[-3000:])
-            built[level] = out
-        return built[level]
+        return _shared_build(tmp_path_factory, f"tiny-{level}", TINY, "--no-cache", "--cpu-capability", level,
+                             store=store)[0]
 
     return at
 
@@ -127,6 +174,9 @@ DEFAULT_REF_KEY = ROOT / "attestations" / "keys" / f"{DEFAULT_RECIPE.stem}.pub"
 # the session: pytest itself, or pytest-xdist's controller when `make test` spreads the tests over
 # two workers (-n 2). The workers find it through `config.workerinput`.
 _REBUILD_KEY = "provenance_default_rebuild"
+# MKL and oneDNN report every call on stdout in these modes; the other two ask for branches the recipe's
+# pins (cpu_capability = "avx2": ATen's AVX2 kernels, MKL's strict AVX2 branch) must override.
+REBUILD_WATCH = {"MKL_VERBOSE": "1", "ONEDNN_VERBOSE": "1", "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AVX512"}
 _REBUILD_PROC = pytest.StashKey[subprocess.Popen]()
 _REBUILD_WRAPPER = ("import os, subprocess, sys\n"
                     "rc = subprocess.call(sys.argv[2:])\n"
@@ -141,14 +191,17 @@ def _start_default_rebuild(config, nodeids) -> None:
     tests: the recipe is thread-invariant (its vocabulary is padded to a multiple of 64,
     docs/reproducibility.md, "The thread count"), which the bitwise check on the reference's stack
     then tests too. It writes its exit code to `rc` when it ends; it signs its VSA with a key of its
-    own."""
+    own. The recipe's fixed-order kernels are watched with MKL's and oneDNN's own verbose modes, in an
+    environment that asks for other ATen and MKL branches than the recipe pins (REBUILD_WATCH; the
+    pins must win): tests/cli/test_default_recipe.py holds the rebuild to no call of either library."""
     if _REBUILD_PROC in config.stash or not any(n.startswith(DEFAULT_RECIPE_TESTS) for n in nodeids):
         return
     base = _rebuild_dir(config)
     base.mkdir()
     p = run_cli("keygen", str(base / "key"), "--name", "vsa")
     assert p.returncode == 0, p.stderr
-    env = {**os.environ, "PROVENANCE_STORE": str(base / "store"), "PROVENANCE_KEY": str(base / "key" / "vsa.key")}
+    env = {**os.environ, "PROVENANCE_STORE": str(base / "store"), "PROVENANCE_KEY": str(base / "key" / "vsa.key"),
+           **REBUILD_WATCH}
     cmd = [sys.executable, "-m", "provenance", "rebuild", str(DEFAULT_REF), "--attestation-key", str(DEFAULT_REF_KEY),
            "--out", str(base / "rebuild"), "--threads", "1", "--json"]
     with open(base / "stdout", "w") as so, open(base / "stderr", "w") as se:

@@ -151,6 +151,26 @@ def forward_or_sdpa(applies, attention, module, query, key, value, attention_mas
                                   is_causal=is_causal, **kwargs)
 
 
+def attention_implementation(module_name: str):
+    """(forward, register) for the kernel module `module_name` (its NAME, `applies` and `attention`, looked
+    up when called, as the module's own functions would): `forward` is transformers' attention-function
+    interface (forward_or_sdpa); `register()` makes NAME an attention implementation transformers knows,
+    once per process."""
+    import sys
+
+    def forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+                **kwargs):
+        kernel = sys.modules[module_name]
+        return forward_or_sdpa(kernel.applies, kernel.attention, module, query, key, value, attention_mask, dropout,
+                               scaling, is_causal, kwargs)
+
+    @functools.lru_cache(maxsize=1)
+    def register() -> None:
+        register_attention(sys.modules[module_name].NAME, forward)
+
+    return forward, register
+
+
 def register_attention(name: str, forward) -> None:
     """Make `name` an attention implementation transformers knows; its masks are SDPA's (None where a call
     is plainly causal, which is where our kernels apply)."""

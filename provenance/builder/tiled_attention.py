@@ -142,14 +142,6 @@ def applies(module, query, key, value, attention_mask, dropout: float, is_causal
                             head_dim_ok=head_dim_ok, max_seq=MAX_SEQ)
 
 
-def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                      is_causal=None, **kwargs):
-    """transformers' attention-function interface (what `sdpa_attention_forward` is for "sdpa")."""
-    return clib.forward_or_sdpa(applies, attention, module, query, key, value, attention_mask, dropout, scaling,
-                                is_causal, kwargs)
-
-
-@functools.lru_cache(maxsize=1)
-def register() -> None:
-    """Make this kernel an attention implementation transformers knows (builder/clib.py)."""
-    clib.register_attention(NAME, attention_forward)
+# transformers' attention-function interface (what `sdpa_attention_forward` is for "sdpa") and the call
+# that makes this kernel an implementation transformers knows, once per process (builder/clib.py).
+attention_forward, register = clib.attention_implementation(__name__)

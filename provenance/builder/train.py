@@ -306,9 +306,7 @@ def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkp
             resume = None
         while step < total:
             if cursor >= order.numel():
-                # Each epoch is one pass over one window grid; grids (phases) take turns.
-                x, y = grids[epoch % stage.phases]
-                order = torch.randperm(x.shape[0], generator=gen)
+                x, y, order = _epoch(grids, epoch, stage.phases, gen)
                 cursor, epoch = 0, epoch + 1
             idx = order[cursor:cursor + stage.batch_size]
             cursor += stage.batch_size
@@ -355,6 +353,15 @@ def _stages(model, net, recipe, seqs, pad_id, transcript, progress, dist, checkp
         results.extend(done)
     model.eval()
     return results
+
+
+def _epoch(grids, epoch: int, phases: int, gen):
+    """(x, y, order) of a new epoch: one pass over one window grid, in an order drawn from the stage's
+    generator; the grids (phases) take turns."""
+    import torch
+
+    x, y = grids[epoch % phases]
+    return x, y, torch.randperm(x.shape[0], generator=gen)
 
 
 def _stage_start(model, stage: Stage, si: int, seqs: list[list[int]], pad_id: int, seed: int):

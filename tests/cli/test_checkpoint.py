@@ -37,7 +37,7 @@ def _wait_for_step(out, step: int, proc, timeout=120) -> bool:
         files = list((out / "checkpoint").glob("step-*.safetensors")) if (out / "checkpoint").is_dir() else []
         if any(int(f.stem.split("-")[1]) >= step for f in files):
             return True
-        time.sleep(0.002)
+        time.sleep(0.01)
     return False
 
 
@@ -171,7 +171,7 @@ def test_interrupted_after_training_resumes_after_the_last_step(uninterrupted, u
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline and not any(out.glob(".staging-*/transcript.jsonl")):
-        time.sleep(0.002)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
@@ -236,7 +236,7 @@ def test_interrupted_after_training_loses_no_checkpoint(uninterrupted, store, tm
     proc = _start(out, store, ["--keep-checkpoints"])
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline and not any(out.glob(".staging-*/replay")):
-        time.sleep(0.002)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
