@@ -283,7 +283,6 @@ def cli_here(*args: str) -> subprocess.CompletedProcess:
     (deterministic algorithms, and the SIGTERM handler every command installs) is put back; a command that
     applies a recipe's determinism settings (threads, ATen level) runs in its own process (run_cli). The
     process boundary (no traceback, exit codes, a verifier without torch) is tested through run_cli."""
-    import contextlib
     import io
     import signal
 

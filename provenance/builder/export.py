@@ -33,7 +33,7 @@ from .._internal.progress import Reporter
 from ..attest.signing import Signing, write_oms, write_signed
 from ..inputs.store import Store
 from ..recipe import LoadedExport
-from .parent import fetch_parent
+from .parent import discard_copies, fetch_parent
 from .pipeline import BUILD_FORMAT, _install, _now, _seal_model_dir, check_out_dir, input_record
 
 CARRIED_OVER = "README.md"  # the one parent file not carried: the card describes the export
@@ -101,7 +101,7 @@ def export(recipe: LoadedExport, *, out: Path, store: Store, handed: dict[str, P
         return record
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(stored.path, ignore_errors=True)
+        discard_copies([stored])
 
 
 def _write_model(d: Path, recipe: LoadedExport, parent) -> dict[str, dict[str, str]]:

@@ -85,6 +85,14 @@ def fetch_parent(inp: Input, store: Store, *, recipe_dir: Path, handed: Path | N
         raise
 
 
+def discard_copies(stored) -> None:
+    """Remove the verified copies fetch_parent made of parents' files (in the store's tmp dir), once the
+    command that fetched them is done with them."""
+    for s in stored:
+        if s.parent is not None:
+            shutil.rmtree(s.path, ignore_errors=True)
+
+
 def _verified(inp: Input, attestation: Path, named: dict[str, Path], mdir: Path) -> dict:
     """The parent's signed statement, once the verifier has found the attestation and the model dir exact:
     signed by the recipe's key, or (a Sigstore bundle) by the recipe's identity and issuer."""

@@ -516,9 +516,9 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         raise
     finally:
         shutil.rmtree(b.staging, ignore_errors=True)
-        for s in b.stored:
-            if s.parent is not None:  # the verified copies of a parent's files (builder/parent.py)
-                shutil.rmtree(s.path, ignore_errors=True)
+        from .parent import discard_copies
+
+        discard_copies(b.stored)
 
 
 def _preflight(b: BuildState, rounding_log) -> None:

@@ -4,7 +4,6 @@ the recipe its attestation embeds and the inputs its pins name, and compare it w
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ def rerun_audit(build_dir: Path, keys: list[str], *, store: str | None, offline:
     model dir must be exactly the attested files (CheckFailed otherwise). `handed(recipe)`: the
     files handed over for the embedded recipe's inputs."""
     from ..builder import determinism
+    from ..builder.parent import discard_copies
     from ..builder.pipeline import add_parent_training, fetch_all, prepare_data, run_audit
     from ..inputs.store import Store
     from ..verify.model_dir import inspect, report_exact
@@ -38,11 +38,11 @@ def rerun_audit(build_dir: Path, keys: list[str], *, store: str | None, offline:
         recipe = load_recipe(embedded_recipe(st, Path(tmp) / "recipe"))
         determinism.apply(recipe.recipe.determinism, threads=threads)
         stored = fetch_all(recipe, Store(store), offline=offline, handed=handed(recipe), reporter=reporter)
-        data = prepare_data(recipe, stored, Path(tmp) / "work", reporter=reporter)
-        add_parent_training(data, Store(store), offline=offline, work=Path(tmp) / "parent")
-        fresh = run_audit(build_dir / "model", data, recipe.recipe)
-        for s in stored:  # the verified copies of a parent's files (builder/parent.py)
-            if s.parent is not None:
-                shutil.rmtree(s.path, ignore_errors=True)
+        try:
+            data = prepare_data(recipe, stored, Path(tmp) / "work", reporter=reporter)
+            add_parent_training(data, Store(store), offline=offline, work=Path(tmp) / "parent")
+            fresh = run_audit(build_dir / "model", data, recipe.recipe)
+        finally:
+            discard_copies(stored)
     signed = json.loads(ajson.read_text())
     return fresh, [k for k in COMPARED if signed.get(k) != fresh.get(k)]

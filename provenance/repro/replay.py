@@ -146,6 +146,7 @@ def replay(build_dir: Path, payload: dict, st, *, segments: int, seed: int, stor
     chosen = choose(points, segments, seed, available)
 
     work = Path(tempfile.mkdtemp(prefix="provenance-replay-"))
+    stored: list = []
     try:
         recipe = load_recipe(embedded_recipe(st, work / "recipe"))
         r = recipe.recipe
@@ -181,7 +182,10 @@ def replay(build_dir: Path, payload: dict, st, *, segments: int, seed: int, stor
     finally:
         import shutil
 
+        from ..builder.parent import discard_copies
+
         shutil.rmtree(work, ignore_errors=True)
+        discard_copies(stored)  # a fine-tune's verified parent files
 
 
 def _run_segment(seg, recipe, data, lines, raw_lines, rdir, every, work, same, bounds, build_dir) -> None:

@@ -115,7 +115,7 @@ def test_default_build_matches_the_committed_reference(default_build, default_st
     assert p.returncode == 1 and p.stdout.strip().endswith("verdict: not established"), (why, p.stdout + p.stderr)
     assert "within tolerance" in p.stdout and "can be steered" in p.stdout, p.stdout
     p = cli_here("verify", str(REF), "--key", str(REF_KEY), "--model", str(out / "model"), "--reproduced",
-                    "--inputs", "--store", str(default_store))
+                 "--inputs", "--store", str(default_store))
     assert p.returncode == 0 and p.stdout.strip().endswith("verdict: reproduced (within tolerance)"), (
         why, p.stdout + p.stderr)
 

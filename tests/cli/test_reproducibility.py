@@ -73,7 +73,7 @@ def test_fingerprint_judges_other_hardware_without_the_reference_weights(builds,
     lone = tmp_path / "candidate-model"
     shutil.copytree(b / "model", lone)  # only the candidate's files: no reference weights anywhere near
     p = cli_here("verify", str(a / "attestation.intoto.jsonl"), "--key", str(keys / "k.pub"), "--model", str(lone),
-                    "--reproduced", "--inputs", "--store", str(store), "--json")
+                 "--reproduced", "--inputs", "--store", str(store), "--json")
     res = json.loads(p.stdout)
     assert p.returncode == 0 and res["verdict"] == "within tolerance", res
     assert res["result"] == "reproduced (within tolerance)"
@@ -86,7 +86,7 @@ def test_other_learning_rate_diverges(builds, keys):
     code, res = compare(a, b)
     assert code == 1 and res["verdict"] == "diverged" and res["reasons"]
     p = cli_here("verify", str(a / "attestation.intoto.jsonl"), "--key", str(keys / "k.pub"), "--model",
-                    str(b / "model"), "--reproduced", "--json")
+                 str(b / "model"), "--reproduced", "--json")
     assert p.returncode == 1 and json.loads(p.stdout)["verdict"] == "diverged"
     assert json.loads(p.stdout)["result"] == "diverged"
     code, d = diverge(a, b)
