@@ -198,7 +198,7 @@ def _start_default_rebuild(config, nodeids) -> None:
         return
     base = _rebuild_dir(config)
     base.mkdir()
-    p = run_cli("keygen", str(base / "key"), "--name", "vsa")
+    p = run_cli("keygen", str(base / "key"), "--name", "vsa", fresh=True)  # no fork server in the leader
     assert p.returncode == 0, p.stderr
     env = {**os.environ, "PROVENANCE_STORE": str(base / "store"), "PROVENANCE_KEY": str(base / "key" / "vsa.key"),
            **REBUILD_WATCH}
@@ -264,12 +264,85 @@ def default_rebuild(request):
 
 
 def run_cli(*args: str, store: Path | None = None, env: dict | None = None, cwd: Path | None = None,
-            module: str = "provenance") -> subprocess.CompletedProcess:
+            module: str = "provenance", fresh: bool = False) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS`, its output captured. `provenance` commands are forked from this test
+    process's fork server (tests/forkserver.py: torch and transformers imported once, not per command)
+    when their environment allows it; `fresh=True` asks for a process started from nothing."""
     full_env = {**os.environ, **(env or {})}
     if store is not None:
         full_env["PROVENANCE_STORE"] = str(store)
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd or ROOT)
+    argv = [sys.executable, "-m", module, *args]
+    forkable = module == "provenance" and args and args[0] in FORK_SERVER.COMMANDS and not fresh
+    if forkable and FORK_SERVER.serves(full_env):
+        return FORK_SERVER.run(argv, full_env, cwd or ROOT)
+    return subprocess.run(argv, capture_output=True, text=True, env=full_env, cwd=cwd or ROOT)
+
+
+class _ForkServer:
+    """tests/forkserver.py for this test process (one per xdist worker), started on first use.
+
+    A command goes there only if its environment equals the server's except for variables torch,
+    transformers and numpy never read (PROVENANCE_*, and pytest's PYTEST_CURRENT_TEST): what the
+    server imported was set up under the same environment as a process of the command's own would be."""
+
+    FREE = ("PROVENANCE_", "PYTEST_CURRENT_TEST")
+    # The commands that import torch. A forked process that leaves still spends about 0.45 s in the
+    # interpreter's teardown of what the server imported, where a command that never imports torch
+    # starts and ends in a tenth of that: those run in processes of their own.
+    COMMANDS = {"build", "rebuild", "gate", "replay", "audit", "verify", "compare", "diverge"}
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}
+        self.dir: Path | None = None
+
+    def _fixed(self, env: dict) -> dict:
+        return {k: v for k, v in env.items() if not k.startswith(self.FREE)}
+
+    def serves(self, env: dict) -> bool:
+        if self.proc is None:
+            self._start()
+        return self._fixed(env) == self._fixed(self.env)
+
+    def _start(self) -> None:
+        import atexit
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="provenance-fork-"))
+        self.env = dict(os.environ)
+        with open(self.dir / "log", "w") as log:  # the server's own output; a command's goes to its files
+            self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py"), str(self.dir / "s")],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                         env=self.env, cwd=ROOT)
+        ready = self.proc.stdout.readline()
+        assert ready == "ready\n", f"the fork server did not start: {(self.dir / 'log').read_text()[-3000:]}"
+        atexit.register(self.stop)
+
+    def run(self, argv: list[str], env: dict, cwd) -> subprocess.CompletedProcess:
+        import socket
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=self.dir) as d:
+            out, err = Path(d) / "stdout", Path(d) / "stderr"
+            out.touch()
+            err.touch()
+            request = {"argv": argv, "env": env, "cwd": os.fspath(cwd), "stdout": str(out), "stderr": str(err)}
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(str(self.dir / "s"))
+                s.sendall(json.dumps(request).encode() + b"\n")
+                with s.makefile("r") as f:
+                    status = f.readline()
+            assert status, f"the fork server gave no exit status: {(self.dir / 'log').read_text()[-3000:]}"
+            return subprocess.CompletedProcess(argv, int(status), out.read_text(), err.read_text())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()  # the server leaves when its stdin closes
+            self.proc.wait(timeout=30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+FORK_SERVER = _ForkServer()
 
 
 def cli_here(*args: str) -> subprocess.CompletedProcess:

@@ -17,13 +17,15 @@ from ..conftest import RECIPES, TINY, build_json, last_line, run_cli
 def builds(store, tmp_path_factory, tiny_build_copy):
     """The tiny recipe three times: threads 2 (the session's plain build, --no-cache), threads 1, and
     threads 2 again with the C allocator and PyTorch's NaN fill of new tensors left at their defaults
-    (builder/allocator.py)."""
+    (builder/allocator.py), in a process started from nothing: the other two are forked from the tests'
+    fork server (tests/forkserver.py), whose builds this holds to the bits of a process of its own."""
     base = tmp_path_factory.mktemp("tiny")
     outs = {"t2": tiny_build_copy("tiny-t2")}
     for label, extra in (("t1", ["--threads", "1"]), ("t2-again", [])):
         out = base / label
         env = {"PROVENANCE_MALLOC_DEFAULTS": "1", "PROVENANCE_NAN_FILL": "1"} if label == "t2-again" else None
-        p = run_cli("build", str(TINY), "--out", str(out), "--no-cache", *extra, store=store, env=env)
+        p = run_cli("build", str(TINY), "--out", str(out), "--no-cache", *extra, store=store, env=env,
+                    fresh=label == "t2-again")
         assert p.returncode == 0, p.stderr
         outs[label] = (out, p)
     return outs
