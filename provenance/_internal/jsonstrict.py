@@ -20,11 +20,13 @@ MAX_DEPTH = 64
 
 
 def _pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):  # a name given twice: report the first one repeated
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"duplicate key {k!r}")
+            seen.add(k)
     return out
 
 
@@ -50,15 +52,18 @@ def _float(text: str) -> float:
 
 
 def _depth(obj: object, limit: int) -> None:
-    stack = [(obj, 1)]
-    while stack:
-        o, d = stack.pop()
-        if d > limit:
+    """Refuse a value nested deeper than `limit` (the top is level 1), a level at a time."""
+    level, depth = [obj], 1
+    while level:
+        if depth > limit:
             raise ValueError(f"nested deeper than {limit} levels")
-        if isinstance(o, dict):
-            stack.extend((v, d + 1) for v in o.values())
-        elif isinstance(o, list):
-            stack.extend((v, d + 1) for v in o)
+        inner: list[object] = []
+        for o in level:
+            if isinstance(o, dict):
+                inner.extend(o.values())
+            elif isinstance(o, list):
+                inner.extend(o)
+        level, depth = inner, depth + 1
 
 
 def loads(data: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
