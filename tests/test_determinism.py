@@ -157,3 +157,23 @@ def test_a_rebuild_on_another_vendor_or_other_pins_is_not_held_to_bitwise():
     assert stack_matches(old, rec) == (False, "the reference does not record its MKL and oneDNN pins; CPU vendor "
                                               "GenuineIntel vs reference None (not measured to give the same bits); "
                                               "mkl 2024.2 vs reference None; onednn v3.12.0 vs reference None")
+
+
+def test_cpu_levels_come_from_the_kernel_or_from_torchs_own_choice(monkeypatch):
+    """The levels a build may pin are ATen's rule over /proc/cpuinfo's flags; without /proc/cpuinfo, the level
+    torch picks for itself in a fresh process (its public get_cpu_capability) and those below: the same list."""
+    import builtins
+
+    from provenance.builder import determinism
+
+    from_proc = determinism.supported_cpu_levels()
+    assert from_proc[0] == "default" and set(from_proc) <= {"default", "avx2", "avx512"}
+    real_open = builtins.open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path) == "/proc/cpuinfo":
+            raise OSError("no /proc here")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    assert determinism.supported_cpu_levels() == from_proc

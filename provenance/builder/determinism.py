@@ -30,24 +30,34 @@ CAPABILITY_ORDER = ("DEFAULT", "AVX2", "AVX512")
 
 def supported_cpu_levels() -> list[str]:
     """ATen kernel levels this CPU can run. Asking torch for one it cannot run kills the process
-    with SIGILL, so every request is checked against this first."""
-    import torch
-
-    levels = ["default"]
+    with SIGILL, so every request is checked against this first. ATen's own rule, from the CPU's
+    features as the kernel enables them (/proc/cpuinfo); where there is no /proc/cpuinfo, the level
+    a fresh torch picks for itself, and those below it."""
     try:
-        avx2, avx512 = torch.cpu._is_avx2_supported(), torch.cpu._is_avx512_supported()
-    except AttributeError:  # older torch: read the kernel's view of the CPU
-        try:
-            flags = set(open("/proc/cpuinfo").read().split())
-        except OSError:
-            flags = set()
-        avx2 = {"avx2", "fma"} <= flags
-        avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
-    if avx2:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        best = _torchs_own_level()
+        return [level for level in ("default", "avx2", "avx512")
+                if CAPABILITY_ORDER.index(level.upper()) <= CAPABILITY_ORDER.index(best)]
+    levels = ["default"]
+    if {"avx2", "fma"} <= flags:
         levels.append("avx2")
-    if avx2 and avx512:
-        levels.append("avx512")
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+            levels.append("avx512")
     return levels
+
+
+def _torchs_own_level() -> str:
+    """The kernel level torch picks with no ATEN_CPU_CAPABILITY, asked in a process of its own (a process
+    that asks fixes its own level for good); DEFAULT when that fails."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    p = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    level = p.stdout.strip()
+    return level if p.returncode == 0 and level in CAPABILITY_ORDER else "DEFAULT"
 
 
 def pin_cpu_capability(requested: str) -> None:
