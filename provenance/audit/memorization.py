@@ -174,10 +174,20 @@ def summary_line(a: dict) -> str:
     ks = ", ".join(f"k={k}: {pct(v['rate'])}" for k, v in a["training"]["by_prefix"].items())
     ctrl = (f"control {pct(s['control_extraction_rate'])} over {a['control']['files']} untrained files"
             if a["control"] else "no control files named ([audit] control_include)")
-    parent = a.get("parent_training")
-    inherited = "" if parent is None else (
-        f"; the parent's {parent['files']} training files: {pct(parent['extraction_rate'])}"
-        if "not_measured" not in parent else f"; the parent's training files: not measured ({parent['not_measured']})")
     return (f"memorization audit: training windows extractable at {ks} ({a['method']['suffix_tokens']}-token "
             f"suffixes, highest {pct(s['extraction_rate'])}); {ctrl}; longest verbatim run from a header alone: "
-            f"{s['longest_verbatim_from_header']} tokens{inherited}")
+            f"{s['longest_verbatim_from_header']} tokens{_inherited(a.get('parent_training'), pct)}")
+
+
+def _inherited(parent: dict | None, pct) -> str:
+    """The summary's words on what a fine-tune's parent carries: its own training files and its lineage's."""
+    if parent is None:
+        return ""
+    if "not_measured" in parent:
+        return f"; the parent's training files: not measured ({parent['not_measured']})"
+    rate = pct(parent["extraction_rate"])
+    ancestors = [r["recipe"] for r in parent.get("recipes", []) if not r["parent"]]
+    if not ancestors:
+        return f"; the parent's {parent['files']} training files: {rate}"
+    own = "its own and " if any(r["parent"] for r in parent["recipes"]) else ""
+    return f"; the {parent['files']} training files the parent carries ({own}those of {', '.join(ancestors)}): {rate}"

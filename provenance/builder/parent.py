@@ -25,6 +25,21 @@ from ..recipe import Input, Model
 # What a fine-tune takes from its parent (the model card, generation config and tokenizer extras are
 # written afresh, as for any build).
 USED = ("model.safetensors", "tokenizer.json", "config.json")
+# The most recipes a lineage carries above a parent (verify-attestation --chain walks as many links).
+MAX_LINEAGE = 16
+
+
+@dataclass(frozen=True)
+class Ancestor:
+    """A recipe above a parent in its lineage (its parent's, and so on up), as the parent's signed
+    provenance carries it: the text, held to the digests recorded beside it."""
+
+    recipe_name: str
+    recipe: dict[str, str]  # its digests
+    content: str
+
+    def record(self) -> dict:
+        return {"recipe_name": self.recipe_name, "recipe": dict(self.recipe), "recipe_content": self.content}
 
 
 @dataclass(frozen=True)
@@ -40,6 +55,7 @@ class Parent:
     input_licenses: dict[str, int]  # licence -> files the parent (and its own parents) trained on
     subjects: dict[str, str]  # every file of the parent's model dir -> its signed sha256
     recipe_text: str = ""  # the parent's recipe as its attestation embeds it (its digest verified)
+    lineage: tuple[Ancestor, ...] = ()  # the recipes above it, its own parent's first
 
     def verified_line(self, name: str) -> str:
         """The build's log line for the verified parent behind input `name`."""
@@ -50,7 +66,8 @@ class Parent:
         """What build.json and the attestation record about the parent (docs/formats.md)."""
         return {"weights": self.weights, "attestation": dict(self.attestation), "recipe": dict(self.recipe),
                 "recipe_name": self.recipe_name, "output_license": self.output_license,
-                "input_licenses": dict(self.input_licenses), "files": dict(self.subjects)}
+                "input_licenses": dict(self.input_licenses), "files": dict(self.subjects),
+                "recipe_content": self.recipe_text, "lineage": [a.record() for a in self.lineage]}
 
 
 def _resolve(value: str, recipe_dir: Path) -> Path:
@@ -134,7 +151,34 @@ def _copy_used(inp: Input, statement: dict, mdir: Path, work: Path, att: dict[st
     recipe = pred["buildDefinition"]["externalParameters"]["recipe"]
     name = tomllib.loads(recipe["content"]).get("recipe", {}).get("name", "")  # its digest was verified
     return Parent(files, weights, att, dict(recipe["digest"]), str(name), outputs["output_license"],
-                  carried_licences(pred), subjects, recipe["content"])
+                  carried_licences(pred), subjects, recipe["content"], lineage_above(inp, pred))
+
+
+def lineage_above(inp: Input, pred: dict) -> tuple[Ancestor, ...]:
+    """The recipes above a parent, from what its signed provenance says of its own parent: that parent's
+    recipe and the lineage recorded with it. Empty for a parent trained from scratch, or recorded by a
+    version that kept no recipe text. Each text is held to its recorded digests (CheckFailed)."""
+    from .._internal.hashing import hash_bytes
+
+    for dep in pred["buildDefinition"]["resolvedDependencies"]:
+        above = (dep.get("annotations") or {}).get("parent")
+        if not isinstance(above, dict) or "recipe_content" not in above:
+            continue
+        chain = [above, *above.get("lineage", [])]
+        if len(chain) > MAX_LINEAGE:
+            raise InputError(f"input {inp.name!r}: the parent's lineage holds {len(chain)} recipes above it; at most "
+                             f"{MAX_LINEAGE} are followed")
+        out = []
+        for a in chain:
+            content, digests = a.get("recipe_content"), a.get("recipe")
+            got = hash_bytes(content.encode()) if isinstance(content, str) else {}
+            if not isinstance(digests, dict) or not digests or any(got.get(k) != v for k, v in digests.items()):
+                raise CheckFailed(f"input {inp.name!r}: the parent's attestation carries the recipe of "
+                                  f"{a.get('recipe_name')!r} with other digests than it records for it")
+            out.append(Ancestor(str(a.get("recipe_name", "")), {str(k): str(v) for k, v in digests.items()},
+                                str(content)))
+        return tuple(out)
+    return ()
 
 
 def carried_licences(pred: dict) -> dict[str, int]:
@@ -192,24 +236,58 @@ def load_weights(model, parent: Parent) -> None:
 
 
 def parent_training(parent: Parent, store: Store, *, offline: bool, work: Path, tokenizer):
-    """The parent's own training files, as the parent's recipe selects and lays them out, encoded with
-    `tokenizer` (the fine-tune's, which is the parent's): (token sequences, "input:path" names), for the
-    child's memorization audit. A str saying why they cannot be had (the parent is an export, or names an
-    input by a path relative to its own recipe) instead."""
+    """The training files the parent carries, for the child's memorization audit: the parent's own, as its
+    recipe selects and lays them out, and those of every recipe above it in its lineage (an export's recipe
+    trains on nothing and adds none), encoded with `tokenizer` (the fine-tune's, which is the parent's).
+    Returns (token sequences, names, the recipes measured (name, files, whether the parent's own), why
+    others could not be), a name "input:path" for the parent's own files and "recipe/input:path" for an
+    ancestor's; a str saying why no file can be had instead (the parent and its lineage train on nothing,
+    or name inputs by paths relative to their own recipe files)."""
+    recipes = [(parent.recipe_name, parent.recipe_text, "")]
+    recipes += [(a.recipe_name, a.content, f"{a.recipe_name}/") for a in parent.lineage]
+    seqs: list = []
+    names: list[str] = []
+    measured: list[dict] = []
+    gaps: list[str] = []
+    for i, (name, text, prefix) in enumerate(recipes):
+        got = _training_files(name, text, store, offline=offline, work=work / str(i), tokenizer=tokenizer)
+        whose = "the parent's" if i == 0 else f"{name!r}'s"
+        if isinstance(got, str):
+            gaps.append(f"{whose} {got}")
+            continue
+        if got is None:  # an export: its parent's files are what it carries
+            continue
+        seqs += got[0]
+        names += [prefix + n for n in got[1]]
+        measured.append({"recipe": name, "files": len(got[1]), "parent": i == 0})
+    if not measured:
+        return "; ".join(gaps) or ("the parent's recipe is not a training recipe, and its provenance carries no "
+                                  "recipe of a parent that is")
+    return seqs, names, measured, gaps
+
+
+def _training_files(name: str, text: str, store: Store, *, offline: bool, work: Path, tokenizer):
+    """(token sequences, "input:path" names) of one recipe's training files; None for an export's recipe
+    (it trains on nothing); a str saying why they cannot be had."""
     from ..inputs.dataset import layout_texts, select_dataset
     from ..inputs.store import fetch_input
     from ..recipe import parse_recipe
     from .tokenizer import encode_all
 
-    where = Path(f"{parent.recipe_name or 'parent'}.toml")  # names only: the recipe is the verified text
+    where = Path(f"{name or 'parent'}.toml")  # names only: the recipe is the verified text
     try:
-        recipe = parse_recipe(where, parent.recipe_text)
+        if "export" in tomllib.loads(text):
+            return None
+    except tomllib.TOMLDecodeError as e:
+        return f"recipe is not TOML ({e})"
+    try:
+        recipe = parse_recipe(where, text)
     except InputError as e:
-        return f"the parent's recipe is not a training recipe ({str(e).splitlines()[0]})"
+        return f"recipe is not a training recipe ({str(e).splitlines()[0]})"
     own = [i for i in recipe.inputs if i.kind != "model"]
     local = [i.name for i in own if i.kind == "path" and not Path(i.path or "").is_absolute()]
     if local:
-        return f"the parent's input {local[0]!r} is a path relative to the parent's recipe file"
+        return f"input {local[0]!r} is a path relative to its recipe file"
     stored = [fetch_input(i, store, recipe_dir=Path("/nonexistent"), offline=offline, limits=recipe.limits)
               for i in own]
     files, _ = select_dataset(recipe.dataset, stored, work, where, recipe.limits)

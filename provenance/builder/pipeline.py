@@ -379,7 +379,9 @@ def run_audit(model_dir: Path, data: PreparedData, r) -> dict:
     if isinstance(got, str):
         out["parent_training"] = {"not_measured": got}
     elif got is not None:
-        out["parent_training"] = measure(model, texts_of(got[0], got[1], end_header), r.audit, pad, positions)
+        seqs, names, recipes, gaps = got
+        out["parent_training"] = {**measure(model, texts_of(seqs, names, end_header), r.audit, pad, positions),
+                                  "recipes": recipes, **({"not_measured_recipes": gaps} if gaps else {})}
         out["summary"]["parent_extraction_rate"] = out["parent_training"]["extraction_rate"]
     return out
 

@@ -370,3 +370,52 @@ def test_the_report_draws_the_lineage(child, tmp_path):
     assert "its input parent: trained on GPL-2.0-only (3 files)" in drawn
     p = run_cli("report", str(parent), "--out", str(tmp_path / "p.html"))
     assert p.returncode == 0 and 'id="lineage"' not in (tmp_path / "p.html").read_text()
+
+
+def test_the_lineage_carries_its_recipes_and_a_fine_tune_audits_them_all(child, exported, store):
+    """A parent's provenance carries its own parent's recipe and the lineage above it, each held to its signed
+    digests: a fine-tune of the fine-tune measures the fine-tune's 2 training files and the tiny recipe's 3, and
+    the export (which trains on nothing) carries both recipes on to whatever is built from it."""
+    parent, d, _ = child
+    above = _parent_note(d / "ft")
+    assert above["recipe_content"] == _statement(parent)["predicate"]["buildDefinition"]["externalParameters"][
+        "recipe"]["content"] and above["lineage"] == []
+    out, _ = exported
+    carried = _parent_note(out)
+    assert carried["recipe_name"] == "tiny-finetune" and [a["recipe_name"] for a in carried["lineage"]] == ["tiny"]
+    assert carried["lineage"][0]["recipe_content"] == above["recipe_content"]
+    p = run_cli("build", str(_recipe(d / "ft", d / "ft2.toml")), "--out", str(d / "ft2"), store=store)
+    assert p.returncode == 0, p.stderr[-3000:]
+    audit = json.loads((d / "ft2" / "audit.json").read_text())["parent_training"]
+    assert audit["recipes"] == [{"recipe": "tiny-finetune", "files": 2, "parent": True},
+                                {"recipe": "tiny", "files": 3, "parent": False}], audit["recipes"]
+    assert audit["files"] == 5 and "not_measured_recipes" not in audit
+    assert sorted(f["path"].startswith("tiny/") for f in audit["per_file"]) == [False] * 2 + [True] * 3
+    assert "the 5 training files the parent carries (its own and those of tiny):" in p.stderr, p.stderr[-2000:]
+    assert [a["recipe_name"] for a in _parent_note(d / "ft2")["lineage"]] == ["tiny"]
+
+
+def test_a_lineage_recipe_with_other_digests_is_refused():
+    """What a parent's provenance says of the recipes above it is used only where each text has the digests
+    recorded beside it."""
+    from types import SimpleNamespace
+
+    from provenance._internal.hashing import hash_bytes
+    from provenance.builder.parent import lineage_above
+    from provenance.errors import CheckFailed
+
+    text = TINY.read_text()
+    note = {"recipe_name": "tiny", "recipe": hash_bytes(text.encode()), "recipe_content": text, "lineage": []}
+    pred = {"buildDefinition": {"resolvedDependencies": [{"name": "input:parent", "annotations": {"parent": note}}]}}
+    inp = SimpleNamespace(name="parent")
+    assert [a.recipe_name for a in lineage_above(inp, pred)] == ["tiny"]
+    note["recipe_content"] = text.replace("seed = 1234", "seed = 1235")
+    with pytest.raises(CheckFailed, match="carries the recipe of 'tiny' with other digests"):
+        lineage_above(inp, pred)
+    note.pop("recipe_content")
+    assert lineage_above(inp, pred) == ()  # recorded by a version that kept no recipe text: nothing above
+
+
+def _parent_note(out: Path) -> dict:
+    deps = _statement(out)["predicate"]["buildDefinition"]["resolvedDependencies"]
+    return next(dep for dep in deps if dep["name"] == "input:parent")["annotations"]["parent"]
