@@ -218,9 +218,13 @@ def load_weights(model, parent: Parent) -> None:
     does not describe the parent is refused naming the first tensor that differs."""
     import torch
 
-    from .._internal.safetensors import read_tensors
+    from .._internal.safetensors import SafetensorsError, read_float_tensors
 
-    theirs = read_tensors(parent.files / "model.safetensors")
+    try:  # a bfloat16 or float16 parent (an export) starts the fine-tune from its values, widened exactly
+        theirs = read_float_tensors(parent.files / "model.safetensors")
+    except SafetensorsError as e:
+        raise InputError(f"the parent's model.safetensors: {e}; a fine-tune starts from floating-point weights "
+                         "(an int8 export is not one)") from None
     ours = model.state_dict()
     for name in sorted(set(ours) | set(theirs)):
         if name not in theirs or name not in ours:

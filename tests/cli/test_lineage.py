@@ -269,6 +269,11 @@ def test_an_int8_export_follows_the_documented_scheme(child, store, tmp_path):
     assert p.returncode == 2 and "is an export recipe" in p.stderr and "--threads does not apply" in p.stderr
     p = run_cli("check-recipe", str(tmp_path / "int8.toml"))
     assert p.returncode == 2 and "an export recipe ([export])" in p.stderr and "Traceback" not in p.stderr
+    # a fine-tune starts from floating-point weights: an int8 export is refused by name, not a traceback
+    p = run_cli("build", str(_recipe(tmp_path / "o", tmp_path / "ft-int8.toml")), "--out", str(tmp_path / "ft"),
+                store=store)
+    assert p.returncode == 2 and "has dtype I8" in p.stderr, p.stderr[-2000:]
+    assert "an int8 export is not one" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_the_chain_is_walked_to_its_root_and_printed(child, exported):
@@ -419,3 +424,28 @@ def test_a_lineage_recipe_with_other_digests_is_refused():
 def _parent_note(out: Path) -> dict:
     deps = _statement(out)["predicate"]["buildDefinition"]["resolvedDependencies"]
     return next(dep for dep in deps if dep["name"] == "input:parent")["annotations"]["parent"]
+
+
+def test_a_fine_tune_of_the_bfloat16_export_starts_from_its_values_and_audits_the_lineage(child, exported, store):
+    """The export's bfloat16 weights, widened exactly to float32, are where the fine-tune starts; the export
+    trains on nothing, so the audit measures what the recipes above it trained on: the fine-tune's 2 files and
+    the tiny recipe's 3."""
+    import numpy as np
+
+    from provenance._internal.safetensors import read_float_tensors
+
+    parent, d, _ = child
+    out, _ = exported
+    bits = _bf16_as_float32(out / "model" / "model.safetensors")
+    # a bfloat16 is a float32's upper half: widened, each value is exactly the export's
+    for name, a in read_float_tensors(out / "model" / "model.safetensors").items():
+        assert a.dtype == np.float32 and np.array_equal(a.view(np.uint32), bits[name].astype(np.uint32) << 16), name
+    p = run_cli("build", str(_recipe(out, d / "ft-bf16.toml")), "--out", str(d / "ft-bf16"), store=store)
+    assert p.returncode == 0, p.stderr[-3000:]
+    first = float.fromhex(json.loads((d / "ft-bf16" / "transcript.jsonl").read_text().splitlines()[0])["loss"])
+    random_start = float.fromhex(json.loads((parent / "transcript.jsonl").read_text().splitlines()[0])["loss"])
+    assert first < random_start - 0.3, (first, random_start)
+    audit = json.loads((d / "ft-bf16" / "audit.json").read_text())["parent_training"]
+    assert audit["recipes"] == [{"recipe": "tiny-finetune", "files": 2, "parent": False},
+                                {"recipe": "tiny", "files": 3, "parent": False}], audit["recipes"]
+    assert "the 5 training files the parent carries (those of tiny-finetune, tiny):" in p.stderr, p.stderr[-2000:]
