@@ -172,30 +172,37 @@ def open_checked(path: Path) -> Iterator[Checked]:
                 pass
 
 
+def _stored_tensors(path: Path) -> Iterator[tuple[str, str, list[int], Any]]:
+    """(name, dtype, shape, its bytes as a read-only uint8 array) for each tensor of a validated file."""
+    import numpy as np
+
+    with open(path, "rb") as f:
+        header = check_fd(f.fileno())
+    if not header.tensors:
+        return
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=header.data_start)
+    for name, t in header.tensors.items():
+        yield name, t.dtype, list(t.shape), data[t.start:t.end]
+
+
 def read_float_tensors(path: Path) -> dict[str, Any]:
     """Every tensor of a validated safetensors file as a numpy float array: F64 and F32 as stored, F16 and
     BF16 widened to float32, exactly (every value of either is a float32; a bfloat16 is a float32's upper
     16 bits). Raises SafetensorsError for a malformed file or a tensor of any other dtype."""
     import numpy as np
 
-    with open(path, "rb") as f:
-        header = check_fd(f.fileno())
     out: dict[str, Any] = {}
-    if not header.tensors:
-        return out
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=header.data_start)
-    for name, t in header.tensors.items():
-        raw = data[t.start:t.end]
-        if t.dtype in ("F64", "F32"):
-            a = np.frombuffer(raw, dtype=np.dtype(NUMPY_DTYPES[t.dtype]))
-        elif t.dtype == "F16":
+    for name, dtype, shape, raw in _stored_tensors(path):
+        if dtype in ("F64", "F32"):
+            a = np.frombuffer(raw, dtype=np.dtype(NUMPY_DTYPES[dtype]))
+        elif dtype == "F16":
             a = np.frombuffer(raw, dtype=np.dtype("<f2")).astype(np.float32)
-        elif t.dtype == "BF16":
+        elif dtype == "BF16":
             a = (np.frombuffer(raw, dtype=np.dtype("<u2")).astype(np.dtype("<u4")) << 16).view(np.dtype("<f4"))
         else:
-            raise SafetensorsError(f"tensor {name!r} has dtype {t.dtype}; only floating-point tensors (F64, F32, F16, "
+            raise SafetensorsError(f"tensor {name!r} has dtype {dtype}; only floating-point tensors (F64, F32, F16, "
                                    "BF16) are read as numbers here")
-        out[name] = a.reshape(t.shape)
+        out[name] = a.reshape(shape)
     return out
 
 
@@ -205,15 +212,10 @@ def read_tensors(path: Path) -> dict[str, Any]:
     Raises SafetensorsError for a malformed file or a dtype numpy cannot represent."""
     import numpy as np
 
-    with open(path, "rb") as f:
-        header = check_fd(f.fileno())
     out: dict[str, Any] = {}
-    if not header.tensors:
-        return out
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=header.data_start)
-    for name, t in header.tensors.items():
-        if t.dtype not in NUMPY_DTYPES:
-            raise SafetensorsError(f"tensor {name!r} has dtype {t.dtype}; only {', '.join(NUMPY_DTYPES)} can be "
+    for name, dtype, shape, raw in _stored_tensors(path):
+        if dtype not in NUMPY_DTYPES:
+            raise SafetensorsError(f"tensor {name!r} has dtype {dtype}; only {', '.join(NUMPY_DTYPES)} can be "
                                    "compared numerically")
-        out[name] = np.frombuffer(data[t.start:t.end], dtype=np.dtype(NUMPY_DTYPES[t.dtype])).reshape(t.shape)
+        out[name] = np.frombuffer(raw, dtype=np.dtype(NUMPY_DTYPES[dtype])).reshape(shape)
     return out
