@@ -198,7 +198,7 @@ def _start_default_rebuild(config, nodeids) -> None:
         return
     base = _rebuild_dir(config)
     base.mkdir()
-    p = run_cli("keygen", str(base / "key"), "--name", "vsa", fresh=True)  # no fork server in the leader
+    p = run_cli("keygen", str(base / "key"), "--name", "vsa")
     assert p.returncode == 0, p.stderr
     env = {**os.environ, "PROVENANCE_STORE": str(base / "store"), "PROVENANCE_KEY": str(base / "key" / "vsa.key"),
            **REBUILD_WATCH}
@@ -300,8 +300,8 @@ class _ForkServer:
         return {k: v for k, v in env.items() if not k.startswith(self.FREE)}
 
     def serves(self, env: dict) -> bool:
-        if self.proc is None:
-            self._start()
+        if not self.env:  # the server will start with the environment its first command finds
+            self.env = dict(os.environ)
         return self._fixed(env) == self._fixed(self.env)
 
     def _start(self) -> None:
@@ -309,7 +309,6 @@ class _ForkServer:
         import tempfile
 
         self.dir = Path(tempfile.mkdtemp(prefix="provenance-fork-"))
-        self.env = dict(os.environ)
         with open(self.dir / "log", "w") as log:  # the server's own output; a command's goes to its files
             self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py"), str(self.dir / "s")],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
@@ -322,6 +321,8 @@ class _ForkServer:
         import socket
         import tempfile
 
+        if self.proc is None:
+            self._start()
         with tempfile.TemporaryDirectory(dir=self.dir) as d:
             out, err = Path(d) / "stdout", Path(d) / "stderr"
             out.touch()
