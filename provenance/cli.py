@@ -1293,7 +1293,7 @@ def cmd_source(args) -> int:
     from ._internal.progress import Reporter
     from .attest.signing import sign_source
     from .inputs.store import Store
-    from .recipe import load_recipe
+    from .recipe import load_any_recipe
     from .repro.source import make_source, of_build
 
     if (args.build is None) == (args.recipe is None):
@@ -1306,8 +1306,8 @@ def cmd_source(args) -> int:
     except OSError as e:
         raise InputError(f"--out {out}: cannot make the folder it goes in ({e.strerror})") from None
     with tempfile.TemporaryDirectory(prefix="provenance-source.") as work:
-        recipe, code, files = of_build(Path(args.build), Path(work)) if args.build else (load_recipe(args.recipe),
-                                                                                         None, {})
+        recipe, code, files = of_build(Path(args.build), Path(work)) if args.build else (
+            load_any_recipe(args.recipe), None, {})
         claims, digest = make_source(recipe, out, Store(args.store), code=code, offline=args.offline,
                                      handed=parse_handed(args.input, recipe))
     signed = None

@@ -6,7 +6,10 @@ The archive is a plain POSIX tar whose entries all sit under one folder, `<recip
     README.md              how to rebuild, and the digests
     SOURCE.json            the table of contents: every other entry's path, size and digests
     recipe/<file>          the recipe, byte for byte
-    inputs/<name>/...      each input as pinned: its artifact file, or a directory input's files
+    inputs/<name>/...      each input as pinned: its artifact file, or a directory input's files;
+                           a parent model (a fine-tune's or an export's) as a folder of its own:
+                           model/... (every file its attestation signs), attestation.intoto.jsonl,
+                           signing-key.pub and source.tar, the parent's own corresponding source
     code/provenance/...    this project's .py, .c, .h and licence .txt files: the code digest recorded
     code/pyproject.toml    how the code is installed
     code/locks/dev.lock    the toolchain, pinned with hashes
@@ -51,11 +54,27 @@ def licence_path(spdx_id: str) -> str:
     return f"licenses/{spdx_id}.txt"
 
 
+# A parent model's folder under inputs/<name>/ (the same layout `--input NAME=DIR` takes for a parent).
+PARENT_MODEL = "model/"
+PARENT_ATTESTATION = "attestation.intoto.jsonl"
+PARENT_KEY = "signing-key.pub"
+PARENT_SOURCE = "source.tar"
+
+
+class ParentSource(NamedTuple):
+    """What a parent model's folder in an archive must hold, as the child's provenance records it."""
+
+    attestation: dict[str, str]  # the parent's attestation file's digests
+    key: dict[str, str] | None  # the public key it is signed with (None: not recorded, or keyless)
+    files: dict[str, str]  # every file of its model directory -> its signed sha256
+
+
 class SourceInput(NamedTuple):
     name: str
-    artifact: str  # the file name of a file input; "" for a directory input
+    artifact: str  # the file name of a file input; "" for a directory input or a parent model
     digest: dict[str, str]
     license: str
+    parent: ParentSource | None = None  # a parent model (kind = "model")
 
 
 class SourceClaims(NamedTuple):
@@ -73,12 +92,31 @@ def predicate(claims: SourceClaims, archive_name: str) -> JSONObject:
     return {
         "archive": {"name": archive_name, "format": ARCHIVE_FORMAT},
         "recipe": {"path": claims.recipe_path, "digest": dict(claims.recipe_digest)},
-        "inputs": [{"name": i.name, "artifact": i.artifact, "digest": dict(i.digest), "license": i.license}
-                   for i in claims.inputs],
+        "inputs": [_input_json(i) for i in claims.inputs],
         "code": {"digest": claims.code, "algorithm": CODE_DIGEST},
         "lock": {"path": LOCK, "digest": dict(claims.lock or {})},
         "licenses": sorted(claims.licences),
     }
+
+
+def _input_json(i: SourceInput) -> JSONObject:
+    out: JSONObject = {"name": i.name, "artifact": i.artifact, "digest": dict(i.digest), "license": i.license}
+    if i.parent is not None:
+        out["parent"] = {"attestation": dict(i.parent.attestation), "files": dict(i.parent.files),
+                         **({"key": dict(i.parent.key)} if i.parent.key is not None else {})}
+    return out
+
+
+def parse_parent(p: object) -> ParentSource | None:
+    """A parent's record (the predicate's `parent`, or the provenance's `annotations.parent`) as the source
+    claims it; None when it lacks the attestation's sha256 or the files' table."""
+    if not isinstance(p, dict):
+        return None
+    att, key, files = p.get("attestation"), p.get("key"), p.get("files")
+    if not (_digest(att) and isinstance(files, dict) and files and "sha256" in att  # type: ignore[operator]
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())):
+        return None
+    return ParentSource(dict(att), dict(key) if _digest(key) else None, dict(files))  # type: ignore[arg-type]
 
 
 def parse_predicate(p: object) -> tuple[SourceClaims | None, str, list[str]]:
@@ -123,7 +161,10 @@ def _input(i: object) -> SourceInput | None:
     if not (isinstance(i, dict) and isinstance(i.get("name"), str) and isinstance(i.get("artifact"), str)
             and _digest(i.get("digest")) and isinstance(i.get("license"), str)):
         return None
-    return SourceInput(i["name"], i["artifact"], dict(i["digest"]), i["license"])
+    parent = parse_parent(i["parent"]) if "parent" in i else None
+    if "parent" in i and parent is None:
+        return None
+    return SourceInput(i["name"], i["artifact"], dict(i["digest"]), i["license"], parent)
 
 
 def source_statement(claims: SourceClaims, archive_name: str, archive_digest: dict[str, str],

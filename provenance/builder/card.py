@@ -50,7 +50,7 @@ def model_card(recipe, m: dict, audit: dict, licence: dict, record_hint: dict, n
                          tags=["provenance", "reproducible-build", "memorization-audit", "llama"],
                          eval_results=_eval_results(audit, m) or None, **hub_licence(r.output.license))
     body = "\n## ".join([_head(r, m, record_hint), _training(r, m), _audit(audit), _licence(r, licence),
-                         _source(m, no_source), _REBUILD])
+                         _source(m, no_source, _parent_names(r)), _REBUILD])
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
@@ -172,7 +172,11 @@ def _duties(licences) -> list[str]:
     return found
 
 
-def _source(m: dict, no_source: str | None) -> str:
+def _parent_names(r) -> list[str]:
+    return [i.name for i in r.inputs if i.kind == "model"]
+
+
+def _source(m: dict, no_source: str | None, parents: list[str]) -> str:
     """What the inputs' licences ask of a distributor, and where the corresponding source is. The same
     text wherever the build ran: it depends on the recipe alone (the card is one of the model's files)."""
     duties = "\n".join(_duties(m["licenses"]))
@@ -185,12 +189,15 @@ licences ask of a distributor of object code:
 """
     if no_source:
         return head + f"\nNo corresponding-source archive is written for this recipe: {no_source}.\n"
-    return head + """
+    nested = "".join(f" The parent model `{n}` is in it as `inputs/{n}/`: its files, attestation and key, and "
+                     f"its own corresponding source, `inputs/{n}/source.tar`, so the archive holds the source of "
+                     "the whole lineage." for n in parents)
+    return head + f"""
 The build writes that source as `source.tar` beside the model (`provenance source BUILD_DIR --out FILE`
 writes the same bytes on demand): the recipe, every input as pinned, the code of the builder that trained
 it with its toolchain lock, and the text of every licence involved. The attestation signs its digests (a
 byproduct), `source.intoto.jsonl` binds it to these files, and `provenance publish` ships both under
-`.provenance/`. Check it and rebuild from it alone, offline:
+`.provenance/`.{nested} Check it and rebuild from it alone, offline:
 
 ```sh
 verify-attestation attestation.intoto.jsonl --key PUBLIC_KEY --source source.tar

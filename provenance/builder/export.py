@@ -35,6 +35,7 @@ from ..inputs.store import Store
 from ..recipe import LoadedExport
 from .parent import discard_copies, fetch_parent
 from .pipeline import BUILD_FORMAT, _install, _now, _seal_model_dir, check_out_dir, input_record
+from .source import write_beside
 
 CARRIED_OVER = "README.md"  # the one parent file not carried: the card describes the export
 
@@ -92,9 +93,10 @@ def export(recipe: LoadedExport, *, out: Path, store: Store, handed: dict[str, P
             "toolchain": tc, "licence_compatibility": verdict, "started": started, "finished": _now(),
             "timings": {"export": round(time.perf_counter() - t0, 3)},
         }
+        record["source"], claims = write_beside(recipe, [stored], staging, reporter.log)
         byproducts = _sboms(staging, recipe, record)
         if signing is not None:
-            _sign(staging, recipe, record, signing, reporter, byproducts)
+            _sign(staging, recipe, record, signing, reporter, byproducts, claims)
         else:
             atomic_write_bytes(staging / "build.json", _json(record))
         _install(staging, out)
@@ -141,7 +143,24 @@ def card(recipe: LoadedExport, parent) -> str:
             f"## Licences\n\nDeclared licence: {r.output.license}. The parent's weights were trained on files "
             f"licensed {carried}; an export carries what its parent carries.\n\n"
             f"## Checking it\n\n```\nverify-attestation attestation.intoto.jsonl --key KEY --model model "
-            f"--chain PARENT_BUILD_DIR\nprovenance rebuild attestation.intoto.jsonl --attestation-key KEY\n```\n")
+            f"--chain PARENT_BUILD_DIR\nprovenance rebuild attestation.intoto.jsonl --attestation-key KEY\n```\n"
+            + _source_note(recipe))
+
+
+def _source_note(recipe: LoadedExport) -> str:
+    """Where the export's corresponding source is, or why there is none (from the recipe alone)."""
+    from .source import unshippable
+
+    why = unshippable(recipe)
+    if why:
+        return f"\n## Corresponding source\n\nNo corresponding-source archive is written for this recipe: {why}.\n"
+    name = recipe.recipe.inputs[0].name
+    return ("\n## Corresponding source\n\n`source.tar` beside the model holds this recipe, the parent model as "
+            f"`inputs/{name}/` (its files, attestation and key) with the parent's own corresponding source "
+            f"(`inputs/{name}/source.tar`), the builder's code and lock, and every licence text; "
+            "`source.intoto.jsonl` binds it to these files.\n\n```\nverify-attestation attestation.intoto.jsonl "
+            "--key KEY --source source.tar\nprovenance rebuild attestation.intoto.jsonl --attestation-key KEY "
+            "--from-source source.tar\n```\n")
 
 
 def _licence(outbound: str, inbound: dict[str, int], store: Store, reporter: Reporter) -> str:
@@ -172,11 +191,18 @@ def _sboms(staging: Path, recipe: LoadedExport, record: dict) -> dict[str, dict[
 
 
 def _sign(staging: Path, recipe: LoadedExport, record: dict, signing: Signing, reporter: Reporter,
-          byproducts: dict[str, dict[str, str]]) -> None:
-    """The OMS signature, build.json, then the provenance, which signs them and the SBOMs as byproducts."""
+          byproducts: dict[str, dict[str, str]], claims) -> None:
+    """The OMS signature, build.json, the corresponding source's statement, then the provenance, which signs
+    them and the SBOMs as byproducts."""
+    from ..attest.signing import sign_source
     from ..attest.statement import export_statement
 
     files = record["weights"]["files"]
+    source = record["source"]
+    if source.get("file"):
+        byproducts[source["file"]] = {k: source[k] for k in ("sha256", "blake3")}
+        sign_source(staging / "source.intoto.jsonl", claims, source["file"], byproducts[source["file"]], files,
+                    signing.signers)
     oms = write_oms(staging, files, signing, reporter)
     if oms is not None:
         record["oms"] = oms

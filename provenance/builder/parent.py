@@ -7,10 +7,15 @@ build with the verifier's report (CheckFailed, exit 1). Its signed files are the
 store's temporary space and each copy is held to the sha256 its attestation signs, so what is built on
 is what was verified, whatever happens to the parent's folder meanwhile. docs/recipe.md ("Fine-tuning",
 "Exports") describes the input.
+
+`--input NAME=DIR` hands either another model directory or a parent's folder as a corresponding-source
+archive lays it out (attest/source.py): DIR/model/, DIR/attestation.intoto.jsonl and, when present,
+DIR/signing-key.pub stand for the recipe's path, attestation and key; the pins still apply.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import tomllib
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._internal.hashing import hash_file, tensor_digest
+from ..attest.source import PARENT_ATTESTATION, PARENT_KEY, PARENT_MODEL, PARENT_SOURCE
 from ..errors import CheckFailed, DigestMismatch, FetchError, InputError
 from ..inputs.store import Store, StoredInput
 from ..recipe import Input, Model
@@ -56,6 +62,26 @@ class Parent:
     subjects: dict[str, str]  # every file of the parent's model dir -> its signed sha256
     recipe_text: str = ""  # the parent's recipe as its attestation embeds it (its digest verified)
     lineage: tuple[Ancestor, ...] = ()  # the recipes above it, its own parent's first
+    key: dict[str, str] | None = None  # the digests of the public key it was verified with (None: keyless)
+    folder: Path | None = None  # the parent's folder as it was found: where its source.tar may be
+
+    @property
+    def attestation_file(self) -> Path:  # the verified copy
+        return self.files.parent / PARENT_ATTESTATION
+
+    @property
+    def key_file(self) -> Path | None:  # the copy of the key it was verified with
+        return self.files.parent / PARENT_KEY if self.key is not None else None
+
+    def source_archive(self) -> Path | None:
+        """The parent's own corresponding source, where a build or `publish` puts it beside its model
+        directory (DIR/../source.tar, DIR/.provenance/source.tar); None when there is none. Unchecked."""
+        if self.folder is None:
+            return None
+        for f in (self.folder.parent / PARENT_SOURCE, self.folder / ".provenance" / PARENT_SOURCE):
+            if f.is_file():
+                return f
+        return None
 
     def verified_line(self, name: str) -> str:
         """The build's log line for the verified parent behind input `name`."""
@@ -67,7 +93,8 @@ class Parent:
         return {"weights": self.weights, "attestation": dict(self.attestation), "recipe": dict(self.recipe),
                 "recipe_name": self.recipe_name, "output_license": self.output_license,
                 "input_licenses": dict(self.input_licenses), "files": dict(self.subjects),
-                "recipe_content": self.recipe_text, "lineage": [a.record() for a in self.lineage]}
+                "recipe_content": self.recipe_text, "lineage": [a.record() for a in self.lineage],
+                **({"key": dict(self.key)} if self.key is not None else {})}
 
 
 def _resolve(value: str, recipe_dir: Path) -> Path:
@@ -82,20 +109,31 @@ def fetch_parent(inp: Input, store: Store, *, recipe_dir: Path, handed: Path | N
     mdir = handed if handed is not None else _resolve(inp.path, recipe_dir)
     named = {"path": mdir, **{f: _resolve(getattr(inp, f), recipe_dir) for f in ("attestation", "key", "trust_config")
                               if getattr(inp, f) is not None}}
+    if handed is not None and (handed / PARENT_MODEL).is_dir() and (handed / PARENT_ATTESTATION).is_file():
+        mdir = named["path"] = handed / PARENT_MODEL  # a parent's folder (an archive's inputs/NAME/)
+        named["attestation"] = handed / PARENT_ATTESTATION
+        if "key" in named and (handed / PARENT_KEY).is_file():
+            named["key"] = handed / PARENT_KEY
     for what, p in named.items():
         if not (p.is_dir() if what == "path" else p.is_file()):
             raise FetchError(f"input {inp.name!r}: {what} {p} is not a {'directory' if what == 'path' else 'file'}")
     att = named["attestation"]
     work = Path(tempfile.mkdtemp(dir=store.tmpdir(), prefix=f"parent-{inp.name}."))
     try:
-        copied = work / "attestation"
+        copied = work / PARENT_ATTESTATION
         shutil.copyfile(att, copied)
+        if "key" in named:
+            shutil.copyfile(named["key"], work / PARENT_KEY)
+            named["key"] = work / PARENT_KEY  # verified with the copy, whose digests are recorded
         digests = hash_file(copied)
         if digests["sha256"] != inp.attestation_sha256:
             raise DigestMismatch(f"input {inp.name!r} attestation ({att})", "sha256", inp.attestation_sha256,
                                  digests["sha256"])
         statement = _verified(inp, copied, named, mdir)
         parent = _copy_used(inp, statement, mdir, work, digests)
+        key = hash_file(work / PARENT_KEY) if "key" in named else None
+        parent = dataclasses.replace(parent, key=None if key is None else {a: key[a] for a in ("sha256", "blake3")},
+                                     folder=mdir)
         return StoredInput(inp, work, {"blake3": parent.weights}, "model", is_dir=True, parent=parent)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

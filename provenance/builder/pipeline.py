@@ -805,20 +805,10 @@ def _write_outputs(b: BuildState) -> None:
 def _source(b: BuildState) -> None:
     """The corresponding source (builder/source.py) as source.tar beside the model, where the recipe and its
     inputs' licences allow it and this installation carries its lock; else build.json says why not."""
-    from .source import ARCHIVE_FILE, unshippable, write_source
+    from .source import write_beside
 
     t = time.perf_counter()
-    why = unshippable(b.recipe)
-    if why is None:
-        try:
-            b.source_claims, digest = write_source(b.recipe, b.stored, b.staging / ARCHIVE_FILE)
-        except InputError as e:
-            why = str(e)
-        else:
-            b.source = {"file": ARCHIVE_FILE, "bytes": (b.staging / ARCHIVE_FILE).stat().st_size, **digest}
-    if why is not None:
-        b.source = {"file": None, "why_not": why}
-        b.reporter.log(f"no corresponding-source archive: {why}")
+    b.source, b.source_claims = write_beside(b.recipe, b.stored, b.staging, b.reporter.log)
     b.lap("source", t)
 
 

@@ -18,7 +18,7 @@ from ..attest.model import BUILD_TYPE
 
 
 def cyclonedx(recipe, record: dict, audit: dict, licence: dict, model_files: dict) -> str:
-    from cyclonedx.model import ExternalReference, ExternalReferenceType, HashAlgorithm, HashType, Property, XsUri
+    from cyclonedx.model import HashAlgorithm, HashType, Property
     from cyclonedx.model.bom import Bom, BomMetaData
     from cyclonedx.model.component import Component, ComponentType
     from cyclonedx.model.license import LicenseExpression
@@ -45,10 +45,7 @@ def cyclonedx(recipe, record: dict, audit: dict, licence: dict, model_files: dic
         type=ComponentType.MACHINE_LEARNING_MODEL, name=r.recipe.name, bom_ref="model",
         version=f"blake3-tensors-v1:{record['weights']['tensors']['digest']}",
         description=r.recipe.description, hashes=hashes(model_files["model.safetensors"]),
-        licenses=[LicenseExpression(r.output.license)],
-        external_references=[ExternalReference(
-            type=ExternalReferenceType.SOURCE_DISTRIBUTION, url=XsUri(src["file"]), hashes=hashes(src),
-            comment=SOURCE_COMMENT)] if (src := record.get("source", {})).get("file") else [],
+        licenses=[LicenseExpression(r.output.license)], external_references=_cdx_source(record, hashes),
         properties=props({
             "architecture": r.model.architecture, "parameters": record["model"]["parameters"],
             "vocab_size": record["model"]["vocab_size"], "hidden_size": r.model.hidden_size,
@@ -111,7 +108,7 @@ def export_cyclonedx(recipe, record: dict, model_files: dict) -> str:
         type=ComponentType.MACHINE_LEARNING_MODEL, name=r.recipe.name, bom_ref="model",
         version=f"blake3-tensors-v1:{record['weights']['tensors']['digest']}", description=r.recipe.description,
         hashes=hashes(model_files["model.safetensors"]), licenses=[LicenseExpression(r.output.license)],
-        pedigree=Pedigree(ancestors=[ancestor]),
+        pedigree=Pedigree(ancestors=[ancestor]), external_references=_cdx_source(record, hashes),
         properties=props({**record["export"], "recipe_blake3": record["recipe"]["blake3"],
                           "licence_compatibility": record["licence_compatibility"]}))
     ts = datetime.strptime(record["finished"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
@@ -121,6 +118,15 @@ def export_cyclonedx(recipe, record: dict, model_files: dict) -> str:
     bom.register_dependency(model, [parent])
     bom.register_dependency(parent, [])
     return JsonV1Dot6(bom).output_as_string(indent=1) + "\n"
+
+
+def _cdx_source(record: dict, hashes) -> list:
+    """The corresponding-source archive, where the build wrote one, as the model's external reference."""
+    from cyclonedx.model import ExternalReference, ExternalReferenceType, XsUri
+
+    src = record.get("source", {})
+    return [ExternalReference(type=ExternalReferenceType.SOURCE_DISTRIBUTION, url=XsUri(src["file"]),
+                              hashes=hashes(src), comment=SOURCE_COMMENT)] if src.get("file") else []
 
 
 def _cdx_parent(i: dict, ref: str, hashes, props):
@@ -187,6 +193,7 @@ def export_spdx3(recipe, record: dict, model_files: dict) -> str:
     w = _Spdx3(S, recipe, record)
     model = w.export_model(model_files)
     w.export_build(w.parents(model), model)
+    w.source(model)
     return w.serialized(model)
 
 

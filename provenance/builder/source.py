@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 from pathlib import Path
@@ -24,9 +25,14 @@ from ..attest.source import (
     ARCHIVE_FORMAT,
     BUILDER_LICENCE,
     LOCK,
+    PARENT_ATTESTATION,
+    PARENT_KEY,
+    PARENT_MODEL,
+    PARENT_SOURCE,
     PYPROJECT,
     README,
     TOC,
+    ParentSource,
     SourceClaims,
     SourceInput,
     input_prefix,
@@ -38,7 +44,7 @@ from ..errors import InputError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ..inputs.store import StoredInput
-    from ..recipe import LoadedRecipe
+    from ..recipe import LoadedExport, LoadedRecipe
 
 TEXTS = Path(__file__).resolve().parent / "licence_texts"  # SPDX licence texts (their README says whence)
 ARCHIVE_FILE = "source.tar"  # what a build writes beside its model
@@ -57,7 +63,7 @@ def shipped_licences() -> frozenset[str]:
     return frozenset(p.stem for p in TEXTS.glob("*.txt"))
 
 
-def unshippable(recipe: LoadedRecipe) -> str | None:
+def unshippable(recipe: LoadedRecipe | LoadedExport) -> str | None:
     """Why the recipe's corresponding source may not be shipped (None when it may): the recipe says so, or
     an input's licence is not one this tool knows to permit redistribution. It depends on the recipe
     alone (the model card states it)."""
@@ -65,10 +71,10 @@ def unshippable(recipe: LoadedRecipe) -> str | None:
     if not r.output.source_bundle:
         return ("the recipe sets [output] source_bundle = false: its inputs are not to be redistributed, so no "
                 "corresponding-source archive is written")
-    parents = [inp.name for inp in r.inputs if inp.kind == "model"]
-    if parents:
-        return (f"input {parents[0]!r} is a parent model: a fine-tune's corresponding source includes its parent's, "
-                "and bundling a parent's is not supported yet; ship the parent's archive beside this one")
+    keyless = [inp.name for inp in r.inputs if inp.kind == "model" and inp.key is None]
+    if keyless:
+        return (f"input {keyless[0]!r} is a parent model signed keyless (Sigstore): rebuilding from an archive "
+                "offline needs a parent checked with a key, so no archive is written")
     known = shipped_licences()
     for inp in r.inputs:
         unknown = sorted(spdx_ids(inp.license) - known)
@@ -100,10 +106,13 @@ def code_parts(expected: str | None = None) -> tuple[str, list[Part]]:
     return digest, parts
 
 
-def claims_for(recipe: LoadedRecipe, stored: list[StoredInput], code: str, lock: dict[str, str]) -> SourceClaims:
+def claims_for(recipe: LoadedRecipe | LoadedExport, stored: list[StoredInput], code: str,
+               lock: dict[str, str]) -> SourceClaims:
     r = recipe.recipe
     inputs = tuple(SourceInput(s.input.name, "" if s.is_dir else s.input.artifact_name,
-                               {k: v for k, v in s.digests.items() if k in ("sha256", "blake3")}, s.input.license)
+                               {k: v for k, v in s.digests.items() if k in ("sha256", "blake3")}, s.input.license,
+                               None if s.parent is None else
+                               ParentSource(dict(s.parent.attestation), s.parent.key, dict(s.parent.subjects)))
                    for s in stored)
     licences = {BUILDER_LICENCE} | spdx_ids(r.output.license)
     for inp in r.inputs:
@@ -115,12 +124,36 @@ def input_parts(stored: list[StoredInput]) -> list[Part]:
     parts = []
     for s in stored:
         pre = input_prefix(s.input.name)
-        if s.is_dir:
+        if s.parent is not None:
+            parts += parent_parts(s, pre)
+        elif s.is_dir:
             parts += [Part(pre + p.relative_to(s.path).as_posix(), file=p) for p in sorted(s.path.rglob("*"))
                       if p.is_file() and not p.is_symlink()]
         else:
             parts.append(Part(pre + s.input.artifact_name, file=s.path))
     return parts
+
+
+def parent_parts(s: StoredInput, pre: str) -> list[Part]:
+    """A parent model's folder: the verified copies of its files, attestation and key, and its own
+    corresponding source, once that is found to be what the parent's attestation describes."""
+    from ..verify.source import archive_problems, claims_of_attestation
+
+    parent = s.parent
+    found = parent.source_archive()
+    if found is None:
+        raise InputError(f"input {s.input.name!r}: the parent's corresponding source (source.tar) is not beside its "
+                         f"model directory {parent.folder} (in its build's folder or under .provenance/ of a "
+                         "published one); a derived model's source includes its parent's")
+    copy = parent.files.parent / PARENT_SOURCE
+    shutil.copyfile(found, copy)
+    bad = archive_problems(copy, claims_of_attestation(parent.attestation_file.read_bytes()))
+    if bad:
+        raise InputError(f"input {s.input.name!r}: {found} is not the corresponding source the parent's attestation "
+                         "describes: " + "; ".join(bad[:3]))
+    files = [Part(pre + PARENT_MODEL + name, file=parent.files / name) for name in sorted(parent.subjects)]
+    return [*files, Part(pre + PARENT_ATTESTATION, file=parent.attestation_file),
+            Part(pre + PARENT_KEY, file=parent.key_file), Part(pre + PARENT_SOURCE, file=copy)]
 
 
 def licence_parts(claims: SourceClaims) -> list[Part]:
@@ -131,7 +164,7 @@ def licence_parts(claims: SourceClaims) -> list[Part]:
     return [Part(licence_path(x), file=TEXTS / f"{x}.txt") for x in sorted(claims.licences)]
 
 
-def readme(recipe: LoadedRecipe, claims: SourceClaims) -> bytes:
+def readme(recipe: LoadedRecipe | LoadedExport, claims: SourceClaims) -> bytes:
     r = recipe.recipe
     handed = " ".join(f"--input {i.name}=inputs/{i.name}" + (f"/{i.artifact}" if i.artifact else "")
                       for i in claims.inputs)
@@ -158,6 +191,9 @@ def readme(recipe: LoadedRecipe, claims: SourceClaims) -> bytes:
         "",
         f"- recipe `{claims.recipe_path}`: " + ", ".join(f"{a} {h}" for a, h in sorted(claims.recipe_digest.items())),
         *[f"- input `{i.name}` ({i.license}): " + ", ".join(f"{a} {h}" for a, h in sorted(i.digest.items()))
+          + (f"; a parent model: its files, attestation (sha256 {i.parent.attestation['sha256']}) and key under "
+             f"`inputs/{i.name}/`, and its own corresponding source, laid out as this one, as "
+             f"`inputs/{i.name}/{PARENT_SOURCE}`" if i.parent is not None else "")
           for i in claims.inputs],
         f"- code digest (provenance-code-v1): {claims.code}",
         f"- `{LOCK}`: " + ", ".join(f"{a} {h}" for a, h in sorted((claims.lock or {}).items())),
@@ -172,7 +208,7 @@ def readme(recipe: LoadedRecipe, claims: SourceClaims) -> bytes:
     return "\n".join(lines).encode()
 
 
-def write_source(recipe: LoadedRecipe, stored: list[StoredInput], out: Path,
+def write_source(recipe: LoadedRecipe | LoadedExport, stored: list[StoredInput], out: Path,
                  code: str | None = None) -> tuple[SourceClaims, dict[str, str]]:
     """Write the corresponding source of `recipe` (its inputs `stored`) at `out`, atomically: (its claims,
     the archive's sha256 and blake3). `code`: the code digest the archive must carry (a build's)."""
@@ -183,6 +219,22 @@ def write_source(recipe: LoadedRecipe, stored: list[StoredInput], out: Path,
              *licence_parts(claims), Part(README, data=readme(recipe, claims))]
     _write_tar(out, f"{recipe.name}-source", parts)
     return claims, hash_file(out)
+
+
+def write_beside(recipe: LoadedRecipe | LoadedExport, stored: list[StoredInput], staging: Path,
+                 log) -> tuple[dict, SourceClaims | None]:
+    """A build's corresponding source as source.tar in `staging`, where the recipe and its inputs allow it:
+    (build.json's "source" entry: the archive written, or why not; the archive's claims, or None)."""
+    why = unshippable(recipe)
+    if why is None:
+        try:
+            claims, digest = write_source(recipe, stored, staging / ARCHIVE_FILE)
+        except InputError as e:
+            why = str(e)
+        else:
+            return {"file": ARCHIVE_FILE, "bytes": (staging / ARCHIVE_FILE).stat().st_size, **digest}, claims
+    log(f"no corresponding-source archive: {why}")
+    return {"file": None, "why_not": why}, None
 
 
 def _write_tar(out: Path, root: str, parts: list[Part]) -> None:

@@ -24,44 +24,43 @@ def make_source(recipe: LoadedRecipe, out: Path, store: Store, *, code: str | No
                 handed: dict[str, Path]) -> tuple[SourceClaims, dict[str, str]]:
     """Write the corresponding source of `recipe` at `out` and read it back against its claims: (the
     claims, the archive's digests). Refuses (InputError) a recipe whose source may not be shipped."""
+    from ..builder.parent import discard_copies
     from ..builder.source import unshippable, write_source
 
     why = unshippable(recipe)
     if why:
         raise InputError(f"{recipe.path}: {why}")
     stored = stored_inputs(recipe, store, offline=offline, handed=handed)
-    claims, digest = write_source(recipe, stored, out, code)
     try:
+        claims, digest = write_source(recipe, stored, out, code)
         _self_check(out, claims)
     except BaseException:
         out.unlink(missing_ok=True)
         raise
+    finally:
+        discard_copies(stored)
     return claims, digest
 
 
 def _self_check(path: Path, claims: SourceClaims) -> None:
+    from ..verify.source import archive_problems
+
     bad = archive_problems(path, claims)
     if bad:
         raise InputError("the archive written does not hold what it should (a file changed while it was "
                          "read?): " + "; ".join(bad))
 
 
-def archive_problems(archive: Path, claims: SourceClaims) -> list[str]:
-    """The verifier's source checks of `archive` against `claims`: each failed one, as "check: detail"."""
-    from ..verify.report import Checks
-    from ..verify.source import read_archive, source_checks
-
-    checks = Checks()
-    source_checks(checks, read_archive(archive), claims)
-    return [f"{c.check}: {c.detail}" for c in checks.checks if not c.ok]
-
-
 def stored_inputs(recipe: LoadedRecipe, store: Store, *, offline: bool, handed: dict[str, Path]) -> list[StoredInput]:
     """Every input's bytes as pinned: handed over, from the store (re-hashed), or fetched unless offline."""
+    from ..builder.parent import fetch_parent
     from ..inputs.store import StoredInput, check_pins, fetch_input, tree_digest
 
     out = []
     for inp in recipe.recipe.inputs:
+        if inp.kind == "model":  # verified, as a build verifies it (builder/parent.py)
+            out.append(fetch_parent(inp, store, recipe_dir=recipe.path.parent, handed=handed.get(inp.name)))
+            continue
         tree = store.root / "trees" / (inp.blake3 or "-")
         if inp.name not in handed and inp.kind == "path" and tree.is_dir():
             digests = tree_digest(tree)
@@ -77,7 +76,7 @@ def of_build(build_dir: Path, work: Path) -> tuple[LoadedRecipe, str, dict[str, 
     """A finished build's recipe (from its attestation, checked against build.json's digest, written into
     `work`), the code digest it recorded and its model files' digests."""
     from .._internal import jsonstrict
-    from ..recipe import load_recipe
+    from ..recipe import load_any_recipe
     from .byproducts import read_bounded
 
     record_bytes = read_bounded(build_dir / "build.json")
@@ -87,30 +86,29 @@ def of_build(build_dir: Path, work: Path) -> tuple[LoadedRecipe, str, dict[str, 
                          "finished build's folder, or a recipe with --recipe RECIPE")
     from ..attest.model import parse_statement
     from ..verify.envelope import parse_envelope
+    from ..verify.source import claims_from_provenance
 
     try:
         record = jsonstrict.loads(record_bytes)
-        if isinstance(record, dict) and "export" in record:
-            raise InputError(f"{build_dir}: an export (docs/recipe.md, \"Exports\"): its corresponding source is "
-                             "its parent's, with the export recipe; bundling a parent's is not supported yet")
         st, problems = parse_statement(jsonstrict.loads(parse_envelope(jsonstrict.loads(env_bytes)).payload))
         if st is None:
             raise ValueError("; ".join(problems[:3]))
         text, name = st.recipe.content.encode(), Path(st.recipe.path).name
-        code, files, want = record["training"]["code"], record["weights"]["files"], record["recipe"]["blake3"]
+        code = record["training"]["code"] if "export" not in record else claims_from_provenance(st).code
+        files, want = record["weights"]["files"], record["recipe"]["blake3"]
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"{build_dir}: its build.json or attestation.intoto.jsonl is not one this version wrote "
                          f"({type(e).__name__}: {e})") from None
     if hash_bytes(text)["blake3"] != want or not name.endswith(".toml") or "/" in name:
         raise InputError(f"{build_dir}: the attestation's embedded recipe is not the one build.json records")
     atomic_write_bytes(work / name, text)
-    return load_recipe(work / name), code, files
+    return load_any_recipe(work / name), code, files
 
 
 def check_against(archive: Path, st) -> SourceClaims:
     """Hold the archive to the build's provenance before anything of it is used. Raises CheckFailed."""
     from ..errors import CheckFailed
-    from ..verify.source import claims_from_provenance
+    from ..verify.source import archive_problems, claims_from_provenance
 
     claims = claims_from_provenance(st)
     bad = archive_problems(archive, claims)

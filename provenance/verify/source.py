@@ -6,6 +6,11 @@ The archive is read once, as a stream: every entry must be a regular file under 
 with a safe, unique name; each is hashed. Then, part by part: its table of contents lists exactly
 its entries with their digests; the recipe, each input, the code (by its code digest), the lock and
 the licence texts are the ones claimed; and nothing else is there.
+
+A parent model (a fine-tune's or an export's input) is a folder of its own under inputs/<name>/: its
+model files, attestation and key, each held to the digests the child's provenance records, and its own
+corresponding source, source.tar, read as a nested archive and held, by the same checks, to what the
+parent's attestation (pinned by the child) says; at most MAX_DEPTH archives deep.
 """
 
 from __future__ import annotations
@@ -20,13 +25,19 @@ from ..attest.source import (
     BUILDER_LICENCE,
     CODE_PREFIX,
     LOCK,
+    PARENT_ATTESTATION,
+    PARENT_KEY,
+    PARENT_MODEL,
+    PARENT_SOURCE,
     PYPROJECT,
     README,
     TOC,
+    ParentSource,
     SourceClaims,
     SourceInput,
     input_prefix,
     licence_path,
+    parse_parent,
     spdx_ids,
 )
 from ..errors import InputError
@@ -40,6 +51,7 @@ if TYPE_CHECKING:
 
 MAX_ENTRIES = 500_000
 MAX_TOC_BYTES = 64 << 20  # and the most bytes kept of any one code file
+MAX_DEPTH = 16  # archives nested in archives: a lineage's parents (builder/parent.py's MAX_LINEAGE)
 _CHUNK = 1 << 20
 
 
@@ -52,8 +64,9 @@ class Archive(NamedTuple):
     root: str  # the top folder, "<recipe name>-source"
     entries: dict[str, Entry]  # path under the top folder -> its size and digests
     toc: object  # SOURCE.json, parsed (None when absent or not JSON)
-    kept: dict[str, bytes]  # the code files' bytes, which the code digest hashes
+    kept: dict[str, bytes]  # the code files' bytes, which the code digest hashes, and parents' attestations
     problems: tuple[str, ...]  # why it is not a well-formed archive (empty when it is)
+    nested: dict[str, Archive] = {}  # a parent's source.tar (inputs/<name>/source.tar), read as an archive
 
 
 def read_archive(path: Path) -> Archive:
@@ -66,11 +79,19 @@ def read_archive(path: Path) -> Archive:
                          f"{e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
 
 
-def _read_members(tf: tarfile.TarFile) -> Archive:
+def _parent_part(rel: str) -> str | None:
+    """Which part of a parent's folder `rel` is (inputs/<name>/<part>), if it is one kept or nested."""
+    parts = rel.split("/")
+    return parts[2] if len(parts) == 3 and parts[0] == "inputs" and parts[2] in (PARENT_ATTESTATION,
+                                                                                  PARENT_SOURCE) else None
+
+
+def _read_members(tf: tarfile.TarFile, depth: int = 0) -> Archive:
     root: str | None = None
     entries: dict[str, Entry] = {}
     problems: list[str] = []
     kept: dict[str, bytes] = {}
+    nested: dict[str, Archive] = {}
     for m in tf:
         if len(entries) >= MAX_ENTRIES:
             problems.append(f"more than {MAX_ENTRIES} entries")
@@ -87,13 +108,28 @@ def _read_members(tf: tarfile.TarFile) -> Archive:
             continue
         data = tf.extractfile(m)
         assert data is not None  # a regular file's data
-        keep = rel == TOC or (rel.startswith(CODE_PREFIX) and rel.endswith(SUFFIXES))
+        part = _parent_part(rel)
+        keep = rel == TOC or (rel.startswith(CODE_PREFIX) and rel.endswith(SUFFIXES)) or part == PARENT_ATTESTATION
         entries[rel], content = _hash_stream(data, m.size, keep=keep)
         if keep and content is None:
             problems.append(f"entry {m.name!r} is larger than {MAX_TOC_BYTES} bytes")
         elif content is not None:
             kept[rel] = content
-    return Archive(root or "", entries, _parse_toc(kept.pop(TOC, None), problems), kept, tuple(problems))
+        if part == PARENT_SOURCE:
+            data.seek(0)
+            nested[rel] = _read_nested(data, depth + 1)
+    return Archive(root or "", entries, _parse_toc(kept.pop(TOC, None), problems), kept, tuple(problems), nested)
+
+
+def _read_nested(f: IO[bytes], depth: int) -> Archive:
+    """A parent's corresponding source inside this archive, read from the outer archive's bytes."""
+    if depth > MAX_DEPTH:
+        return Archive("", {}, None, {}, (f"archives nested more than {MAX_DEPTH} deep",))
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tf:
+            return _read_members(tf, depth)
+    except (OSError, tarfile.TarError, EOFError) as e:
+        return Archive("", {}, None, {}, (f"not a readable tar file: {e}",))
 
 
 def _hash_stream(f: IO[bytes], size: int, *, keep: bool) -> tuple[Entry, bytes | None]:
@@ -138,7 +174,9 @@ def claims_from_provenance(st: Statement) -> SourceClaims:
         if d.name and d.name.startswith("input:"):
             digest = dict(d.digest or {})
             artifact = str(ann.get("artifact", "")) if "sha256" in digest else ""
-            inputs.append(SourceInput(d.name.removeprefix("input:"), artifact, digest, str(ann.get("license", ""))))
+            parent = parse_parent(ann.get("parent")) if "parent" in ann else None
+            inputs.append(SourceInput(d.name.removeprefix("input:"), artifact, digest, str(ann.get("license", "")),
+                                      parent))
             licences |= spdx_ids(str(ann.get("license", "")))
         elif d.name == "builder-source:provenance":
             code = ann.get("code") if isinstance(ann.get("code"), str) else None
@@ -147,6 +185,19 @@ def claims_from_provenance(st: Statement) -> SourceClaims:
     licences |= spdx_ids(out_licence or "")
     return SourceClaims(Path(st.recipe.path).name, dict(st.recipe.digest), tuple(inputs), code, lock,
                         frozenset(licences))
+
+
+def claims_of_attestation(data: bytes) -> SourceClaims:
+    """What the corresponding source of the build an attestation (one DSSE envelope, its signature not
+    checked here: the caller holds the file to a pin) describes must hold. Raises ValueError."""
+    from .._internal import jsonstrict
+    from ..attest.model import parse_statement
+    from .envelope import parse_envelope
+
+    st, problems = parse_statement(jsonstrict.loads(parse_envelope(jsonstrict.loads(data)).payload))
+    if st is None:
+        raise ValueError("; ".join(problems[:3]))
+    return claims_from_provenance(st)
 
 
 def source_checks(report: Checks, archive: Archive, claims: SourceClaims) -> None:
@@ -201,21 +252,67 @@ def _differ(want: dict[str, str], got: dict[str, str]) -> list[str]:
 
 
 def _inputs_check(report: Checks, archive: Archive, claims: SourceClaims) -> set[str]:
-    bad = []
+    bad, accounted = [], set()
     for i in claims.inputs:
         pre = input_prefix(i.name)
-        if i.artifact:
+        if i.parent is not None:
+            why = _parent_differs(archive, pre, i.parent)
+            accounted |= {pre + PARENT_ATTESTATION, pre + PARENT_KEY, pre + PARENT_SOURCE}
+            accounted |= {pre + PARENT_MODEL + n for n in i.parent.files}
+        elif i.artifact:
             got = archive.entries.get(pre + i.artifact)
             why = _differ(i.digest, got.digest) if got else ["absent"]
+            accounted.add(pre + i.artifact)
         else:
             why = _tree_differs(archive, pre, i.digest)
+            accounted |= {p for p in archive.entries if p.startswith(pre)}
         bad += [f"input {i.name!r}: {w}" for w in why]
     names = {i.name for i in claims.inputs}
     extra = sorted({p.split("/")[1] for p in archive.entries if p.startswith("inputs/")} - names)
     bad += [f"input {n!r} is not one the source names" for n in extra]
     report.add(CheckName.SOURCE_INPUTS, not bad, "; ".join(bad[:5]) if bad else
                f"{len(claims.inputs)} input(s) as pinned: " + ", ".join(sorted(names)))
-    return {p for p in archive.entries if p.startswith("inputs/") and p.split("/")[1] in names}
+    return accounted
+
+
+def _parent_differs(archive: Archive, prefix: str, parent: ParentSource) -> list[str]:
+    """A parent model's folder: its files, attestation and key as the child's provenance records them, and
+    its source.tar the corresponding source of what that attestation describes."""
+    model = {p.removeprefix(prefix + PARENT_MODEL): e for p, e in archive.entries.items()
+             if p.startswith(prefix + PARENT_MODEL)}
+    bad = [f"{PARENT_MODEL}{n}: absent" for n in sorted(set(parent.files) - set(model))]
+    bad += [f"{PARENT_MODEL}{n}: not a file the parent's attestation signs"
+            for n in sorted(set(model) - set(parent.files))]
+    bad += [f"{PARENT_MODEL}{n}: sha256 {model[n].digest['sha256'][:16]}…, signed {want[:16]}…"
+            for n, want in sorted(parent.files.items()) if n in model and model[n].digest["sha256"] != want]
+    for name, want in ((PARENT_ATTESTATION, parent.attestation), (PARENT_KEY, parent.key)):
+        got = archive.entries.get(prefix + name)
+        if want is None:
+            bad.append(f"{name}: the provenance records no digest of the parent's key (a parent signed keyless, "
+                       "or recorded by an earlier version), so its folder cannot be checked")
+        else:
+            bad += [f"{name}: {w}" for w in (_differ(want, got.digest) if got else ["absent"])]
+    return bad + _nested_differs(archive, prefix) if not bad else bad
+
+
+def archive_problems(archive: Path, claims: SourceClaims) -> list[str]:
+    """The source checks of the archive at `archive` against `claims`: each failed one, as "check: detail"."""
+    checks = Checks()
+    source_checks(checks, read_archive(archive), claims)
+    return [f"{c.check.value}: {c.detail}" for c in checks.checks if not c.ok]
+
+
+def _nested_differs(archive: Archive, prefix: str) -> list[str]:
+    inner = archive.nested.get(prefix + PARENT_SOURCE)
+    if inner is None:
+        return [f"{PARENT_SOURCE}: absent (the parent's own corresponding source)"]
+    try:
+        claims = claims_of_attestation(archive.kept[prefix + PARENT_ATTESTATION])
+    except (KeyError, ValueError) as e:
+        return [f"{PARENT_SOURCE}: the parent's attestation does not say what its source holds ({e})"]
+    checks = Checks()
+    source_checks(checks, inner, claims)
+    return [f"{PARENT_SOURCE}: {c.check.value}: {c.detail}" for c in checks.checks if not c.ok]
 
 
 def _tree_differs(archive: Archive, prefix: str, want: dict[str, str]) -> list[str]:

@@ -11,11 +11,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from ..conftest import TINY, build_json, run_cli
+from .test_source import _no_network, _rewrite, _verify
 
 
 def _pub() -> Path:
@@ -101,8 +103,7 @@ def test_the_child_provenance_cites_the_parent_and_carries_its_licences(child):
     # an MIT fine-tune of a model trained on GPL-2.0 files is flagged as its parent is: 2 own files + 3 carried
     assert "MIT declared for weights trained on GPL-2.0-only (5 files): incompatible" in p.stderr
     assert st["predicate"]["runDetails"]["provenance_outputs"]["input_licenses"] == ["GPL-2.0-only"]
-    assert build_json(d / "ft")["source"]["file"] is None  # a parent's source is not bundled yet, and it says so
-    assert "is a parent model" in build_json(d / "ft")["source"]["why_not"]
+    assert build_json(d / "ft")["source"]["file"] == "source.tar"  # with its parent's inside (below)
 
 
 def test_rebuilding_the_fine_tune_is_bitwise(child, store):
@@ -215,7 +216,7 @@ def test_an_export_is_the_parent_cast_and_rebuilds_bitwise(child, exported, stor
     assert {"ref": "model", "dependsOn": ["input:parent"]} in cdx["dependencies"]
     assert cdx["metadata"]["component"]["pedigree"]["ancestors"][0]["name"] == "tiny-finetune"
     signed = {b["name"] for b in _statement(out)["predicate"]["runDetails"]["byproducts"]}
-    assert signed == {"build.json", "model.sig", "sbom.cdx.json", "sbom.spdx3.json"}
+    assert signed == {"build.json", "model.sig", "sbom.cdx.json", "sbom.spdx3.json", "source.tar"}
     assert build_json(out)["export"] == {"transform": "bfloat16",
                                          "from_weights": build_json(d / "ft")["weights"]["tensors"]["digest"]}
     ms = subprocess.run([str(model_signing), "verify", "key", str(out / "model"), "--signature", str(out / "model.sig"),
@@ -449,3 +450,125 @@ def test_a_fine_tune_of_the_bfloat16_export_starts_from_its_values_and_audits_th
     assert audit["recipes"] == [{"recipe": "tiny-finetune", "files": 2, "parent": False},
                                 {"recipe": "tiny", "files": 3, "parent": False}], audit["recipes"]
     assert "the 5 training files the parent carries (those of tiny-finetune, tiny):" in p.stderr, p.stderr[-2000:]
+
+
+def _members(archive: Path) -> dict[str, bytes]:
+    import tarfile
+
+    with tarfile.open(archive) as tf:
+        return {m.name.split("/", 1)[1]: tf.extractfile(m).read() for m in tf.getmembers()}
+
+
+def test_a_fine_tunes_source_holds_its_parents_and_rebuilds_from_it_alone(child, tmp_path):
+    parent, d, _ = child
+    files = _members(d / "ft" / "source.tar")
+    signed = {s["name"] for s in _statement(parent)["subject"]}
+    assert {f"inputs/parent/model/{n}" for n in signed} | {"inputs/parent/attestation.intoto.jsonl",
+                                                          "inputs/parent/signing-key.pub",
+                                                          "inputs/parent/source.tar"} == \
+        {n for n in files if n.startswith("inputs/parent/")}
+    assert files["inputs/parent/source.tar"] == (parent / "source.tar").read_bytes()  # the parent's own, whole
+    assert files["inputs/parent/attestation.intoto.jsonl"] == (parent / "attestation.intoto.jsonl").read_bytes()
+    assert files["inputs/parent/signing-key.pub"] == _pub().read_bytes()
+    code, checks = _verify(str(d / "ft" / "attestation.intoto.jsonl"), "--key", str(_pub()), "--source",
+                           str(d / "ft" / "source.tar"))
+    assert code == 0 and "ethtool, parent" in checks["source-inputs"]["detail"], checks
+    env = {**os.environ, "PROVENANCE_STORE": str(tmp_path / "no-store"), "HOME": str(tmp_path / "home")}
+    rb = subprocess.run([*_no_network(), sys.executable, "-m", "provenance", "rebuild",
+                         str(d / "ft" / "attestation.intoto.jsonl"), "--attestation-key", str(_pub()),
+                         "--from-source", str(d / "ft" / "source.tar"), "--out", str(tmp_path / "rebuilt")],
+                        capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert rb.returncode == 0 and "verdict: reproduced (bitwise)" in rb.stdout, rb.stdout + rb.stderr[-3000:]
+    assert "input parent: the model of 'tiny', verified against its attestation" in rb.stderr
+    assert (tmp_path / "rebuilt" / "source.tar").read_bytes() == (d / "ft" / "source.tar").read_bytes()
+
+
+def _nested(edit):
+    """An edit of the parent's archive inside the child's (its table re-listed, so only the claims catch it)."""
+    def apply(files: dict) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as t:
+            (Path(t) / "in.tar").write_bytes(files["inputs/parent/source.tar"])
+            _rewrite(Path(t) / "in.tar", Path(t) / "out.tar", edit)
+            files["inputs/parent/source.tar"] = (Path(t) / "out.tar").read_bytes()
+    return apply
+
+
+def _flip(files: dict, path: str) -> None:
+    files[path] = files[path][:-1] + bytes([files[path][-1] ^ 1])
+
+
+LINEAGE_TAMPER = {
+    "parent weights changed": (lambda f: _flip(f, "inputs/parent/model/model.safetensors"), "model/model.safetensors"),
+    "parent attestation swapped": (lambda f: _flip(f, "inputs/parent/attestation.intoto.jsonl"), "attestation"),
+    "parent file added": (lambda f: f.__setitem__("inputs/parent/model/extra.bin", b"x"), "extra.bin"),
+    "parent source removed": (lambda f: f.pop("inputs/parent/source.tar"), "source.tar: absent"),
+    "grandparent input changed": (_nested(lambda f: _flip(f, "inputs/ethtool/ethtool-0.15.tar.gz")),
+                                  "source.tar: source-inputs: input 'ethtool'"),
+    "grandparent code of another version": (_nested(lambda f: _flip(f, "code/provenance/builder/train.py")),
+                                            "source.tar: source-code"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LINEAGE_TAMPER))
+def test_a_tampered_parent_in_the_source_fails_naming_it(child, case, tmp_path):
+    _, d, _ = child
+    edit, words = LINEAGE_TAMPER[case]
+    bad = tmp_path / "bad.tar"
+    _rewrite(d / "ft" / "source.tar", bad, edit)
+    code, checks = _verify(str(d / "ft" / "attestation.intoto.jsonl"), "--key", str(_pub()), "--source", str(bad))
+    assert code == 1, checks
+    failed = {k: c["detail"] for k, c in checks.items() if not c["ok"]}
+    assert "input 'parent'" in failed.get("source-inputs", "") + failed.get("source-complete", ""), failed
+    assert any(words in x for x in failed.values()), failed
+
+
+def test_an_exports_source_nests_the_whole_lineage(child, exported):
+    _, d, _ = child
+    out, _ = exported
+    files = _members(out / "source.tar")
+    assert files["inputs/parent/source.tar"] == (d / "ft" / "source.tar").read_bytes()  # which holds tiny's
+    assert "inputs/parent/source.tar" in _members(d / "ft" / "source.tar")
+    code, checks = _verify(str(out / "attestation.intoto.jsonl"), "--key", str(_pub()), "--source",
+                           str(out / "source.tar"))
+    assert code == 0, checks
+    code, checks = _verify(str(out / "source.intoto.jsonl"), "--key", str(_pub()), "--source", str(out / "source.tar"),
+                           "--model", str(out / "model"))
+    assert code == 0 and checks["source-subject"]["ok"], checks
+    assert "## Corresponding source" in (out / "model" / "README.md").read_text()
+    cdx = json.loads((out / "sbom.cdx.json").read_text())["metadata"]["component"]["externalReferences"]
+    assert [(x["type"], x["url"]) for x in cdx] == [("source-distribution", "source.tar")]
+    assert hashlib.sha256((out / "source.tar").read_bytes()).hexdigest() in [h["content"] for h in cdx[0]["hashes"]]
+
+
+def test_the_chain_verifies_from_the_published_folder_alone(exported, tmp_path):
+    """A published export carries its lineage in its corresponding source: each parent's folder (model
+    files and attestation) is a `--chain` directory once unpacked, and the walk reaches the root."""
+    import tarfile
+
+    out, _ = exported
+    p = run_cli("publish", str(out), "--out", str(tmp_path / "pub"), "--key", str(_pub()))
+    assert p.returncode == 0, p.stderr
+    archive, links = tmp_path / "pub" / ".provenance" / "source.tar", []
+    for depth in range(2):  # the fine-tune's folder, then, inside its own archive, tiny's
+        with tarfile.open(archive) as tf:
+            tf.extractall(tmp_path / f"x{depth}", filter="data")
+        folder = next((tmp_path / f"x{depth}").iterdir()) / "inputs" / "parent"
+        links.append(folder)
+        archive = folder / "source.tar"
+    v = run_cli("verify", str(tmp_path / "pub" / ".provenance" / "attestation.intoto.jsonl"), "--key", str(_pub()),
+                "--model", str(tmp_path / "pub"), "--published", *[f"--chain={x}" for x in links], "--json")
+    res = json.loads(v.stdout)
+    assert v.returncode == 0 and res["result"] == "verified", v.stdout
+    assert [x["recipe"] for x in res["lineage"]] == ["tiny-finetune-bfloat16", "tiny-finetune", "tiny"]
+    assert sum(c["check"] == "chain" and c["ok"] for c in res["checks"]) == 2
+
+
+def test_source_on_demand_gives_the_builds_archive_for_a_fine_tune_and_an_export(child, exported, store, tmp_path):
+    _, d, _ = child
+    out, _ = exported
+    for build in (d / "ft", out):
+        p = run_cli("source", str(build), "--out", str(tmp_path / f"{build.name}.tar"), store=store)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert (tmp_path / f"{build.name}.tar").read_bytes() == (build / "source.tar").read_bytes(), build

@@ -130,6 +130,8 @@ TAMPER = {
                         "another version"),
     "file added": (lambda f: f.__setitem__("notes.txt", b"hello\n"), True, "source-complete", "notes.txt"),
     "input added": (lambda f: f.__setitem__("inputs/more/x.tar.gz", b"x"), True, "source-inputs", "'more'"),
+    "file beside an input": (lambda f: f.__setitem__("inputs/ethtool/x.txt", b"x"), True, "source-complete",
+                             "inputs/ethtool/x.txt"),
     "licence removed": (lambda f: f.pop("licenses/GPL-2.0-only.txt"), True, "source-licences", "GPL-2.0-only"),
     "lock removed": (lambda f: f.pop("code/locks/dev.lock"), True, "source-lock", "absent"),
 }
