@@ -27,6 +27,7 @@ from ..attest.source import PARENT_ATTESTATION, PARENT_KEY, PARENT_MODEL, PARENT
 from ..errors import CheckFailed, DigestMismatch, FetchError, InputError
 from ..inputs.store import Store, StoredInput
 from ..recipe import Input, Model
+from ..verify.model_dir import RECEIPTS_DIR
 
 # What a fine-tune takes from its parent (the model card, generation config and tokenizer extras are
 # written afresh, as for any build).
@@ -74,14 +75,16 @@ class Parent:
         return self.files.parent / PARENT_KEY if self.key is not None else None
 
     def source_archive(self) -> Path | None:
-        """The parent's own corresponding source, where a build or `publish` puts it beside its model
-        directory (DIR/../source.tar, DIR/.provenance/source.tar); None when there is none. Unchecked."""
+        """The parent's own corresponding source where `publish` or a build puts it: a published folder's
+        .provenance/source.tar, or source.tar beside a build's (or an archive's) model/; None when there
+        is none. Unchecked."""
         if self.folder is None:
             return None
-        for f in (self.folder.parent / PARENT_SOURCE, self.folder / ".provenance" / PARENT_SOURCE):
-            if f.is_file():
-                return f
-        return None
+        if (self.folder / RECEIPTS_DIR).is_dir():
+            f = self.folder / RECEIPTS_DIR / PARENT_SOURCE
+        else:
+            f = self.folder.parent / PARENT_SOURCE if self.folder.name == PARENT_MODEL.rstrip("/") else None
+        return f if f is not None and f.is_file() else None
 
     def verified_line(self, name: str) -> str:
         """The build's log line for the verified parent behind input `name`."""
@@ -158,7 +161,8 @@ def _verified(inp: Input, attestation: Path, named: dict[str, Path], mdir: Path)
     else:
         verifier = Verifier.configure(sigstore=SigstoreTrust(inp.identity, inp.issuer, named.get("trust_config")))
         by = f"Sigstore identity ({inp.identity}, issuer {inp.issuer})"
-    result = verifier.verify(attestation, model=mdir)
+    # a published folder (`provenance publish`): its receipts are passed over, exactly as --published does
+    result = verifier.verify(attestation, model=mdir, published=(mdir / RECEIPTS_DIR).is_dir())
     if not result.ok or result.parsed is None:
         raise CheckFailed(f"input {inp.name!r}: the parent model in {mdir} does not verify against its attestation "
                           f"and {by}:\n{render(result)}")

@@ -572,3 +572,23 @@ def test_source_on_demand_gives_the_builds_archive_for_a_fine_tune_and_an_export
         p = run_cli("source", str(build), "--out", str(tmp_path / f"{build.name}.tar"), store=store)
         assert p.returncode == 0, p.stderr[-2000:]
         assert (tmp_path / f"{build.name}.tar").read_bytes() == (build / "source.tar").read_bytes(), build
+
+
+def test_a_published_folder_is_a_parent_and_its_source_is_nested(child, store, tmp_path):
+    """The parent named by its published folder (`provenance publish`): verified with the folder's receipts
+    passed over, trained on to the same weights as from its build folder, and its .provenance/source.tar
+    nested in the child's archive."""
+    parent, d, _ = child
+    p = run_cli("publish", str(parent), "--out", str(tmp_path / "pub"), "--key", str(_pub()))
+    assert p.returncode == 0, p.stderr
+    text = _recipe(parent, tmp_path / "ft.toml").read_text()
+    text = text.replace(f'path = "{parent / "model"}"', f'path = "{tmp_path / "pub"}"')
+    text = text.replace(f'attestation = "{parent / "attestation.intoto.jsonl"}"',
+                        f'attestation = "{tmp_path / "pub" / ".provenance" / "attestation.intoto.jsonl"}"')
+    assert str(tmp_path / "pub") in text and str(parent) not in text
+    (tmp_path / "ft.toml").write_text(text)
+    b = run_cli("build", str(tmp_path / "ft.toml"), "--out", str(tmp_path / "ft"), store=store)
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert build_json(tmp_path / "ft")["weights"]["tensors"] == build_json(d / "ft")["weights"]["tensors"]
+    nested = _members(tmp_path / "ft" / "source.tar")["inputs/parent/source.tar"]
+    assert nested == (tmp_path / "pub" / ".provenance" / "source.tar").read_bytes()
