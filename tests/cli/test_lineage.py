@@ -592,3 +592,42 @@ def test_a_published_folder_is_a_parent_and_its_source_is_nested(child, store, t
     assert build_json(tmp_path / "ft")["weights"]["tensors"] == build_json(d / "ft")["weights"]["tensors"]
     nested = _members(tmp_path / "ft" / "source.tar")["inputs/parent/source.tar"]
     assert nested == (tmp_path / "pub" / ".provenance" / "source.tar").read_bytes()
+
+
+def test_a_fine_tune_reuses_its_stage_cache_replays_and_resumes_bitwise(child, store, tmp_path):
+    """What the builder guarantees holds for a fine-tune too: the stage cache (the child fixture's build
+    filled it), replay of kept checkpoints, and a resume after SIGKILL, each ending on the same weights."""
+    import signal
+    import time
+
+    _, d, _ = child
+    want = build_json(d / "ft")["weights"]["tensors"]
+    again = run_cli("build", str(d / "ft.toml"), "--out", str(tmp_path / "again"), store=store)
+    assert again.returncode == 0 and "stage cache: reusing the output of stages up to 'two'" in again.stderr, \
+        again.stderr[-2000:]
+    assert build_json(tmp_path / "again")["weights"]["tensors"] == want
+
+    kept = run_cli("build", str(d / "ft.toml"), "--out", str(tmp_path / "kept"), "--checkpoint-every", "2",
+                   "--keep-checkpoints", "--no-cache", store=store)
+    assert kept.returncode == 0, kept.stderr[-2000:]
+    assert build_json(tmp_path / "kept")["weights"]["tensors"] == want
+    r = run_cli("replay", str(tmp_path / "kept"), "--key", str(_pub()), "--json", "--segments", "2", store=store)
+    rep = json.loads(r.stdout)
+    assert r.returncode == 0 and rep["ok"] and [s["verdict"] for s in rep["segments"]] == ["bitwise"] * 2, r.stderr
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PROVENANCE_STORE": str(store)}
+    proc = subprocess.Popen([sys.executable, "-m", "provenance", "build", str(d / "ft.toml"), "--out", str(out),
+                             "--checkpoint-every", "1", "--no-cache"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and not list(out.glob("checkpoint/step-*6.safetensors")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL) if proc.poll() is None else None
+    proc.wait(timeout=60)
+    assert not (out / "build.json").exists(), "the build finished before it could be killed at step 6"
+    resumed = run_cli("build", str(d / "ft.toml"), "--out", str(out), "--checkpoint-every", "1", "--no-cache",
+                      store=store)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-2000:]
+    assert build_json(out)["training"]["resumed_after_step"] >= 6
+    assert build_json(out)["weights"]["tensors"] == want
