@@ -266,6 +266,9 @@ def test_an_int8_export_follows_the_documented_scheme(child, store, tmp_path):
         assert int(np.abs(q.astype(np.int16)).max()) == 127
         # each weight within half a step of its row's scale
         assert np.all(np.abs(q * scale[:, None] - a) <= scale[:, None] / 2 * (1 + 1e-6)), name
+    r = run_cli("rebuild", str(tmp_path / "o" / "attestation.intoto.jsonl"), "--attestation-key", str(_pub()),
+                "--out", str(tmp_path / "o-re"), store=store)
+    assert r.returncode == 0 and "verdict: reproduced (bitwise)" in r.stdout, r.stdout + r.stderr[-2000:]
     p = run_cli("build", str(tmp_path / "int8.toml"), "--out", str(tmp_path / "x"), "--threads", "1", store=store)
     assert p.returncode == 2 and "is an export recipe" in p.stderr and "--threads does not apply" in p.stderr
     p = run_cli("check-recipe", str(tmp_path / "int8.toml"))
