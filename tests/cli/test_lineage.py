@@ -634,3 +634,44 @@ def test_a_fine_tune_reuses_its_stage_cache_replays_and_resumes_bitwise(child, s
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-2000:]
     assert build_json(out)["training"]["resumed_after_step"] >= 6
     assert build_json(out)["weights"]["tensors"] == want
+
+
+def test_a_chain_deeper_than_its_bound_is_refused_naming_the_link(child, keys, tmp_path):
+    """Sixteen parent links are walked; a seventeenth is refused. The links above tiny are the fine-tune's
+    statement, each edited to cite the one below it and signed with a key the verifier trusts (a lineage
+    that long is built the same way by honest builds; a cycle cannot be: each link names its parent by the
+    sha256 of a file that names its own parent the same way)."""
+    from provenance.attest.sign import envelope_line, load_signer, sign_envelope
+    from provenance.verify.chain import MAX_LINKS
+
+    parent, d, _ = child
+    template = _statement(d / "ft")
+    below = parent / "attestation.intoto.jsonl"
+    below_st = _statement(parent)
+    signer = load_signer(keys / "k.key")
+    links = []
+    for i in range(1, MAX_LINKS + 2):
+        st = json.loads(json.dumps(template))
+        dep = next(x for x in st["predicate"]["buildDefinition"]["resolvedDependencies"] if x["name"] == "input:parent")
+        dep["digest"] = {"blake3": below_st["predicate"]["runDetails"]["provenance_outputs"]["tensors"]["digest"]}
+        note = dep["annotations"]["parent"]
+        note["attestation"] = {"sha256": hashlib.sha256(below.read_bytes()).hexdigest()}
+        note["files"] = {s["name"]: s["digest"]["sha256"] for s in below_st["subject"]}
+        note["recipe"] = below_st["predicate"]["buildDefinition"]["externalParameters"]["recipe"]["digest"]
+        link = tmp_path / f"link-{i}.intoto.jsonl"
+        envelope = sign_envelope(json.dumps(st).encode(), "application/vnd.in-toto+json", [signer])
+        link.write_bytes(envelope_line(envelope))
+        links.append(link)
+        below, below_st = link, st
+    chain = [x for p in [parent / "attestation.intoto.jsonl", *links] for x in ("--chain", str(p))]
+    ok = run_cli("verify", str(links[MAX_LINKS - 1]), "--key", str(_pub()), "--key", str(keys / "k.pub"), *chain,
+                 "--json")
+    res = json.loads(ok.stdout)
+    assert ok.returncode == 0 and len(res["lineage"]) == MAX_LINKS + 1, ok.stdout[-2000:]
+    deep = run_cli("verify", str(links[MAX_LINKS]), "--key", str(_pub()), "--key", str(keys / "k.pub"), *chain,
+                   "--json")
+    res = json.loads(deep.stdout)
+    failed = [c["detail"] for c in res["checks"] if not c["ok"]]
+    assert deep.returncode == 1 and len(failed) == 1, deep.stdout[-2000:]
+    assert failed[0].startswith(f"link {MAX_LINKS + 1} (input 'parent' of 'tiny-finetune')"), failed
+    assert f"deeper than {MAX_LINKS} links" in failed[0], failed
