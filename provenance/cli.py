@@ -1009,12 +1009,14 @@ def _judged_export(args, recipe, out: Path, st, reporter, signing, source):
     from .inputs.store import Store
     from .repro.rebuild import judge_build
 
-    if source is not None or getattr(args, "world_size", 1) > 1:
-        raise InputError("an export is rebuilt from its parent on one process: --from-source and --world-size "
-                         "do not apply")
+    if getattr(args, "world_size", 1) > 1:
+        raise InputError("an export is rebuilt from its parent on one process: --world-size does not apply")
     signing = signing or _signing(args, reporter)
-    record = export(recipe, out=out, store=Store(args.store), handed=parse_handed(args.input, recipe),
-                    reporter=reporter, signing=signing)
+    if source is not None:  # the parent, its source and the export recipe from the archive alone
+        record = _from_source_build(args, out, *source)
+    else:
+        record = export(recipe, out=out, store=Store(args.store), handed=parse_handed(args.input, recipe),
+                        reporter=reporter, signing=signing)
     report = judge_build(st, out / "model", bitwise=True, store=Path(args.store) if args.store else None)
     return record, report, signing, True, "an export: the same transform of the same parent is the same bits anywhere"
 
@@ -1033,6 +1035,8 @@ def _from_source_build(args, out: Path, archive: Path, claims) -> dict:
 def _check_from_source(args, st):
     """--from-source: what it cannot be combined with, then the archive held to the attestation (exit 1
     when it is not its corresponding source), all before anything is built."""
+    import tomllib
+
     from .recipe import parse_recipe
     from .repro.source import check_against
 
@@ -1043,7 +1047,8 @@ def _check_from_source(args, st):
     if clash:
         raise InputError(f"--from-source: {', '.join(clash)} cannot be combined with it (the archive's build runs "
                          "in one process, from the archive's inputs, signed with local keys)")
-    if parse_recipe(Path(st.recipe.path), st.recipe.content).determinism.portable:
+    if "export" not in tomllib.loads(st.recipe.content) and \
+            parse_recipe(Path(st.recipe.path), st.recipe.content).determinism.portable:
         raise InputError("--from-source: a portable recipe's rebuild follows the reference's signed rounding log, "
                          "which the archive does not carry; rebuild it without --from-source")
     return Path(args.from_source), check_against(Path(args.from_source), st)

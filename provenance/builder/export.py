@@ -28,6 +28,7 @@ from typing import Any
 
 from .. import __version__
 from .._internal.atomic import atomic_write_bytes
+from .._internal.codedigest import code_digest
 from .._internal.hashing import TENSOR_DIGEST, hash_file, tensor_digest
 from .._internal.progress import Reporter
 from ..attest.signing import Signing, write_oms, write_signed
@@ -87,6 +88,7 @@ def export(recipe: LoadedExport, *, out: Path, store: Store, handed: dict[str, P
             "recipe": {"name": r.recipe.name, "path": str(recipe.path), **recipe.digests},
             "inputs": [input_record(stored)],
             "export": {"transform": r.export.transform, "from_weights": parent.weights},
+            "code": code_digest(),  # the code that ran (a training build records it under "training")
             "weights": {"tensors": {"algorithm": TENSOR_DIGEST, "digest": tensor_digest(staging / "model" /
                                                                                         "model.safetensors")},
                         "files": files},

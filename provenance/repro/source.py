@@ -72,6 +72,15 @@ def stored_inputs(recipe: LoadedRecipe, store: Store, *, offline: bool, handed: 
     return out
 
 
+def _is_export(recipe: Path) -> bool:
+    import tomllib
+
+    try:
+        return "export" in tomllib.loads(recipe.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False  # the build says what is wrong with it
+
+
 def of_build(build_dir: Path, work: Path) -> tuple[LoadedRecipe, str, dict[str, dict[str, str]]]:
     """A finished build's recipe (from its attestation, checked against build.json's digest, written into
     `work`), the code digest it recorded and its model files' digests."""
@@ -132,16 +141,18 @@ def rebuild_from_source(archive: Path, claims: SourceClaims, out: Path, *, keys:
             tf.extractall(tmp, filter="data")
         root = next(Path(tmp).iterdir())
         handed = [f"--input={i.name}={root / input_prefix(i.name) / i.artifact}" for i in claims.inputs]
-        argv = [sys.executable, "-m", "provenance", "build", str(root / "recipe" / claims.recipe_path),
-                "--out", str(out.resolve()), "--store", str(Path(tmp) / "store"), "--offline", "--no-cache",
-                "--no-resume", *handed, *[f"--key={k.resolve()}" for k in keys], *extra]
+        recipe = root / "recipe" / claims.recipe_path
+        fresh = [] if _is_export(recipe) else ["--no-cache", "--no-resume"]  # an export trains nothing
+        argv = [sys.executable, "-m", "provenance", "build", str(recipe), "--out", str(out.resolve()),
+                "--store", str(Path(tmp) / "store"), "--offline", *fresh, *handed,
+                *[f"--key={k.resolve()}" for k in keys], *extra]
         env = {**os.environ, "PYTHONPATH": str(root / "code"), "PROVENANCE_STORE": str(Path(tmp) / "store")}
         sys.stdout.flush()
         code = subprocess.run(argv, cwd=root / "code", env=env, stdout=sys.stderr.fileno()).returncode
     if code != 0:
         raise InputError(f"the build from {archive} failed (exit {code}); its messages are above")
     record = jsonstrict.loads((out / "build.json").read_bytes())
-    ran = str(record.get("training", {}).get("code"))
+    ran = str((record.get("training") or record).get("code"))  # an export records it at the top
     if ran != claims.code:
         raise InputError(f"the build from {archive} did not run the archive's code (code digest {ran[:16]}…, the "
                          f"archive's {str(claims.code)[:16]}…)")

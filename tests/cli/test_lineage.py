@@ -527,7 +527,7 @@ def test_a_tampered_parent_in_the_source_fails_naming_it(child, case, tmp_path):
     assert any(words in x for x in failed.values()), failed
 
 
-def test_an_exports_source_nests_the_whole_lineage(child, exported):
+def test_an_exports_source_nests_the_whole_lineage_and_rebuilds_from_it_alone(child, exported, tmp_path):
     _, d, _ = child
     out, _ = exported
     files = _members(out / "source.tar")
@@ -540,6 +540,13 @@ def test_an_exports_source_nests_the_whole_lineage(child, exported):
                            "--model", str(out / "model"))
     assert code == 0 and checks["source-subject"]["ok"], checks
     assert "## Corresponding source" in (out / "model" / "README.md").read_text()
+    env = {**os.environ, "PROVENANCE_STORE": str(tmp_path / "no-store"), "HOME": str(tmp_path / "home")}
+    rb = subprocess.run([*_no_network(), sys.executable, "-m", "provenance", "rebuild",
+                         str(out / "attestation.intoto.jsonl"), "--attestation-key", str(_pub()),
+                         "--from-source", str(out / "source.tar"), "--out", str(tmp_path / "rebuilt")],
+                        capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert rb.returncode == 0 and "verdict: reproduced (bitwise)" in rb.stdout, rb.stdout + rb.stderr[-3000:]
+    assert (tmp_path / "rebuilt" / "source.tar").read_bytes() == (out / "source.tar").read_bytes()
     cdx = json.loads((out / "sbom.cdx.json").read_text())["metadata"]["component"]["externalReferences"]
     assert [(x["type"], x["url"]) for x in cdx] == [("source-distribution", "source.tar")]
     assert hashlib.sha256((out / "source.tar").read_bytes()).hexdigest() in [h["content"] for h in cdx[0]["hashes"]]
