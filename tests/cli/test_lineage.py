@@ -582,6 +582,9 @@ def test_source_on_demand_gives_the_builds_archive_for_a_fine_tune_and_an_export
         p = run_cli("source", str(build), "--out", str(tmp_path / f"{build.name}.tar"), store=store)
         assert p.returncode == 0, p.stderr[-2000:]
         assert (tmp_path / f"{build.name}.tar").read_bytes() == (build / "source.tar").read_bytes(), build
+    p = run_cli("source", "--recipe", str(d / "ft.toml"), "--out", str(tmp_path / "recipe.tar"), store=store)
+    assert p.returncode == 0, p.stderr[-2000:]  # a recipe and its verified parent are enough, no build
+    assert (tmp_path / "recipe.tar").read_bytes() == (d / "ft" / "source.tar").read_bytes()
 
 
 def test_a_published_folder_is_a_parent_and_its_source_is_nested(child, store, tmp_path):
