@@ -288,7 +288,9 @@ def parent_training(parent: Parent, store: Store, *, offline: bool, work: Path, 
     Returns (token sequences, names, the recipes measured (name, files, whether the parent's own), why
     others could not be), a name "input:path" for the parent's own files and "recipe/input:path" for an
     ancestor's; a str saying why no file can be had instead (the parent and its lineage train on nothing,
-    or name inputs by paths relative to their own recipe files)."""
+    or name inputs by paths relative to their own recipe files). An input found neither in the store nor
+    online (or offline) is taken from the parent's corresponding source, where the lineage's recipe `i`
+    is the archive nested `i` deep (each file held to its pins by the store)."""
     recipes = [(parent.recipe_name, parent.recipe_text, "")]
     recipes += [(a.recipe_name, a.content, f"{a.recipe_name}/") for a in parent.lineage]
     seqs: list = []
@@ -296,7 +298,8 @@ def parent_training(parent: Parent, store: Store, *, offline: bool, work: Path, 
     measured: list[dict] = []
     gaps: list[str] = []
     for i, (name, text, prefix) in enumerate(recipes):
-        got = _training_files(name, text, store, offline=offline, work=work / str(i), tokenizer=tokenizer)
+        got = _training_files(name, text, store, offline=offline, work=work / str(i), tokenizer=tokenizer,
+                              carried=(parent.source_archive(), i))
         whose = "the parent's" if i == 0 else f"{name!r}'s"
         if isinstance(got, str):
             gaps.append(f"{whose} {got}")
@@ -312,11 +315,12 @@ def parent_training(parent: Parent, store: Store, *, offline: bool, work: Path, 
     return seqs, names, measured, gaps
 
 
-def _training_files(name: str, text: str, store: Store, *, offline: bool, work: Path, tokenizer):
+def _training_files(name: str, text: str, store: Store, *, offline: bool, work: Path, tokenizer,
+                    carried: tuple[Path | None, int] = (None, 0)):
     """(token sequences, "input:path" names) of one recipe's training files; None for an export's recipe
-    (it trains on nothing); a str saying why they cannot be had."""
+    (it trains on nothing); a str saying why they cannot be had. `carried`: the archive holding this
+    recipe's inputs, and how deep in it."""
     from ..inputs.dataset import layout_texts, select_dataset
-    from ..inputs.store import fetch_input
     from ..recipe import parse_recipe
     from .tokenizer import encode_all
 
@@ -334,7 +338,58 @@ def _training_files(name: str, text: str, store: Store, *, offline: bool, work: 
     local = [i.name for i in own if i.kind == "path" and not Path(i.path or "").is_absolute()]
     if local:
         return f"input {local[0]!r} is a path relative to its recipe file"
-    stored = [fetch_input(i, store, recipe_dir=Path("/nonexistent"), offline=offline, limits=recipe.limits)
-              for i in own]
+    try:
+        stored = [_fetch_carried(i, store, offline=offline, limits=recipe.limits, carried=carried) for i in own]
+    except FetchError as e:
+        return f"input could not be had ({e})"
     files, _ = select_dataset(recipe.dataset, stored, work, where, recipe.limits)
     return encode_all(tokenizer, layout_texts(files, recipe.layout)), [f"{f.input}:{f.path}" for f in files]
+
+
+def _fetch_carried(inp: Input, store: Store, *, offline: bool, limits, carried: tuple[Path | None, int]) -> StoredInput:
+    """An ancestor's input: from the store, else from the corresponding source that carries it, else fetched
+    (unless offline). Raises FetchError when none has it."""
+    from ..inputs.store import fetch_input
+
+    nowhere = Path("/nonexistent")  # an ancestor's input is never a path relative to a recipe file here
+    if store.lookup(inp) is None and carried[0] is not None:
+        handed = _from_archive(carried[0], carried[1], inp, store.tmpdir())
+        if handed is not None:
+            try:
+                return fetch_input(inp, store, recipe_dir=nowhere, offline=True, handed=handed, limits=limits)
+            except DigestMismatch:
+                pass  # not the pinned bytes: the store keeps nothing of them; try the input's own source
+            finally:
+                handed.unlink(missing_ok=True)
+    return fetch_input(inp, store, recipe_dir=nowhere, offline=offline, limits=limits)
+
+
+def _from_archive(archive: Path, depth: int, inp: Input, tmp: Path) -> Path | None:
+    """The file input `inp` copied out of the corresponding-source archive nested `depth` deep in
+    `archive` (each level's parent folder holds the next as inputs/<name>/source.tar), or None."""
+    import contextlib
+    import tarfile
+
+    want = f"inputs/{inp.name}/{inp.artifact_name}"
+    try:
+        with contextlib.ExitStack() as stack:
+            tf = stack.enter_context(tarfile.open(archive, mode="r:"))
+            for _ in range(depth):
+                inner = next((m for m in tf.getmembers() if m.isreg() and _is_parent_source(m.name)), None)
+                if inner is None:
+                    return None
+                tf = stack.enter_context(tarfile.open(fileobj=tf.extractfile(inner), mode="r:"))
+            member = next((m for m in tf.getmembers() if m.isreg() and m.name.partition("/")[2] == want), None)
+            if member is None:
+                return None
+            fd, name = tempfile.mkstemp(dir=tmp, prefix=f"carried-{inp.name}.")
+            with open(fd, "wb") as out, tf.extractfile(member) as f:  # type: ignore[union-attr]
+                shutil.copyfileobj(f, out)
+            return Path(name)
+    except (OSError, tarfile.TarError, EOFError):
+        return None
+
+
+def _is_parent_source(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 4 and parts[1] == "inputs" and parts[3] == PARENT_SOURCE

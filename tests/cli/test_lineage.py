@@ -685,3 +685,42 @@ def test_a_chain_deeper_than_its_bound_is_refused_naming_the_link(child, keys, t
     assert deep.returncode == 1 and len(failed) == 1, deep.stdout[-2000:]
     assert failed[0].startswith(f"link {MAX_LINKS + 1} (input 'parent' of 'tiny-finetune')"), failed
     assert f"deeper than {MAX_LINKS} links" in failed[0], failed
+
+
+PTRACE = '''[[inputs]]
+name = "ptrace"
+kind = "pypi"
+package = "python-ptrace"
+version = "0.9.9"
+sha256 = "56bbfef44eaf3a77be48138cca5767cdf471e8278fe1499f9b72f151907f25cf"
+blake3 = "e6043e1b9f19606bc25608f74c7e256b09988b7624cb4879028369725107b31a"
+license = "GPL-2.0-only"
+
+'''
+
+
+def test_a_rebuild_from_source_measures_the_lineage_from_the_archive(child, store, tmp_path):
+    """A fine-tune of tiny on python-ptrace files (not its parent's ethtool): rebuilt from its archive alone,
+    no network and an empty store, it is bitwise, and its audit still measures tiny's training files,
+    taken out of tiny's archive nested in the fine-tune's (the store holds each to its pins)."""
+    parent, _, _ = child
+    text = _recipe(parent, tmp_path / "ft.toml").read_text()
+    own = text[text.index('[[inputs]]\nname = "ethtool"'):text.index('[[inputs]]\nname = "parent"')]
+    text = text.replace(own, PTRACE).replace('include = ["ethtool-0.15/python-ethtool/netlink*.c"]',
+                                             'include = ["python-ptrace-0.9.9/ptrace/debugger/process_e*.py"]')
+    text = text.replace('control_include = ["ethtool-0.15/python-ethtool/etherinfo.c"]',
+                        'control_include = ["python-ptrace-0.9.9/ptrace/debugger/breakpoint.py"]')
+    (tmp_path / "ft.toml").write_text(text)
+    b = run_cli("build", str(tmp_path / "ft.toml"), "--out", str(tmp_path / "ft"), store=store)
+    assert b.returncode == 0, b.stderr[-3000:]
+    audit = json.loads((tmp_path / "ft" / "audit.json").read_text())
+    assert audit["training"]["files"] == 2 and audit["parent_training"]["files"] == 3, audit["parent_training"]
+    env = {**os.environ, "PROVENANCE_STORE": str(tmp_path / "no-store"), "HOME": str(tmp_path / "home")}
+    rb = subprocess.run([*_no_network(), sys.executable, "-m", "provenance", "rebuild",
+                         str(tmp_path / "ft" / "attestation.intoto.jsonl"), "--attestation-key", str(_pub()),
+                         "--from-source", str(tmp_path / "ft" / "source.tar"), "--out", str(tmp_path / "re")],
+                        capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert rb.returncode == 0 and "verdict: reproduced (bitwise)" in rb.stdout, rb.stdout + rb.stderr[-3000:]
+    again = json.loads((tmp_path / "re" / "audit.json").read_text())
+    assert again["parent_training"] == audit["parent_training"]
+    assert again["parent_training"]["recipes"] == [{"recipe": "tiny", "files": 3, "parent": True}]
