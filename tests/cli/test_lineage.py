@@ -476,14 +476,20 @@ def test_a_fine_tunes_source_holds_its_parents_and_rebuilds_from_it_alone(child,
     code, checks = _verify(str(d / "ft" / "attestation.intoto.jsonl"), "--key", str(_pub()), "--source",
                            str(d / "ft" / "source.tar"))
     assert code == 0 and "ethtool, parent" in checks["source-inputs"]["detail"], checks
-    env = {**os.environ, "PROVENANCE_STORE": str(tmp_path / "no-store"), "HOME": str(tmp_path / "home")}
-    rb = subprocess.run([*_no_network(), sys.executable, "-m", "provenance", "rebuild",
-                         str(d / "ft" / "attestation.intoto.jsonl"), "--attestation-key", str(_pub()),
-                         "--from-source", str(d / "ft" / "source.tar"), "--out", str(tmp_path / "rebuilt")],
-                        capture_output=True, text=True, env=env, cwd=tmp_path)
+    rb = _rebuild_from_source(d / "ft", tmp_path / "rebuilt")
     assert rb.returncode == 0 and "verdict: reproduced (bitwise)" in rb.stdout, rb.stdout + rb.stderr[-3000:]
     assert "input parent: the model of 'tiny', verified against its attestation" in rb.stderr
     assert (tmp_path / "rebuilt" / "source.tar").read_bytes() == (d / "ft" / "source.tar").read_bytes()
+
+
+def _rebuild_from_source(build: Path, out: Path) -> subprocess.CompletedProcess:
+    """`provenance rebuild --from-source` of `build`'s own archive, with no network (where a namespace of
+    its own can be had) and an empty store."""
+    env = {**os.environ, "PROVENANCE_STORE": str(out.parent / "no-store"), "HOME": str(out.parent / "home")}
+    return subprocess.run([*_no_network(), sys.executable, "-m", "provenance", "rebuild",
+                           str(build / "attestation.intoto.jsonl"), "--attestation-key", str(_pub()),
+                           "--from-source", str(build / "source.tar"), "--out", str(out)],
+                          capture_output=True, text=True, env=env, cwd=out.parent)
 
 
 def _nested(edit):
@@ -540,11 +546,7 @@ def test_an_exports_source_nests_the_whole_lineage_and_rebuilds_from_it_alone(ch
                            "--model", str(out / "model"))
     assert code == 0 and checks["source-subject"]["ok"], checks
     assert "## Corresponding source" in (out / "model" / "README.md").read_text()
-    env = {**os.environ, "PROVENANCE_STORE": str(tmp_path / "no-store"), "HOME": str(tmp_path / "home")}
-    rb = subprocess.run([*_no_network(), sys.executable, "-m", "provenance", "rebuild",
-                         str(out / "attestation.intoto.jsonl"), "--attestation-key", str(_pub()),
-                         "--from-source", str(out / "source.tar"), "--out", str(tmp_path / "rebuilt")],
-                        capture_output=True, text=True, env=env, cwd=tmp_path)
+    rb = _rebuild_from_source(out, tmp_path / "rebuilt")
     assert rb.returncode == 0 and "verdict: reproduced (bitwise)" in rb.stdout, rb.stdout + rb.stderr[-3000:]
     assert (tmp_path / "rebuilt" / "source.tar").read_bytes() == (out / "source.tar").read_bytes()
     cdx = json.loads((out / "sbom.cdx.json").read_text())["metadata"]["component"]["externalReferences"]
@@ -715,11 +717,7 @@ def test_a_rebuild_from_source_measures_the_lineage_from_the_archive(child, stor
     assert b.returncode == 0, b.stderr[-3000:]
     audit = json.loads((tmp_path / "ft" / "audit.json").read_text())
     assert audit["training"]["files"] == 2 and audit["parent_training"]["files"] == 3, audit["parent_training"]
-    env = {**os.environ, "PROVENANCE_STORE": str(tmp_path / "no-store"), "HOME": str(tmp_path / "home")}
-    rb = subprocess.run([*_no_network(), sys.executable, "-m", "provenance", "rebuild",
-                         str(tmp_path / "ft" / "attestation.intoto.jsonl"), "--attestation-key", str(_pub()),
-                         "--from-source", str(tmp_path / "ft" / "source.tar"), "--out", str(tmp_path / "re")],
-                        capture_output=True, text=True, env=env, cwd=tmp_path)
+    rb = _rebuild_from_source(tmp_path / "ft", tmp_path / "re")
     assert rb.returncode == 0 and "verdict: reproduced (bitwise)" in rb.stdout, rb.stdout + rb.stderr[-3000:]
     again = json.loads((tmp_path / "re" / "audit.json").read_text())
     assert again["parent_training"] == audit["parent_training"]
