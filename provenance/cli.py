@@ -1013,7 +1013,7 @@ def _judged_export(args, recipe, out: Path, st, reporter, signing, source):
         raise InputError("an export is rebuilt from its parent on one process: --world-size does not apply")
     signing = signing or _signing(args, reporter)
     if source is not None:  # the parent, its source and the export recipe from the archive alone
-        record = _from_source_build(args, out, *source)
+        record = _from_source_build(args, out, *source, export=True)
     else:
         record = export(recipe, out=out, store=Store(args.store), handed=parse_handed(args.input, recipe),
                         reporter=reporter, signing=signing)
@@ -1021,7 +1021,7 @@ def _judged_export(args, recipe, out: Path, st, reporter, signing, source):
     return record, report, signing, True, "an export: the same transform of the same parent is the same bits anywhere"
 
 
-def _from_source_build(args, out: Path, archive: Path, claims) -> dict:
+def _from_source_build(args, out: Path, archive: Path, claims, *, export: bool = False) -> dict:
     """The rebuild from a corresponding-source archive alone: its code, its inputs, offline."""
     from .attest.sign import default_key_path
     from .repro.source import rebuild_from_source
@@ -1029,7 +1029,7 @@ def _from_source_build(args, out: Path, archive: Path, claims) -> dict:
     keys = [Path(k) for k in args.key] or [default_key_path()]
     extra = [*([f"--threads={args.threads}"] if args.threads else []),
              *([f"--cpu-capability={args.cpu_capability}"] if args.cpu_capability else [])]
-    return rebuild_from_source(archive, claims, out, keys=keys, extra=extra)
+    return rebuild_from_source(archive, claims, out, keys=keys, extra=extra, export=export)
 
 
 def _check_from_source(args, st):

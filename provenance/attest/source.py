@@ -61,6 +61,14 @@ PARENT_KEY = "signing-key.pub"
 PARENT_SOURCE = "source.tar"
 
 
+def parent_part(rel: str) -> str | None:
+    """Which of a parent folder's attestation and source.tar `rel` (a path under an archive's top folder)
+    is, when it is inputs/<name>/<that file>; else None."""
+    parts = rel.split("/")
+    return parts[2] if len(parts) == 3 and parts[0] == "inputs" and parts[2] in (PARENT_ATTESTATION,
+                                                                                  PARENT_SOURCE) else None
+
+
 class ParentSource(NamedTuple):
     """What a parent model's folder in an archive must hold, as the child's provenance records it."""
 

@@ -9,6 +9,7 @@ the audit, the licence verdict, and how to rebuild and verify.
 from __future__ import annotations
 
 from .. import __version__
+from ..recipe import parent_input
 
 
 def hub_licence(spdx: str) -> dict:
@@ -50,7 +51,7 @@ def model_card(recipe, m: dict, audit: dict, licence: dict, record_hint: dict, n
                          tags=["provenance", "reproducible-build", "memorization-audit", "llama"],
                          eval_results=_eval_results(audit, m) or None, **hub_licence(r.output.license))
     body = "\n## ".join([_head(r, m, record_hint), _training(r, m), _audit(audit), _licence(r, licence),
-                         _source(m, no_source, _parent_names(r)), _REBUILD])
+                         _source(m, no_source, parent_input(r)), _REBUILD])
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
@@ -172,11 +173,7 @@ def _duties(licences) -> list[str]:
     return found
 
 
-def _parent_names(r) -> list[str]:
-    return [i.name for i in r.inputs if i.kind == "model"]
-
-
-def _source(m: dict, no_source: str | None, parents: list[str]) -> str:
+def _source(m: dict, no_source: str | None, parent) -> str:
     """What the inputs' licences ask of a distributor, and where the corresponding source is. The same
     text wherever the build ran: it depends on the recipe alone (the card is one of the model's files)."""
     duties = "\n".join(_duties(m["licenses"]))
@@ -189,9 +186,10 @@ licences ask of a distributor of object code:
 """
     if no_source:
         return head + f"\nNo corresponding-source archive is written for this recipe: {no_source}.\n"
-    nested = "".join(f" The parent model `{n}` is in it as `inputs/{n}/`: its files, attestation and key, and "
-                     f"its own corresponding source, `inputs/{n}/source.tar`, so the archive holds the source of "
-                     "the whole lineage." for n in parents)
+    nested = "" if parent is None else (
+        f" The parent model `{parent.name}` is in it as `inputs/{parent.name}/`: its files, attestation and key, "
+        f"and its own corresponding source, `inputs/{parent.name}/source.tar`, so the archive holds the source of "
+        "the whole lineage.")
     return head + f"""
 The build writes that source as `source.tar` beside the model (`provenance source BUILD_DIR --out FILE`
 writes the same bytes on demand): the recipe, every input as pinned, the code of the builder that trained

@@ -36,7 +36,7 @@ from ..inputs.store import Store
 from ..recipe import LoadedExport
 from .parent import discard_copies, fetch_parent
 from .pipeline import BUILD_FORMAT, _install, _now, _seal_model_dir, check_out_dir, input_record
-from .source import write_beside
+from .source import sign_beside, write_beside
 
 CARRIED_OVER = "README.md"  # the one parent file not carried: the card describes the export
 
@@ -196,15 +196,10 @@ def _sign(staging: Path, recipe: LoadedExport, record: dict, signing: Signing, r
           byproducts: dict[str, dict[str, str]], claims) -> None:
     """The OMS signature, build.json, the corresponding source's statement, then the provenance, which signs
     them and the SBOMs as byproducts."""
-    from ..attest.signing import sign_source
     from ..attest.statement import export_statement
 
     files = record["weights"]["files"]
-    source = record["source"]
-    if source.get("file"):
-        byproducts[source["file"]] = {k: source[k] for k in ("sha256", "blake3")}
-        sign_source(staging / "source.intoto.jsonl", claims, source["file"], byproducts[source["file"]], files,
-                    signing.signers)
+    sign_beside(staging, record["source"], claims, files, signing.signers, byproducts)
     oms = write_oms(staging, files, signing, reporter)
     if oms is not None:
         record["oms"] = oms

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._internal.hashing import hash_file, tensor_digest
-from ..attest.source import PARENT_ATTESTATION, PARENT_KEY, PARENT_MODEL, PARENT_SOURCE
+from ..attest.source import PARENT_ATTESTATION, PARENT_KEY, PARENT_MODEL, PARENT_SOURCE, input_prefix, parent_part
 from ..errors import CheckFailed, DigestMismatch, FetchError, InputError
 from ..inputs.store import Store, StoredInput
 from ..recipe import Input, Model
@@ -134,9 +134,8 @@ def fetch_parent(inp: Input, store: Store, *, recipe_dir: Path, handed: Path | N
                                  digests["sha256"])
         statement = _verified(inp, copied, named, mdir)
         parent = _copy_used(inp, statement, mdir, work, digests)
-        key = hash_file(work / PARENT_KEY) if "key" in named else None
-        parent = dataclasses.replace(parent, key=None if key is None else {a: key[a] for a in ("sha256", "blake3")},
-                                     folder=mdir)
+        key = hash_file(work / PARENT_KEY) if "key" in named else None  # its sha256 and blake3
+        parent = dataclasses.replace(parent, key=key, folder=mdir)
         return StoredInput(inp, work, {"blake3": parent.weights}, "model", is_dir=True, parent=parent)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -288,9 +287,9 @@ def parent_training(parent: Parent, store: Store, *, offline: bool, work: Path, 
     Returns (token sequences, names, the recipes measured (name, files, whether the parent's own), why
     others could not be), a name "input:path" for the parent's own files and "recipe/input:path" for an
     ancestor's; a str saying why no file can be had instead (the parent and its lineage train on nothing,
-    or name inputs by paths relative to their own recipe files). An input found neither in the store nor
-    online (or offline) is taken from the parent's corresponding source, where the lineage's recipe `i`
-    is the archive nested `i` deep (each file held to its pins by the store)."""
+    or name inputs by paths relative to their own recipe files). An input not in the store is taken from
+    the parent's corresponding source, where the lineage's recipe `i` is the archive nested `i` deep (each
+    file held to its pins by the store), else fetched (unless offline)."""
     recipes = [(parent.recipe_name, parent.recipe_text, "")]
     recipes += [(a.recipe_name, a.content, f"{a.recipe_name}/") for a in parent.lineage]
     seqs: list = []
@@ -370,12 +369,13 @@ def _from_archive(archive: Path, depth: int, inp: Input, tmp: Path) -> Path | No
     import contextlib
     import tarfile
 
-    want = f"inputs/{inp.name}/{inp.artifact_name}"
+    want = input_prefix(inp.name) + inp.artifact_name
     try:
         with contextlib.ExitStack() as stack:
             tf = stack.enter_context(tarfile.open(archive, mode="r:"))
             for _ in range(depth):
-                inner = next((m for m in tf.getmembers() if m.isreg() and _is_parent_source(m.name)), None)
+                inner = next((m for m in tf.getmembers()
+                              if m.isreg() and parent_part(m.name.partition("/")[2]) == PARENT_SOURCE), None)
                 if inner is None:
                     return None
                 tf = stack.enter_context(tarfile.open(fileobj=tf.extractfile(inner), mode="r:"))
@@ -388,8 +388,3 @@ def _from_archive(archive: Path, depth: int, inp: Input, tmp: Path) -> Path | No
             return Path(name)
     except (OSError, tarfile.TarError, EOFError):
         return None
-
-
-def _is_parent_source(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 4 and parts[1] == "inputs" and parts[3] == PARENT_SOURCE

@@ -21,7 +21,7 @@ from .._internal.atomic import atomic_write_bytes
 from .._internal.codedigest import code_digest
 from .._internal.hashing import TENSOR_DIGEST, hash_bytes, hash_file, tensor_digest
 from .._internal.progress import Reporter
-from ..attest.signing import Signing, attest_and_sign, sign_audit, sign_source, write_oms
+from ..attest.signing import Signing, attest_and_sign, sign_audit, write_oms
 from ..audit.memorization import summary_line
 from ..errors import InputError
 from ..inputs.dataset import layout_texts, manifest_bytes, select_dataset
@@ -931,6 +931,7 @@ def _sign(b: BuildState, record: dict) -> None:
     """The SBOMs and the OMS signature (recorded in build.json), build.json itself, then the provenance
     attestation and the audit's, which sign them all."""
     from .sbom import CYCLONEDX_FILE, SPDX3_FILE, cyclonedx, spdx3
+    from .source import sign_beside
 
     staging, files = b.staging, b.weights["files"]
     sboms = {CYCLONEDX_FILE: ("cyclonedx", "1.6", cyclonedx), SPDX3_FILE: ("spdx3", "3.0.1", spdx3)}
@@ -954,10 +955,7 @@ def _sign(b: BuildState, record: dict) -> None:
                   **{name: hash_bytes(b.outputs[name]) for name in ("fingerprint.json", "audit.json", *sboms)}}
     if oms is not None and "file" in oms:
         byproducts[oms["file"]] = {k: oms[k] for k in ("sha256", "blake3")}
-    if b.source.get("file"):
-        byproducts[b.source["file"]] = {k: b.source[k] for k in ("sha256", "blake3")}
-        sign_source(staging / "source.intoto.jsonl", b.source_claims, b.source["file"], byproducts[b.source["file"]],
-                    files, b.signing.signers)
+    sign_beside(staging, b.source, b.source_claims, files, b.signing.signers, byproducts)
     st = attest_and_sign(staging, b.recipe, record, b.data.manifest, byproducts, b.signing,
                          fingerprint=b.fingerprint)
     sign_audit(staging, st, b.audit_doc, hash_bytes(b.data.manifest_bytes), hash_bytes(b.outputs["audit.json"]),

@@ -40,6 +40,7 @@ from ..attest.source import (
     spdx_ids,
 )
 from ..errors import InputError
+from ..recipe import parent_input
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -71,9 +72,9 @@ def unshippable(recipe: LoadedRecipe | LoadedExport) -> str | None:
     if not r.output.source_bundle:
         return ("the recipe sets [output] source_bundle = false: its inputs are not to be redistributed, so no "
                 "corresponding-source archive is written")
-    keyless = [inp.name for inp in r.inputs if inp.kind == "model" and inp.key is None]
-    if keyless:
-        return (f"input {keyless[0]!r} is a parent model signed keyless (Sigstore): rebuilding from an archive "
+    parent = parent_input(r)
+    if parent is not None and parent.key is None:
+        return (f"input {parent.name!r} is a parent model signed keyless (Sigstore): rebuilding from an archive "
                 "offline needs a parent checked with a key, so no archive is written")
     known = shipped_licences()
     for inp in r.inputs:
@@ -235,6 +236,18 @@ def write_beside(recipe: LoadedRecipe | LoadedExport, stored: list[StoredInput],
             return {"file": ARCHIVE_FILE, "bytes": (staging / ARCHIVE_FILE).stat().st_size, **digest}, claims
     log(f"no corresponding-source archive: {why}")
     return {"file": None, "why_not": why}, None
+
+
+def sign_beside(staging: Path, source: dict, claims: SourceClaims | None, files: dict[str, dict[str, str]],
+                signers: list, byproducts: dict[str, dict[str, str]]) -> None:
+    """For the archive write_beside wrote (`source`, build.json's entry; nothing when it wrote none): sign
+    the statement binding it to the model `files` into source.intoto.jsonl, and add it to `byproducts`."""
+    from ..attest.signing import sign_source
+
+    if not source.get("file") or claims is None:
+        return
+    byproducts[source["file"]] = {k: source[k] for k in ("sha256", "blake3")}
+    sign_source(staging / "source.intoto.jsonl", claims, source["file"], byproducts[source["file"]], files, signers)
 
 
 def _write_tar(out: Path, root: str, parts: list[Part]) -> None:

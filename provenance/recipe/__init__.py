@@ -25,6 +25,7 @@ from .model import (
     format_errors,
     load_any_recipe,
     load_recipe,
+    parent_input,
     parse_recipe,
 )
 
@@ -53,5 +54,6 @@ __all__ = [
     "format_errors",
     "load_any_recipe",
     "load_recipe",
+    "parent_input",
     "parse_recipe",
 ]

@@ -72,13 +72,10 @@ def stored_inputs(recipe: LoadedRecipe, store: Store, *, offline: bool, handed: 
     return out
 
 
-def _is_export(recipe: Path) -> bool:
-    import tomllib
-
-    try:
-        return "export" in tomllib.loads(recipe.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return False  # the build says what is wrong with it
+def recorded_code(record: dict) -> str | None:
+    """The code digest a build's build.json records: under "training", or at the top for an export."""
+    code = (record.get("training") or record).get("code")
+    return code if isinstance(code, str) else None
 
 
 def of_build(build_dir: Path, work: Path) -> tuple[LoadedRecipe, str, dict[str, dict[str, str]]]:
@@ -95,16 +92,13 @@ def of_build(build_dir: Path, work: Path) -> tuple[LoadedRecipe, str, dict[str, 
                          "finished build's folder, or a recipe with --recipe RECIPE")
     from ..attest.model import parse_statement
     from ..verify.envelope import parse_envelope
-    from ..verify.source import claims_from_provenance
-
     try:
         record = jsonstrict.loads(record_bytes)
         st, problems = parse_statement(jsonstrict.loads(parse_envelope(jsonstrict.loads(env_bytes)).payload))
         if st is None:
             raise ValueError("; ".join(problems[:3]))
         text, name = st.recipe.content.encode(), Path(st.recipe.path).name
-        code = record["training"]["code"] if "export" not in record else claims_from_provenance(st).code
-        files, want = record["weights"]["files"], record["recipe"]["blake3"]
+        code, files, want = recorded_code(record), record["weights"]["files"], record["recipe"]["blake3"]
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"{build_dir}: its build.json or attestation.intoto.jsonl is not one this version wrote "
                          f"({type(e).__name__}: {e})") from None
@@ -127,7 +121,7 @@ def check_against(archive: Path, st) -> SourceClaims:
 
 
 def rebuild_from_source(archive: Path, claims: SourceClaims, out: Path, *, keys: list[Path],
-                        extra: list[str]) -> dict:
+                        extra: list[str], export: bool = False) -> dict:
     """Unpack the (checked) archive into a fresh temporary folder and build its recipe there with the
     archive's own code, offline, from an empty store: every input handed over from the archive. The
     ranks' output goes to stderr. Returns the build's build.json; refuses one that ran other code."""
@@ -142,7 +136,7 @@ def rebuild_from_source(archive: Path, claims: SourceClaims, out: Path, *, keys:
         root = next(Path(tmp).iterdir())
         handed = [f"--input={i.name}={root / input_prefix(i.name) / i.artifact}" for i in claims.inputs]
         recipe = root / "recipe" / claims.recipe_path
-        fresh = [] if _is_export(recipe) else ["--no-cache", "--no-resume"]  # an export trains nothing
+        fresh = [] if export else ["--no-cache", "--no-resume"]  # an export trains nothing
         argv = [sys.executable, "-m", "provenance", "build", str(recipe), "--out", str(out.resolve()),
                 "--store", str(Path(tmp) / "store"), "--offline", *fresh, *handed,
                 *[f"--key={k.resolve()}" for k in keys], *extra]
@@ -152,7 +146,7 @@ def rebuild_from_source(archive: Path, claims: SourceClaims, out: Path, *, keys:
     if code != 0:
         raise InputError(f"the build from {archive} failed (exit {code}); its messages are above")
     record = jsonstrict.loads((out / "build.json").read_bytes())
-    ran = str((record.get("training") or record).get("code"))  # an export records it at the top
+    ran = str(recorded_code(record))
     if ran != claims.code:
         raise InputError(f"the build from {archive} did not run the archive's code (code digest {ran[:16]}…, the "
                          f"archive's {str(claims.code)[:16]}…)")

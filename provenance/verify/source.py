@@ -37,6 +37,7 @@ from ..attest.source import (
     SourceInput,
     input_prefix,
     licence_path,
+    parent_part,
     parse_parent,
     spdx_ids,
 )
@@ -79,13 +80,6 @@ def read_archive(path: Path) -> Archive:
                          f"{e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
 
 
-def _parent_part(rel: str) -> str | None:
-    """Which part of a parent's folder `rel` is (inputs/<name>/<part>), if it is one kept or nested."""
-    parts = rel.split("/")
-    return parts[2] if len(parts) == 3 and parts[0] == "inputs" and parts[2] in (PARENT_ATTESTATION,
-                                                                                  PARENT_SOURCE) else None
-
-
 def _read_members(tf: tarfile.TarFile, depth: int = 0) -> Archive:
     root: str | None = None
     entries: dict[str, Entry] = {}
@@ -108,7 +102,7 @@ def _read_members(tf: tarfile.TarFile, depth: int = 0) -> Archive:
             continue
         data = tf.extractfile(m)
         assert data is not None  # a regular file's data
-        part = _parent_part(rel)
+        part = parent_part(rel)
         keep = rel == TOC or (rel.startswith(CODE_PREFIX) and rel.endswith(SUFFIXES)) or part == PARENT_ATTESTATION
         entries[rel], content = _hash_stream(data, m.size, keep=keep)
         if keep and content is None:
