@@ -41,7 +41,7 @@ def child(argv: list[str]) -> int:
     from safetensors.torch import save_file
 
     import provenance.builder.portable as portable
-    from provenance.cli import main
+    from provenance._cli import main
 
     saved = {}
     original = portable.Rounder.round_

@@ -14,6 +14,6 @@ def verify_entry() -> None:
         start_from_argv(sys.argv[1:])
     except Exception:  # noqa: BLE001 - speculative; the CLI reports every real problem
         pass
-    from .cli import verify_main
+    from ._cli import verify_main
 
     sys.exit(verify_main())

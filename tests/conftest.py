@@ -347,7 +347,7 @@ FORK_SERVER = _ForkServer()
 
 
 def cli_here(*args: str) -> subprocess.CompletedProcess:
-    """`provenance ARGS` run by its entry point (provenance.cli.main) in this process, with its output
+    """`provenance ARGS` run by its entry point (provenance._cli.main) in this process, with its output
     captured: the same code, parsing, checks, messages and exit code as run_cli(ARGS).
 
     For the commands that load a model with torch (verify --reproduced or --inputs, compare): in a process
@@ -362,7 +362,7 @@ def cli_here(*args: str) -> subprocess.CompletedProcess:
 
     import torch
 
-    from provenance.cli import main
+    from provenance._cli import main
 
     out, err = io.StringIO(), io.StringIO()
     deterministic, on_term = torch.are_deterministic_algorithms_enabled(), signal.getsignal(signal.SIGTERM)

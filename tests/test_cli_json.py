@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from provenance.cli import main, parser, verify_main
+from provenance._cli import main, parser, verify_main
 
 
 def _subcommands() -> list[list[str]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .._internal.atomic import atomic_write_bytes
 from .._internal.hashing import hash_bytes
+from ..errors import InputError
 from ..recipe import LoadedRecipe
 
 TYPE_CHECKING = False
@@ -31,6 +32,42 @@ class Signing:
     signers: list[Signer]
     sigstore_token: IdentityToken | None = None
     sigstore_config: ClientTrustConfig | None = None
+
+
+@dataclass(frozen=True)
+class KeylessRequest:
+    """Sign keyless with Sigstore too: the OIDC token (else $SIGSTORE_ID_TOKEN or an ambient CI credential)
+    and the instance (a client trust config, or the public staging instance; default: the public one)."""
+
+    identity_token: str | None = None
+    trust_config: Path | None = None
+    staging: bool = False
+
+
+def prepare_signing(keys: list[Path], reporter: Reporter, keyless: KeylessRequest | None = None) -> Signing:
+    """Load the private `keys` (none: the default key, created on first use) and prove that each can
+    sign, before any long work starts; then the Sigstore identity when `keyless` asks for it. Raises
+    InputError naming the key."""
+    from .sign import default_key_path, identity_token, key_is_private_enough, keygen, load_signer, trust_config
+
+    if not keys:
+        keys = [default_key_path()]
+        if not keys[0].exists():
+            priv, pub = keygen(keys[0].parent, name=keys[0].stem)
+            reporter.log(f"created a signing key pair: {priv} (private, 0600) and {pub}")
+    signing = Signing(signers=[load_signer(k) for k in keys])  # a public key given here fails first
+    for k in keys:
+        if k.exists() and not key_is_private_enough(k):
+            reporter.log(f"warning: private key {k} is readable by group or others")
+    for k, signer in zip(keys, signing.signers):
+        try:  # preflight: a key that loads but cannot sign fails now, not after training
+            signer.sign(b"provenance preflight")
+        except Exception as e:  # noqa: BLE001 - any signer failure is the key's
+            raise InputError(f"{k}: the key loads but cannot sign ({e})") from None
+    if keyless is not None:
+        signing.sigstore_config = trust_config(keyless.trust_config, staging=keyless.staging)
+        signing.sigstore_token = identity_token(keyless.identity_token)
+    return signing
 
 
 def write_oms(staging: Path, files: dict[str, dict[str, str]], signing: Signing | None,

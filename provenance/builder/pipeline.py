@@ -523,6 +523,27 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         discard_copies(b.stored)
 
 
+def check_request(recipe: LoadedRecipe, out: Path, store: Store, rounding_log: Path | None = None) -> None:
+    """What the command line can refuse before a signing key is made or loaded: the output dir, the
+    store, and the rounding log a portable build is to follow (`build` checks them again itself)."""
+    check_out_dir(out, store.root)
+    store.check_writable()
+    check_rounding_log(recipe, rounding_log)
+
+
+def check_rounding_log(recipe: LoadedRecipe, rounding_log):
+    """The rounding log (a path or one already read) a portable build follows, read before anything
+    expensive (InputError names the line); None when there is none."""
+    if rounding_log is None:
+        return None
+    if not recipe.recipe.determinism.portable:
+        raise InputError(f"--rounding-log {rounding_log}: {recipe.path} is not a portable recipe "
+                         "([determinism] portable = true)")
+    from .portable import RoundingLog, read_log
+
+    return rounding_log if isinstance(rounding_log, RoundingLog) else read_log(Path(rounding_log))
+
+
 def _preflight(b: BuildState, rounding_log) -> None:
     """Everything that can be refused before any work: the out dir, the rounding log, the checkpoint
     schedule, a --resume with nothing to resume, the toolchain, memory, disk, and our C kernel."""
@@ -531,14 +552,7 @@ def _preflight(b: BuildState, rounding_log) -> None:
 
     r, recipe = b.recipe.recipe, b.recipe
     check_out_dir(b.out, b.store.root)
-    if rounding_log is not None:
-        if not r.determinism.portable:
-            raise InputError(f"--rounding-log {rounding_log}: {recipe.path} is not a portable recipe "
-                             "([determinism] portable = true)")
-        from .portable import RoundingLog, read_log
-
-        # read before anything expensive; InputError names the line
-        b.log = rounding_log if isinstance(rounding_log, RoundingLog) else read_log(Path(rounding_log))
+    b.log = check_rounding_log(recipe, rounding_log)
     b.every_steps = b.opts.checkpoint_every or r.checkpoint.every_steps
     b.keep_for_replay = r.checkpoint.keep_for_replay if b.opts.keep_checkpoints is None else b.opts.keep_checkpoints
     if b.keep_for_replay and not b.every_steps:

@@ -188,8 +188,8 @@ class Store:
 
     def census(self) -> dict[str, int]:
         """How many entries each of the store's directories holds, and `other`: names at the root that
-        are none of them (a directory that is not a store holds only those). Raises InputError where
-        the root is missing or not a directory."""
+        are none of them. Raises InputError where the root is missing, not a directory, or not a store
+        (it holds only other names)."""
         if not self.root.is_dir():
             raise InputError(f"{self.root}: no input store there ("
                              + ("no such directory" if not self.root.exists() else "not a directory")
@@ -198,6 +198,9 @@ class Store:
         counts = {name: sum(1 for _ in (self.root / name).iterdir()) if (self.root / name).is_dir() else 0
                   for name in known}
         counts["other"] = sum(1 for n in os.listdir(self.root) if n not in known)
+        if counts["other"] and not any((self.root / n).is_dir() for n in known):
+            raise InputError(f"{self.root}: not an input store (it holds {counts['other']} other name(s) and none of "
+                             f"{', '.join(n + '/' for n in known)}); nothing was checked")
         return counts
 
     def fsck(self, *, repair: bool = False) -> list[str]:

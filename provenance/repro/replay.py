@@ -114,10 +114,22 @@ def choose(points: list[int], k: int, seed: int, available: set[int]) -> list[tu
     return sorted(random.Random(seed).sample(segs, k))
 
 
+def build_of(target: Path) -> tuple[Path, Path]:
+    """(the build dir, its attestation) named by a build dir or by the attestation file in one."""
+    build_dir, att = (target.parent, target) if target.is_file() else (target, target / "attestation.intoto.jsonl")
+    if not build_dir.is_dir():
+        raise InputError(f"{target}: not a build directory or an attestation in one")
+    if not att.is_file():
+        raise InputError(f"{att}: no attestation beside the build; replay checks the build against its signed "
+                         "transcript")
+    return build_dir, att
+
+
 def replay(build_dir: Path, payload: dict, st, *, segments: int, seed: int, store, handed, offline: bool,
            threads: int | None, bounds, log=print) -> ReplayReport:
     """Replay `segments` seeded random segments of the build in `build_dir` whose verified statement is
-    (`payload`, `st`). Raises InputError / CheckFailed for what cannot be replayed at all."""
+    (`payload`, `st`); `handed(recipe)` gives the files handed over, by input name. Raises InputError /
+    CheckFailed for what cannot be replayed at all."""
 
     from ..builder import determinism, toolchain
     from ..builder.pipeline import fetch_all, prepare_data
@@ -155,7 +167,8 @@ def replay(build_dir: Path, payload: dict, st, *, segments: int, seed: int, stor
         same, why = stack_matches(payload, {"determinism": det, "toolchain": tc, "machine": determinism.machine()})
         from .._internal.progress import Reporter
 
-        stored = fetch_all(recipe, store, offline=offline, handed=handed, reporter=Reporter(enabled=False))
+        stored = fetch_all(recipe, store, offline=offline, handed=handed(recipe) if handed else {},
+                           reporter=Reporter(enabled=False))
         data = prepare_data(recipe, stored, work / "data")
         deps = {d.name: d for d in st.buildDefinition.resolvedDependencies}
         tok = deps.get("tokenizer")

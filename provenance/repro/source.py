@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .._internal.atomic import atomic_write_bytes
@@ -40,6 +41,45 @@ def make_source(recipe: LoadedRecipe, out: Path, store: Store, *, code: str | No
     finally:
         discard_copies(stored)
     return claims, digest
+
+
+@dataclass(frozen=True)
+class Written:
+    """`provenance source`'s answer: the archive, what it claims, its digests, its signed statement if any."""
+
+    archive: Path
+    claims: SourceClaims
+    digest: dict[str, str]
+    statement: Path | None
+
+    def summary(self) -> dict:
+        return {"archive": str(self.archive), "bytes": self.archive.stat().st_size, "sha256": self.digest["sha256"],
+                "blake3": self.digest["blake3"], "code": self.claims.code,
+                "inputs": [i.name for i in self.claims.inputs], "licenses": sorted(self.claims.licences),
+                "statement": str(self.statement) if self.statement else None}
+
+
+def source_of(out: Path, store: Store, *, build_dir: Path | None = None, recipe_path: Path | None = None,
+              offline: bool = False, handed=None, signers=None) -> Written:
+    """The corresponding source of a finished build (`build_dir`: its recipe and code as it ran) or of a
+    recipe, written at `out` (its folder made) and, with `signers`, its statement signed beside it as
+    OUT.intoto.jsonl. `handed(recipe)`: the files handed over, by input name."""
+    from ..attest.signing import sign_source
+    from ..recipe import load_any_recipe
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot make the folder it goes in ({e.strerror})") from None
+    with tempfile.TemporaryDirectory(prefix="provenance-source.") as work:
+        recipe, code, files = of_build(build_dir, Path(work)) if build_dir else (load_any_recipe(recipe_path), None, {})
+        claims, digest = make_source(recipe, out, store, code=code, offline=offline,
+                                     handed=handed(recipe) if handed else {})
+    signed = None
+    if signers:
+        signed = out.with_name(out.name + ".intoto.jsonl")
+        sign_source(signed, claims, out.name, digest, files, signers)
+    return Written(out, claims, digest, signed)
 
 
 def _self_check(path: Path, claims: SourceClaims) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
-from provenance.cli import main, verify_main
+from provenance._cli import main, verify_main
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = (ROOT / "tests" / "recipes" / "tiny.toml").read_text()

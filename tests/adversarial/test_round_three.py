@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from provenance.cli import main, verify_main
+from provenance._cli import main, verify_main
 
 from ..conftest import run_cli
 from .test_verifier import failing, run

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from provenance.cli import verify_main
+from provenance._cli import verify_main
 
 
 def run(case, capsys, *extra: str) -> tuple[int, dict, str]:
@@ -516,7 +516,7 @@ def test_inputs_missing_from_the_store_name_the_right_remedy(case, capsys, tmp_p
 
 
 def test_rebuild_refuses_an_attestation_whose_recipe_does_not_match_its_digest(case, capsys, tmp_path):
-    from provenance.cli import main
+    from provenance._cli import main
 
     recipe_param(digest={"blake3": "0" * 64})(case)
     code = main(["rebuild", str(case.att), "--attestation-key", str(case.keys / "signer.pub"),

@@ -291,7 +291,7 @@ def test_could_not_check_exits_2(signed, keys, tmp_path):
 
 def test_verify_imports_neither_torch_nor_transformers(signed, keys):
     out = signed["main"]
-    code = ("import sys; from provenance.cli import verify_main; "
+    code = ("import sys; from provenance._cli import verify_main; "
             f"rc = verify_main([{str(out / 'attestation.intoto.jsonl')!r}, '--key', {str(keys / 'signer.pub')!r}, "
             f"'--model', {str(out / 'model')!r}]); "
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'pydantic', "

@@ -128,7 +128,7 @@ class Refuse(importlib.abc.MetaPathFinder):
             raise ImportError('torch is unimportable in this test: ' + name)
 sys.meta_path.insert(0, Refuse())
 import provenance.verify
-from provenance.cli import verify_main
+from provenance._cli import verify_main
 rc = verify_main(sys.argv[1:])
 loaded = sorted(m for m in sys.modules
                 if m.split('.')[0] in ('torch', 'transformers', 'numpy')

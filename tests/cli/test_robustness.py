@@ -71,7 +71,7 @@ def test_two_empty_transcripts_are_not_identical(tmp_path):
 
 
 def test_unexpected_exception_is_exit_2_internal_error(monkeypatch, capsys, tmp_path):
-    from provenance import cli
+    from provenance import _cli as cli
 
     def boom(args):
         raise RuntimeError("simulated bug")

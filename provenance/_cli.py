@@ -1,4 +1,6 @@
-"""The command line: parse, dispatch, report. The one place that maps errors to exit codes.
+"""The command line: parse the arguments, call the library, report. The one place that maps errors to
+exit codes. What a command does lives in the package it belongs to (builder/, repro/, verify/, ...);
+a command here checks its arguments, calls that, and prints the answer (with --json, one object).
 
 Exit codes (README.md, "Commands"): 0 success, 1 checked and failed, 2 could not check. A library
 error is printed once, without a traceback; an unexpected exception is exit 2 with "internal
@@ -36,7 +38,8 @@ def _emit_json(obj) -> None:
 
 def cmd_build(args) -> int:
     from ._internal.progress import Reporter
-    from .builder.pipeline import build, check_out_dir
+    from .builder.launch import is_rank, launch_node, this_rank, topology
+    from .builder.pipeline import build, check_request
     from .inputs.store import Store
     from .recipe import LoadedExport, load_any_recipe
 
@@ -44,36 +47,28 @@ def cmd_build(args) -> int:
     if isinstance(recipe, LoadedExport):
         return _export_build(args, recipe)
     _check_threads(args.threads)
-    _check_topology(args)
+    topo = topology(args.world_size, args.nnodes, args.node_rank, args.rdzv_endpoint, args.collective_timeout)
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise InputError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
-    rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    rank, world = this_rank()
     out = Path(args.out) if args.out else Path("build") / recipe.name
-    # Preflight, before any key is made, input fetched or step trained.
     store = Store(args.store)
-    check_out_dir(out, store.root)
-    store.check_writable()
-    if args.rounding_log is not None:
-        if not recipe.recipe.determinism.portable:
-            raise InputError(f"--rounding-log {args.rounding_log}: {recipe.path} is not a portable recipe "
-                             "([determinism] portable = true)")
-        from .builder.portable import read_log
-
-        read_log(Path(args.rounding_log))
+    check_request(recipe, out, store, _path(args.rounding_log))  # before any key is made or input fetched
     reporter = Reporter(enabled=not args.json and rank == 0)
-    signing = _signing(args, reporter) if rank == 0 and args.node_rank == 0 else None  # only rank 0 signs
-    if args.world_size > 1 and "RANK" not in os.environ:
-        return _launch_ranks(args, recipe, reporter)
-    if args.world_size != world:
-        raise InputError(f"--world-size {args.world_size} but this process runs in a world of "
-                         f"{os.environ.get('WORLD_SIZE', '1')}")
-    record = build(recipe, out=out, store=store, threads=args.threads, offline=args.offline,
-                   handed=parse_handed(args.input, recipe), allow_toolchain_mismatch=args.allow_toolchain_mismatch,
-                   reporter=reporter, signing=signing, cpu_capability=args.cpu_capability,
-                   resume=args.resume, checkpoint_every=args.checkpoint_every, use_cache=args.cache,
-                   keep_checkpoints=args.keep_checkpoints, licence_compatibility=args.licence_compatibility,
-                   rounding_log=Path(args.rounding_log) if args.rounding_log else None,
-                   collective_timeout=args.collective_timeout)
+    signing = _signing(args, reporter) if rank == 0 and topo.node_rank == 0 else None  # only rank 0 signs
+    handed = parse_handed(args.input, recipe)
+    if topo.world_size > 1 and not is_rank():
+        code = launch_node(recipe, topo, [a for a in args.argv if a != "--debug"], store=store, offline=args.offline,
+                           handed=handed, reporter=reporter, debug=args.debug)
+        return _ranks_ended(topo, code, reporter)
+    if topo.world_size != world:
+        raise InputError(f"--world-size {topo.world_size} but this process runs in a world of {world}")
+    record = build(recipe, out=out, store=store, threads=args.threads, offline=args.offline, handed=handed,
+                   allow_toolchain_mismatch=args.allow_toolchain_mismatch, reporter=reporter, signing=signing,
+                   cpu_capability=args.cpu_capability, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                   use_cache=args.cache, keep_checkpoints=args.keep_checkpoints,
+                   licence_compatibility=args.licence_compatibility, rounding_log=_path(args.rounding_log),
+                   collective_timeout=topo.collective_timeout)
     if record is None:  # a rank other than 0: rank 0 reports
         return 0
     weights = record["weights"]["tensors"]["digest"]
@@ -133,106 +128,26 @@ def _report_export(args, recipe, out: Path, record: dict) -> int:
     return 0
 
 
-def _check_topology(args) -> None:
-    """--world-size, --nnodes, --node-rank, --rdzv-endpoint and --collective-timeout, before any work."""
-    if not 1 <= args.nnodes <= 1024:
-        raise InputError(f"--nnodes must be between 1 and 1024, got {args.nnodes}")
-    if args.world_size is None:
-        args.world_size = args.nnodes
-    if not 1 <= args.world_size <= 1024:
-        raise InputError(f"--world-size must be between 1 and 1024, got {args.world_size}")
-    if args.world_size % args.nnodes:
-        raise InputError(f"--world-size {args.world_size} is not a multiple of --nnodes {args.nnodes} (every node "
-                         "runs the same number of ranks)")
-    if args.collective_timeout is None:
-        from .builder.ranks import DEFAULT_TIMEOUT
-
-        args.collective_timeout = DEFAULT_TIMEOUT
-    if not 1 <= args.collective_timeout <= 86400:
-        raise InputError(f"--collective-timeout must be between 1 and 86400 seconds, got {args.collective_timeout}")
-    if args.nnodes == 1:
-        if args.rdzv_endpoint is not None or args.node_rank:
-            raise InputError("--rdzv-endpoint and --node-rank are for a build on several machines: add --nnodes N")
-        return
-    if not 0 <= args.node_rank < args.nnodes:
-        raise InputError(f"--node-rank must be between 0 and {args.nnodes - 1} (--nnodes {args.nnodes}), "
-                         f"got {args.node_rank}")
-    if args.rdzv_endpoint is None:
-        raise InputError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (where node 0 listens)")
-    host, _, port = args.rdzv_endpoint.rpartition(":")
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if (not bare or not all(c.isalnum() or c in ".-:" for c in bare) or bare.startswith("-")
-            or not port.isdigit() or not 1 <= int(port) <= 65535):
-        raise InputError(f"--rdzv-endpoint {args.rdzv_endpoint!r}: expected HOST:PORT (a host name or address, a "
-                         "port from 1 to 65535)")
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or int(raw) > 1 << 20:
-        raise InputError(f"${name} = {raw!r}: expected a non-negative integer (set by torchrun)")
-    return int(raw)
-
-
-def _launch_ranks(args, recipe, reporter) -> int:
-    """Fetch the inputs here, then start this node's ranks with torchrun; rank 0 writes the outputs."""
-    from .builder.pipeline import fetch_all, topology_problems
-    from .inputs.store import Store
-
-    for i, s in enumerate(recipe.recipe.stages):
-        for problem in topology_problems(recipe.recipe, s, args.world_size):
-            raise InputError(f"{recipe.path}: stages[{i}].{problem}")
-    fetch_all(recipe, Store(args.store), offline=args.offline, handed=parse_handed(args.input, recipe),
-              reporter=reporter)
-    argv = [a for a in args.argv if a != "--debug"]
-    per_node = args.world_size // args.nnodes
-    if args.nnodes == 1:
-        where = ["--standalone", "--nnodes=1"]
-    else:  # static rendezvous: node R's ranks are R*per_node and up, so node 0 holds rank 0, which writes
-        where = [f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", "--rdzv-backend=static",
-                 f"--rdzv-endpoint={args.rdzv_endpoint}", "--max-restarts=0"]
-    reporter.log(f"launching {per_node} of {args.world_size} ranks: torchrun {' '.join(where)} "
-                 f"--nproc-per-node={per_node}")
-    from .builder.ranks import launch
-
-    code = launch([*where, f"--nproc-per-node={per_node}", "--module", "provenance", *argv, "--offline"],
-                  debug=args.debug)
+def _ranks_ended(topo, code: int, reporter) -> int:
+    """The exit code of a launch of this node's ranks, and what it means."""
     if code != 0:
         how = (f"a rank ended with exit {code} (its message is above)" if code < 128
                else "interrupted (the ranks' messages above say how to resume)" if code in (130, 143)
                else f"a rank was killed by signal {code - 128}")
-        print(f"error: the {args.world_size}-rank build stopped: {how}", file=sys.stderr)
+        print(f"error: the {topo.world_size}-rank build stopped: {how}", file=sys.stderr)
         return code if code in (1, 2, 130, 143) else 2
-    if args.nnodes > 1 and args.node_rank != 0:
-        reporter.log(f"node {args.node_rank}: its ranks finished; rank 0, on node 0, wrote the outputs")
+    if topo.nnodes > 1 and topo.node_rank != 0:
+        reporter.log(f"node {topo.node_rank}: its ranks finished; rank 0, on node 0, wrote the outputs")
     return 0
 
 
 def _signing(args, reporter):
-    """Load (or, for the default path, create) the signing key before any long work starts."""
-    from .attest.sign import default_key_path, identity_token, key_is_private_enough, keygen, load_signer, trust_config
-    from .attest.signing import Signing
+    """The signing keys (--key, else the default key, created on first use), each shown able to sign."""
+    from .attest.signing import KeylessRequest, prepare_signing
 
-    keys = [Path(k) for k in args.key] if args.key else [default_key_path()]
-    if not args.key and not keys[0].exists():
-        priv, pub = keygen(keys[0].parent, name=keys[0].stem)
-        reporter.log(f"created a signing key pair: {priv} (private, 0600) and {pub}")
-    signing = Signing(signers=[load_signer(k) for k in keys])  # a public key given here fails first
-    for k in keys:
-        if k.exists() and not key_is_private_enough(k):
-            reporter.log(f"warning: private key {k} is readable by group or others")
-    for k, signer in zip(keys, signing.signers):
-        try:  # preflight: a key that loads but cannot sign fails now, not after training
-            signer.sign(b"provenance preflight")
-        except Exception as e:  # noqa: BLE001 - any signer failure is the key's
-            raise InputError(f"{k}: the key loads but cannot sign ({e})") from None
-    if args.sigstore:
-        signing.sigstore_config = trust_config(Path(args.trust_config) if args.trust_config else None,
-                                               staging=args.sigstore_staging)
-        signing.sigstore_token = identity_token(args.identity_token)
-    return signing
+    keyless = (KeylessRequest(args.identity_token, _path(args.trust_config), args.sigstore_staging)
+               if args.sigstore else None)
+    return prepare_signing([Path(k) for k in args.key], reporter, keyless)
 
 
 def cmd_keygen(args) -> int:
@@ -461,9 +376,6 @@ def cmd_store_fsck(args) -> int:
 
     store = Store(args.store)
     counts = store.census()
-    if counts["other"] and not any((store.root / n).is_dir() for n in Store.HASHED + Store.NAMED):
-        raise InputError(f"{store.root}: not an input store (it holds {counts['other']} other name(s) and none of "
-                         f"{', '.join(n + '/' for n in Store.HASHED + Store.NAMED)}); nothing was checked")
     problems = store.fsck(repair=args.repair)
     checked = (f"{counts['blobs']} blob(s), {counts['sha256']} sha256 index entr"
                f"{'y' if counts['sha256'] == 1 else 'ies'} and {counts['trees']} directory snapshot(s) re-hashed")
@@ -966,142 +878,18 @@ def cmd_matrix(args) -> int:
     return 1 if diverged else 0
 
 
-def _judged_build(args, recipe, out: Path, payload: dict, st, *, bitwise: bool | None, signing=None, source=None):
-    """Build `recipe` into `out` (signed with --key or the default key) and answer the reproduced
-    question against the verified statement: bitwise required on the reference's stack."""
-    from ._internal.progress import Reporter
-    from .builder.pipeline import build
-    from .inputs.store import Store
-    from .repro.byproducts import reference_rounding_log
-    from .repro.rebuild import judge_build, stack_matches
-    from .verify.policy import load_policy
-
-    bounds = load_policy(Path(args.policy) if args.policy else None).reproduced
-    reporter = Reporter(enabled=not args.json)
-    if not hasattr(recipe.recipe, "determinism"):  # an export: an exact function of its parent, bitwise anywhere
-        return _judged_export(args, recipe, out, st, reporter, signing, source)
-    log = reference_rounding_log(Path(args.attestation), payload, reporter) if recipe.recipe.determinism.portable \
-        else None
-    signing = signing or _signing(args, reporter)
-    world = getattr(args, "world_size", 1)
-    if source is not None:
-        record = _from_source_build(args, out, *source)
-    elif world > 1:
-        if log is not None:
-            raise InputError("--world-size: a portable recipe's rebuild follows the reference's rounding log in one "
-                             "process; rebuild it without --world-size")
-        record = _ranks_rebuild(args, recipe.path, out, world)
-    else:  # an independent rebuild trains every step: no stage cache, no checkpoint from an earlier run
-        record = build(recipe, out=out, store=Store(args.store), offline=args.offline,
-                       handed=parse_handed(args.input, recipe), reporter=reporter, signing=signing,
-                       resume=False, use_cache=False, cpu_capability=getattr(args, "cpu_capability", None),
-                       threads=getattr(args, "threads", None), rounding_log=log)
-    match, why = stack_matches(payload, record)
-    report = judge_build(st, out / "model", bitwise=match if bitwise is None else bitwise, bounds=bounds,
-                         store=Path(args.store) if args.store else None)
-    return record, report, signing, match, why
-
-
-def _judged_export(args, recipe, out: Path, st, reporter, signing, source):
-    """The rebuild of an export: the transform again, held to bitwise (it has no CPU- or thread-dependent
-    step: builder/export.py)."""
-    from .builder.export import export
-    from .inputs.store import Store
-    from .repro.rebuild import judge_build
-
-    if getattr(args, "world_size", 1) > 1:
-        raise InputError("an export is rebuilt from its parent on one process: --world-size does not apply")
-    signing = signing or _signing(args, reporter)
-    if source is not None:  # the parent, its source and the export recipe from the archive alone
-        record = _from_source_build(args, out, *source, export=True)
-    else:
-        record = export(recipe, out=out, store=Store(args.store), handed=parse_handed(args.input, recipe),
-                        reporter=reporter, signing=signing)
-    report = judge_build(st, out / "model", bitwise=True, store=Path(args.store) if args.store else None)
-    return record, report, signing, True, "an export: the same transform of the same parent is the same bits anywhere"
-
-
-def _from_source_build(args, out: Path, archive: Path, claims, *, export: bool = False) -> dict:
-    """The rebuild from a corresponding-source archive alone: its code, its inputs, offline."""
-    from .attest.sign import default_key_path
-    from .repro.source import rebuild_from_source
-
-    keys = [Path(k) for k in args.key] or [default_key_path()]
-    extra = [*([f"--threads={args.threads}"] if args.threads else []),
-             *([f"--cpu-capability={args.cpu_capability}"] if args.cpu_capability else [])]
-    return rebuild_from_source(archive, claims, out, keys=keys, extra=extra, export=export)
-
-
-def _check_from_source(args, st):
-    """--from-source: what it cannot be combined with, then the archive held to the attestation (exit 1
-    when it is not its corresponding source), all before anything is built."""
-    import tomllib
-
-    from .recipe import parse_recipe
-    from .repro.source import check_against
-
-    if not args.from_source:
-        return None
-    clash = [flag for flag, given in (("--world-size", args.world_size > 1), ("--input", bool(args.input)),
-                                      ("--sigstore", args.sigstore)) if given]
-    if clash:
-        raise InputError(f"--from-source: {', '.join(clash)} cannot be combined with it (the archive's build runs "
-                         "in one process, from the archive's inputs, signed with local keys)")
-    if "export" not in tomllib.loads(st.recipe.content) and \
-            parse_recipe(Path(st.recipe.path), st.recipe.content).determinism.portable:
-        raise InputError("--from-source: a portable recipe's rebuild follows the reference's signed rounding log, "
-                         "which the archive does not carry; rebuild it without --from-source")
-    return Path(args.from_source), check_against(Path(args.from_source), st)
-
-
-def _ranks_rebuild(args, recipe_path: Path, out: Path, world: int) -> dict:
-    """`provenance build` of the embedded recipe on `world` ranks (torchrun, as `build --world-size` runs
-    it), every step trained; its build.json. The ranks' stdout goes to stderr: this command's own output
-    (--json: one object) stays the only thing on stdout."""
-    from ._internal import jsonstrict
-
-    argv = ["build", str(recipe_path), "--out", str(out), "--world-size", str(world), "--no-cache", "--no-resume",
-            *(["--store", args.store] if args.store else []), *(["--offline"] if args.offline else []),
-            *[f"--input={i}" for i in args.input], *[f"--key={k}" for k in args.key],
-            *([f"--threads={args.threads}"] if getattr(args, "threads", None) else []),
-            *([f"--cpu-capability={args.cpu_capability}"] if getattr(args, "cpu_capability", None) else [])]
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        code = main(argv)
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-    if code != 0:
-        raise InputError(f"the rebuild on {world} ranks failed (exit {code}); its messages are above")
-    return jsonstrict.loads((out / "build.json").read_bytes())
-
-
 def cmd_replay(args) -> int:
     from .inputs.store import Store
-    from .recipe import load_recipe
-    from .repro.rebuild import embedded_recipe, verified_statement
-    from .repro.replay import replay, verdict_line
+    from .repro.rebuild import verified_statement
+    from .repro.replay import build_of, replay, verdict_line
     from .verify.policy import load_policy
 
     if not 1 <= args.segments <= 10_000:
         raise InputError(f"--segments must be between 1 and 10000, got {args.segments}")
     _check_threads(args.threads)
-    target = Path(args.build)
-    build_dir, att = (target.parent, target) if target.is_file() else (target, target / "attestation.intoto.jsonl")
-    if not build_dir.is_dir():
-        raise InputError(f"{target}: not a build directory or an attestation in one")
-    if not att.is_file():
-        raise InputError(f"{att}: no attestation beside the build; replay checks the build against its signed "
-                         "transcript")
-    payload, st = verified_statement(att, [Path(k) for k in args.key], Path(args.policy) if args.policy else None)
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="provenance-replay-recipe-") as tmp:
-        handed = parse_handed(args.input, load_recipe(embedded_recipe(st, Path(tmp))))
-    bounds = load_policy(Path(args.policy) if args.policy else None).reproduced
+    build_dir, att = build_of(Path(args.build))
+    payload, st = verified_statement(att, [Path(k) for k in args.key], _path(args.policy))
+    bounds = load_policy(_path(args.policy)).reproduced
     log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
     if args.seed is None:
         import secrets
@@ -1109,7 +897,8 @@ def cmd_replay(args) -> int:
         args.seed = secrets.randbits(31)
     log(f"segment seed {args.seed}" + ("" if "--seed" in args.argv else " (drawn now; --seed repeats this choice)"))
     report = replay(build_dir, payload, st, segments=args.segments, seed=args.seed, store=Store(args.store),
-                    handed=handed, offline=args.offline, threads=args.threads, bounds=bounds, log=log)
+                    handed=lambda recipe: parse_handed(args.input, recipe), offline=args.offline,
+                    threads=args.threads, bounds=bounds, log=log)
     if args.json:
         _emit_json(report.as_dict())
     else:
@@ -1143,111 +932,43 @@ def cmd_audit(args) -> int:
 
 
 def cmd_sbom(args) -> int:
-    """Hand out a build's SBOM after checking it: the file the build signed (with --key) or recorded
-    in build.json (without), valid for its format. Written to --out, else to stdout."""
-    import blake3
-
+    """Hand out a build's SBOM after checking it (repro/evidence.py): written to --out, else to stdout."""
     from ._internal.atomic import atomic_write_bytes
-    from .builder.sbom import FORMATS, validate
-    from .errors import CheckFailed
-    from .repro.byproducts import read_bounded, signed_byproducts
+    from .repro.evidence import checked_sbom
 
     _check_output_file("--out", args.out)
-    build_dir = Path(args.build)
-    name = FORMATS[args.format]
-    if args.key:
-        _, _, [(path, data)] = signed_byproducts(build_dir, args.key, [name], "sbom hands out a build's SBOM")
-        bound = "its digest is signed by the build's attestation"
-    else:
-        record_bytes = read_bounded(build_dir / "build.json")
-        if record_bytes is None:
-            raise InputError(f"{build_dir}: no build.json; `provenance sbom` hands out the SBOM a build wrote")
-        try:
-            recorded = json.loads(record_bytes)["sbom"][args.format]
-        except (ValueError, KeyError, TypeError):
-            raise InputError(f"{build_dir / 'build.json'}: no sbom.{args.format} record; "
-                             f"this build wrote no {args.format} SBOM") from None
-        path = build_dir / name
-        data = read_bounded(path)
-        if data is None:
-            raise CheckFailed(f"{path}: missing (or not a regular file); build.json records an SBOM there")
-        if (got := blake3.blake3(data).hexdigest()) != recorded.get("blake3"):
-            raise CheckFailed(f"{path}: not the SBOM build.json records: blake3 {got}, recorded "
-                              f"{recorded.get('blake3')}")
-        bound = "its digest matches build.json (unsigned: pass --key to check the signature)"
-    problems = validate(args.format, data.decode("utf-8", "replace"))
-    if problems:
-        raise CheckFailed(f"{path}: not a valid {args.format} SBOM: " + "; ".join(p[:400] for p in problems))
+    sbom = checked_sbom(Path(args.build), args.format, args.key)
     if args.out:
-        atomic_write_bytes(Path(args.out), data)
-    digest = blake3.blake3(data).hexdigest()
+        atomic_write_bytes(Path(args.out), sbom.data)
     if args.json:
-        _emit_json({"ok": True, "format": args.format, "file": str(path), "blake3": digest, "signed": bool(args.key),
-                    "out": args.out})
+        _emit_json({"ok": True, "format": sbom.format, "file": str(sbom.path), "blake3": sbom.blake3,
+                    "signed": sbom.signed, "out": args.out})
     elif args.out:
-        print(f"{args.format}: {path} ({bound}; valid) written to {args.out}")
+        print(f"{sbom.format}: {sbom.path} ({sbom.bound}; valid) written to {args.out}")
     else:
-        sys.stdout.write(data.decode())
-        print(f"{args.format}: {path} ({bound}; valid)", file=sys.stderr)
+        sys.stdout.write(sbom.data.decode())
+        print(f"{sbom.format}: {sbom.path} ({sbom.bound}; valid)", file=sys.stderr)
     return 0
 
 
 def cmd_report(args) -> int:
     """Write a build's self-contained HTML report (default BUILD_DIR/report.html)."""
     from ._internal.atomic import atomic_write_bytes
-    from .audit.html_report import render
-    from .repro.byproducts import read_bounded, signed_byproducts
+    from .repro.evidence import report_page
 
     _check_output_file("--out", args.out)
     build_dir = Path(args.build)
-    names = ["build.json", "audit.json", "transcript.jsonl"]
-    verification = None
-    if args.key:
-        from .verify import Verifier
-
-        _, _, read = signed_byproducts(build_dir, args.key, names, "report needs a signed build")
-        audit_file = build_dir / "audit.intoto.jsonl"
-        rep = Verifier.configure(keys=[Path(k) for k in args.key]).verify(
-            build_dir / "attestation.intoto.jsonl", model=build_dir / "model",
-            audit=audit_file if audit_file.is_file() else None)
-        verification = {"ok": rep.exit_code == 0, "verdict": rep.result, "exit_code": rep.exit_code,
-                        "checks": [c.as_dict() for c in rep.checks], "keys": [Path(k).name for k in args.key]}
-    else:
-        read = []
-        for n in names:
-            data = read_bounded(build_dir / n)
-            if data is None:
-                raise InputError(f"{build_dir / n}: missing or not a regular file; `provenance report` needs a "
-                                 "finished build's directory")
-            read.append((build_dir / n, data))
-    parsed = []
-    for path, data in read:
-        try:
-            if path.suffix == ".jsonl":
-                parsed.append([json.loads(line) for line in data.decode().splitlines() if line.strip()])
-            else:
-                parsed.append(json.loads(data))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InputError(f"{path}: not valid JSON: {e}") from None
-    record, audit, transcript = parsed
-    try:
-        page = render(build_dir, record, audit, transcript, verification)
-    except (KeyError, TypeError, AttributeError) as e:
-        raise InputError(f"{build_dir}: build.json, audit.json or transcript.jsonl lacks what a report needs "
-                         f"({type(e).__name__}: {e}); was it written by this version of provenance?") from None
+    rep = report_page(build_dir, args.key)
     out = Path(args.out) if args.out else build_dir / "report.html"
-    atomic_write_bytes(out, page.encode())
-    state = verification["verdict"] if verification else "not verified (no --key)"
-    # The page is written either way (it says what failed), but a verification that was asked for
-    # and failed is the command's answer: a CI step must not publish a report of tampered weights.
-    code = verification["exit_code"] if verification else 0
+    atomic_write_bytes(out, rep.page)
+    code = rep.exit_code
     if args.json:
-        _emit_json({"ok": code == 0, "report": str(out), "verification": state, "bytes": len(page.encode()),
+        _emit_json({"ok": code == 0, "report": str(out), "verification": rep.state, "bytes": len(rep.page),
                     **({"exit_code": code} if code else {})})
     else:
-        print(f"report: {out} ({len(page.encode()):,} bytes; verification: {state})")
+        print(f"report: {out} ({len(rep.page):,} bytes; verification: {rep.state})")
         if code:
-            print(f"error: the build does not verify with --key ({state}); the page says which check failed, "
+            print(f"error: the build does not verify with --key ({rep.state}); the page says which check failed, "
                   "and is written so it can be read, not published", file=sys.stderr)
     return code
 
@@ -1293,48 +1014,42 @@ def cmd_publish(args) -> int:
 
 def cmd_source(args) -> int:
     """`provenance source`: the corresponding-source archive of a build (or of a recipe), signed with --key."""
-    import tempfile
-
     from ._internal.progress import Reporter
-    from .attest.signing import sign_source
     from .inputs.store import Store
-    from .recipe import load_any_recipe
-    from .repro.source import make_source, of_build
+    from .repro.source import source_of
 
     if (args.build is None) == (args.recipe is None):
         raise InputError("name a build dir (BUILD_DIR) or a recipe (--recipe RECIPE), one of the two")
     _check_output_file("--out", args.out)
     signing = _signing(args, Reporter(enabled=not args.json)) if args.key else None
-    out = Path(args.out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"--out {out}: cannot make the folder it goes in ({e.strerror})") from None
-    with tempfile.TemporaryDirectory(prefix="provenance-source.") as work:
-        recipe, code, files = of_build(Path(args.build), Path(work)) if args.build else (
-            load_any_recipe(args.recipe), None, {})
-        claims, digest = make_source(recipe, out, Store(args.store), code=code, offline=args.offline,
-                                     handed=parse_handed(args.input, recipe))
-    signed = None
-    if signing is not None:
-        signed = out.with_name(out.name + ".intoto.jsonl")
-        sign_source(signed, claims, out.name, digest, files, signing.signers)
-    summary = {"archive": str(out), "bytes": out.stat().st_size, "sha256": digest["sha256"], "blake3": digest["blake3"],
-               "code": claims.code, "inputs": [i.name for i in claims.inputs], "licenses": sorted(claims.licences),
-               "statement": str(signed) if signed else None}
+    done = source_of(Path(args.out), Store(args.store), build_dir=_path(args.build), recipe_path=_path(args.recipe),
+                     offline=args.offline, handed=lambda recipe: parse_handed(args.input, recipe),
+                     signers=signing.signers if signing else None)
+    summary = done.summary()
     if args.json:
         _emit_json(summary)
     else:
-        print(f"corresponding source: {out} ({summary['bytes']:,} bytes, sha256 {digest['sha256']})")
-        print(f"  inputs {', '.join(summary['inputs'])}; code digest {claims.code}; licences "
+        print(f"corresponding source: {done.archive} ({summary['bytes']:,} bytes, sha256 {summary['sha256']})")
+        print(f"  inputs {', '.join(summary['inputs'])}; code digest {done.claims.code}; licences "
               f"{', '.join(summary['licenses'])}")
-        print(f"  signed statement: {signed}" if signed else "  not signed (pass --key PRIVATE_KEY to sign it)")
+        print(f"  signed statement: {done.statement}" if done.statement else
+              "  not signed (pass --key PRIVATE_KEY to sign it)")
     return 0
 
 
+def _settings(args):
+    """What `rebuild` and `gate` were asked, for repro/judged.py."""
+    from .repro.judged import Settings
+
+    return Settings(store=args.store, offline=args.offline, keys=tuple(Path(k) for k in args.key),
+                    handed=(lambda recipe: parse_handed(args.input, recipe)) if args.input else None,
+                    threads=getattr(args, "threads", None), cpu_capability=getattr(args, "cpu_capability", None),
+                    world_size=getattr(args, "world_size", 1), policy=_path(args.policy))
+
+
 def cmd_rebuild(args) -> int:
-    from .recipe import load_any_recipe
-    from .repro.rebuild import embedded_recipe, recipe_file_name, sign_vsa, verified_statement, vsa_statement
+    from ._internal.progress import Reporter
+    from .repro.judged import rebuild
     from .verify import render
 
     if not args.attestation_key:
@@ -1343,127 +1058,40 @@ def cmd_rebuild(args) -> int:
     _check_threads(args.threads)
     if not 1 <= args.world_size <= 1024:
         raise InputError(f"--world-size must be between 1 and 1024, got {args.world_size}")
-    att = Path(args.attestation)
-    payload, st = verified_statement(att, [Path(k) for k in args.attestation_key],
-                                     Path(args.policy) if args.policy else None)
-    source = _check_from_source(args, st)
-    out = Path(args.out) if args.out else Path("build") / f"rebuild-{Path(recipe_file_name(st)).stem}"
-    from ._internal.progress import Reporter
-    from .builder.pipeline import check_out_dir
-    from .inputs.store import Store
-
-    # Before the recipe is written into it: the output dir and the key that signs the VSA.
-    check_out_dir(out, Store(args.store).root)
-    signing = _signing(args, Reporter(enabled=not args.json))
-    recipe = load_any_recipe(embedded_recipe(st, out))
-    record, report, signing, match, why = _judged_build(args, recipe, out, payload, st, bitwise=args.bitwise or None,
-                                                        signing=signing, source=source)
-    vsa = vsa_statement(payload, att, report, record, "bitwise" if (args.bitwise or match) else "tolerance")
-    sign_vsa(vsa, signing.signers, out / "vsa.intoto.jsonl")
+    reporter = Reporter(enabled=not args.json)
+    done = rebuild(Path(args.attestation), [Path(k) for k in args.attestation_key], _settings(args),
+                   lambda: _signing(args, reporter), reporter, out=_path(args.out), bitwise=args.bitwise,
+                   from_source=_path(args.from_source), keyless=args.sigstore)
+    report = done.judged.report
     if args.json:
-        _emit_json({**report.as_dict(), "stack": why, "vsa": str(out / "vsa.intoto.jsonl"),
-                    "verificationResult": vsa["predicate"]["verificationResult"]})
+        _emit_json({**report.as_dict(), "stack": done.judged.why, "vsa": str(done.vsa),
+                    "verificationResult": done.verification_result})
     else:
-        print(f"stack: {why}")
+        print(f"stack: {done.judged.why}")
         print(render(report))
-        print(f"VSA ({vsa['predicate']['verificationResult']}) signed into {out / 'vsa.intoto.jsonl'}")
+        print(f"VSA ({done.verification_result}) signed into {done.vsa}")
     return 0 if report.ok else 1
 
 
-def _reprotest_case(args, recipe_path: Path, out: Path, record: dict) -> tuple[str, bool, str]:
-    """One more build with every environment variation at once (reprotest's default): its weights
-    and transcript must be the gate build's, byte for byte."""
-    import shutil
-
-    import blake3
-
-    from .repro.matrix import run_cell, variation
-
-    out = out.resolve()  # the varied build runs in another working directory
-    cell = out.parent / f"{out.name}-reprotest"
-    shutil.rmtree(cell, ignore_errors=True)
-    var = variation("all", cell, 1)
-    cmd = [sys.executable, "-m", "provenance", "build", str(recipe_path.resolve()), "--out", str(var.out), "--json",
-           "--no-cache", "--no-resume"]
-    if args.store:
-        cmd += ["--store", str(Path(args.store).resolve())]
-    if args.offline:
-        cmd.append("--offline")
-    p = run_cell(cmd, var)
-    if p.returncode != 0:
-        return ("reprotest: every variation at once", False, f"the varied build failed (exit {p.returncode}): "
-                + (p.stderr.strip().splitlines() or ["?"])[-1])
-    transcript = var.out / "transcript.jsonl"
-    if not transcript.is_file():
-        return ("reprotest: every variation at once", False, f"the varied build wrote no {transcript}")
-    got = json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])["weights"]
-    same_weights = got == f"blake3:{record['weights']['tensors']['digest']}"
-    same_transcript = (blake3.blake3(transcript.read_bytes()).hexdigest()
-                       == blake3.blake3((out / "transcript.jsonl").read_bytes()).hexdigest())
-    clock = f"clock {var.prefix[-1]}" if var.prefix else "; ".join(f"not varied: {x}" for x in var.not_varied)
-    return ("reprotest: every variation at once", same_weights and same_transcript,
-            f"build path, HOME, USER, locale fr_CH.UTF-8, TZ Pacific/Chatham, umask 077, PYTHONHASHSEED, shuffled "
-            f"listings, {clock}: weights {'equal' if same_weights else 'DIFFER: ' + got}, transcript "
-            f"{'equal' if same_transcript else 'DIFFERS'}")
-
-
 def cmd_gate(args) -> int:
-    import time
+    from ._internal.progress import Reporter
+    from .repro.gate import gate
 
-    from .recipe import load_recipe
-    from .repro.rebuild import junit, verified_statement
-    from .verify.checks import recipe_file_check
-    from .verify.report import Checks
-
-    t0 = time.perf_counter()
     _check_output_file("--junit", args.junit)  # written after a rebuild of minutes
     recipe_path = Path(args.recipe)
     name = recipe_path.stem
-    ref = Path(args.reference) if args.reference else Path("attestations") / f"{name}.intoto.jsonl"
-    key = Path(args.attestation_key) if args.attestation_key else Path("attestations") / "keys" / f"{name}.pub"
-    cases: list[tuple[str, bool, str]] = []
-    try:
-        payload, st = verified_statement(ref, [key], Path(args.policy) if args.policy else None)
-        cases.append(("reference attestation verifies", True, f"{ref} with {key}"))
-        recipe = load_recipe(recipe_path)
-        rr = Checks()
-        recipe_file_check(rr, st, recipe_path)
-        cases.append(("recipe matches the reference", rr.ok, rr.checks[0].detail))
-        if not rr.ok:  # a build of another recipe cannot reproduce the reference: minutes saved, not spent
-            cases.append(("rebuild", False, "not started: the recipe differs from the one the reference attests"))
-            return _gate_verdict(args, cases, "FAILED", None, t0)
-        out = Path(args.out) if args.out else Path("build") / "gate" / name
-        record, report, _, match, why = _judged_build(args, recipe, out, payload, st,
-                                                      bitwise=True if args.bitwise else None)
-        cases.append(("rebuild", True, f"weights blake3:{record['weights']['tensors']['digest']}"))
-        cases.append((f"stack ({'bitwise required' if match else 'tolerance from the signed fingerprint'})", True, why))
-        for c in report.checks:
-            cases.append((f"weights: {c.check}", c.ok, c.detail))
-        if args.reprotest:
-            cases.append(_reprotest_case(args, recipe_path, out, record))
-    except ProvenanceError as e:
-        cases.append(("gate", False, e.diagnostics()))
-        if args.junit:
-            junit(Path(args.junit), "provenance-gate", cases, time.perf_counter() - t0)
-        raise
-    return _gate_verdict(args, cases, report.result, report.verdict, t0)
-
-
-def _gate_verdict(args, cases: list[tuple[str, bool, str]], result: str, verdict: str | None, t0: float) -> int:
-    """The gate's JUnit file and its answer (one JSON object, or a line a case and the verdict)."""
-    import time
-
-    from .repro.rebuild import junit
-
-    ok = all(c[1] for c in cases)
-    if args.junit:
-        junit(Path(args.junit), "provenance-gate", cases, time.perf_counter() - t0)
+    reporter = Reporter(enabled=not args.json)
+    res = gate(recipe_path, reference=_path(args.reference) or Path("attestations") / f"{name}.intoto.jsonl",
+               key=_path(args.attestation_key) or Path("attestations") / "keys" / f"{name}.pub",
+               out=_path(args.out) or Path("build") / "gate" / name, settings=_settings(args),
+               signing=lambda: _signing(args, reporter), reporter=reporter, bitwise=args.bitwise,
+               reprotest=args.reprotest, junit_path=_path(args.junit))
     if args.json:
-        _emit_json({"ok": ok, "question": "reproduced", "result": result, "verdict": verdict,
-                    "checks": [{"check": n, "ok": o, "detail": d} for n, o, d in cases]})
+        _emit_json({"ok": res.ok, "question": "reproduced", "result": res.result, "verdict": res.verdict,
+                    "checks": [{"check": n, "ok": o, "detail": d} for n, o, d in res.cases]})
     else:
-        for n, o, d in cases:
+        for n, o, d in res.cases:
             print(f"{'PASS' if o else 'FAIL'}  {n}: {d}")
         print("question: is the rebuild a reproduction of the committed reference? (reproduced)")
-        print(f"gate: {'PASSED' if ok else 'FAILED'}: {result}")
-    return 0 if ok else 1
+        print(f"gate: {'PASSED' if res.ok else 'FAILED'}: {res.result}")
+    return 0 if res.ok else 1
