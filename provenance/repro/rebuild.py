@@ -1,10 +1,8 @@
-"""Rebuilding from an attestation, judging the result, and the SLSA Verification Summary.
-
-`rebuild` takes the recipe embedded in a verified attestation, builds it with inputs fetched or
-taken from the store by their pins, answers the reproduced question against the attestation
-(bitwise on the reference's stack; otherwise bitwise or within tolerance of its signed
-fingerprint) and signs a VSA recording the verdict. `gate` does the same from a recipe file
-against a committed reference, for CI.
+"""The pieces of a rebuild's judgement: the verified statement and its embedded recipe, the reproduced
+question answered for a rebuilt model dir (bitwise on the reference's stack; otherwise bitwise or
+within tolerance of its signed fingerprint), whether two builds ran on the same stack, the SLSA
+Verification Summary, and the gate's JUnit report. `provenance rebuild` runs them in repro/judged.py,
+`provenance gate` in repro/gate.py.
 """
 
 from __future__ import annotations
