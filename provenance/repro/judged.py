@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
@@ -44,10 +44,10 @@ class Settings:
     cpu_capability: str | None = None
     world_size: int = 1
     policy: Path | None = None
-    store_path: Path | None = field(init=False, default=None)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "store_path", Path(self.store) if self.store else None)
+    @property
+    def store_path(self) -> Path | None:
+        return Path(self.store) if self.store else None
 
     def handed_for(self, recipe) -> dict[str, Path]:
         return self.handed(recipe) if self.handed is not None else {}
