@@ -18,9 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
+
+from machine import cpu  # bench/machine.py: this script's folder is on sys.path
 
 # (name, M, N, K, transpose A, transpose B): C[M,N] = op(A) op(B), as a step computes them.
 DEFAULT = [  # the default recipe: 16 x 128 tokens, hidden 128, MLP 512, vocabulary 1,600
@@ -43,18 +44,6 @@ LAAM = [  # LaaM's 5M shape: micro-batch 16 x 512 tokens, hidden 64, MLP 256, vo
     ("laam lm_head chunk dW", 32768, 64, 1024, True, False),
 ]
 BRANCHES = {"mkl": None, "mkl COMPATIBLE,STRICT": "COMPATIBLE,STRICT", "mkl AVX2,STRICT": "AVX2,STRICT"}
-
-
-def cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
-        flags = info.get("flags", "").split()
-        isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-        vendor, model = info.get("vendor_id", "?"), info.get("model name", "?")
-        return f"{vendor} {model} ({isa})"
-    except OSError:
-        return platform.processor() or "?"
 
 
 def child(threads: int, reps: int) -> None:

@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from machine import cpu  # bench/machine.py: this script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -87,9 +88,7 @@ def main() -> None:
     if a.only != "default":
         n = a.laam_steps
         recipes[f"LaaM shape ({n} and {2 * n} steps a stage)"] = (laam_shape(work, n), laam_shape(work, 2 * n))
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    print(f"CPU: {cpu}, {os.cpu_count()} cores; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}\n")
+    print(f"CPU: {cpu()}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}\n")
     print("| recipe | stage | plan: s / step | build: s / step | plan / build | build: first step's extra "
           "| plan: one-time costs |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

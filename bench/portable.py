@@ -29,6 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from machine import cpu  # bench/machine.py: this script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -144,7 +146,7 @@ def main() -> None:
               flush=True)
         return rec
 
-    print(f"builds in {base}:")
+    print(f"CPU: {cpu()}; builds in {base}:")
     build("ordinary-avx2", Path(a.recipe), ["--cpu-capability", "avx2"])
     build("portable-avx2", portable_recipe, ["--cpu-capability", "avx2"], base / "x64-avx2.safetensors")
     log = str(base / "portable-avx2" / "transcript.jsonl")

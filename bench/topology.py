@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from machine import cpu  # bench/machine.py: this script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -105,9 +106,7 @@ def main() -> None:
     shapes = {"default (ptrace-0.9.9-debugger)": default_shape, "LaaM shape": laam_shape}
     if a.only:
         shapes = {k: v for k, v in shapes.items() if k.lower().startswith(a.only)}
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    print(f"CPU: {cpu}, {os.cpu_count()} cores; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
+    print(f"CPU: {cpu()}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
           f"{a.steps} and {2 * a.steps} steps a stage\n")
     print("| shape | reduction | ranks | nodes | stage | s / step | vs all-reduce, 1 rank | peak RSS | weights |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")

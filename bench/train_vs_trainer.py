@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu  # bench/machine.py: this script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -173,7 +175,7 @@ def main() -> None:
                 tokens[m] = res["tokens"]
             print(f"  {m:8s} run {rep + 1}: {res['seconds']:.2f} s, final loss {res['final_loss']:.4f}", flush=True)
     med = {m: statistics.median(v) for m, v in times.items()}
-    print(f"\nrecipe {Path(a.recipe).name}, {a.steps} steps, {a.repeats} runs each, median seconds:")
+    print(f"\nCPU: {cpu()}; recipe {Path(a.recipe).name}, {a.steps} steps, {a.repeats} runs each, median seconds:")
     for m in modes:
         rate = f", {tokens[m] / med[m]:,.0f} tokens/s" if m in tokens else ""
         print(f"  {m:8s} {med[m]:.2f}  (min {min(times[m]):.2f}, max {max(times[m]):.2f}){rate}")

@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu  # bench/machine.py: this script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 MS_VENV = ROOT / ".venv-bench-model-signing"
@@ -173,6 +175,7 @@ def main() -> None:
             for k, cmd in cmds.items():
                 res[k].append(timed(cmd))
     size = f"{a.gib:g} GiB"
+    print(f"CPU: {cpu()}")
     print(f"model dir of {size}, {a.repeats} rounds after a warm-up; median wall s, median peak RSS MiB:")
     med = {}
     for k, runs in res.items():
