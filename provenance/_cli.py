@@ -53,7 +53,7 @@ def cmd_build(args) -> int:
     rank, world = this_rank()
     out = Path(args.out) if args.out else Path("build") / recipe.name
     store = Store(args.store)
-    check_request(recipe, out, store, _path(args.rounding_log))  # before any key is made or input fetched
+    log = check_request(recipe, out, store, _path(args.rounding_log))  # before any key is made or input fetched
     reporter = Reporter(enabled=not args.json and rank == 0)
     signing = _signing(args, reporter) if rank == 0 and topo.node_rank == 0 else None  # only rank 0 signs
     handed = parse_handed(args.input, recipe)
@@ -67,7 +67,7 @@ def cmd_build(args) -> int:
                    allow_toolchain_mismatch=args.allow_toolchain_mismatch, reporter=reporter, signing=signing,
                    cpu_capability=args.cpu_capability, resume=args.resume, checkpoint_every=args.checkpoint_every,
                    use_cache=args.cache, keep_checkpoints=args.keep_checkpoints,
-                   licence_compatibility=args.licence_compatibility, rounding_log=_path(args.rounding_log),
+                   licence_compatibility=args.licence_compatibility, rounding_log=log,
                    collective_timeout=topo.collective_timeout)
     if record is None:  # a rank other than 0: rank 0 reports
         return 0
@@ -1049,6 +1049,7 @@ def _settings(args):
 
 def cmd_rebuild(args) -> int:
     from ._internal.progress import Reporter
+    from .builder.launch import topology
     from .repro.judged import rebuild
     from .verify import render
 
@@ -1056,8 +1057,7 @@ def cmd_rebuild(args) -> int:
         raise InputError("--attestation-key PUBLIC_KEY is needed to verify the attestation before rebuilding"
                          + (" (--key is the private key that signs the verification summary)" if args.key else ""))
     _check_threads(args.threads)
-    if not 1 <= args.world_size <= 1024:
-        raise InputError(f"--world-size must be between 1 and 1024, got {args.world_size}")
+    topology(args.world_size)  # the same rule as build's
     reporter = Reporter(enabled=not args.json)
     done = rebuild(Path(args.attestation), [Path(k) for k in args.attestation_key], _settings(args),
                    lambda: _signing(args, reporter), reporter, out=_path(args.out), bitwise=args.bitwise,

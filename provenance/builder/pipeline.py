@@ -523,12 +523,13 @@ def build(recipe: LoadedRecipe, *, out: Path, store: Store, threads: int | None 
         discard_copies(b.stored)
 
 
-def check_request(recipe: LoadedRecipe, out: Path, store: Store, rounding_log: Path | None = None) -> None:
+def check_request(recipe: LoadedRecipe, out: Path, store: Store, rounding_log: Path | None = None):
     """What the command line can refuse before a signing key is made or loaded: the output dir, the
-    store, and the rounding log a portable build is to follow (`build` checks them again itself)."""
+    store, and the rounding log a portable build is to follow, which it returns read (None: none), so
+    that `build`, which checks the rest again itself, need not read it again."""
     check_out_dir(out, store.root)
     store.check_writable()
-    check_rounding_log(recipe, rounding_log)
+    return check_rounding_log(recipe, rounding_log)
 
 
 def check_rounding_log(recipe: LoadedRecipe, rounding_log):

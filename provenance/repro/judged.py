@@ -49,6 +49,11 @@ class Settings:
     def store_path(self) -> Path | None:
         return Path(self.store) if self.store else None
 
+    def stack_args(self) -> list[str]:
+        """--threads and --cpu-capability, as given, for a build in another process."""
+        return [*([f"--threads={self.threads}"] if self.threads else []),
+                *([f"--cpu-capability={self.cpu_capability}"] if self.cpu_capability else [])]
+
     def handed_for(self, recipe) -> dict[str, Path]:
         return self.handed(recipe) if self.handed is not None else {}
 
@@ -177,9 +182,7 @@ def _from_source_build(out: Path, source, settings: Settings, *, export: bool = 
 
     archive, claims = source
     keys = list(settings.keys) or [default_key_path()]
-    extra = [*([f"--threads={settings.threads}"] if settings.threads else []),
-             *([f"--cpu-capability={settings.cpu_capability}"] if settings.cpu_capability else [])]
-    return rebuild_from_source(archive, claims, out, keys=keys, extra=extra, export=export)
+    return rebuild_from_source(archive, claims, out, keys=keys, extra=settings.stack_args(), export=export)
 
 
 def _ranks_rebuild(recipe, out: Path, settings: Settings, reporter: Reporter) -> dict:
@@ -193,9 +196,7 @@ def _ranks_rebuild(recipe, out: Path, settings: Settings, reporter: Reporter) ->
     build_args = ["build", str(recipe.path), "--out", str(out), "--world-size", str(settings.world_size),
                   "--no-cache", "--no-resume", *(["--store", settings.store] if settings.store else []),
                   *[f"--input={name}={path}" for name, path in handed.items()],
-                  *[f"--key={k}" for k in settings.keys],
-                  *([f"--threads={settings.threads}"] if settings.threads else []),
-                  *([f"--cpu-capability={settings.cpu_capability}"] if settings.cpu_capability else [])]
+                  *[f"--key={k}" for k in settings.keys], *settings.stack_args()]
     sys.stdout.flush()
     saved = os.dup(1)
     try:
